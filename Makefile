@@ -1,0 +1,50 @@
+# `make test` and `make demo` work on a fresh clone: they create .venv, install the pinned
+# dependencies, build the extension, then run. A second run reuses the venv (and ninja's
+# object files), so it is fast.
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+DEPS   := $(VENV)/.deps-stamp
+EDIT   := $(VENV)/.editable-stamp
+# The CUDA sources are compiled and linked (no GPU needed) whenever nvcc is around; set
+# FORCE_CUDA=0 for a quicker CPU-only build.
+NVCC   := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+FORCE_CUDA ?= $(if $(NVCC),1,0)
+export FORCE_CUDA
+PYTEST_ARGS ?=
+
+.PHONY: all venv build test test-all demo bench clean
+
+all: test
+
+$(DEPS): requirements-dev.txt
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel
+	$(VPY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(DEPS)
+
+$(EDIT): $(DEPS) pyproject.toml setup.py
+	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# build_ext --inplace is incremental (ninja); the editable install only puts the package
+# and the `specreg-fast` command on the venv's path.
+build: $(EDIT)
+	$(VPY) setup.py -q build_ext --inplace
+
+test: build
+	$(VPY) -m pytest python_tests -m "not slow" $(PYTEST_ARGS)
+
+test-all: build
+	$(VPY) -m pytest python_tests $(PYTEST_ARGS)
+
+demo: build
+	$(VENV)/bin/specreg-fast demo
+
+bench: build
+	$(VPY) bench/bench_dense.py
+
+clean:
+	rm -rf build dist *.egg-info specreg_fast/*.so

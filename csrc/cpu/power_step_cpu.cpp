@@ -1,0 +1,420 @@
+// CPU kernels of the dense ops: specreg_fast::power_step_ and specreg_fast::sigma.
+//
+// A step reads each weight once: the rows of W are visited in blocks, and for each block
+// t_B = W_B v and acc += W_B^T t_B are formed while the block is in cache, so that
+// acc = W^T W v and t = W v come out of a single sweep. u = t/|t|, v = acc/|acc| and the
+// estimate |acc|/|t| (= u^T W v_new) follow without touching W again.
+//
+// Parallelism: the row blocks of all layers of the list form one task list, split into one
+// contiguous, cost-balanced range per thread (a static schedule). Each range accumulates
+// into its own buffers and the buffers are summed in range order, so the result does not
+// depend on timing (no atomics); it depends only on torch.get_num_threads().
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "simd.h"
+
+namespace specreg_fast {
+namespace cpu {
+namespace {
+
+// Elements of W per task: 64K (256 KB of float32) keeps a block in L2 between the two
+// uses of each row.
+constexpr int64_t kTaskElems = 1 << 16;
+
+enum class Layout { RowMajor, ColMajor };
+
+struct LayerView {
+  at::Tensor W;  // possibly a contiguous copy of the user's weight (unusual strides only)
+  int64_t m = 0, n = 0, ld = 0;
+  Layout layout = Layout::RowMajor;
+  at::ScalarType st;
+};
+
+LayerView make_view(const at::Tensor& W_in) {
+  LayerView L;
+  L.m = W_in.size(0);
+  L.n = W_in.size(1);
+  L.st = W_in.scalar_type();
+  const bool low = L.st == at::kBFloat16 || L.st == at::kHalf;
+  if (W_in.stride(1) == 1 || L.n == 1) {
+    L.W = W_in;
+    L.ld = L.n == 1 ? std::max<int64_t>(W_in.stride(0), 1) : W_in.stride(0);
+    if (L.m == 1) L.ld = L.n;
+    L.layout = Layout::RowMajor;
+  } else if (W_in.stride(0) == 1 && !low) {
+    // A transposed view (e.g. W = A.t()): walked column by column in two sweeps rather
+    // than copied.
+    L.W = W_in;
+    L.ld = W_in.stride(1);
+    L.layout = Layout::ColMajor;
+  } else {
+    L.W = W_in.contiguous();
+    L.ld = L.n;
+    L.layout = Layout::RowMajor;
+  }
+  return L;
+}
+
+template <typename acc_t>
+struct K;
+template <>
+struct K<float> {
+  static void fused(const float* W, int64_t ld, int64_t r, int64_t n, const float* v, float* t, float* a) {
+    fused_rows_f32(W, ld, r, n, v, t, a);
+  }
+  static float bilinear(const float* W, int64_t ld, int64_t r, int64_t n, const float* u, const float* v) {
+    return bilinear_rows_f32(W, ld, r, n, u, v);
+  }
+  static float dot(const float* a, const float* b, int64_t n) { return dot_f32(a, b, n); }
+  static void axpy(float al, const float* x, float* y, int64_t n) { axpy_f32(al, x, y, n); }
+};
+template <>
+struct K<double> {
+  static void fused(const double* W, int64_t ld, int64_t r, int64_t n, const double* v, double* t, double* a) {
+    fused_rows_f64(W, ld, r, n, v, t, a);
+  }
+  static double bilinear(const double* W, int64_t ld, int64_t r, int64_t n, const double* u, const double* v) {
+    return bilinear_rows_f64(W, ld, r, n, u, v);
+  }
+  static double dot(const double* a, const double* b, int64_t n) { return dot_f64(a, b, n); }
+  static void axpy(double al, const double* x, double* y, int64_t n) { axpy_f64(al, x, y, n); }
+};
+
+// Pointer to rows [r0, r0+rows) of a row-major layer as acc_t, widening reduced precision
+// into `scratch` (so W is still read once: the widened block is used twice from cache).
+template <typename acc_t>
+const acc_t* rows_as(const LayerView& L, int64_t r0, int64_t rows, std::vector<float>& scratch, int64_t& ld) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    ld = L.ld;
+    return L.W.data_ptr<double>() + r0 * L.ld;
+  } else {
+    if (L.st == at::kFloat) {
+      ld = L.ld;
+      return L.W.data_ptr<float>() + r0 * L.ld;
+    }
+    scratch.resize(static_cast<size_t>(rows * L.n));
+    const auto* src = reinterpret_cast<const uint16_t*>(L.W.data_ptr()) + r0 * L.ld;
+    if (L.st == at::kBFloat16) {
+      widen_rows_bf16(src, L.ld, rows, L.n, scratch.data());
+    } else {
+      widen_rows_f16(src, L.ld, rows, L.n, scratch.data());
+    }
+    ld = L.n;
+    return scratch.data();
+  }
+}
+
+struct Task {
+  int64_t layer, r0, rows;
+};
+
+// Row-block tasks of the given row-major layers and a static split into contiguous,
+// cost-balanced chunks (one per thread).
+struct Plan {
+  std::vector<Task> tasks;
+  std::vector<int64_t> chunk_begin;  // nchunks + 1 task offsets
+  int64_t nchunks() const { return static_cast<int64_t>(chunk_begin.size()) - 1; }
+};
+
+Plan make_plan(const std::vector<LayerView>& layers, const std::vector<int64_t>& which) {
+  Plan p;
+  int64_t total = 0;
+  for (int64_t l : which) {
+    const auto& L = layers[l];
+    if (L.layout != Layout::RowMajor || L.m == 0 || L.n == 0) continue;
+    int64_t rows = std::max<int64_t>(4, (kTaskElems / std::max<int64_t>(L.n, 1)) / 4 * 4);
+    for (int64_t r0 = 0; r0 < L.m; r0 += rows) {
+      p.tasks.push_back({l, r0, std::min(rows, L.m - r0)});
+      total += std::min(rows, L.m - r0) * L.n;
+    }
+  }
+  const int64_t nt = static_cast<int64_t>(p.tasks.size());
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nt));
+  p.chunk_begin.assign(1, 0);
+  int64_t acc = 0, c = 1;
+  for (int64_t i = 0; i < nt && c < nchunks; ++i) {
+    acc += p.tasks[i].rows * layers[p.tasks[i].layer].n;
+    if (acc * nchunks >= total * c) {
+      p.chunk_begin.push_back(i + 1);
+      ++c;
+    }
+  }
+  while (static_cast<int64_t>(p.chunk_begin.size()) < nchunks + 1) p.chunk_begin.push_back(nt);
+  p.chunk_begin.back() = nt;
+  return p;
+}
+
+at::ScalarType acc_type_of(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_list(at::TensorList weights, at::TensorList us, at::TensorList vs, const char* op) {
+  TORCH_CHECK(us.size() == weights.size() && vs.size() == weights.size(), op,
+              ": expected as many u and v vectors as weights, got ", weights.size(), " weights, ", us.size(),
+              " u, ", vs.size(), " v");
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const auto& W = weights[l];
+    TORCH_CHECK(W.dim() == 2, op, ": weights[", l, "] must be 2-D, got shape ", W.sizes());
+    TORCH_CHECK(W.device().is_cpu(), op, ": weights[", l, "] must be a CPU tensor for this kernel");
+    const auto st = W.scalar_type();
+    TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op,
+                ": weights[", l, "] must be float32/float64/bfloat16/float16, got ", st);
+    const auto acc = acc_type_of(st);
+    TORCH_CHECK(us[l].dim() == 1 && us[l].size(0) == W.size(0), op, ": us[", l, "] must have shape (",
+                W.size(0), ",), got ", us[l].sizes());
+    TORCH_CHECK(vs[l].dim() == 1 && vs[l].size(0) == W.size(1), op, ": vs[", l, "] must have shape (",
+                W.size(1), ",), got ", vs[l].sizes());
+    TORCH_CHECK(us[l].scalar_type() == acc && vs[l].scalar_type() == acc, op, ": us[", l, "] and vs[", l,
+                "] must be ", acc, " for a ", st, " weight, got ", us[l].scalar_type(), " and ",
+                vs[l].scalar_type());
+    TORCH_CHECK(us[l].device().is_cpu() && vs[l].device().is_cpu(), op, ": us[", l, "]/vs[", l,
+                "] must be CPU tensors");
+    TORCH_CHECK(us[l].is_contiguous() && vs[l].is_contiguous(), op, ": us[", l, "]/vs[", l,
+                "] must be contiguous");
+  }
+}
+
+at::ScalarType out_type(at::TensorList weights) {
+  for (const auto& W : weights)
+    if (W.scalar_type() == at::kDouble) return at::kDouble;
+  return at::kFloat;
+}
+
+// One grouped power step on the active layers `which` (all with accumulator type acc_t):
+// fills t[l] = W v and a[l] = W^T W v.
+template <typename acc_t>
+void grouped_sweep(const std::vector<LayerView>& layers, const std::vector<int64_t>& which,
+                   const std::vector<const acc_t*>& v, std::vector<std::vector<acc_t>>& t,
+                   std::vector<std::vector<acc_t>>& a) {
+  const Plan plan = make_plan(layers, which);
+  const int64_t nch = plan.nchunks();
+  // Per-chunk accumulators: chunk c touches a contiguous range of layers.
+  std::vector<int64_t> chunk_size(nch, 0);
+  for (int64_t c = 0; c < nch; ++c) {
+    int64_t last = -1;
+    for (int64_t i = plan.chunk_begin[c]; i < plan.chunk_begin[c + 1]; ++i) {
+      const int64_t l = plan.tasks[i].layer;
+      if (l != last) {
+        chunk_size[c] += layers[l].n;
+        last = l;
+      }
+    }
+  }
+  std::vector<std::vector<acc_t>> partial(nch);
+  at::parallel_for(0, nch, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<float> scratch;
+    for (int64_t c = cb; c < ce; ++c) {
+      partial[c].assign(static_cast<size_t>(chunk_size[c]), acc_t(0));
+      int64_t last = -1, o = 0, cur = 0;
+      for (int64_t i = plan.chunk_begin[c]; i < plan.chunk_begin[c + 1]; ++i) {
+        const Task& tk = plan.tasks[i];
+        const LayerView& L = layers[tk.layer];
+        if (tk.layer != last) {
+          cur = o;
+          o += L.n;
+          last = tk.layer;
+        }
+        int64_t ld = 0;
+        const acc_t* rows = rows_as<acc_t>(L, tk.r0, tk.rows, scratch, ld);
+        K<acc_t>::fused(rows, ld, tk.rows, L.n, v[tk.layer], t[tk.layer].data() + tk.r0, partial[c].data() + cur);
+      }
+    }
+  });
+  // Sum the chunk partials in chunk order (deterministic).
+  for (int64_t l : which) std::fill(a[l].begin(), a[l].end(), acc_t(0));
+  for (int64_t c = 0; c < nch; ++c) {
+    int64_t last = -1, o = 0;
+    for (int64_t i = plan.chunk_begin[c]; i < plan.chunk_begin[c + 1]; ++i) {
+      const int64_t l = plan.tasks[i].layer;
+      if (l == last) continue;
+      K<acc_t>::axpy(acc_t(1), partial[c].data() + o, a[l].data(), layers[l].n);
+      o += layers[l].n;
+      last = l;
+    }
+  }
+  // Column-major (transposed) layers: two sweeps, t = sum_j v_j col_j, then a_j = <col_j, t>.
+  for (int64_t l : which) {
+    const LayerView& L = layers[l];
+    if (L.layout != Layout::ColMajor) continue;
+    const acc_t* W = L.W.data_ptr<acc_t>();
+    const int64_t n = L.n, m = L.m, ld = L.ld;
+    const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+    std::vector<std::vector<acc_t>> tp(nth, std::vector<acc_t>(m, acc_t(0)));
+    at::parallel_for(0, nth, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        const int64_t j0 = n * c / nth, j1 = n * (c + 1) / nth;
+        for (int64_t j = j0; j < j1; ++j) K<acc_t>::axpy(v[l][j], W + j * ld, tp[c].data(), m);
+      }
+    });
+    std::fill(t[l].begin(), t[l].end(), acc_t(0));
+    for (int64_t c = 0; c < nth; ++c) K<acc_t>::axpy(acc_t(1), tp[c].data(), t[l].data(), m);
+    at::parallel_for(0, n, 64, [&](int64_t jb, int64_t je) {
+      for (int64_t j = jb; j < je; ++j) a[l][j] = K<acc_t>::dot(W + j * ld, t[l].data(), m);
+    });
+  }
+}
+
+template <typename acc_t>
+acc_t norm2(const std::vector<acc_t>& x) {
+  return std::sqrt(K<acc_t>::dot(x.data(), x.data(), static_cast<int64_t>(x.size())));
+}
+
+template <typename acc_t>
+void power_step_group(const std::vector<LayerView>& layers, const std::vector<int64_t>& group,
+                      at::TensorList us, at::TensorList vs, int64_t n_iter, double tol, double* est) {
+  if (group.empty()) return;
+  const size_t L = layers.size();
+  std::vector<std::vector<acc_t>> t(L), a(L), u0(L), v0(L);
+  std::vector<const acc_t*> vptr(L, nullptr);
+  std::vector<int64_t> active;
+  for (int64_t l : group) {
+    t[l].assign(layers[l].m, acc_t(0));
+    a[l].assign(layers[l].n, acc_t(0));
+    const acc_t* up = us[l].data_ptr<acc_t>();
+    const acc_t* vp = vs[l].data_ptr<acc_t>();
+    u0[l].assign(up, up + layers[l].m);  // for the roll-back on non-finite input
+    v0[l].assign(vp, vp + layers[l].n);
+    vptr[l] = vs[l].data_ptr<acc_t>();
+    est[l] = 0.0;
+    if (layers[l].m > 0 && layers[l].n > 0) active.push_back(l);
+  }
+  for (int64_t it = 0; it < n_iter && !active.empty(); ++it) {
+    grouped_sweep<acc_t>(layers, active, vptr, t, a);
+    std::vector<int64_t> still;
+    for (int64_t l : active) {
+      const acc_t tn = norm2(t[l]);
+      const acc_t an = norm2(a[l]);
+      acc_t* up = us[l].data_ptr<acc_t>();
+      acc_t* vp = vs[l].data_ptr<acc_t>();
+      if (!std::isfinite(tn) || !std::isfinite(an)) {
+        // Non-finite weight: give the vectors back as they were when the call started.
+        std::copy(u0[l].begin(), u0[l].end(), up);
+        std::copy(v0[l].begin(), v0[l].end(), vp);
+        est[l] = std::numeric_limits<double>::quiet_NaN();
+        continue;
+      }
+      if (tn == acc_t(0) || an == acc_t(0)) {
+        // W v = 0 (zero matrix): nothing to learn from this step; keep the vectors.
+        est[l] = 0.0;
+        continue;
+      }
+      const acc_t it_n = acc_t(1) / tn, ia_n = acc_t(1) / an;
+      for (int64_t i = 0; i < layers[l].m; ++i) up[i] = t[l][i] * it_n;
+      for (int64_t j = 0; j < layers[l].n; ++j) vp[j] = a[l][j] * ia_n;
+      const double prev = est[l];
+      est[l] = static_cast<double>(an) / static_cast<double>(tn);
+      const bool converged = tol > 0.0 && it > 0 && std::abs(est[l] - prev) <= tol * est[l];
+      if (!converged) still.push_back(l);
+    }
+    active.swap(still);
+  }
+}
+
+at::Tensor sigma_cpu(at::TensorList weights, at::TensorList us, at::TensorList vs);
+
+at::Tensor power_step_cpu(at::TensorList weights, at::TensorList us, at::TensorList vs, int64_t n_iter,
+                          double tol) {
+  check_list(weights, us, vs, "specreg_fast::power_step_");
+  TORCH_CHECK(n_iter >= 0, "specreg_fast::power_step_: n_iter must be >= 0, got ", n_iter);
+  TORCH_CHECK(tol >= 0.0, "specreg_fast::power_step_: tol must be >= 0, got ", tol);
+  const int64_t L = static_cast<int64_t>(weights.size());
+  std::vector<LayerView> layers;
+  layers.reserve(L);
+  std::vector<int64_t> g32, g64;
+  for (int64_t l = 0; l < L; ++l) {
+    layers.push_back(make_view(weights[l]));
+    (weights[l].scalar_type() == at::kDouble ? g64 : g32).push_back(l);
+  }
+  std::vector<double> est(L, 0.0);
+  at::NoGradGuard no_grad;
+  power_step_group<float>(layers, g32, us, vs, n_iter, tol, est.data());
+  power_step_group<double>(layers, g64, us, vs, n_iter, tol, est.data());
+  if (n_iter == 0) return sigma_cpu(weights, us, vs);  // no step: u^T W v at the current vectors
+  auto out = at::empty({L}, at::TensorOptions().dtype(out_type(weights)));
+  for (int64_t l = 0; l < L; ++l) {
+    if (out.scalar_type() == at::kDouble)
+      out.data_ptr<double>()[l] = est[l];
+    else
+      out.data_ptr<float>()[l] = static_cast<float>(est[l]);
+  }
+  return out;
+}
+
+template <typename acc_t>
+void sigma_group(const std::vector<LayerView>& layers, const std::vector<int64_t>& group, at::TensorList us,
+                 at::TensorList vs, double* out) {
+  if (group.empty()) return;
+  const Plan plan = make_plan(layers, group);
+  const int64_t nch = plan.nchunks();
+  std::vector<std::vector<std::pair<int64_t, acc_t>>> partial(nch);
+  at::parallel_for(0, nch, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<float> scratch;
+    for (int64_t c = cb; c < ce; ++c) {
+      for (int64_t i = plan.chunk_begin[c]; i < plan.chunk_begin[c + 1]; ++i) {
+        const Task& tk = plan.tasks[i];
+        const LayerView& L = layers[tk.layer];
+        int64_t ld = 0;
+        const acc_t* rows = rows_as<acc_t>(L, tk.r0, tk.rows, scratch, ld);
+        const acc_t s = K<acc_t>::bilinear(rows, ld, tk.rows, L.n, us[tk.layer].data_ptr<acc_t>() + tk.r0,
+                                           vs[tk.layer].data_ptr<acc_t>());
+        if (!partial[c].empty() && partial[c].back().first == tk.layer)
+          partial[c].back().second += s;
+        else
+          partial[c].emplace_back(tk.layer, s);
+      }
+    }
+  });
+  for (int64_t l : group) out[l] = 0.0;
+  std::vector<acc_t> sum(layers.size(), acc_t(0));
+  for (int64_t c = 0; c < nch; ++c)
+    for (const auto& pr : partial[c]) sum[pr.first] += pr.second;
+  for (int64_t l : group) {
+    const LayerView& L = layers[l];
+    if (L.layout == Layout::ColMajor) {
+      const acc_t* W = L.W.data_ptr<acc_t>();
+      const acc_t* u = us[l].data_ptr<acc_t>();
+      const acc_t* v = vs[l].data_ptr<acc_t>();
+      acc_t s = 0;
+      for (int64_t j = 0; j < L.n; ++j) s += v[j] * K<acc_t>::dot(W + j * L.ld, u, L.m);
+      sum[l] = s;
+    }
+    out[l] = static_cast<double>(sum[l]);
+  }
+}
+
+at::Tensor sigma_cpu(at::TensorList weights, at::TensorList us, at::TensorList vs) {
+  check_list(weights, us, vs, "specreg_fast::sigma");
+  const int64_t L = static_cast<int64_t>(weights.size());
+  std::vector<LayerView> layers;
+  std::vector<int64_t> g32, g64;
+  for (int64_t l = 0; l < L; ++l) {
+    layers.push_back(make_view(weights[l]));
+    (weights[l].scalar_type() == at::kDouble ? g64 : g32).push_back(l);
+  }
+  std::vector<double> res(L, 0.0);
+  sigma_group<float>(layers, g32, us, vs, res.data());
+  sigma_group<double>(layers, g64, us, vs, res.data());
+  auto out = at::empty({L}, at::TensorOptions().dtype(out_type(weights)));
+  for (int64_t l = 0; l < L; ++l) {
+    if (out.scalar_type() == at::kDouble)
+      out.data_ptr<double>()[l] = res[l];
+    else
+      out.data_ptr<float>()[l] = static_cast<float>(res[l]);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(specreg_fast, CPU, m) {
+  m.impl("power_step_", &power_step_cpu);
+  m.impl("sigma", &sigma_cpu);
+}
+
+}  // namespace cpu
+}  // namespace specreg_fast

@@ -1,0 +1,33 @@
+"""specreg_fast: spectral regularization cheap enough to leave on.
+
+Fast sigma_max estimates of every hidden layer of a model (dense weights and the exact
+operator norm of convolutions), as torch custom ops with custom backwards, for the penalty
+``gamma * sum_l sigma_max(W_l)^2`` of Yang, Zavatone-Veth & Pehlevan (arXiv 2405.17181).
+"""
+import torch as _torch
+
+from . import ops, reference
+from .dense import PowerState, as_matrix, init_power_state, spectral_norm, spectral_norms
+from .ops import HAS_CPP_EXT
+
+__version__ = "0.1.0"
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return _torch._C._dispatch_has_kernel_for_dispatch_key(f"specreg_fast::{op}", key)
+
+
+#: True when the compiled library registered CUDA kernels (built with FORCE_CUDA=1 or on a GPU machine).
+HAS_CUDA_EXT = HAS_CPP_EXT and _has_kernel("power_step_", "CUDA")
+
+__all__ = [
+    "HAS_CPP_EXT",
+    "HAS_CUDA_EXT",
+    "PowerState",
+    "as_matrix",
+    "init_power_state",
+    "ops",
+    "reference",
+    "spectral_norm",
+    "spectral_norms",
+]

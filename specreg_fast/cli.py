@@ -1,0 +1,84 @@
+"""Command line: ``specreg-fast demo``."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+from . import reference as ref
+from .dense import init_power_state, spectral_norms
+
+
+def _small_cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.GELU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.GELU(),
+        nn.Flatten(), nn.Linear(16 * 6 * 6, 32), nn.GELU(),
+        nn.Linear(32, 10),
+    )
+
+
+def demo(args) -> int:
+    """sigma_max of every layer of a small CNN: exact (SVD of the explicit operator) next to
+    the power-iteration estimates, and the reshaped-kernel matrix norm that
+    torch.nn.utils.spectral_norm would use for the convs."""
+    torch.manual_seed(args.seed)
+    model = _small_cnn()
+    x = torch.randn(1, 1, 12, 12)
+    shapes = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.__setitem__(m, tuple(i[0].shape[1:])))
+             for m in model if isinstance(m, (nn.Conv2d, nn.Linear))]
+    model(x)
+    for h in hooks:
+        h.remove()
+    layers = [(f"{i}", m) for i, m in enumerate(model) if isinstance(m, (nn.Conv2d, nn.Linear))]
+    dense = [m.weight.detach() for _, m in layers if isinstance(m, nn.Linear)]
+    st = init_power_state(dense, generator=torch.Generator().manual_seed(args.seed))
+    t0 = time.perf_counter()
+    fast = spectral_norms(dense, st, n_iter=args.iters).tolist()
+    t_fast = time.perf_counter() - t0
+    print(f"sigma_max per layer of a small CNN at input 1x12x12 ({args.iters} power-iteration steps)\n")
+    head = f"{'layer':<6}{'kind':<26}{'exact':>10}{'power it.':>11}{'rel.err':>10}{'matrix norm':>13}{'circular':>10}"
+    print(head)
+    print("-" * len(head))
+    k = 0
+    for name, m in layers:
+        if isinstance(m, nn.Linear):
+            exact = ref.dense_sigma_exact(m.weight).item()
+            est = fast[k]
+            k += 1
+            mat = exact
+            circ = float("nan")
+            kind = f"Linear {m.in_features}->{m.out_features}"
+        else:
+            spec = ref.ConvSpec.from_module(m, shapes[m])
+            exact = ref.conv_sigma_exact(spec).item()
+            g = torch.Generator().manual_seed(args.seed)
+            est = ref.conv_power_iteration(spec, torch.randn(shapes[m], generator=g), args.iters)[0].item()
+            mat = ref.dense_sigma_exact(m.weight.reshape(m.weight.shape[0], -1)).item()
+            circ = ref.circular_conv_sigma_exact(m.weight, shapes[m][1:], m.stride, m.dilation).item()
+            kind = f"Conv2d {m.in_channels}->{m.out_channels} k{m.kernel_size[0]} s{m.stride[0]}"
+        print(f"{name:<6}{kind:<26}{exact:>10.4f}{est:>11.4f}{abs(est - exact) / exact:>10.1e}{mat:>13.4f}{circ:>10.4f}")
+    print(f"\nexact: SVD of the explicit operator; power it.: grouped C++ op for Linear "
+          f"({t_fast * 1e3:.2f} ms for all dense layers), reference conv/conv_transpose loop for convs;\n"
+          f"matrix norm: the reshaped kernel (what torch.nn.utils.spectral_norm bounds); "
+          f"circular: the exact norm with wrap-around padding (the paper's FFT method).")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="specreg-fast", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="sigma_max of every layer of a small CNN: exact vs estimated")
+    d.add_argument("--iters", type=int, default=50)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=demo)
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

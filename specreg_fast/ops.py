@@ -1,0 +1,145 @@
+"""Custom-op front: typed wrappers around ``torch.ops.specreg_fast.*``.
+
+The schemas are declared once, in ``csrc/specreg_fast.cpp``. This module adds what the
+C++ side cannot: fake (meta) implementations for ``torch.compile``, the autograd formula of
+the functional ``sigma`` op, and the plain-PyTorch reference registered under
+``CompositeExplicitAutograd`` so that a device with no kernel of its own (a CUDA tensor in a
+CPU-only build, MPS, ...) still runs. If the compiled extension cannot be loaded, the same
+schemas are defined here and only the reference runs (``HAS_CPP_EXT = False``).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import List, Sequence
+
+import torch
+
+__all__ = ["power_step_", "sigma", "HAS_CPP_EXT", "SCHEMAS"]
+
+# Kept identical to csrc/specreg_fast.cpp (a test compares them): used only when the
+# compiled library is missing.
+SCHEMAS = {
+    "power_step_": "power_step_(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int n_iter, float tol) -> Tensor",
+    "sigma": "sigma(Tensor[] weights, Tensor[] us, Tensor[] vs) -> Tensor",
+}
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers the ops)
+
+    HAS_CPP_EXT = True
+except ImportError as _err:  # ABI mismatch, or built without the extension
+    HAS_CPP_EXT = False
+    warnings.warn(f"specreg_fast: compiled extension not loaded ({_err}); using the pure-PyTorch reference",
+                  RuntimeWarning, stacklevel=2)
+    _fallback_lib = torch.library.Library("specreg_fast", "DEF")
+    for _schema in SCHEMAS.values():
+        _fallback_lib.define(_schema)
+
+
+def _acc_dtype(w_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if w_dtype == torch.float64 else torch.float32
+
+
+def _out_dtype(weights: Sequence[torch.Tensor]) -> torch.dtype:
+    return torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
+
+
+# ----------------------------------------------------------------------------- reference kernels
+def _power_step_reference(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor], n_iter: int,
+                          tol: float) -> torch.Tensor:
+    """Reference kernel of ``power_step_`` for any device: the per-layer loop of the PyTorch
+    reference, with the op's conventions (zero W keeps the vectors, non-finite W rolls them
+    back) expressed with ``torch.where`` so no host synchronization is needed."""
+    out = torch.zeros(len(weights), dtype=_out_dtype(weights),
+                      device=weights[0].device if weights else "cpu")
+    with torch.no_grad():
+        for l, (W, u, v) in enumerate(zip(weights, us, vs)):
+            Wf = W.to(u.dtype)
+            u0, v0 = u.clone(), v.clone()
+            est = torch.zeros((), dtype=u.dtype, device=u.device)
+            prev = None
+            for it in range(n_iter):
+                t = Wf @ v
+                tn = torch.linalg.vector_norm(t)
+                a = Wf.t() @ t
+                an = torch.linalg.vector_norm(a)
+                ok = (tn > 0) & (an > 0)
+                u.copy_(torch.where(ok, t / tn, u))
+                v.copy_(torch.where(ok, a / an, v))
+                est = torch.where(ok, an / tn, torch.zeros_like(an))
+                if tol > 0 and prev is not None and bool(torch.abs(est - prev) <= tol * est):
+                    break
+                prev = est
+            if n_iter == 0:
+                est = u @ Wf @ v
+            bad = ~torch.isfinite(Wf).all() if W.numel() else torch.zeros((), dtype=torch.bool, device=W.device)
+            u.copy_(torch.where(bad, u0, u))
+            v.copy_(torch.where(bad, v0, v))
+            out[l] = torch.where(bad, torch.full_like(est, math.nan), est).to(out.dtype)
+    return out
+
+
+def _sigma_reference(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor]) -> torch.Tensor:
+    dt = _out_dtype(weights)
+    if not weights:
+        return torch.zeros(0, dtype=dt)
+    return torch.stack([(u @ W.to(u.dtype) @ v).to(dt) for W, u, v in zip(weights, us, vs)])
+
+
+# ----------------------------------------------------------------------------- registration
+@torch.library.register_fake("specreg_fast::power_step_")
+def _power_step_fake(weights, us, vs, n_iter, tol):
+    torch._check(len(us) == len(weights) and len(vs) == len(weights))
+    dev = weights[0].device if weights else torch.device("cpu")
+    return weights[0].new_empty(len(weights), dtype=_out_dtype(weights)) if weights else torch.empty(
+        0, dtype=torch.float32, device=dev)
+
+
+@torch.library.register_fake("specreg_fast::sigma")
+def _sigma_fake(weights, us, vs):
+    torch._check(len(us) == len(weights) and len(vs) == len(weights))
+    if not weights:
+        return torch.empty(0, dtype=torch.float32)
+    return weights[0].new_empty(len(weights), dtype=_out_dtype(weights))
+
+
+torch.library.impl("specreg_fast::power_step_", "CompositeExplicitAutograd")(_power_step_reference)
+torch.library.impl("specreg_fast::sigma", "CompositeExplicitAutograd")(_sigma_reference)
+
+
+def _sigma_setup_context(ctx, inputs, output):
+    weights, us, vs = inputs
+    ctx.save_for_backward(*us, *vs)
+    ctx.n = len(weights)
+    ctx.w_meta = [(w.dtype, w.shape) for w in weights]
+
+
+def _sigma_backward(ctx, grad):
+    # d(u^T W v)/dW = u v^T (exact for the bilinear form with u, v held fixed; at a
+    # converged power iteration it is d sigma_max / dW).
+    n = ctx.n
+    saved = ctx.saved_tensors
+    us, vs = saved[:n], saved[n:]
+    grads = []
+    for l in range(n):
+        dt, _ = ctx.w_meta[l]
+        g = grad[l].to(us[l].dtype)
+        grads.append((torch.outer(us[l], vs[l]) * g).to(dt))
+    return grads, None, None
+
+
+torch.library.register_autograd("specreg_fast::sigma", _sigma_backward, setup_context=_sigma_setup_context)
+
+
+# ----------------------------------------------------------------------------- typed wrappers
+def power_step_(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor], n_iter: int = 1,
+                tol: float = 0.0) -> torch.Tensor:
+    """Run ``n_iter`` grouped power-iteration steps in place on ``us``/``vs``; returns the
+    detached estimates ``u^T W v`` at the new vectors. See ``csrc/specreg_fast.cpp``."""
+    return torch.ops.specreg_fast.power_step_(list(weights), list(us), list(vs), int(n_iter), float(tol))
+
+
+def sigma(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor]) -> torch.Tensor:
+    """``u_l^T W_l v_l`` for each layer, differentiable in the weights (gradient ``u v^T``)."""
+    return torch.ops.specreg_fast.sigma(list(weights), list(us), list(vs))
