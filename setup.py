@@ -17,8 +17,16 @@ import sys
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+# torch guesses CUDA_HOME from the nvcc on PATH; a symlinked /usr/local/bin/nvcc would make
+# that /usr/local, which has no CUDA libraries. Prefer the toolkit's own directory.
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
+    for _cand in ("/usr/local/cuda",):
+        if os.path.exists(os.path.join(_cand, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = _cand
+            break
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -56,7 +64,7 @@ def get_extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # No -march=native: wheels must run on any x86-64. Hot loops pick their ISA at run time
     # through GCC function multi-versioning (see csrc/cpu/simd.h).
-    cxx = opt + ["-fopenmp", "-fopenmp-simd", "-std=c++20", "-DPy_LIMITED_API=0x03090000"]
+    cxx = opt + ["-fopenmp", "-fopenmp-simd", "-std=c++20"]  # torch adds -DPy_LIMITED_API itself
     define_macros = []
     extra_link = ["-fopenmp"]
     ext_cls = CppExtension

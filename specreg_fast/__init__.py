@@ -6,7 +6,9 @@ operator norm of convolutions), as torch custom ops with custom backwards, for t
 """
 import torch as _torch
 
-from . import ops, reference
+from . import conv, fft, ops, reference
+from .conv import ConvSpec, ConvState, conv_operator_norm, conv_operator_norms, init_conv_state
+from .fft import CircularState, circular_conv_norms, init_circular_state, to_circular_padding
 from .dense import PowerState, as_matrix, init_power_state, spectral_norm, spectral_norms
 from .ops import HAS_CPP_EXT
 
@@ -21,6 +23,17 @@ def _has_kernel(op: str, key: str) -> bool:
 HAS_CUDA_EXT = HAS_CPP_EXT and _has_kernel("power_step_", "CUDA")
 
 __all__ = [
+    "CircularState",
+    "ConvSpec",
+    "ConvState",
+    "circular_conv_norms",
+    "conv",
+    "conv_operator_norm",
+    "conv_operator_norms",
+    "fft",
+    "init_circular_state",
+    "init_conv_state",
+    "to_circular_padding",
     "HAS_CPP_EXT",
     "HAS_CUDA_EXT",
     "PowerState",

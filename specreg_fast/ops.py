@@ -143,3 +143,9 @@ def power_step_(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[to
 def sigma(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor]) -> torch.Tensor:
     """``u_l^T W_l v_l`` for each layer, differentiable in the weights (gradient ``u v^T``)."""
     return torch.ops.specreg_fast.sigma(list(weights), list(us), list(vs))
+
+
+# ----------------------------------------------------------------------------- conv operator ops (conv.py)
+
+
+# ----------------------------------------------------------------------------- circular / FFT ops (fft.py)

@@ -234,7 +234,7 @@ def circular_transfer_blocks(weight: torch.Tensor, input_size: Sequence[int], st
     nphase = math.prod(s)
     cplx = torch.complex128 if weight.dtype == torch.float64 else torch.complex64
     real = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    K = weight.detach().to(real).reshape(groups, cout_g, cin_g, *ks)
+    K = weight.to(real).reshape(groups, cout_g, cin_g, *ks)  # differentiable in weight
     # frequency grid, shape (*n, d)
     grids = torch.meshgrid(*[torch.arange(m, dtype=real, device=weight.device) for m in n], indexing="ij")
     P = torch.zeros(*n, groups, cout_g, cin_g, nphase, dtype=cplx, device=weight.device)

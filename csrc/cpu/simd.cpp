@@ -1,6 +1,6 @@
 #include "simd.h"
 
-#include <cstring>
+#include <bit>
 
 #include <c10/util/Half.h>
 
@@ -68,10 +68,7 @@ SPECREG_MULTIVERSION void widen_rows_bf16(const uint16_t* src, int64_t ld, int64
     // bfloat16 is the top half of a float32: widening is a 16-bit shift.
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      uint32_t bits = static_cast<uint32_t>(s[j]) << 16;
-      float f;
-      std::memcpy(&f, &bits, sizeof(f));
-      d[j] = f;
+      d[j] = std::bit_cast<float>(static_cast<uint32_t>(s[j]) << 16);
     }
   }
 }
