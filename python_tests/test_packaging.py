@@ -23,9 +23,15 @@ def test_extension_loaded_and_schemas_match_python_fallback():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("specreg_fast::sigma", "CPU")
 
 
-def _run(code, cwd, env_extra):
-    env = {**os.environ, **env_extra}
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+SITE_PACKAGES = str(Path(torch.__file__).resolve().parents[1])
+
+
+def _run(code, cwd, path):
+    """Run ``code`` in a fresh interpreter that sees only ``path`` and the installed
+    dependencies: -S skips site's .pth files, so an editable install of the source tree
+    cannot shadow the copy under test."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(path), SITE_PACKAGES])}
+    return subprocess.run([sys.executable, "-S", "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
 
 
@@ -45,7 +51,7 @@ def test_pure_pytorch_fallback_without_extension(tmp_path):
         "s = sf.spectral_norms([W], st, n_iter=60)\n"
         "assert abs(s.item() - 3.0) < 1e-5, s\n"
         "print('ok')\n")
-    r = _run(code, tmp_path, {"PYTHONPATH": str(tmp_path)})
+    r = _run(code, tmp_path, tmp_path)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
@@ -67,5 +73,5 @@ def test_wheel_builds_and_imports_from_non_editable_install(tmp_path):
             "e = torch.linalg.matrix_norm(W, 2)\n"
             "assert abs(s - e) / e < 1e-6, (s, e)\n"
             "print('ok')\n")
-    r = _run(code, tmp_path, {"PYTHONPATH": str(site)})
+    r = _run(code, tmp_path, site)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
