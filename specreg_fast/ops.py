@@ -126,7 +126,7 @@ def _sigma_backward(ctx, grad):
         dt, _ = ctx.w_meta[l]
         g = grad[l].to(us[l].dtype)
         grads.append((torch.outer(us[l], vs[l]) * g).to(dt))
-    return grads, None, None
+    return grads, [None] * n, [None] * n
 
 
 torch.library.register_autograd("specreg_fast::sigma", _sigma_backward, setup_context=_sigma_setup_context)
