@@ -124,8 +124,9 @@ def _sigma_backward(ctx, grad):
     grads = []
     for l in range(n):
         dt, _ = ctx.w_meta[l]
+        # scale the short vector, not the outer product: one m x n write per layer
         g = grad[l].to(us[l].dtype)
-        grads.append((torch.outer(us[l], vs[l]) * g).to(dt))
+        grads.append(torch.outer(us[l] * g, vs[l]).to(dt))
     return grads, [None] * n, [None] * n
 
 
