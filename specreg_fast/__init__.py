@@ -11,6 +11,7 @@ from .conv import ConvSpec, ConvState, conv_operator_norm, conv_operator_norms, 
 from .fft import CircularState, circular_conv_norms, init_circular_state, to_circular_padding
 from .dense import PowerState, as_matrix, init_power_state, spectral_norm, spectral_norms
 from .ops import HAS_CPP_EXT
+from .penalty import SpectralNormalize, SpectralPenalty, spectral_constraint
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,9 @@ __all__ = [
     "HAS_CPP_EXT",
     "HAS_CUDA_EXT",
     "PowerState",
+    "SpectralNormalize",
+    "SpectralPenalty",
+    "spectral_constraint",
     "as_matrix",
     "init_power_state",
     "ops",

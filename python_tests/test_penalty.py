@@ -1,0 +1,391 @@
+"""SpectralPenalty against plain references and exact norms."""
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import specreg_fast as sf
+from specreg_fast import reference as ref
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 32), nn.GELU(), nn.Linear(32, 24), nn.GELU(), nn.Linear(24, 5))
+
+
+def cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(6 * 4 * 4, 7))
+
+
+class Block(nn.Module):
+    """A ResNet-style block: conv-BN-ReLU-conv-BN plus a strided 1x1 shortcut, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.shortcut = nn.Sequential(nn.Conv2d(3, 4, 1, stride=2, bias=False), nn.BatchNorm2d(4))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h)) + self.shortcut(x)
+        return self.fc(torch.relu(h).mean(dim=(2, 3)))
+
+
+def test_mlp_value_and_gradients_match_plain_reference():
+    model = mlp()
+    pen = sf.SpectralPenalty(model, gamma=0.1, n_iter=3, n_iter_init=3)
+    model(torch.randn(4, 20))
+    p = pen()
+    assert pen.layer_names == ["0", "2"]  # readout "4" left out
+    grads = torch.autograd.grad(p, [model[0].weight, model[2].weight, model[4].weight], allow_unused=True)
+    # plain reference with the same vectors: gamma * sum (u^T W v)^2 by autograd
+    ws = [model[0].weight, model[2].weight]
+    want = 0.1 * sum((pen.get_buffer(f"u_{i}") @ w @ pen.get_buffer(f"v_{i}")) ** 2 for i, w in enumerate(ws))
+    gw = torch.autograd.grad(want, ws)
+    torch.testing.assert_close(p, want)
+    torch.testing.assert_close(grads[0], gw[0])
+    torch.testing.assert_close(grads[1], gw[1])
+    assert grads[2] is None
+
+
+def test_mlp_converges_to_exact_norms():
+    model = mlp()
+    pen = sf.SpectralPenalty(model, gamma=1.0, scope="all", n_iter=200)
+    model(torch.randn(2, 20))
+    p = pen()
+    exact = [torch.linalg.matrix_norm(model[i].weight.double(), 2) for i in (0, 2, 4)]
+    torch.testing.assert_close(p.double(), sum(e ** 2 for e in exact), rtol=1e-4, atol=0)
+
+
+def test_cnn_operator_norm_at_the_seen_input_size():
+    model = cnn()
+    pen = sf.SpectralPenalty(model, gamma=1.0, n_iter=400)
+    model(torch.randn(3, 2, 8, 8))
+    pen()
+    sig = pen.sigmas()
+    assert set(sig) == {"0", "2"}
+    assert pen._input_shapes["0"] == (2, 8, 8) and pen._input_shapes["2"] == (4, 8, 8)
+    for name, shape in (("0", (2, 8, 8)), ("2", (4, 8, 8))):
+        m = dict(model.named_modules())[name]
+        exact = ref.conv_sigma_exact(ref.ConvSpec.from_module(m, shape)).item()
+        assert abs(sig[name] - exact) / exact < 1e-3, (name, sig[name], exact)
+    # conv gradient = weight-gradient of (x, y): matches autograd through <y, conv(x)>
+    p = pen(update=False)
+    (g,) = torch.autograd.grad(p, [model[0].weight])
+    w = model[0].weight.detach().double().requires_grad_()
+    x, y = pen.get_buffer("x_0").double(), pen.get_buffer("y_0").double()
+    spec = ref.ConvSpec.from_module(model[0], (2, 8, 8), weight=w)
+    s = (y * ref.conv_apply(spec, x[None])[0]).sum()
+    (gw,) = torch.autograd.grad(s ** 2, w)
+    torch.testing.assert_close(g.double(), gw, rtol=1e-4, atol=1e-6)
+
+
+def test_largest_input_size_is_used():
+    model = cnn()
+    pen = sf.SpectralPenalty(model, scope="all")
+    model[0](torch.randn(1, 2, 6, 6))
+    model(torch.randn(1, 2, 8, 8))
+    pen()
+    assert pen._input_shapes["0"] == (2, 8, 8)
+
+
+def test_resnet_block_selects_all_convs_and_leaves_out_fc():
+    model = Block()
+    pen = sf.SpectralPenalty(model, gamma=0.01, n_iter=2000)
+    model(torch.randn(2, 3, 8, 8))
+    pen()
+    assert sorted(pen.layer_names) == ["conv1", "conv2", "shortcut.0"]
+    sig = pen.sigmas()
+    for name, shape in (("conv1", (3, 8, 8)), ("conv2", (4, 4, 4)), ("shortcut.0", (3, 8, 8))):
+        m = model.get_submodule(name)
+        exact = ref.conv_sigma_exact(ref.ConvSpec.from_module(m, shape)).item()
+        assert abs(sig[name] - exact) / exact < 1e-3
+
+
+def test_scope_variants():
+    model = Block()
+    x = torch.randn(1, 3, 8, 8)
+    cases = {
+        "all": ["conv1", "conv2", "fc", "shortcut.0"],
+        "shortcut": ["shortcut.0"],
+        ("conv1", "fc"): ["conv1", "fc"],
+    }
+    for scope, want in cases.items():
+        pen = sf.SpectralPenalty(model, scope=scope)
+        model(x)
+        assert sorted(pen.layer_names) == want, scope
+    pen = sf.SpectralPenalty(model, scope="all", exclude=["shortcut", "fc"])
+    model(x)
+    assert sorted(pen.layer_names) == ["conv1", "conv2"]
+    pen = sf.SpectralPenalty(model, scope="all", gamma={"conv1": 0.5, "fc": 0.1})
+    model(x)
+    assert sorted(pen.layer_names) == ["conv1", "fc"]
+    assert sorted(pen.gammas.tolist()) == pytest.approx([0.1, 0.5])
+    pen = sf.SpectralPenalty(model, scope="all", gamma=lambda n, m: 0.2 if isinstance(m, nn.Conv2d) else 0.0)
+    model(x)
+    assert sorted(pen.layer_names) == ["conv1", "conv2", "shortcut.0"]
+
+
+def test_schedule_start_step_and_every():
+    model = mlp()
+    pen = sf.SpectralPenalty(model, start_step=2, every=3)
+    model(torch.randn(1, 20))
+    vals = [pen().item() for _ in range(9)]
+    on = [v > 0 for v in vals]
+    assert on == [False, False, True, False, False, True, False, False, True]
+    assert pen.step_count.item() == 9
+
+
+def test_manual_step_for_gradient_accumulation():
+    model = mlp()
+    pen = sf.SpectralPenalty(model, start_step=1, auto_step=False)
+    model(torch.randn(1, 20))
+    assert pen().item() == 0 and pen().item() == 0  # two micro-batches of step 0
+    pen.step()
+    assert pen().item() > 0 and pen().item() > 0
+    assert pen.step_count.item() == 1
+
+
+def _train(model, pen, steps, seed=0):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(8, *_in_shape(model), generator=g)
+        loss = model(x).square().mean() + pen()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return opt
+
+
+def _in_shape(model):
+    return (3, 8, 8) if isinstance(model, Block) else (20,)
+
+
+@pytest.mark.parametrize("make", [mlp, Block], ids=["mlp", "block"])
+def test_state_dict_round_trip_is_bit_identical(make):
+    model = make()
+    pen = sf.SpectralPenalty(model, gamma=0.1, seed=3)
+    _train(model, pen, 3)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "pen": pen.state_dict()}, buf)
+    a = pen().detach()
+    sig_a = pen.last_sigmas.clone()
+    # restore into fresh objects (the penalty's vectors are created lazily: loading before
+    # the first call must work)
+    buf.seek(0)
+    ck = torch.load(buf)
+    model2 = make()
+    model2.load_state_dict(ck["model"])
+    pen2 = sf.SpectralPenalty(model2, gamma=0.1, seed=99)
+    pen2.load_state_dict(ck["pen"])
+    b = pen2().detach()
+    assert torch.equal(a, b) and torch.equal(sig_a, pen2.last_sigmas)
+    assert pen2.step_count.item() == pen.step_count.item()
+
+
+def test_deterministic_under_seed():
+    outs = []
+    for _ in range(2):
+        model = mlp()
+        pen = sf.SpectralPenalty(model, seed=5)
+        model(torch.randn(1, 20))
+        outs.append(pen().detach())
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_eval_and_update_false_do_not_move_vectors():
+    model = mlp()
+    pen = sf.SpectralPenalty(model)
+    model(torch.randn(1, 20))
+    pen()
+    snap = {k: v.clone() for k, v in pen.state_dict().items() if k[0] in "uv"}
+    pen(update=False)
+    pen.eval()
+    pen()
+    for k, v in snap.items():
+        assert torch.equal(pen.get_buffer(k), v)
+    pen.train()
+    pen()
+    assert not torch.equal(pen.get_buffer("v_0"), snap["v_0"])
+
+
+def test_reset():
+    model = mlp()
+    pen = sf.SpectralPenalty(model)
+    model(torch.randn(1, 20))
+    a = pen().detach()
+    pen.reset()
+    assert pen.step_count.item() == 0 and "u_0" not in dict(pen.named_buffers())
+    torch.testing.assert_close(pen().detach(), a)
+
+
+def test_bf16_weights_and_autocast():
+    model = mlp()
+    pen32 = sf.SpectralPenalty(copy.deepcopy(model), gamma=1.0, n_iter=100, scope="all")
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    pen16 = sf.SpectralPenalty(m16, gamma=1.0, n_iter=100, scope="all")
+    pen32._model[0](torch.randn(1, 20))
+    m16(torch.randn(1, 20, dtype=torch.bfloat16))
+    p16 = pen16()
+    assert p16.dtype == torch.float32 and pen16.get_buffer("u_0").dtype == torch.float32
+    torch.testing.assert_close(p16, pen32(), rtol=2e-2, atol=0)  # bf16 storage of W: ~3 digits
+    p16.backward()
+    assert m16[0].weight.grad.dtype == torch.bfloat16
+    cnn_model = cnn()
+    pen = sf.SpectralPenalty(cnn_model, n_iter=50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cnn_model(torch.randn(2, 2, 8, 8))
+        p = pen()
+    assert p.dtype == torch.float32 and torch.isfinite(p)
+    assert pen.get_buffer("x_0").dtype == torch.float32
+
+
+def test_shared_layer_counted_once():
+    shared = nn.Linear(10, 10)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.ReLU(), nn.Linear(10, 2))
+    pen = sf.SpectralPenalty(model)
+    model(torch.randn(1, 10))
+    assert pen.layer_names == ["0"]
+
+
+def test_parametrized_weight():
+    model = mlp()
+    torch.nn.utils.parametrize.register_parametrization(model[0], "weight", nn.Identity())
+    pen = sf.SpectralPenalty(model, gamma=1.0, n_iter=200)
+    model(torch.randn(1, 20))
+    pen()
+    exact = torch.linalg.matrix_norm(model[0].weight.detach(), 2).item()
+    assert abs(pen.sigmas()["0"] - exact) / exact < 1e-4
+
+
+def test_warns_about_skipped_modules():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.attn = nn.MultiheadAttention(4, 2)
+            self.fc1 = nn.Linear(4, 4)
+            self.fc2 = nn.Linear(4, 2)
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        sf.SpectralPenalty(M())
+    msgs = " ".join(str(x.message) for x in w)
+    assert "emb (Embedding)" in msgs and "attn (MultiheadAttention)" in msgs
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="no supported layers"):
+        sf.SpectralPenalty(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match="scope: no module named 'nope'"):
+        sf.SpectralPenalty(mlp(), scope="nope")
+    with pytest.raises(ValueError, match="gamma must be a finite number >= 0"):
+        sf.SpectralPenalty(mlp(), gamma=-1.0)
+    with pytest.raises(ValueError, match="conv_norm"):
+        sf.SpectralPenalty(mlp(), conv_norm="exact")
+    with pytest.raises(RuntimeError, match="run one forward pass"):
+        sf.SpectralPenalty(mlp())()
+    with pytest.raises(RuntimeError, match="input size of 0 is unknown"):
+        sf.SpectralPenalty(cnn(), scope="all")()
+    with pytest.raises(ValueError, match="gamma for 0"):
+        m = mlp()
+        p = sf.SpectralPenalty(m, gamma={"0": -2.0})
+        m(torch.randn(1, 20))
+        p()
+
+
+def test_fft_and_matrix_conv_norms():
+    model = cnn()
+    sf.to_circular_padding(model)
+    pen = sf.SpectralPenalty(model, conv_norm="fft", scope="all", gamma=1.0)
+    model(torch.randn(1, 2, 8, 8))
+    pen()
+    exact = ref.circular_conv_sigma_exact(model[0].weight, (8, 8), 1, 1, 1).item()
+    assert abs(pen.sigmas()["0"] - exact) / exact < 1e-4
+    pen = sf.SpectralPenalty(cnn(), conv_norm="matrix", scope="all", gamma=1.0, n_iter=300)
+    pen._model[0](torch.randn(1, 2, 8, 8))
+    pen()
+    w = pen._model[0][0].weight.detach()
+    exact = torch.linalg.matrix_norm(w.reshape(4, -1), 2).item()
+    assert abs(pen.sigmas()["0"] - exact) / exact < 1e-4
+
+
+def test_eig_ub_adds_activation_term():
+    model = mlp()
+    pen = sf.SpectralPenalty(model, gamma=0.1, eig_ub=True)
+    x = torch.randn(6, 20)
+    model(x)
+    p = pen()
+    q = (pen.gammas * pen.last_sigmas ** 2).sum()
+    # manual: for each GELU, batch mean of max_j GELU'(z_j)^2
+    z1 = model[0](x)
+    z2 = model[2](model[1](z1))
+    want = 0.0
+    for z in (z1, z2):
+        zz = z.detach().requires_grad_()
+        (d,) = torch.autograd.grad(nn.functional.gelu(zz).sum(), zz)
+        want += (d ** 2).amax(1).mean()
+    torch.testing.assert_close((p - q).detach(), (0.1 * want).detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_constraint_mode_normalizes_by_operator_norm():
+    lin = nn.Linear(12, 9)
+    sf.spectral_constraint(lin, n_iter=1)
+    for _ in range(100):
+        w = lin.weight
+    assert abs(torch.linalg.matrix_norm(lin.weight.detach(), 2).item() - 1) < 1e-3
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    sf.spectral_constraint(conv, input_shape=(2, 6, 6), n_iter=1)
+    for _ in range(300):
+        w = conv.weight
+    spec = ref.ConvSpec.from_module(conv, (2, 6, 6), weight=w.detach())
+    assert abs(ref.conv_sigma_exact(spec).item() - 1) < 1e-3
+    with pytest.raises(ValueError, match="input_shape"):
+        sf.spectral_constraint(nn.Conv1d(1, 1, 3))
+
+
+def test_averaged_model_does_not_average_vectors():
+    model = mlp()
+    pen = sf.SpectralPenalty(model)
+    model(torch.randn(1, 20))
+    pen()
+    ema = torch.optim.swa_utils.AveragedModel(model)
+    assert not any(k.split(".")[-1].startswith(("u_", "v_")) for k in ema.state_dict())
+
+
+def test_torch_compile_training_step_matches_eager():
+    def make():
+        model = mlp()
+        pen = sf.SpectralPenalty(model, gamma=0.5, n_iter=1, n_iter_init=1)
+        model(torch.randn(1, 20))
+        pen()  # first call: discovery done eagerly
+        return model, pen
+
+    me, pe = make()
+    mc, pc = make()
+
+    def loss_fn(model, pen, x):
+        return model(x).square().mean() + pen()
+
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    for i in range(3):
+        x = torch.randn(4, 20)
+        le = loss_fn(me, pe, x)
+        ge = torch.autograd.grad(le, list(me.parameters()))
+        lc = compiled(mc, pc, x)
+        gc = torch.autograd.grad(lc, list(mc.parameters()))
+        torch.testing.assert_close(lc, le)
+        for a, b in zip(gc, ge):
+            torch.testing.assert_close(a, b)
+    torch.testing.assert_close(pc.get_buffer("v_0"), pe.get_buffer("v_0"))
+    assert pc.step_count.item() == pe.step_count.item()

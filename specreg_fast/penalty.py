@@ -1,0 +1,440 @@
+"""Training API: the penalty of the paper for any model in two lines.
+
+    penalty = specreg_fast.SpectralPenalty(model, gamma=1e-2)     # hidden layers only
+    loss = criterion(model(x), y) + penalty()                      # gamma * sum_l sigma_l^2
+
+All dense layers go through one grouped op call per step, all conv layers through one call
+per conv method; gradients are u v^T (dense) and the conv weight-gradient of (x, y) (conv),
+never autograd through the power iterations.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from . import dense as _dense
+from .conv import ConvSpec, ConvState, conv_operator_norms, init_conv_state
+from .fft import CircularState, circular_conv_norms, init_circular_state
+
+__all__ = ["SpectralPenalty", "spectral_constraint", "SpectralNormalize"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_SUPPORTED = (nn.Linear,) + _CONV
+_SKIP_WARN = (nn.MultiheadAttention, nn.Embedding, nn.EmbeddingBag, nn.RNNBase, nn.Bilinear)
+_CONV_NORMS = ("operator", "fft", "matrix")
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DistributedDataParallel / DataParallel / torch.compile wrappers: regularize the real model.
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _act_slope_sq_max(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Batch mean of max_j phi'(z_j)^2 for one nonlinearity (the released code's eig-ub
+    term), differentiable in z."""
+    zz = z if z.requires_grad else z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        # act.forward, not act(): calling the module would re-enter the hook
+        (d,) = torch.autograd.grad(act.forward(zz).sum(), zz, create_graph=z.requires_grad)
+    return (d.flatten(1) ** 2).amax(dim=1).mean()
+
+
+class SpectralPenalty(nn.Module):
+    """``gamma * sum_l sigma_max(W_l)^2`` over a model's layers, with persistent vectors.
+
+    The penalty carries no 1/2, as in the authors' released code, so their gamma values
+    (1e-3 ... 1e-1 for MLPs, 1e-2 for ResNets) carry over unchanged.
+
+    Args:
+        model: the network (a DDP/DataParallel/compiled wrapper is unwrapped).
+        gamma: float, ``{layer_name: gamma}`` (missing names get 0 and are left out) or a
+            callable ``(name, module) -> gamma``.
+        scope: ``"hidden"`` (default, the paper): every supported layer except the readout,
+            the last one in forward order, found from the first forward pass; ``"all"``: every
+            layer (the end-to-end baseline); a module name or list of names: exactly the
+            supported layers inside those modules (e.g. ``"features"``).
+        exclude: names of modules (and their children) to leave out.
+        conv_norm: ``"operator"`` (the true operator norm with the layer's own padding at the
+            input size it sees; default), ``"fft"`` (the paper's circular-padding norm, for
+            models converted with :func:`specreg_fast.to_circular_padding`) or ``"matrix"``
+            (the reshaped-kernel matrix norm, cheap, not an operator norm).
+        n_iter: power steps per training step (persistent vectors make 1 enough).
+        n_iter_init: power steps on the first active call (warm start).
+        start_step / every: the schedule. The step counter (a buffer) counts training-mode
+            calls (``auto_step=True``); with gradient accumulation pass ``auto_step=False`` and
+            call :meth:`step` after each optimizer step. The penalty is 0 before
+            ``start_step`` and on steps where ``(step - start_step) % every != 0``; it is not
+            rescaled by ``every`` (as the authors do).
+        eig_ub: also add, for each nonlinearity module of the model, the batch mean of
+            ``max_j phi'(z_j)^2`` (the released code's activation-aware MLP variant).
+        input_shapes: ``{conv_name: (C_in, *spatial)}`` for convs whose size should not be
+            taken from the first forward.
+        seed: seeds the persistent vectors (identical on every DDP rank).
+
+    Persistent vectors are buffers of this module (not of the model), so an EMA/SWA copy of
+    the model never averages them: average ``model``, keep the penalty as it is.
+    """
+
+    def __init__(self, model: nn.Module, gamma: Union[float, Dict[str, float], Callable] = 1e-2,
+                 scope: Union[str, Sequence[str]] = "hidden", exclude: Iterable[str] = (),
+                 conv_norm: str = "operator", n_iter: int = 1, n_iter_init: int = 20, start_step: int = 0,
+                 every: int = 1, auto_step: bool = True, eig_ub: bool = False,
+                 input_shapes: Optional[Dict[str, Sequence[int]]] = None, seed: int = 0):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        if conv_norm not in _CONV_NORMS:
+            raise ValueError(f"conv_norm must be one of {_CONV_NORMS}, got {conv_norm!r}")
+        for name, val, lo in (("n_iter", n_iter, 0), ("n_iter_init", n_iter_init, 0), ("start_step", start_step, 0),
+                              ("every", every, 1)):
+            if not isinstance(val, int) or val < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {val!r}")
+        if isinstance(gamma, (int, float)) and (gamma < 0 or not math.isfinite(gamma)):
+            raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
+        self._model = [_unwrap(model)]  # a list: not a submodule (keeps the model out of state_dict)
+        self.conv_norm, self.n_iter, self.n_iter_init = conv_norm, n_iter, n_iter_init
+        self.start_step, self.every, self.auto_step, self.eig_ub = start_step, every, auto_step, eig_ub
+        self.seed = seed
+        self._gamma_arg, self._scope, self._exclude = gamma, scope, tuple(exclude)
+        self.update = True
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+        root = self._model[0]
+        names = {m: n for n, m in root.named_modules()}  # dedupes shared modules: counted once
+        self._candidates: List[Tuple[str, nn.Module]] = []
+        seen_weights = set()
+        for m, n in names.items():
+            if isinstance(m, _SUPPORTED):
+                if any(n == e or n.startswith(e + ".") for e in self._exclude):
+                    continue
+                w = m.weight
+                if isinstance(w, nn.parameter.UninitializedParameter):
+                    warnings.warn(f"SpectralPenalty: skipping {n} ({type(m).__name__}): lazy module not materialized "
+                                  f"yet; construct the penalty after the first forward")
+                    continue
+                if id(w) in seen_weights:  # tied weights
+                    continue
+                seen_weights.add(id(w))
+                self._candidates.append((n, m))
+            elif isinstance(m, _SKIP_WARN):
+                warnings.warn(f"SpectralPenalty: skipping {n or '<root>'} ({type(m).__name__}): its weights are not "
+                              f"regularized")
+        if not self._candidates:
+            raise ValueError("model has no supported layers (Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d)")
+        if not isinstance(scope, str) or scope not in ("hidden", "all"):
+            wanted = [scope] if isinstance(scope, str) else list(scope)
+            for s in wanted:
+                if s not in dict(root.named_modules()):
+                    raise ValueError(f"scope: no module named {s!r} in the model")
+        for e in self._exclude:
+            if e not in dict(root.named_modules()):
+                raise ValueError(f"exclude: no module named {e!r} in the model")
+
+        self._input_shapes: Dict[str, Tuple[int, ...]] = {k: tuple(v) for k, v in (input_shapes or {}).items()}
+        self._order: List[str] = []
+        self._hooks = []
+        self._eig_terms: List[torch.Tensor] = []
+        for n, m in self._candidates:
+            self._hooks.append(m.register_forward_pre_hook(self._make_record_hook(n)))
+        if eig_ub:
+            acts = (nn.GELU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Softplus)
+            for m in names:
+                if isinstance(m, acts):
+                    m.register_forward_hook(self._make_eig_hook(m))
+        self._ready = False
+        self._layers: List[Tuple[str, nn.Module]] = []
+
+    # ------------------------------------------------------------------ discovery
+    def _make_record_hook(self, name):
+        def hook(mod, args):
+            if not args or not isinstance(args[0], torch.Tensor):
+                return
+            if name not in self._order:
+                self._order.append(name)
+            if isinstance(mod, _CONV):
+                shp = tuple(args[0].shape[1:]) if args[0].dim() == mod.weight.dim() else tuple(args[0].shape)
+                old = self._input_shapes.get(name)
+                # several sizes: the largest (its zero-padding norm is the largest)
+                if old is None or math.prod(shp) > math.prod(old):
+                    self._input_shapes[name] = shp
+        return hook
+
+    def _make_eig_hook(self, act):
+        def hook(mod, args, out):
+            if self.training and torch.is_grad_enabled():
+                self._eig_terms.append(_act_slope_sq_max(act, args[0]))
+        return hook
+
+    def _in_scope(self, name: str) -> bool:
+        scope = self._scope
+        if scope in ("hidden", "all"):
+            return True
+        wanted = [scope] if isinstance(scope, str) else list(scope)
+        return any(name == s or name.startswith(s + ".") for s in wanted)
+
+    def _gamma_of(self, name, m) -> float:
+        g = self._gamma_arg
+        if callable(g):
+            val = float(g(name, m))
+        elif isinstance(g, dict):
+            val = float(g.get(name, 0.0))
+        else:
+            val = float(g)
+        if val < 0 or not math.isfinite(val):
+            raise ValueError(f"gamma for {name}: must be a finite number >= 0, got {val}")
+        return val
+
+    def _finalize(self):
+        """Select the layers and create the persistent vectors (first call)."""
+        layers = [(n, m) for n, m in self._candidates if self._in_scope(n)]
+        if self._scope == "hidden":
+            if not self._order:
+                raise RuntimeError("SpectralPenalty(scope='hidden') finds the readout from the forward order: run one "
+                                   "forward pass of the model before the first penalty() call")
+            readout = self._order[-1]
+            layers = [(n, m) for n, m in layers if n != readout]
+        gammas = {n: self._gamma_of(n, m) for n, m in layers}
+        layers = [(n, m) for n, m in layers if gammas[n] > 0]
+        if not layers:
+            raise ValueError(f"scope={self._scope!r} with exclude={self._exclude} and this gamma selects no layer")
+        dev = layers[0][1].weight.device
+        g = torch.Generator().manual_seed(self.seed)
+        self._dense, self._convs = [], []
+        for n, m in layers:
+            if isinstance(m, _CONV) and self.conv_norm != "matrix":
+                if n not in self._input_shapes:
+                    raise RuntimeError(f"input size of {n} is unknown: run one forward pass of the model first, or "
+                                       f"pass input_shapes={{'{n}': (C_in, *spatial)}}")
+                self._convs.append((n, m))
+            else:
+                self._dense.append((n, m))
+        self._layers = self._dense + self._convs
+        dst = _dense.init_power_state([_dense.as_matrix(m.weight.detach()) for _, m in self._dense], generator=g)
+        for i, (n, m) in enumerate(self._dense):
+            self._set_buf(f"u_{i}", dst.us[i].to(dev), n)
+            self._set_buf(f"v_{i}", dst.vs[i].to(dev), n)
+        specs = self._conv_specs()
+        if self.conv_norm == "operator":
+            cst = init_conv_state(specs, generator=g)
+            for i in range(len(specs)):
+                self._set_buf(f"x_{i}", cst.xs[i], self._convs[i][0])
+                self._set_buf(f"y_{i}", cst.ys[i], self._convs[i][0])
+        elif self.conv_norm == "fft":
+            cst = init_circular_state(specs, generator=g)
+            for i in range(len(specs)):
+                self._set_buf(f"x_{i}", cst.xs[i], self._convs[i][0])
+        self.register_buffer("gammas", torch.tensor([gammas[n] for n, _ in self._layers], dtype=torch.float32,
+                                                    device=dev))
+        self.register_buffer("last_sigmas", torch.zeros(len(self._layers), dtype=torch.float32, device=dev))
+        self._ready = True
+        # forward order and conv sizes are known: the discovery hooks are no longer needed
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _set_buf(self, key, value, layer_name):
+        old = self._pending_state.pop(key, None) if hasattr(self, "_pending_state") else None
+        if old is not None:
+            if old.shape != value.shape:
+                raise ValueError(f"state_dict entry {key} for {layer_name} has shape {tuple(old.shape)}, expected "
+                                 f"{tuple(value.shape)}")
+            value = old.to(value.dtype).to(value.device)
+        self.register_buffer(key, value.contiguous())
+
+    def _conv_specs(self) -> List[ConvSpec]:
+        return [ConvSpec.from_module(m, self._input_shapes[n]) for n, m in self._convs]
+
+    # ------------------------------------------------------------------ state
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Vectors are created on the first call; a checkpoint loaded before that is kept
+        # aside and used when they are created.
+        if not self._ready:
+            self._pending_state = {}
+            for k in list(state_dict):
+                if k.startswith(prefix):
+                    key = k[len(prefix):]
+                    if key.split("_")[0] in ("u", "v", "x", "y") or key in ("gammas", "last_sigmas"):
+                        self._pending_state[key] = state_dict[k]
+            shapes = state_dict.get(prefix + "_conv_input_shapes")
+            if shapes is not None:
+                self._input_shapes.update(shapes)
+            state_dict = {k: v for k, v in state_dict.items()
+                          if not (k.startswith(prefix) and k[len(prefix):] in self._pending_state)}
+        state_dict.pop(prefix + "_conv_input_shapes", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def get_extra_state(self):
+        return {"conv_input_shapes": dict(self._input_shapes), "order": list(self._order)}
+
+    def set_extra_state(self, state):
+        self._input_shapes.update({k: tuple(v) for k, v in state.get("conv_input_shapes", {}).items()})
+        if not self._order:
+            self._order = list(state.get("order", []))
+
+    def step(self) -> None:
+        """Advance the schedule counter by one (with ``auto_step=False``)."""
+        self.step_count += 1
+
+    def reset(self) -> None:
+        """Forget the vectors and the step counter; they are re-created on the next call."""
+        for k in list(self._buffers):
+            if k.split("_")[0] in ("u", "v", "x", "y") or k in ("gammas", "last_sigmas"):
+                del self._buffers[k]
+        self.step_count.zero_()
+        self.initialized.fill_(False)
+        self._ready = False
+        self._pending_state = {}
+
+    @property
+    def layer_names(self) -> List[str]:
+        if not self._ready:
+            self._finalize()
+        return [n for n, _ in self._layers]
+
+    # ------------------------------------------------------------------ compute
+    def _sigmas(self, update: bool, n_iter: int) -> torch.Tensor:
+        nd = len(self._dense)
+        parts = []
+        with torch.autocast(device_type=self.gammas.device.type, enabled=False):
+            if nd:
+                state = _dense.PowerState([getattr(self, f"u_{i}") for i in range(nd)],
+                                          [getattr(self, f"v_{i}") for i in range(nd)])
+                ws = [_dense.as_matrix(m.weight) for _, m in self._dense]
+                parts.append(_dense.spectral_norms(ws, state, n_iter=n_iter, update=update,
+                                                   names=[n for n, _ in self._dense]).float())
+            if self._convs:
+                specs = self._conv_specs()
+                names = [n for n, _ in self._convs]
+                nc = len(specs)
+                if self.conv_norm == "operator":
+                    st = ConvState([getattr(self, f"x_{i}") for i in range(nc)],
+                                   [getattr(self, f"y_{i}") for i in range(nc)])
+                    parts.append(conv_operator_norms(specs, st, n_iter=n_iter, update=update, names=names).float())
+                else:
+                    st = CircularState([getattr(self, f"x_{i}") for i in range(nc)])
+                    parts.append(circular_conv_norms(specs, st, n_iter=n_iter, update=update, names=names).float())
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def forward(self, update: Optional[bool] = None) -> torch.Tensor:
+        """The penalty (a differentiable scalar). In training mode (and ``update`` not False)
+        the vectors take ``n_iter`` power steps first; ``penalty.eval()`` or
+        ``update=False`` evaluates at the current vectors."""
+        if not self._ready:
+            with torch.autocast(device_type=self._candidates[0][1].weight.device.type, enabled=False):
+                self._finalize()
+        upd = self.training and self.update if update is None else bool(update)
+        eig = self._eig_terms
+        self._eig_terms = []
+        s = self.step_count - self.start_step
+        active = (s >= 0) & (torch.remainder(s.clamp_min(0), self.every) == 0)
+        if self.training and self.auto_step:
+            self.step_count += 1
+        compiling = torch.compiler.is_compiling()
+        if not compiling and not bool(active):
+            # burn-in / skipped step: no work at all (under torch.compile the mask below
+            # plays this role without a graph break)
+            return self.gammas.new_zeros(())
+        n_iter = self.n_iter
+        if upd and not compiling and not bool(self.initialized):
+            n_iter = max(self.n_iter, self.n_iter_init)
+        sig = self._sigmas(upd, n_iter)
+        if upd:
+            self.initialized.fill_(True)
+        with torch.no_grad():
+            self.last_sigmas.copy_(sig.detach())
+        total = (self.gammas * sig.pow(2)).sum()
+        if self.eig_ub and eig:
+            g = self.gammas.max() if self.gammas.numel() else 0.0
+            total = total + g * torch.stack(eig).sum()
+        return torch.where(active, total, torch.zeros_like(total))
+
+    @torch.no_grad()
+    def sigmas(self) -> Dict[str, float]:
+        """Name -> sigma of the last call (for logging; no computation)."""
+        if not self._ready:
+            self._finalize()
+        return {n: float(v) for (n, _), v in zip(self._layers, self.last_sigmas.tolist())}
+
+    def bounds(self, n_iter: int = 6) -> Dict[str, Tuple[float, float, float]]:
+        """Name -> ``(lower, upper, rel_gap)``: a certified bracket of each layer's norm
+        (see :func:`specreg_fast.bounds.operator_norm_bounds`)."""
+        from .bounds import operator_norm_bounds
+
+        if not self._ready:
+            self._finalize()
+        out = {}
+        for n, m in self._layers:
+            shape = self._input_shapes.get(n) if isinstance(m, _CONV) and self.conv_norm != "matrix" else None
+            out[n] = operator_norm_bounds(m if shape is not None else _dense.as_matrix(m.weight.detach()), shape)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"scope={self._scope!r}, conv_norm={self.conv_norm!r}, n_iter={self.n_iter}, "
+                f"start_step={self.start_step}, every={self.every}, eig_ub={self.eig_ub}")
+
+
+# ---------------------------------------------------------------------- constraint mode
+class SpectralNormalize(nn.Module):
+    """Parametrization ``W -> W / sigma(W)`` with the fast ops: a drop-in for
+    ``torch.nn.utils.parametrizations.spectral_norm`` that, for convs, divides by the true
+    operator norm at ``input_shape`` instead of the reshaped-kernel matrix norm."""
+
+    def __init__(self, module: nn.Module, input_shape: Optional[Sequence[int]] = None, n_iter: int = 1,
+                 n_iter_init: int = 15, seed: int = 0):
+        super().__init__()
+        self.n_iter = n_iter
+        w = module.weight.detach()
+        g = torch.Generator().manual_seed(seed)
+        self.is_conv = isinstance(module, _CONV)
+        if self.is_conv:
+            if input_shape is None:
+                raise ValueError(f"input_shape (C_in, *spatial) is required for a {type(module).__name__}")
+            self._spec_args = ConvSpec.from_module(module, input_shape)
+            st = init_conv_state([self._spec_args], generator=g)
+            self.register_buffer("x", st.xs[0])
+            self.register_buffer("y", st.ys[0])
+            conv_operator_norms([self._spec_args], st, n_iter=n_iter_init)
+        else:
+            st = _dense.init_power_state([_dense.as_matrix(w)], generator=g)
+            self.register_buffer("u", st.us[0])
+            self.register_buffer("v", st.vs[0])
+            _dense.spectral_norms([_dense.as_matrix(w)], st, n_iter=n_iter_init)
+
+    def forward(self, W: torch.Tensor) -> torch.Tensor:
+        upd = self.training
+        if self.is_conv:
+            spec = ConvSpec(**{**self._spec_args.__dict__, "weight": W})
+            s = conv_operator_norms([spec], ConvState([self.x], [self.y]), n_iter=self.n_iter, update=upd)[0]
+        else:
+            s = _dense.spectral_norms([_dense.as_matrix(W)], _dense.PowerState([self.u], [self.v]),
+                                      n_iter=self.n_iter, update=upd)[0]
+        return W / s.to(W.dtype)
+
+
+def spectral_constraint(module: nn.Module, input_shape: Optional[Sequence[int]] = None, n_iter: int = 1,
+                        seed: int = 0) -> nn.Module:
+    """Constrain ``module.weight`` to unit spectral norm (operator norm for convs, at
+    ``input_shape``) by a parametrization; returns the module."""
+    from torch.nn.utils import parametrize
+
+    if not isinstance(module, _SUPPORTED):
+        raise TypeError(f"spectral_constraint supports Linear and (transposed) convs, got {type(module).__name__}")
+    parametrize.register_parametrization(module, "weight", SpectralNormalize(module, input_shape, n_iter, seed=seed))
+    return module
