@@ -7,6 +7,7 @@ operator norm of convolutions), as torch custom ops with custom backwards, for t
 import torch as _torch
 
 from . import conv, fft, ops, reference
+from . import backends  # registers the Triton kernels for CUDA when the extension has none
 from .conv import ConvSpec, ConvState, conv_operator_norm, conv_operator_norms, init_conv_state
 from .fft import CircularState, circular_conv_norms, init_circular_state, to_circular_padding
 from .dense import PowerState, as_matrix, init_power_state, spectral_norm, spectral_norms

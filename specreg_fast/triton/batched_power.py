@@ -172,7 +172,7 @@ def launch_params(m: int, n: int, is_complex: bool) -> dict:
     m_pad = triton.next_power_of_2(max(m, 1))
     n_pad = triton.next_power_of_2(max(n, 1))
     resident = m_pad * n_pad <= RESIDENT_MAX
-    block_m = m_pad if resident else max(1, min(m_pad, CHUNK_ELEMS // n_pad))
+    block_m = m_pad if resident else max(1, min(m_pad, CHUNK_ELEMS // (n_pad * (2 if is_complex else 1))))
     tile = (m_pad if resident else block_m) * n_pad * (2 if is_complex else 1)
     num_warps = 1 if tile <= 512 else 2 if tile <= 2048 else 4 if tile <= 4096 else 8
     return dict(COMPLEX=is_complex, RESIDENT=resident, M_PAD=m_pad, N_PAD=n_pad, BLOCK_M=block_m,
