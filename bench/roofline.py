@@ -8,7 +8,7 @@ predictions of it.
 
 Columns:
   W-once   : bytes of the weights alone (the floor of any single-pass power step)
-  kernel   : W once + the vectors + what our kernels add (per-row-block partials of W^T t,
+  kernel   : (H100 grid) W once + the vectors + what our kernels add (per-row-block partials of W^T t,
              written and read back; t, a, u, v; the table), per power step
   H100/A100: kernel bytes / peak bandwidth, in microseconds (ESTIMATE)
 
@@ -30,7 +30,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BW = {"H100": 3.35e12, "A100": 2.0e12}
 ESIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
-CUDA_ROWS = 32          # kRows in csrc/cuda/power_step_cuda.cu
+SMS = {"H100": 132, "A100": 108}
+
+
+def cuda_rows(layers, sms, esize):
+    # pick_rows_per_tile in csrc/cuda/power_step_cuda.cu: 32, halved while the list has fewer
+    # than 2 tiles per SM and the partials stay <= 12.5% of W's bytes.
+    rows = 32
+    while rows > 8 and sum(-(-m // rows) for m, n in layers if n) < 2 * sms and (rows // 2) * esize >= 64:
+        rows //= 2
+    return rows
+
+
 TRITON_BLOCK_M = 32     # smallest BLOCK_M of specreg_fast/triton/power_step.CONFIGS (largest partials)
 
 DENSE_CASES = [
@@ -93,14 +104,18 @@ def main():
            f"{'A100 us':>8}  (ESTIMATE)")
     print(hdr)
     print("-" * len(hdr))
-    for kernel, rows in (("cuda power_step", CUDA_ROWS), ("triton power_step", TRITON_BLOCK_M)):
+    for kernel in ("cuda power_step", "triton power_step"):
         for name, layers in DENSE_CASES:
             for dt in ("fp32", "bf16"):
-                w, k = dense_step_bytes(layers, ESIZE[dt], rows)
-                print(f"{kernel:<16} {name:<24} {dt:<5} {w / 1e6:>9.2f} {k / 1e6:>9.2f} {us(k, 'H100'):>8.1f} "
-                      f"{us(k, 'A100'):>8.1f}")
+                t = {}
+                for dev in BW:
+                    rows = cuda_rows(layers, SMS[dev], ESIZE[dt]) if kernel.startswith("cuda") else TRITON_BLOCK_M
+                    w, t[dev] = dense_step_bytes(layers, ESIZE[dt], rows)
+                print(f"{kernel:<16} {name:<24} {dt:<5} {w / 1e6:>9.2f} {t['H100'] / 1e6:>9.2f} "
+                      f"{us(t['H100'], 'H100'):>8.1f} {us(t['A100'], 'A100'):>8.1f}")
                 out["dense"].append(dict(kernel=kernel, shapes=name, layers=layers, dtype=dt, w_bytes=w,
-                                         kernel_bytes=k, h100_us=us(k, "H100"), a100_us=us(k, "A100")))
+                                         kernel_bytes_h100=t["H100"], kernel_bytes_a100=t["A100"],
+                                         h100_us=us(t["H100"], "H100"), a100_us=us(t["A100"], "A100")))
     print()
     print("sigma (u^T W v; one read of W): cuda and triton bilinear_rows + sum_tiles")
     for name, layers in DENSE_CASES:

@@ -47,7 +47,8 @@ def _run_both(weights, n_iter, tol=0.0):
     return est, ref, us, vs, ur, vr
 
 
-SHAPES = [[(37, 23)], [(5, 70), (64, 40), (1, 9), (9, 1)], [(24, 24), (33, 17)]]
+# (300, 5): 38 row blocks at the interpreter's BLOCK_M = 8, more than one REDUCE_PARTS step.
+SHAPES = [[(37, 23)], [(5, 70), (64, 40), (1, 9), (9, 1)], [(24, 24), (33, 17), (300, 5)]]
 
 
 @pytest.mark.parametrize("shapes", SHAPES, ids=lambda s: "+".join(f"{m}x{n}" for m, n in s))

@@ -32,10 +32,12 @@ namespace specreg_fast {
 namespace cuda {
 namespace {
 
-constexpr int kRows = 32;       // rows per tile
-constexpr int kThreads = 256;   // 8 warps: 4 rows each in pass 1
+constexpr int kRows = 32;       // most rows per tile (the host may lower it, see pick_rows_per_tile)
+constexpr int kThreads = 256;   // 8 warps: up to 4 rows each in pass 1
 constexpr int kWarps = kThreads / 32;
 constexpr int kReduceThreads = 256;
+constexpr int kReduceCols = 32;  // reduction block: 32 columns x 8 partial-row lanes
+constexpr int kReduceLanes = 8;
 
 struct LayerDesc {
   const void* w;
@@ -43,6 +45,7 @@ struct LayerDesc {
   void* v;
   int64_t m, n, sm, sn;
   int64_t t_off, a_off, p_off, tile0, ntiles;
+  int64_t rows_per_tile;  // the same for every layer of a launch
 };
 
 template <typename T>
@@ -99,8 +102,8 @@ __global__ void __launch_bounds__(kThreads) fused_rows_kernel(const LayerDesc* _
   const int l = tile_layer[blockIdx.x];
   if (flags[l] == 0) return;
   const LayerDesc L = tab[l];
-  const int64_t rb = blockIdx.x - L.tile0, r0 = rb * kRows;
-  const int rows = static_cast<int>(L.m - r0 < kRows ? L.m - r0 : int64_t(kRows));
+  const int64_t rb = blockIdx.x - L.tile0, r0 = rb * L.rows_per_tile;
+  const int rows = static_cast<int>(L.m - r0 < L.rows_per_tile ? L.m - r0 : L.rows_per_tile);
   const auto* W = static_cast<const scalar_t*>(L.w);
   const auto* v = static_cast<const acc_t*>(L.v);
   __shared__ acc_t ts[kRows];
@@ -123,17 +126,29 @@ __global__ void __launch_bounds__(kThreads) fused_rows_kernel(const LayerDesc* _
   }
 }
 
+// a_j = sum over row blocks p of part[p, j]. Block (32 columns) x (8 lanes over p): lane y sums
+// p = y, y+8, ... and the 8 lane sums are added in lane order, so the order is fixed.
 template <typename acc_t>
-__global__ void reduce_partials_kernel(const LayerDesc* __restrict__ tab, const int* __restrict__ flags,
-                                       const acc_t* __restrict__ part, acc_t* __restrict__ a) {
+__global__ void __launch_bounds__(kReduceCols* kReduceLanes)
+    reduce_partials_kernel(const LayerDesc* __restrict__ tab, const int* __restrict__ flags,
+                           const acc_t* __restrict__ part, acc_t* __restrict__ a) {
   const int l = blockIdx.y;
   if (flags[l] == 0) return;
   const LayerDesc L = tab[l];
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x;
-  if (j >= L.n) return;
+  if (static_cast<int64_t>(blockIdx.x) * kReduceCols >= L.n) return;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kReduceCols + threadIdx.x;
+  __shared__ acc_t lane_sum[kReduceLanes][kReduceCols];
   acc_t s = 0;
-  for (int64_t p = 0; p < L.ntiles; ++p) s += part[L.p_off + p * L.n + j];  // fixed order
-  a[L.a_off + j] = s;
+  if (j < L.n)
+    for (int64_t p = threadIdx.y; p < L.ntiles; p += kReduceLanes) s += part[L.p_off + p * L.n + j];
+  lane_sum[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < L.n) {
+    acc_t r = 0;
+#pragma unroll
+    for (int y = 0; y < kReduceLanes; ++y) r += lane_sum[y][threadIdx.x];
+    a[L.a_off + j] = r;
+  }
 }
 
 template <typename acc_t>
@@ -183,8 +198,8 @@ __global__ void __launch_bounds__(kThreads) bilinear_rows_kernel(const LayerDesc
                                                                  acc_t* __restrict__ part) {
   const int l = tile_layer[blockIdx.x];
   const LayerDesc L = tab[l];
-  const int64_t r0 = (blockIdx.x - L.tile0) * kRows;
-  const int rows = static_cast<int>(L.m - r0 < kRows ? L.m - r0 : int64_t(kRows));
+  const int64_t r0 = (blockIdx.x - L.tile0) * L.rows_per_tile;
+  const int rows = static_cast<int>(L.m - r0 < L.rows_per_tile ? L.m - r0 : L.rows_per_tile);
   const auto* W = static_cast<const scalar_t*>(L.w);
   const auto* u = static_cast<const acc_t*>(L.u);
   const auto* v = static_cast<const acc_t*>(L.v);
@@ -246,8 +261,24 @@ struct Plan {
   int64_t L = 0, ntiles = 0, sum_m = 0, sum_n = 0, sum_part = 0, max_n = 0;
 };
 
+// Rows per tile: 32 keeps the fp32 partials written and read back at 8/(32*elem) of W's bytes
+// (6% for fp32 W, 12.5% for bf16). A list too small to give every SM two tiles gets 16 rows,
+// but only while that traffic stays <= 12.5% of W (so fp32/fp64 weights only).
+int64_t pick_rows_per_tile(const std::vector<at::Tensor>& ws) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t esize = ws[0].element_size();
+  int64_t rows = kRows;
+  auto tiles = [&](int64_t r) {
+    int64_t t = 0;
+    for (const auto& W : ws) t += W.size(1) > 0 ? (W.size(0) + r - 1) / r : 0;
+    return t;
+  };
+  while (rows > 8 && tiles(rows) < 2 * sms && (rows / 2) * esize >= 64) rows /= 2;
+  return rows;
+}
+
 Plan make_plan(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& us,
-               const std::vector<at::Tensor>& vs) {
+               const std::vector<at::Tensor>& vs, int64_t rows_per_tile) {
   Plan p;
   p.L = static_cast<int64_t>(ws.size());
   std::vector<LayerDesc> descs(p.L);
@@ -262,7 +293,8 @@ Plan make_plan(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>&
     d.n = W.size(1);
     d.sm = W.stride(0);
     d.sn = W.stride(1);
-    d.ntiles = d.n > 0 ? (d.m + kRows - 1) / kRows : 0;
+    d.rows_per_tile = rows_per_tile;
+    d.ntiles = d.n > 0 ? (d.m + rows_per_tile - 1) / rows_per_tile : 0;
     d.t_off = p.sum_m;
     d.a_off = p.sum_n;
     d.p_off = p.sum_part;
@@ -303,7 +335,7 @@ at::Tensor power_step_group(const std::vector<at::Tensor>& ws, const std::vector
                             const std::vector<at::Tensor>& vs, int64_t n_iter, double tol) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const auto opt = us[0].options();
-  Plan p = make_plan(ws, us, vs);
+  Plan p = make_plan(ws, us, vs, pick_rows_per_tile(ws));
   auto t = at::empty({std::max<int64_t>(p.sum_m, 1)}, opt);
   auto a = at::empty({std::max<int64_t>(p.sum_n, 1)}, opt);
   auto part = at::empty({std::max<int64_t>(p.sum_part, 1)}, opt);
@@ -311,13 +343,14 @@ at::Tensor power_step_group(const std::vector<at::Tensor>& ws, const std::vector
   auto v0 = cat_or_empty(vs, opt);
   auto est = at::zeros({p.L}, opt);
   auto stream = at::cuda::getCurrentCUDAStream();
-  const unsigned col_blocks = static_cast<unsigned>((p.max_n + kReduceThreads - 1) / kReduceThreads);
+  const unsigned col_blocks = static_cast<unsigned>((p.max_n + kReduceCols - 1) / kReduceCols);
   for (int64_t it = 0; it < n_iter; ++it) {
     if (p.ntiles > 0) {
       fused_rows_kernel<scalar_t, acc_t><<<static_cast<unsigned>(p.ntiles), kThreads, 0, stream>>>(
           p.tab, p.tile_layer, p.flags, t.data_ptr<acc_t>(), part.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      reduce_partials_kernel<acc_t><<<dim3(col_blocks, static_cast<unsigned>(p.L)), kReduceThreads, 0, stream>>>(
+      reduce_partials_kernel<acc_t><<<dim3(col_blocks, static_cast<unsigned>(p.L)), dim3(kReduceCols, kReduceLanes), 0,
+                                      stream>>>(
           p.tab, p.flags, part.data_ptr<acc_t>(), a.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -334,7 +367,7 @@ at::Tensor sigma_group(const std::vector<at::Tensor>& ws, const std::vector<at::
                        const std::vector<at::Tensor>& vs) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const auto opt = us[0].options();
-  Plan p = make_plan(ws, us, vs);
+  Plan p = make_plan(ws, us, vs, pick_rows_per_tile(ws));
   auto out = at::zeros({p.L}, opt);
   if (p.ntiles == 0) return out;
   auto part = at::empty({p.ntiles}, opt);
@@ -361,7 +394,8 @@ at::Tensor by_dtype(at::TensorList weights, at::TensorList us, at::TensorList vs
   const auto dev = weights[0].device();
   std::map<at::ScalarType, std::vector<int64_t>> groups;
   for (int64_t l = 0; l < static_cast<int64_t>(weights.size()); ++l) groups[weights[l].scalar_type()].push_back(l);
-  auto out = at::empty({static_cast<int64_t>(weights.size())}, at::TensorOptions().dtype(out_type(weights)).device(dev));
+  const auto odt = out_type(weights);
+  auto out = at::empty({static_cast<int64_t>(weights.size())}, at::TensorOptions().dtype(odt).device(dev));
   for (const auto& [st, idx] : groups) {
     std::vector<at::Tensor> gw, gu, gv;
     for (int64_t l : idx) {
@@ -372,8 +406,10 @@ at::Tensor by_dtype(at::TensorList weights, at::TensorList us, at::TensorList vs
     at::Tensor est;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "specreg_fast_dense_cuda",
                                     [&] { est = fn.template operator()<scalar_t>(gw, gu, gv); });
-    auto index = at::tensor(idx, at::TensorOptions().dtype(at::kLong)).to(dev, /*non_blocking=*/true);
-    out.index_copy_(0, index, est.to(out.scalar_type()));
+    if (groups.size() == 1) return est.to(odt);  // the usual case: one dtype
+    auto host = at::empty({static_cast<int64_t>(idx.size())}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    std::memcpy(host.data_ptr<int64_t>(), idx.data(), sizeof(int64_t) * idx.size());
+    out.index_copy_(0, host.to(dev, /*non_blocking=*/true), est.to(odt));
   }
   return out;
 }

@@ -64,8 +64,8 @@ def variants() -> Iterator[KernelVariant]:
         yield KernelVariant(
             f"reduce_partials[rows_per_part={bm}]", ps._reduce_partials_kernel,
             {"tab_ptr": "*i64", "flags_ptr": "*i32", "part_ptr": "*fp32", "a_ptr": "*fp32", "NF": "constexpr",
-             "ROWS_PER_PART": "constexpr", "BLOCK": "constexpr"},
-            {"NF": nf, "ROWS_PER_PART": bm, "BLOCK": ps.REDUCE_BLOCK}, 4)
+             "ROWS_PER_PART": "constexpr", "BLOCK": "constexpr", "PARTS": "constexpr"},
+            {"NF": nf, "ROWS_PER_PART": bm, "BLOCK": ps.REDUCE_COLS, "PARTS": ps.REDUCE_PARTS}, 4)
     for first in (True, False):
         yield KernelVariant(
             f"finalize[first={first}]", ps._finalize_kernel,

@@ -11,7 +11,8 @@ A step is three launches, none of which synchronizes with the host:
    partial ``W_B^T t_B``. W comes from DRAM once; the second touch of the row block
    (``BLOCK_M`` rows) is served from L1/L2. Partials go to a per-row-block buffer rather
    than atomics, so the sum below has a fixed order and the result is deterministic.
-2. ``_reduce_partials_kernel``: ``a = W^T W v`` = the row-block partials summed in order.
+2. ``_reduce_partials_kernel``: ``a = W^T W v`` = the row-block partials summed in a fixed
+   order (32 columns per program, so a tall layer still gets many programs).
 3. ``_finalize_kernel``: one program per layer: |t|, |a|, then u = t/|t|, v = a/|a| and the
    estimate |a|/|t| (= u^T W v_new), or the op's conventions: zero W keeps the vectors with
    estimate 0; a non-finite |t| or |a| restores the vectors saved at the start of the call
@@ -51,7 +52,9 @@ CONFIGS: List[Dict[str, int]] = [
 ]
 # Under TRITON_INTERPRET=1 (CPU) block sizes only cost time: use small ones.
 INTERPRET_CONFIG = dict(BLOCK_M=8, BLOCK_N=16, num_warps=1, num_stages=1)
-REDUCE_BLOCK = 256
+REDUCE_BLOCK = 256  # finalize: vector chunk
+REDUCE_COLS = 32    # reduce_partials: columns per program
+REDUCE_PARTS = 32   # reduce_partials: row-block partials per loop step
 FLT_MAX = 3.4028234663852886e38
 
 
@@ -95,7 +98,10 @@ def _fused_rows_kernel(tab_ptr, tile_layer_ptr, flags_ptr, t_ptr, part_ptr, W_DT
 
 @triton.jit
 def _reduce_partials_kernel(tab_ptr, flags_ptr, part_ptr, a_ptr, NF: tl.constexpr, ROWS_PER_PART: tl.constexpr,
-                            BLOCK: tl.constexpr):
+                            BLOCK: tl.constexpr, PARTS: tl.constexpr):
+    # a_j = sum over row blocks p of part[p, j]: a [PARTS, BLOCK] tile accumulated over the
+    # row blocks, then summed over axis 0 (fixed order: deterministic). Many programs per
+    # layer (BLOCK columns each) so that a tall layer's reduction is not a few long loops.
     layer = tl.program_id(0)
     cb = tl.program_id(1)
     row = tab_ptr + layer * NF
@@ -108,10 +114,13 @@ def _reduce_partials_kernel(tab_ptr, flags_ptr, part_ptr, a_ptr, NF: tl.constexp
         nparts = (m + ROWS_PER_PART - 1) // ROWS_PER_PART
         cols = cb * BLOCK + tl.arange(0, BLOCK)
         cmask = cols < n
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for p in range(0, nparts):
-            acc += tl.load(part_ptr + p_off + p * n + cols, mask=cmask, other=0.0)
-        tl.store(a_ptr + a_off + cols, acc, mask=cmask)
+        pr = tl.arange(0, PARTS)
+        acc = tl.zeros([PARTS, BLOCK], dtype=tl.float32)
+        for p0 in range(0, nparts, PARTS):
+            pp = p0 + pr
+            acc += tl.load(part_ptr + p_off + pp[:, None] * n + cols[None, :],
+                           mask=(pp < nparts)[:, None] & cmask[None, :], other=0.0)
+        tl.store(a_ptr + a_off + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -299,9 +308,9 @@ class _Plan:
     def step(self, est, u0, v0, tol, first):
         self.phase1()
         if self.max_n > 0:
-            _reduce_partials_kernel[(self.L, triton.cdiv(self.max_n, REDUCE_BLOCK))](
+            _reduce_partials_kernel[(self.L, triton.cdiv(self.max_n, REDUCE_COLS))](
                 self.tab, self.flags, self.part, self.a, NF=_NF, ROWS_PER_PART=self.cfg["BLOCK_M"],
-                BLOCK=REDUCE_BLOCK, num_warps=4)
+                BLOCK=REDUCE_COLS, PARTS=REDUCE_PARTS, num_warps=4)
         _finalize_kernel[(self.L,)](self.tab, self.flags, est, self.t, self.a, u0, v0, float(tol), NF=_NF,
                                     FIRST=first, BLOCK=REDUCE_BLOCK, FMAX=FLT_MAX, num_warps=4)
 
