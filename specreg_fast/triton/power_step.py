@@ -25,6 +25,7 @@ layer sends them to the reference kernel.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -78,22 +79,33 @@ def _fused_rows_kernel(tab_ptr, tile_layer_ptr, flags_ptr, t_ptr, part_ptr, W_DT
         rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < m
         cols0 = tl.arange(0, BLOCK_N)
-        t = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for c0 in range(0, n, BLOCK_N):
-            cols = c0 + cols0
-            cmask = cols < n
-            wt = tl.load(w + rows[:, None] * sm + cols[None, :] * sn, mask=rmask[:, None] & cmask[None, :],
+        if n <= BLOCK_N:
+            # Narrow layer: the row block is one tile, held in registers for both products.
+            cmask = cols0 < n
+            wt = tl.load(w + rows[:, None] * sm + cols0[None, :] * sn, mask=rmask[:, None] & cmask[None, :],
                          other=0.0).to(tl.float32)
-            vv = tl.load(v + cols, mask=cmask, other=0.0)
-            t += tl.sum(wt * vv[None, :], axis=1)
-        tl.store(t_ptr + t_off + rows, t, mask=rmask)
-        for c0 in range(0, n, BLOCK_N):
-            cols = c0 + cols0
-            cmask = cols < n
-            wt = tl.load(w + rows[:, None] * sm + cols[None, :] * sn, mask=rmask[:, None] & cmask[None, :],
-                         other=0.0).to(tl.float32)
-            a = tl.sum(wt * t[:, None], axis=0)
-            tl.store(part_ptr + p_off + rb * n + cols, a, mask=cmask)
+            vv = tl.load(v + cols0, mask=cmask, other=0.0)
+            t = tl.sum(wt * vv[None, :], axis=1)
+            tl.store(t_ptr + t_off + rows, t, mask=rmask)
+            tl.store(part_ptr + p_off + rb * n + cols0, tl.sum(wt * t[:, None], axis=0), mask=cmask)
+        else:
+            t = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for c0 in range(0, n, BLOCK_N):
+                cols = c0 + cols0
+                cmask = cols < n
+                wt = tl.load(w + rows[:, None] * sm + cols[None, :] * sn, mask=rmask[:, None] & cmask[None, :],
+                             other=0.0).to(tl.float32)
+                vv = tl.load(v + cols, mask=cmask, other=0.0)
+                t += tl.sum(wt * vv[None, :], axis=1)
+            tl.store(t_ptr + t_off + rows, t, mask=rmask)
+            # Second touch of the row block (BLOCK_M rows, just read): from L1/L2, not DRAM.
+            for c0 in range(0, n, BLOCK_N):
+                cols = c0 + cols0
+                cmask = cols < n
+                wt = tl.load(w + rows[:, None] * sm + cols[None, :] * sn, mask=rmask[:, None] & cmask[None, :],
+                             other=0.0).to(tl.float32)
+                a = tl.sum(wt * t[:, None], axis=0)
+                tl.store(part_ptr + p_off + rb * n + cols, a, mask=cmask)
 
 
 @triton.jit
@@ -262,12 +274,18 @@ def _autotune(weights: Sequence[torch.Tensor]) -> Dict[str, int]:
     return best
 
 
+# Device copies of the (immutable) table, tile map, tile counts and initial flags, keyed by
+# the table's integers: the same pointers, shapes and strides give the same table, so a
+# training loop uploads it once. Bounded; holds no reference to the tensors themselves.
+_TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
+_TABLES_MAX = 16
+
+
 class _Plan:
     """Packed table, tile map and work buffers of one dtype group for one config."""
 
     def __init__(self, weights, us, vs, cfg):
         self.cfg = cfg
-        self.weights = weights
         dev = weights[0].device
         bm = cfg["BLOCK_M"]
         rows: List[int] = []
@@ -287,11 +305,21 @@ class _Plan:
         self.L = len(weights)
         self.ntiles = len(tile_layer)
         self.max_n = max((w.shape[1] for w in weights), default=0)
-        self.tab = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
-        self.tile_layer = torch.tensor(tile_layer or [0], dtype=torch.int32).to(dev, non_blocking=True)
-        self.tile_count = torch.tensor(tile_count, dtype=torch.int32).to(dev, non_blocking=True)
-        self.flags = torch.tensor([int(w.shape[0] > 0 and w.shape[1] > 0) for w in weights],
-                                  dtype=torch.int32).to(dev, non_blocking=True)
+        key = (str(dev), bm, tuple(rows))
+        cached = _TABLES.get(key)
+        if cached is None:
+            flags0 = [int(w.shape[0] > 0 and w.shape[1] > 0) for w in weights]
+            cached = (torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True),
+                      torch.tensor(tile_layer or [0], dtype=torch.int32).to(dev, non_blocking=True),
+                      torch.tensor(tile_count, dtype=torch.int32).to(dev, non_blocking=True),
+                      torch.tensor(flags0, dtype=torch.int32).to(dev, non_blocking=True))
+            _TABLES[key] = cached
+            if len(_TABLES) > _TABLES_MAX:
+                _TABLES.popitem(last=False)
+        else:
+            _TABLES.move_to_end(key)
+        self.tab, self.tile_layer, self.tile_count, flags0 = cached
+        self.flags = flags0.clone()  # switched off per layer on device as layers stop
         self.t = torch.zeros(max(t_off, 1), dtype=torch.float32, device=dev)
         self.a = torch.zeros(max(a_off, 1), dtype=torch.float32, device=dev)
         self.part = torch.empty(max(p_off, 1), dtype=torch.float32, device=dev)
