@@ -155,3 +155,27 @@ def test_gpu_backends_match_reference(backend, dtype):
     got = backends.power_step_(weights, st_a.us, st_a.vs, 4, 0.0, backend=backend)
     ref = backends.power_step_(weights, st_b.us, st_b.vs, 4, 0.0, backend="reference")
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_gpu_dense_ops_opcheck():
+    weights = [torch.randn(64, 48, device="cuda"), torch.randn(33, 70, device="cuda").bfloat16()]
+    st = specreg_fast.init_power_state(weights)
+    torch.library.opcheck(torch.ops.specreg_fast.sigma.default, (weights, st.us, st.vs))
+    torch.library.opcheck(torch.ops.specreg_fast.power_step_.default, (weights, st.us, st.vs, 2, 0.0),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("m,n", [(64, 64), (128, 256), (512, 1024)])
+def test_gpu_batched_power_matches_reference(m, n):
+    pytest.importorskip("triton")
+    from specreg_fast.triton.batched_power import batched_power_iteration, batched_power_reference
+
+    P = torch.randn(8, m, n, dtype=torch.complex64, device="cuda")
+    v = torch.randn(8, n, dtype=torch.complex64, device="cuda")
+    v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    u = torch.zeros(8, m, dtype=torch.complex64, device="cuda")
+    s_ref, u_ref, v_ref = batched_power_reference(P, u, v, 10)
+    s, _, _ = batched_power_iteration(P, u.clone(), v.clone(), 10)
+    torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-5)
