@@ -179,3 +179,118 @@ def test_gpu_batched_power_matches_reference(m, n):
     s_ref, u_ref, v_ref = batched_power_reference(P, u, v, 10)
     s, _, _ = batched_power_iteration(P, u.clone(), v.clone(), 10)
     torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- CUDA device code, emulated
+# The kernels of csrc/cuda/power_step_kernels.cuh compiled as host C++ (scripts/cuda_emulate/:
+# one std::thread per CUDA thread, barriers for __syncthreads and warp shuffles) and run with
+# the table and launch sequence of power_step_cuda.cu. What this checks: the device code's
+# indexing, vectorized/strided loads, warp and block reductions, the partial-sum layout and
+# the finalize conventions. What it cannot: the ATen glue of power_step_cuda.cu (allocation,
+# pinned upload, stream), timing, and anything specific to real GPU memory ordering.
+_EMU_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+@pytest.fixture(scope="module")
+def cuda_emulator(tmp_path_factory):
+    import ctypes
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    out = tmp_path_factory.mktemp("cuda_emu") / "emu.so"
+    tinc = os.path.join(os.path.dirname(torch.__file__), "include")
+    src = os.path.join(ROOT, "scripts", "cuda_emulate", "emulate_power_step.cpp")
+    r = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-I", os.path.join(ROOT, "csrc"),
+                        "-I", os.path.join(ROOT, "scripts", "cuda_emulate"), "-I", tinc, src, "-o", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return ctypes.CDLL(str(out))
+
+
+def _emu_args(weights, us, vs):
+    import ctypes
+
+    L = len(weights)
+    dims = torch.tensor([[w.shape[0], w.shape[1], w.stride(0), w.stride(1)] for w in weights] or [[0, 0, 0, 0]],
+                        dtype=torch.int64).flatten()
+    P = ctypes.c_void_p * max(L, 1)
+    return (dims, ctypes.c_void_p(dims.data_ptr()), P(*[w.data_ptr() for w in weights]),
+            P(*[u.data_ptr() for u in us]), P(*[v.data_ptr() for v in vs]))
+
+
+def _emu_power_step(lib, weights, us, vs, n_iter, tol, sms):
+    import ctypes
+
+    est = torch.zeros(len(weights), dtype=us[0].dtype)
+    keep, *args = _emu_args(weights, us, vs)
+    rc = lib.emu_power_step(_EMU_CODES[weights[0].dtype], len(weights), *args, ctypes.c_int64(n_iter),
+                            ctypes.c_double(tol), ctypes.c_int64(sms), ctypes.c_void_p(est.data_ptr()))
+    assert rc == 0
+    return est
+
+
+def _emu_sigma(lib, weights, us, vs, sms):
+    import ctypes
+
+    out = torch.zeros(len(weights), dtype=us[0].dtype)
+    keep, *args = _emu_args(weights, us, vs)
+    assert lib.emu_sigma(_EMU_CODES[weights[0].dtype], len(weights), *args, ctypes.c_int64(sms),
+                         ctypes.c_void_p(out.data_ptr())) == 0
+    return out
+
+
+def _fresh(weights, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    us, vs = [], []
+    for W in weights:
+        acc = ops._acc_dtype(W.dtype)
+        v = torch.randn(W.shape[1], generator=g, dtype=acc)
+        us.append(torch.zeros(W.shape[0], dtype=acc))
+        vs.append(v / v.norm() if W.shape[1] else v)
+    return us, vs
+
+
+def _emu_case(dtype):
+    g = torch.Generator().manual_seed(5)
+    mk = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    return [mk(70, 45),            # 3 tiles at 32 rows, n not a multiple of the vector width
+            mk(30, 100).t(),       # transposed view: strided (scalar) loads
+            mk(9, 34)[:, 1:],      # rows not 16-byte aligned: scalar path
+            mk(40, 64)]            # contiguous, vectorized
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sms", [1, 64], ids=["rows32", "rows16_if_fp32"])
+def test_emulated_cuda_power_step_matches_reference(cuda_emulator, dtype, sms):
+    weights = _emu_case(dtype)
+    us, vs = _fresh(weights)
+    ur, vr = [u.clone() for u in us], [v.clone() for v in vs]
+    est = _emu_power_step(cuda_emulator, weights, us, vs, 3, 0.0, sms)
+    ref = ops._power_step_reference(weights, ur, vr, 3, 0.0)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-5)
+    torch.testing.assert_close(est, ref.to(est.dtype), **tol)
+    for a, b in zip(us + vs, ur + vr):
+        torch.testing.assert_close(a, b, **(dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64
+                                            else dict(rtol=1e-4, atol=1e-5)))
+    uu = [torch.randn(W.shape[0], dtype=us[0].dtype) for W in weights]
+    torch.testing.assert_close(_emu_sigma(cuda_emulator, weights, uu, vs, sms),
+                               ops._sigma_reference(weights, uu, vs).to(us[0].dtype), **tol)
+
+
+def test_emulated_cuda_zero_nonfinite_empty_and_tol(cuda_emulator):
+    bad = torch.randn(6, 5)
+    bad[2, 3] = float("nan")
+    weights = [torch.zeros(7, 4), bad, torch.randn(40, 6), torch.randn(0, 3), torch.randn(3, 0),
+               torch.diag(torch.tensor([3.0, 1.0, 0.5]))]
+    us, vs = _fresh(weights)
+    u_before, v_before = [u.clone() for u in us], [v.clone() for v in vs]
+    ur, vr = [u.clone() for u in us], [v.clone() for v in vs]
+    est = _emu_power_step(cuda_emulator, weights, us, vs, 40, 1e-3, 1)
+    ref = ops._power_step_reference(weights, ur, vr, 40, 1e-3)
+    torch.testing.assert_close(est, ref, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert est[0] == 0 and torch.isnan(est[1])
+    for l in (0, 1):
+        assert torch.equal(us[l], u_before[l]) and torch.equal(vs[l], v_before[l])
+    for a, b in zip(us + vs, ur + vr):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) bilinear_rows_kernel(const LayerDesc
   acc_t s = 0;
   for (int r = warp; r < rows; r += kWarps) {
     const acc_t d = row_dot<scalar_t, acc_t>(W + (r0 + r) * L.sm, L.n, L.sn, v, lane);
-    s += d * u[r0 + r];
+    if (lane == 0) s += d * u[r0 + r];  // every lane holds d: count it once
   }
   s = block_sum(s);
   if (threadIdx.x == 0) part[blockIdx.x] = s;
