@@ -205,3 +205,20 @@ def test_spectral_norms_backend_triton_matches_reference():
     got = specreg_fast.spectral_norms(weights[:1], fresh(), tol=1e-4, max_iter=30, backend="triton")
     ref = specreg_fast.spectral_norms(weights[:1], fresh(), tol=1e-4, max_iter=30, backend="reference")
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_every_gpu_config_matches_reference():
+    # The GPU launch configs (not only the interpreter's small one), on shapes that take both
+    # the narrow (n <= BLOCK_N) and the chunked column paths and several row blocks.
+    ps, _ = _tk()
+    weights = [torch.randn(70, 300), torch.randn(130, 40), torch.randn(20, 64).t()]
+    for cfg in ps.CONFIGS:
+        us, vs = _state(weights)
+        ur, vr = [u.clone() for u in us], [v.clone() for v in vs]
+        est = ps.power_step_(weights, us, vs, 2, 0.0, config=cfg)
+        ref = ops._power_step_reference(weights, ur, vr, 2, 0.0)
+        torch.testing.assert_close(est, ref, rtol=2e-5, atol=1e-5, msg=lambda m: f"{cfg}: {m}")
+        for a, b in zip(us + vs, ur + vr):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ps.sigma(weights, us, vs, config=cfg), ops._sigma_reference(weights, us, vs),
+                                   rtol=1e-5, atol=1e-5)

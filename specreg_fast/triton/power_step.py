@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -372,9 +372,10 @@ def _groups(weights) -> Dict[torch.dtype, List[int]]:
 
 
 def power_step_(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor], n_iter: int,
-                tol: float) -> torch.Tensor:
+                tol: float, config: Optional[Dict[str, int]] = None) -> torch.Tensor:
     """``specreg_fast::power_step_`` with the Triton kernels (float32/bfloat16/float16
-    weights): one grouped launch sequence per weight dtype present in the list."""
+    weights): one grouped launch sequence per weight dtype present in the list. ``config``
+    (one of CONFIGS) overrides the tuned choice (tests run every config)."""
     _check(weights, us, vs, "specreg_fast::power_step_")
     if n_iter < 0:
         raise ValueError(f"specreg_fast::power_step_: n_iter must be >= 0, got {n_iter}")
@@ -383,14 +384,14 @@ def power_step_(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[to
     if not weights:
         return torch.zeros(0, dtype=torch.float32)
     if n_iter == 0:
-        return sigma(weights, us, vs)
+        return sigma(weights, us, vs, config)
     dev = weights[0].device
     out = torch.zeros(len(weights), dtype=torch.float32, device=dev)
     for idx in _groups(weights).values():
         ws = [weights[i] for i in idx]
         gu = [us[i] for i in idx]
         gv = [vs[i] for i in idx]
-        plan = _Plan(ws, gu, gv, pick_config(ws))
+        plan = _Plan(ws, gu, gv, config or pick_config(ws))
         # Start-of-call copies, packed like the t / a work buffers, for the roll-back.
         u0 = torch.cat(gu + [plan.t.new_zeros(plan.t.numel() - sum(u.numel() for u in gu))])
         v0 = torch.cat(gv + [plan.a.new_zeros(plan.a.numel() - sum(v.numel() for v in gv))])
@@ -401,7 +402,8 @@ def power_step_(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[to
     return out
 
 
-def sigma(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor]) -> torch.Tensor:
+def sigma(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor],
+          config: Optional[Dict[str, int]] = None) -> torch.Tensor:
     """``specreg_fast::sigma`` (u^T W v per layer) with the Triton kernels, float32 out;
     deterministic (row-block partials summed in order)."""
     _check(weights, us, vs, "specreg_fast::sigma")
@@ -411,7 +413,7 @@ def sigma(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Te
     out = torch.zeros(len(weights), dtype=torch.float32, device=dev)
     for idx in _groups(weights).values():
         ws = [weights[i] for i in idx]
-        cfg = pick_config(ws)
+        cfg = config or pick_config(ws)
         plan = _Plan(ws, [us[i] for i in idx], [vs[i] for i in idx], cfg)
         res = torch.zeros(len(idx), dtype=torch.float32, device=dev)
         if plan.ntiles:
