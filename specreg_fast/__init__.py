@@ -7,7 +7,6 @@ operator norm of convolutions), as torch custom ops with custom backwards, for t
 import torch as _torch
 
 from . import conv, fft, ops, reference
-from . import backends  # registers the Triton kernels for CUDA when the extension has none
 from .conv import ConvSpec, ConvState, conv_operator_norm, conv_operator_norms, init_conv_state
 from .fft import CircularState, circular_conv_norms, init_circular_state, to_circular_padding
 from .dense import PowerState, as_matrix, init_power_state, spectral_norm, spectral_norms
@@ -22,6 +21,7 @@ def _has_kernel(op: str, key: str) -> bool:
 
 #: True when the compiled library registered CUDA kernels (built with FORCE_CUDA=1 or on a GPU machine).
 HAS_CUDA_EXT = HAS_CPP_EXT and _has_kernel("power_step_", "CUDA")
+from .triton import autoregister as _triton_autoregister  # noqa: E402,F401  (Triton = CUDA kernel if none built)
 
 __all__ = [
     "CircularState",

@@ -13,10 +13,10 @@ kernel that runs the no-grad power iteration:
     - CPU tensors: ``cpp`` if the extension is built, else ``reference``;
     - other devices: ``reference``.
 
-The same order is what ``torch.ops.specreg_fast.power_step_`` dispatches to: on import, when
-CUDA is available and the extension has no CUDA kernel, the Triton kernels are registered for
-the CUDA dispatch key (:func:`specreg_fast.triton.register`); the reference sits under
-CompositeExplicitAutograd for everything else.
+The same order is what ``torch.ops.specreg_fast.power_step_`` dispatches to: on
+``import specreg_fast``, when CUDA is available and the extension has no CUDA kernel, the
+Triton kernels are registered for the CUDA dispatch key (:func:`register_triton_for_cuda`);
+the reference sits under CompositeExplicitAutograd for everything else.
 
 An explicitly requested backend that cannot run raises ``ValueError`` (no silent fallback).
 """
@@ -30,7 +30,7 @@ import torch
 
 from . import ops
 
-__all__ = ["BACKENDS", "available", "resolve", "power_step_", "sigma", "has_triton"]
+__all__ = ["BACKENDS", "available", "resolve", "power_step_", "sigma", "has_triton", "register_triton_for_cuda"]
 
 BACKENDS = ("auto", "cpp", "cuda", "triton", "reference")
 
@@ -128,12 +128,13 @@ def sigma(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Te
         return ops.sigma(weights, us, vs)
 
 
-def _register_triton_for_cuda() -> None:
-    # Only where CUDA tensors can exist; importing triton costs time on CPU-only machines.
-    if torch.cuda.is_available() and not _has_kernel("power_step_", "CUDA") and has_triton():
+def register_triton_for_cuda() -> List[str]:
+    """Make the Triton kernels the CUDA implementation of the dense ops when the extension
+    registered none; runs once on ``import specreg_fast`` (after ``HAS_CUDA_EXT`` is set, so
+    that flag keeps meaning "the compiled extension has CUDA kernels"). Only where CUDA
+    tensors can exist: importing triton costs time on CPU-only machines."""
+    if torch.cuda.is_available() and has_triton():
         from .triton import register
 
-        register()
-
-
-_register_triton_for_cuda()
+        return register()
+    return []
