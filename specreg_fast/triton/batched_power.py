@@ -63,8 +63,11 @@ def _cmatvec_h(pr, pi, tr, ti, COMPLEX: tl.constexpr):
 def _batched_power_kernel(p_ptr, u_ptr, v_ptr, t_ptr, sigma_ptr, m, n, n_iter, s_pb, s_pm, s_pn,
                           COMPLEX: tl.constexpr, RESIDENT: tl.constexpr, M_PAD: tl.constexpr,
                           N_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
-    # Strides are in float32 units; a complex element is (re, im) at offsets (0, 1).
-    # u, v, t are contiguous (B, m[, 2]) / (B, n[, 2]).
+    # p_ptr:     fp32 P, (B, m, n) or its view_as_real (B, m, n, 2); strides s_p* in float32 units
+    # u_ptr:     fp32 (B, m[, 2]) left vectors, in/out;  v_ptr: fp32 (B, n[, 2]) right vectors, in/out
+    # t_ptr:     fp32 (B, m[, 2]) scratch for P v (chunked form only)
+    # sigma_ptr: fp32 (B,) |P v| at the final v
+    # A complex element is (re, im) at offsets (0, 1).
     b = tl.program_id(0).to(tl.int64)
     C: tl.constexpr = 2 if COMPLEX else 1
     cols = tl.arange(0, N_PAD)

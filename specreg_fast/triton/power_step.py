@@ -62,6 +62,11 @@ FLT_MAX = 3.4028234663852886e38
 @triton.jit
 def _fused_rows_kernel(tab_ptr, tile_layer_ptr, flags_ptr, t_ptr, part_ptr, W_DTYPE: tl.constexpr,
                        NF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # tab_ptr:        int64 [L, NF] layer table (w, m, n, stride_m, stride_n, u, v, t_off, a_off, p_off, tile0)
+    # tile_layer_ptr: int32 [ntiles] layer of each program's row block
+    # flags_ptr:      int32 [L] 1 while the layer still iterates
+    # t_ptr:          fp32 [sum m] W v, packed by t_off
+    # part_ptr:       fp32 [sum ntiles_l * n_l] per-row-block W_B^T t_B, packed by p_off
     pid = tl.program_id(0)
     layer = tl.load(tile_layer_ptr + pid)
     row = tab_ptr + layer * NF
