@@ -34,11 +34,18 @@ $(EDIT): $(DEPS) pyproject.toml setup.py
 build: $(EDIT)
 	$(VPY) setup.py -q build_ext --inplace
 
+# The Triton-interpreter tests need TRITON_INTERPRET=1 before triton is imported, which
+# changes what @triton.jit returns (so no AOT compilation in that process): they run in a
+# pytest process of their own, and the main run leaves them out.
+TRITON_INTERP_TESTS := python_tests/test_triton_interpret.py
+
 test: build
-	$(VPY) -m pytest python_tests -m "not slow" $(PYTEST_ARGS)
+	$(VPY) -m pytest python_tests -m "not slow" --ignore=$(TRITON_INTERP_TESTS) $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(VPY) -m pytest $(TRITON_INTERP_TESTS) -m "not slow" $(PYTEST_ARGS)
 
 test-all: build
-	$(VPY) -m pytest python_tests $(PYTEST_ARGS)
+	$(VPY) -m pytest python_tests --ignore=$(TRITON_INTERP_TESTS) $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(VPY) -m pytest $(TRITON_INTERP_TESTS) $(PYTEST_ARGS)
 
 demo: build
 	$(VENV)/bin/specreg-fast demo

@@ -22,6 +22,7 @@ def _has_kernel(op: str, key: str) -> bool:
 
 #: True when the compiled library registered CUDA kernels (built with FORCE_CUDA=1 or on a GPU machine).
 HAS_CUDA_EXT = HAS_CPP_EXT and _has_kernel("power_step_", "CUDA")
+from .triton import autoregister as _triton_autoregister  # noqa: E402,F401  (Triton = CUDA kernel if none built)
 
 __all__ = [
     "CircularState",

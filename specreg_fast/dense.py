@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import ops
+from . import backends, ops
 
 __all__ = ["PowerState", "init_power_state", "spectral_norms", "spectral_norm", "as_matrix"]
 
@@ -81,7 +81,7 @@ def _validate(weights: Sequence[torch.Tensor], state: PowerState, names: Optiona
 
 def spectral_norms(weights: Sequence[torch.Tensor], state: PowerState, n_iter: int = 1, tol: Optional[float] = None,
                    max_iter: Optional[int] = None, *, update: bool = True,
-                   names: Optional[Sequence[str]] = None) -> torch.Tensor:
+                   names: Optional[Sequence[str]] = None, backend: str = "auto") -> torch.Tensor:
     """sigma_max estimates of every 2-D weight in ``weights``, differentiable.
 
     Runs ``n_iter`` power steps (or, with ``tol``, until each layer's estimate changes by at
@@ -90,6 +90,10 @@ def spectral_norms(weights: Sequence[torch.Tensor], state: PowerState, n_iter: i
     tensor (float32; float64 if any weight is float64). The gradient w.r.t. ``W_l`` is
     ``u_l v_l^T``: exact for the bilinear form, and d sigma_max/dW once converged.
     ``update=False`` evaluates at the current vectors without moving them.
+
+    ``backend`` picks the power-step kernel: ``"auto"`` | ``"cpp"`` | ``"cuda"`` | ``"triton"``
+    | ``"reference"`` (order and meaning: ``specreg_fast.backends``); the differentiable
+    ``sigma`` at the end always goes through the dispatcher.
 
     Invalid input raises before anything is modified.
     """
@@ -101,10 +105,12 @@ def spectral_norms(weights: Sequence[torch.Tensor], state: PowerState, n_iter: i
     if max_iter is not None and max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     _validate(weights, state, names)
+    backends.resolve(backend, weights[0].device if weights else torch.device("cpu"))  # bad name: raise now
     if update:
         steps = n_iter if tol is None else (max_iter if max_iter is not None else 100)
         with torch.no_grad():
-            ops.power_step_([W.detach() for W in weights], state.us, state.vs, steps, 0.0 if tol is None else tol)
+            backends.power_step_([W.detach() for W in weights], state.us, state.vs, steps,
+                                 0.0 if tol is None else tol, backend=backend)
     return ops.sigma(weights, state.us, state.vs)
 
 

@@ -1,0 +1,67 @@
+"""Triton backend of the dense ops (and the batched power iteration for the Fourier norms).
+
+Modules: ``power_step`` (grouped dense power step and sigma), ``batched_power`` (power
+iteration on a B x m x n stack, real or complex), ``aot`` (ahead-of-time compilation of every
+kernel config, used by the tests and ``bench/triton_resource_usage.py``).
+
+:func:`register` installs the Triton kernels as the CUDA implementation of
+``specreg_fast::power_step_`` and ``specreg_fast::sigma`` when the compiled extension did not
+register CUDA kernels of its own (the CUDA C++ kernels win when both exist).
+``specreg_fast.backends`` calls it on import when CUDA is available.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+_REGISTERED: List[str] = []
+
+
+def _power_step_cuda(weights, us, vs, n_iter, tol):
+    from . import power_step as ps
+    from .. import ops
+
+    if any(w.dtype == torch.float64 for w in weights):
+        # fp64 has no Triton kernel: the float64 layers take the reference, the rest Triton.
+        return _split_fp64(weights, us, vs, lambda w, u, v: ps.power_step_(w, u, v, n_iter, tol),
+                           lambda w, u, v: ops._power_step_reference(w, u, v, n_iter, tol))
+    return ps.power_step_(list(weights), list(us), list(vs), n_iter, tol)
+
+
+def _sigma_cuda(weights, us, vs):
+    from . import power_step as ps
+    from .. import ops
+
+    if any(w.dtype == torch.float64 for w in weights):
+        return _split_fp64(weights, us, vs, ps.sigma, ops._sigma_reference)
+    return ps.sigma(list(weights), list(us), list(vs))
+
+
+def _split_fp64(weights, us, vs, fast, ref):
+    lo = [i for i, w in enumerate(weights) if w.dtype != torch.float64]
+    hi = [i for i, w in enumerate(weights) if w.dtype == torch.float64]
+    out = torch.empty(len(weights), dtype=torch.float64, device=weights[0].device)
+    for idx, fn in ((lo, fast), (hi, ref)):
+        if idx:
+            out[idx] = fn([weights[i] for i in idx], [us[i] for i in idx], [vs[i] for i in idx]).to(torch.float64)
+    return out
+
+
+def has_cuda_kernel(op: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"specreg_fast::{op}", "CUDA")
+
+
+def register() -> List[str]:
+    """Register the Triton kernels for the CUDA dispatch key of each dense op that has no
+    CUDA kernel yet. Returns the ops registered (by this or an earlier call)."""
+    for op, fn in (("power_step_", _power_step_cuda), ("sigma", _sigma_cuda)):
+        if op in _REGISTERED or has_cuda_kernel(op):
+            continue
+        torch.library.register_kernel(f"specreg_fast::{op}", "cuda", fn)
+        _REGISTERED.append(op)
+    return list(_REGISTERED)
+
+
+def registered() -> List[str]:
+    return list(_REGISTERED)
