@@ -13,10 +13,12 @@ without changing the signatures.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from math import nan
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import reference as ref
 from .reference import ConvSpec
@@ -78,26 +80,113 @@ def _validate(specs: Sequence[ConvSpec], state: ConvState, names=None) -> None:
             raise ValueError(f"{name}: state x/y must be on {spec.weight.device}")
 
 
+class _Geometry:
+    """How to apply one conv layer's map, its adjoint and its weight-gradient with plain
+    conv calls: non-zero padding modes (and 'same') become an explicit pad followed by an
+    unpadded conv, whose adjoint is the conv's input-gradient followed by the pad's adjoint."""
+
+    def __init__(self, spec: ConvSpec):
+        self.spec = spec
+        d = self.d = spec.ndim
+        self.conv = [F.conv1d, F.conv2d, F.conv3d][d - 1]
+        self.convt = [F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d][d - 1]
+        self.pre_pad = None
+        self.conv_pad = spec.padding
+        if not spec.transposed and (spec.padding_mode != "zeros" or isinstance(spec.padding, str)):
+            rp = spec._module()._reversed_padding_repeated_twice
+            self.pre_pad = tuple(int(p) for p in rp)
+            self.pad_mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+            self.conv_pad = (0,) * d
+        shp = list(spec.input_shape[1:])
+        if self.pre_pad is not None:
+            for i in range(d):  # pre_pad is last-dim first: (left_d-1, right_d-1, left_d-2, ...)
+                shp[d - 1 - i] += self.pre_pad[2 * i] + self.pre_pad[2 * i + 1]
+        self.padded_spatial = tuple(shp)
+
+    def apply(self, x, w):
+        sp = self.spec
+        if sp.transposed:
+            return self.convt(x, w, None, sp.stride, sp.padding, sp.output_padding, sp.groups, sp.dilation)
+        if self.pre_pad is not None:
+            x = F.pad(x, self.pre_pad, mode=self.pad_mode)
+        return self.conv(x, w, None, sp.stride, self.conv_pad, sp.dilation, sp.groups)
+
+    def adjoint(self, y, w):
+        sp = self.spec
+        if sp.transposed:
+            return self.conv(y, w, None, sp.stride, sp.padding, sp.dilation, sp.groups)
+        k = w.shape[2:]
+        op = tuple(self.padded_spatial[i] - ((y.shape[2 + i] - 1) * sp.stride[i] - 2 * self.conv_pad[i]
+                                             + sp.dilation[i] * (k[i] - 1) + 1) for i in range(self.d))
+        g = self.convt(y, w, None, sp.stride, self.conv_pad, op, sp.groups, sp.dilation)
+        if self.pre_pad is None:
+            return g
+        # adjoint of the padding map (crop, wrap-around fold, or reflect/replicate scatter)
+        z = torch.zeros((y.shape[0],) + tuple(sp.input_shape), dtype=g.dtype, device=g.device, requires_grad=True)
+        with torch.enable_grad():
+            padded = F.pad(z, self.pre_pad, mode=self.pad_mode)
+        return torch.autograd.grad(padded, z, g)[0]
+
+    def weight_grad(self, x, y, w):
+        """d<y, A(w) x>/dw: the conv weight-gradient with input x and output-gradient y."""
+        sp = self.spec
+        if sp.transposed:
+            return torch.ops.aten.convolution_backward(y, x, w, None, sp.stride, sp.padding, sp.dilation, True,
+                                                       sp.output_padding, sp.groups, [False, True, False])[1]
+        if self.pre_pad is not None:
+            x = F.pad(x, self.pre_pad, mode=self.pad_mode)
+        return torch.ops.aten.convolution_backward(y, x, w, None, sp.stride, self.conv_pad, sp.dilation, False,
+                                                   (0,) * self.d, sp.groups, [False, True, False])[1]
+
+
 class _ConvSigma(torch.autograd.Function):
-    """sigma = <y, A(W) x> with x, y held fixed: backward is the conv weight-gradient."""
+    """sigma = <y, A(W) x> with x, y held fixed: backward is the conv weight-gradient.
+    ``value`` may carry sigma already computed by the power step (||A^T y|| at the new x,
+    equal to <y, A x> in exact arithmetic), which saves one conv per call."""
 
     @staticmethod
-    def forward(ctx, weight, spec, x, y):
-        ctx.spec, ctx.wdtype = spec, weight.dtype
-        ctx.save_for_backward(x, y)
+    def forward(ctx, weight, geom, x, y, value):
+        ctx.geom, ctx.wdtype = geom, weight.dtype
+        ctx.save_for_backward(weight, x, y)
+        if value is not None:
+            return value.detach().clone()
         with torch.no_grad():
-            s = (y * ref.conv_apply(_spec_acc(spec), x[None])[0]).sum()
-        return s
+            return (y * geom.apply(x[None], weight.detach().to(x.dtype))[0]).sum()
 
     @staticmethod
     def backward(ctx, g):
-        x, y = ctx.saved_tensors
-        spec = ctx.spec
-        w = spec.weight.detach().to(x.dtype).requires_grad_(True)
-        with torch.enable_grad():
-            s = (y * ref.conv_apply(ConvSpec(**{**spec.__dict__, "weight": w}), x[None])[0]).sum()
-            (gw,) = torch.autograd.grad(s, w)
-        return (gw * g).to(ctx.wdtype), None, None, None
+        weight, x, y = ctx.saved_tensors
+        gw = ctx.geom.weight_grad(x[None], (y * g.to(y.dtype))[None], weight.detach().to(x.dtype))
+        return gw.to(ctx.wdtype), None, None, None, None
+
+
+def _power_steps(geom: _Geometry, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, steps: int,
+                 tol: Optional[float]):
+    """``steps`` power steps in place on (x, y); returns the estimate at the new vectors
+    (``||A^T y_new||``), or None if no step ran. Zero operator: vectors kept, estimate 0;
+    non-finite weight: vectors back to their values before the call, estimate NaN."""
+    x0, y0 = x.clone(), y.clone()
+    est = None
+    with torch.no_grad():
+        for it in range(steps):
+            tiny = torch.finfo(x.dtype).tiny  # a zero operator gives 0/tiny = 0, not NaN
+            ax = geom.apply(x[None], w)[0]
+            tn = torch.linalg.vector_norm(ax)
+            ax = ax / tn.clamp_min(tiny)
+            aty = geom.adjoint(ax[None], w)[0]
+            an = torch.linalg.vector_norm(aty)
+            ok = (tn > 0) & (an > 0)
+            y.copy_(torch.where(ok, ax, y))
+            x.copy_(torch.where(ok, aty / an.clamp_min(tiny), x))
+            finite = torch.isfinite(tn) & torch.isfinite(an)
+            prev, est = est, torch.where(finite, torch.where(ok, an, torch.zeros_like(an)), torch.full_like(an, nan))
+            if tol is not None and prev is not None and bool(torch.abs(est - prev) <= tol * est):
+                break
+        if est is not None:
+            bad = ~torch.isfinite(est)
+            x.copy_(torch.where(bad, x0, x))
+            y.copy_(torch.where(bad, y0, y))
+    return est
 
 
 def conv_operator_norms(specs: Sequence[ConvSpec], state: ConvState, n_iter: int = 1, tol: Optional[float] = None,
@@ -106,26 +195,28 @@ def conv_operator_norms(specs: Sequence[ConvSpec], state: ConvState, n_iter: int
     """sigma_max estimates of the conv operators ``specs`` (differentiable in each
     ``spec.weight``), after ``n_iter`` power steps (or until a relative change ``tol``,
     at most ``max_iter`` steps) that update ``state`` in place. Returns a 1-D float32
-    tensor (float64 if any weight is float64)."""
+    tensor (float64 if any weight is float64).
+
+    A step is one conv and one adjoint (conv_transpose, plus the padding map's adjoint for
+    non-zero padding modes); sigma = <y, A x> at the new vectors, equal to ||A^T y||, is
+    read off the step, so the forward costs no extra conv and the backward is one conv
+    weight-gradient per layer.
+    """
     specs = list(specs)
     if n_iter < 0:
         raise ValueError(f"n_iter must be >= 0, got {n_iter}")
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
     _validate(specs, state, names)
-    steps = n_iter if tol is None else (max_iter or 100)
+    steps = (n_iter if tol is None else (max_iter or 100)) if update else 0
     out_dtype = torch.float64 if any(s.weight.dtype == torch.float64 for s in specs) else torch.float32
     sig = []
     for l, spec in enumerate(specs):
-        if update and steps > 0:
-            prev = None
-            for _ in range(steps):
-                s, y, x = ref.conv_power_iteration(spec, state.xs[l], 1)
-                if torch.isfinite(s):
-                    state.xs[l].copy_(x)
-                    state.ys[l].copy_(y)
-                if tol is not None and prev is not None and abs(s - prev) <= tol * abs(s):
-                    break
-                prev = s
-        sig.append(_ConvSigma.apply(spec.weight, spec, state.xs[l], state.ys[l]).to(out_dtype))
+        geom = _Geometry(spec)
+        x, y = state.xs[l], state.ys[l]
+        w = spec.weight.detach().to(x.dtype)
+        est = _power_steps(geom, w, x, y, steps, tol) if steps > 0 else None
+        sig.append(_ConvSigma.apply(spec.weight, geom, x, y, est).to(out_dtype))
     if not sig:
         return torch.zeros(0)
     return torch.stack(sig)

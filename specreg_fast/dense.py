@@ -105,12 +105,19 @@ def spectral_norms(weights: Sequence[torch.Tensor], state: PowerState, n_iter: i
     if max_iter is not None and max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     _validate(weights, state, names)
-    backends.resolve(backend, weights[0].device if weights else torch.device("cpu"))  # bad name: raise now
+    if backend != "auto":
+        backends.resolve(backend, weights[0].device if weights else torch.device("cpu"))  # bad name: raise now
     if update:
         steps = n_iter if tol is None else (max_iter if max_iter is not None else 100)
         with torch.no_grad():
-            backends.power_step_([W.detach() for W in weights], state.us, state.vs, steps,
-                                 0.0 if tol is None else tol, backend=backend)
+            detached = [W.detach() for W in weights]
+            if backend == "auto":
+                # the dispatcher already picks in the documented order (compiled kernel of the
+                # device, else Triton on CUDA, else the reference), and torch.compile traces it
+                ops.power_step_(detached, state.us, state.vs, steps, 0.0 if tol is None else tol)
+            else:
+                backends.power_step_(detached, state.us, state.vs, steps, 0.0 if tol is None else tol,
+                                     backend=backend)
     return ops.sigma(weights, state.us, state.vs)
 
 
