@@ -1,6 +1,5 @@
 """SpectralPenalty under DistributedDataParallel: 2 ranks on gloo over loopback."""
 import os
-import socket
 
 import pytest
 import torch
@@ -9,19 +8,13 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, out_dir):
+def _worker(rank, world, out_dir):
     import specreg_fast as sf
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+    # Rendezvous through a file (no port to race for); gloo itself talks over loopback.
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)  # same initial weights on every rank
         model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 16),
@@ -42,6 +35,9 @@ def _worker(rank, world, port, out_dir):
         dist.all_gather(gathered, flat)
         if rank == 0:
             torch.save({"flat": gathered, "sigmas": pen.sigmas()}, os.path.join(out_dir, "ddp.pt"))
+        # both ranks leave together: tearing gloo down while the peer is still
+        # communicating aborts the process
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -49,7 +45,7 @@ def _worker(rank, world, port, out_dir):
 def test_ddp_two_ranks_stay_identical(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     res = torch.load(tmp_path / "ddp.pt")
     a, b = res["flat"]
     # vectors, counters, sigmas and weights bit-identical across ranks after 5 steps
