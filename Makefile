@@ -39,16 +39,25 @@ build: $(EDIT)
 # pytest process of their own, and the main run leaves them out.
 TRITON_INTERP_TESTS := python_tests/test_triton_interpret.py
 
-test: build
+test: build $(REPRO)
 	$(VPY) -m pytest python_tests -m "not slow" --ignore=$(TRITON_INTERP_TESTS) $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(VPY) -m pytest $(TRITON_INTERP_TESTS) -m "not slow" $(PYTEST_ARGS)
 
-test-all: build
+test-all: build $(REPRO)
 	$(VPY) -m pytest python_tests --ignore=$(TRITON_INTERP_TESTS) $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(VPY) -m pytest $(TRITON_INTERP_TESTS) $(PYTEST_ARGS)
 
-demo: build
+REPRO  := $(VENV)/.repro-stamp
+
+$(REPRO): $(DEPS) requirements-repro.txt
+	$(VPY) -m pip install -q -r requirements-repro.txt
+	touch $@
+
+# The main job: the paper's comparison on packaged MNIST digits and toy data (compact
+# budget), after a table of every layer's sigma of a small CNN (exact vs fast).
+demo: build $(REPRO)
 	$(VENV)/bin/specreg-fast demo
+	$(VENV)/bin/specreg-fast reproduce
 
 bench: build
 	$(VPY) bench/bench_dense.py
