@@ -237,15 +237,27 @@ def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Sequen
 
 def autoattack_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
                         norm: str = "L2", version: str = "standard",
-                        bounds: Tuple[float, float] = (0.0, 1.0), batch_size: int = 256) -> float:
-    """Robust accuracy under AutoAttack (pyautoattack) at ``eps``; raises ImportError if not installed."""
+                        bounds: Tuple[float, float] = (0.0, 1.0), batch_size: int = 256,
+                        seed: int = 0) -> float:
+    """Robust accuracy under AutoAttack (pyautoattack) at ``eps`` (``version`` "standard": APGD-CE,
+    APGD-T, FAB-T, Square); raises ImportError if pyautoattack is not installed."""
     if not HAS_AUTOATTACK:
         raise ImportError("pyautoattack is not installed: pip install pyautoattack")
     from pyautoattack import AutoAttack
     _check_xy(x, y)
     net, to_u, _, scale = _wrap(model, bounds)
-    aa = AutoAttack(net, norm=norm, eps=float(eps) / scale, version=version, verbose=False)
-    adv = aa.run_standard_evaluation(to_u(x), y, bs=batch_size)
+    u = to_u(x)
+    attacks = None
+    if u.dim() != 4:
+        # its Square attack assumes square images (N, C, H, W): run the gradient attacks of the
+        # standard set without it on vectors/signals
+        net = _As4D(net, u.shape[1:]).eval()
+        u = u.reshape(len(u), 1, 1, -1)
+        if version == "standard":
+            version, attacks = "custom", ["apgd-ce", "apgd-t", "fab-t"]
+    aa = AutoAttack(net, attacks=attacks, norm=norm, eps=float(eps) / scale, version=version,
+                    device=x.device, seed=seed)
+    adv, _ = aa.run_standard_evaluation(u, y, batch_size=batch_size)  # (x_adv, y_adv)
     return accuracy(net, adv, y, batch_size)
 
 
