@@ -105,8 +105,9 @@ def linear_probe(features: Callable, x: torch.Tensor, y: torch.Tensor, n_classes
         if isinstance(features, nn.Module):
             features.train(was_training)
     d = phi.shape[1]
-    w = torch.zeros(n_classes, d, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    y = y.to(phi.device)
+    w = torch.zeros(n_classes, d, dtype=torch.float64, device=phi.device, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, device=phi.device, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, tolerance_grad=1e-9,
                             tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
 
@@ -286,9 +287,9 @@ class MinimalResult:
 
 def _starting_points(net, u, y, pool_u, pool_pred):
     """For each point the nearest pool point the model labels differently (HopSkipJump's start)."""
-    starts = torch.empty_like(u)
+    starts = u.clone()
     flat_pool = pool_u.reshape(len(pool_u), -1)
-    ok = torch.zeros(len(u), dtype=torch.bool)
+    ok = torch.zeros(len(u), dtype=torch.bool, device=u.device)
     for i in range(len(u)):
         cand = pool_pred != y[i]
         if not cand.any():
@@ -380,7 +381,7 @@ def minimal_l2_distance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, m
         success = (net(adv_u).argmax(1) != ys) if len(u) else torch.zeros(0, dtype=torch.bool)
     dist = (x_adv - xs).reshape(len(xs), -1).norm(dim=1)
     dist = torch.where(success, dist, torch.full_like(dist, float("inf")))
-    return MinimalResult(index, dist, x_adv, success.cpu(), method)
+    return MinimalResult(index, dist, x_adv, success, method)
 
 
 # ----------------------------------------------------------------------------- Lemma 1
@@ -563,7 +564,7 @@ def lemma1_bounds(features: nn.Module, readout: nn.Linear, x: torch.Tensor, y: t
     margin, diff_norm, logits = _margin_terms(features, readout, x, y)
     correct = logits.argmax(1) == y
     other = torch.ones_like(margin, dtype=torch.bool)
-    other[torch.arange(len(y)), y] = False
+    other[torch.arange(len(y), device=y.device), y] = False
     ratio = torch.where(other, margin / diff_norm.clamp_min(1e-30), torch.full_like(margin, float("inf")))
     base = ratio.min(1).values.clamp_min(0)
     base = torch.where(correct, base, torch.zeros_like(base))
