@@ -105,8 +105,9 @@ def linear_probe(features: Callable, x: torch.Tensor, y: torch.Tensor, n_classes
         if isinstance(features, nn.Module):
             features.train(was_training)
     d = phi.shape[1]
-    w = torch.zeros(n_classes, d, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    y = y.to(phi.device)
+    w = torch.zeros(n_classes, d, dtype=torch.float64, device=phi.device, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, device=phi.device, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, tolerance_grad=1e-9,
                             tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
 
@@ -237,15 +238,27 @@ def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Sequen
 
 def autoattack_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
                         norm: str = "L2", version: str = "standard",
-                        bounds: Tuple[float, float] = (0.0, 1.0), batch_size: int = 256) -> float:
-    """Robust accuracy under AutoAttack (pyautoattack) at ``eps``; raises ImportError if not installed."""
+                        bounds: Tuple[float, float] = (0.0, 1.0), batch_size: int = 256,
+                        seed: int = 0) -> float:
+    """Robust accuracy under AutoAttack (pyautoattack) at ``eps`` (``version`` "standard": APGD-CE,
+    APGD-T, FAB-T, Square); raises ImportError if pyautoattack is not installed."""
     if not HAS_AUTOATTACK:
         raise ImportError("pyautoattack is not installed: pip install pyautoattack")
     from pyautoattack import AutoAttack
     _check_xy(x, y)
     net, to_u, _, scale = _wrap(model, bounds)
-    aa = AutoAttack(net, norm=norm, eps=float(eps) / scale, version=version, verbose=False)
-    adv = aa.run_standard_evaluation(to_u(x), y, bs=batch_size)
+    u = to_u(x)
+    attacks = None
+    if u.dim() != 4:
+        # its Square attack assumes square images (N, C, H, W): run the gradient attacks of the
+        # standard set without it on vectors/signals
+        net = _As4D(net, u.shape[1:]).eval()
+        u = u.reshape(len(u), 1, 1, -1)
+        if version == "standard":
+            version, attacks = "custom", ["apgd-ce", "apgd-t", "fab-t"]
+    aa = AutoAttack(net, attacks=attacks, norm=norm, eps=float(eps) / scale, version=version,
+                    device=x.device, seed=seed)
+    adv, _ = aa.run_standard_evaluation(u, y, batch_size=batch_size)  # (x_adv, y_adv)
     return accuracy(net, adv, y, batch_size)
 
 
@@ -274,9 +287,9 @@ class MinimalResult:
 
 def _starting_points(net, u, y, pool_u, pool_pred):
     """For each point the nearest pool point the model labels differently (HopSkipJump's start)."""
-    starts = torch.empty_like(u)
+    starts = u.clone()
     flat_pool = pool_u.reshape(len(pool_u), -1)
-    ok = torch.zeros(len(u), dtype=torch.bool)
+    ok = torch.zeros(len(u), dtype=torch.bool, device=u.device)
     for i in range(len(u)):
         cand = pool_pred != y[i]
         if not cand.any():
@@ -368,7 +381,7 @@ def minimal_l2_distance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, m
         success = (net(adv_u).argmax(1) != ys) if len(u) else torch.zeros(0, dtype=torch.bool)
     dist = (x_adv - xs).reshape(len(xs), -1).norm(dim=1)
     dist = torch.where(success, dist, torch.full_like(dist, float("inf")))
-    return MinimalResult(index, dist, x_adv, success.cpu(), method)
+    return MinimalResult(index, dist, x_adv, success, method)
 
 
 # ----------------------------------------------------------------------------- Lemma 1
@@ -551,7 +564,7 @@ def lemma1_bounds(features: nn.Module, readout: nn.Linear, x: torch.Tensor, y: t
     margin, diff_norm, logits = _margin_terms(features, readout, x, y)
     correct = logits.argmax(1) == y
     other = torch.ones_like(margin, dtype=torch.bool)
-    other[torch.arange(len(y)), y] = False
+    other[torch.arange(len(y), device=y.device), y] = False
     ratio = torch.where(other, margin / diff_norm.clamp_min(1e-30), torch.full_like(margin, float("inf")))
     base = ratio.min(1).values.clamp_min(0)
     base = torch.where(correct, base, torch.zeros_like(base))
