@@ -88,7 +88,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for every candidate (on a machine loaded by other "
+                        "processes, 1 avoids timing the scheduler's wake-up of a second thread)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     repeats = 5 if args.quick else 15
     bw = common.read_bandwidth()
     rows = []

@@ -25,6 +25,10 @@ TORCH_LIBRARY(specreg_fast, m) {
   m.def("power_step_(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int n_iter, float tol) -> Tensor");
   // sigma_l = u_l^T W_l v_l for every layer: the differentiable half (gradient u v^T).
   m.def("sigma(Tensor[] weights, Tensor[] us, Tensor[] vs) -> Tensor");
+  // The same sigma_l = u_l^T W_l v_l, read off `est`, the return value of power_step_ that just
+  // produced us/vs (its |W^T u| equals u^T W v_new up to float rounding), so the forward does
+  // not read W again; gradient u v^T like sigma. Device-independent (Python implementation).
+  m.def("sigma_from_step(Tensor[] weights, Tensor[] us, Tensor[] vs, Tensor est) -> Tensor");
   // ---- conv operator (issue: conv-operator spectral norms) ---------------------------
   // ---- Fourier-domain (circular) conv norms ------------------------------------------
 }

@@ -232,6 +232,46 @@ def test_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
     Wg = [w.clone().requires_grad_() for w in Ws]
     torch.library.opcheck(torch.ops.specreg_fast.sigma.default, (Wg, state.us, state.vs))
+    est = ops.power_step_(Ws, state.us, state.vs, 1, 0.0)
+    torch.library.opcheck(torch.ops.specreg_fast.sigma_from_step.default, (Wg, state.us, state.vs, est))
+
+
+def test_opcheck_power_step_aot_dispatch_dynamic():
+    # The mutation of the vector lists must survive AOT functionalization with dynamic shapes.
+    # (test_autograd_registration does not apply: the op is no-grad by design, it registers no
+    # autograd formula and its inputs never require grad.)
+    Ws = [torch.randn(10, 6), torch.randn(4, 9)]
+    state = sf.init_power_state(Ws)
+    torch.library.opcheck(torch.ops.specreg_fast.power_step_.default, (Ws, state.us, state.vs, 2, 0.0),
+                          test_utils=("test_aot_dispatch_dynamic",))
+
+
+@pytest.mark.parametrize("case", ["fp32", "fp64", "tol", "zero", "nan", "lowp"])
+def test_sigma_read_off_the_step_equals_u_W_v(case):
+    # spectral_norms takes the value from power_step_'s estimate (no second read of W): it
+    # must equal u^T W v at the new vectors to float rounding, with gradient u v^T.
+    torch.manual_seed(5)
+    dt = torch.float64 if case == "fp64" else torch.float32
+    Ws = [torch.randn(300, 200, dtype=dt), torch.randn(50, 700, dtype=dt).t(), torch.randn(1, 40, dtype=dt)]
+    if case == "zero":
+        Ws[1] = torch.zeros(700, 50)
+    if case == "nan":
+        Ws[0][3, 4] = math.nan
+    if case == "lowp":
+        Ws = [W.to(torch.bfloat16) for W in Ws]
+    Ws = [W.requires_grad_() for W in Ws]
+    state = sf.init_power_state(Ws)
+    kw = dict(tol=1e-4, max_iter=50) if case == "tol" else dict(n_iter=3)
+    got = sf.spectral_norms(Ws, state, **kw)
+    want = ops._sigma_reference([W.detach() for W in Ws], state.us, state.vs)
+    rtol = 1e-12 if case == "fp64" else 1e-5
+    torch.testing.assert_close(got.detach(), want, rtol=rtol, atol=1e-6, equal_nan=True)
+    if case == "nan":
+        assert math.isnan(got[0].item())
+        return
+    got.sum().backward()
+    for W, u, v in zip(Ws, state.us, state.vs):
+        torch.testing.assert_close(W.grad.float(), torch.outer(u, v).to(W.dtype).float(), rtol=0, atol=1e-6)
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -27,6 +27,16 @@ namespace {
 // Elements of W per task: 64K (256 KB of float32) keeps a block in L2 between the two
 // uses of each row.
 constexpr int64_t kTaskElems = 1 << 16;
+// Least work per thread (elements of W, 8 MB of float32) before a sweep is split across
+// threads. Below it the list fits in cache and one thread sweeps it in ~0.1 ms, less than a
+// parallel region's wake-up; and on a loaded machine a parallel region waits for its slowest,
+// possibly descheduled, thread (measured: 1000x784 took 0.05 ms on one thread, 8-16 ms on two
+// while other processes held the cores).
+constexpr int64_t kMinChunkElems = 1 << 21;
+
+int64_t threads_for(int64_t elems) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), elems / kMinChunkElems));
+}
 
 enum class Layout { RowMajor, ColMajor };
 
@@ -136,7 +146,7 @@ Plan make_plan(const std::vector<LayerView>& layers, const std::vector<int64_t>&
     }
   }
   const int64_t nt = static_cast<int64_t>(p.tasks.size());
-  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nt));
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(threads_for(total), nt));
   p.chunk_begin.assign(1, 0);
   int64_t acc = 0, c = 1;
   for (int64_t i = 0; i < nt && c < nchunks; ++i) {
@@ -243,7 +253,7 @@ void grouped_sweep(const std::vector<LayerView>& layers, const std::vector<int64
     if (L.layout != Layout::ColMajor) continue;
     const acc_t* W = L.W.data_ptr<acc_t>();
     const int64_t n = L.n, m = L.m, ld = L.ld;
-    const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+    const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(threads_for(m * n), n));
     std::vector<std::vector<acc_t>> tp(nth, std::vector<acc_t>(m, acc_t(0)));
     at::parallel_for(0, nth, 1, [&](int64_t cb, int64_t ce) {
       for (int64_t c = cb; c < ce; ++c) {
@@ -253,7 +263,7 @@ void grouped_sweep(const std::vector<LayerView>& layers, const std::vector<int64
     });
     std::fill(t[l].begin(), t[l].end(), acc_t(0));
     for (int64_t c = 0; c < nth; ++c) K<acc_t>::axpy(acc_t(1), tp[c].data(), t[l].data(), m);
-    at::parallel_for(0, n, 64, [&](int64_t jb, int64_t je) {
+    at::parallel_for(0, n, std::max<int64_t>(64, (n + nth - 1) / nth), [&](int64_t jb, int64_t je) {
       for (int64_t j = jb; j < je; ++j) a[l][j] = K<acc_t>::dot(W + j * ld, t[l].data(), m);
     });
   }
