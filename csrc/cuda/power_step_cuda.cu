@@ -28,6 +28,8 @@
 #include <map>
 #include <vector>
 
+#include "power_step_checks.h"
+
 #include "power_step_kernels.cuh"
 
 namespace specreg_fast {
@@ -35,32 +37,10 @@ namespace cuda {
 namespace {
 
 // ----------------------------------------------------------------------------- host side
-at::ScalarType acc_type_of(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+at::ScalarType acc_type_of(at::ScalarType st) { return power_acc_type(st); }
 
 void check_list(at::TensorList weights, at::TensorList us, at::TensorList vs, const char* op) {
-  TORCH_CHECK(us.size() == weights.size() && vs.size() == weights.size(), op,
-              ": expected as many u and v vectors as weights, got ", weights.size(), " weights, ", us.size(),
-              " u, ", vs.size(), " v");
-  for (size_t l = 0; l < weights.size(); ++l) {
-    const auto& W = weights[l];
-    TORCH_CHECK(W.dim() == 2, op, ": weights[", l, "] must be 2-D, got shape ", W.sizes());
-    TORCH_CHECK(W.is_cuda() && W.device() == weights[0].device(), op, ": weights[", l,
-                "] must be a CUDA tensor on ", weights[0].device());
-    const auto st = W.scalar_type();
-    TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op,
-                ": weights[", l, "] must be float32/float64/bfloat16/float16, got ", st);
-    const auto acc = acc_type_of(st);
-    TORCH_CHECK(us[l].dim() == 1 && us[l].size(0) == W.size(0), op, ": us[", l, "] must have shape (",
-                W.size(0), ",), got ", us[l].sizes());
-    TORCH_CHECK(vs[l].dim() == 1 && vs[l].size(0) == W.size(1), op, ": vs[", l, "] must have shape (",
-                W.size(1), ",), got ", vs[l].sizes());
-    TORCH_CHECK(us[l].scalar_type() == acc && vs[l].scalar_type() == acc, op, ": us[", l, "] and vs[", l,
-                "] must be ", acc, " for a ", st, " weight");
-    TORCH_CHECK(us[l].device() == W.device() && vs[l].device() == W.device(), op, ": us[", l, "]/vs[", l,
-                "] must be on ", W.device());
-    TORCH_CHECK(us[l].is_contiguous() && vs[l].is_contiguous(), op, ": us[", l, "]/vs[", l,
-                "] must be contiguous");
-  }
+  check_power_step_list(weights, us, vs, op, c10::DeviceType::CUDA);
 }
 
 // Table, tile map, flags and tile counts of one dtype group, in one pinned buffer copied
