@@ -6,18 +6,19 @@ State per layer: the persistent input-shaped vector ``x`` and output-shaped ``y`
 power iteration. ``sigma = <y, A(W) x>`` is differentiable in W with gradient the conv
 weight-gradient of (x, y); no autograd through the iterations.
 
-The functions below are the package's public conv API. Their first implementation runs the
-plain-PyTorch reference loop per layer; the fast grouped C++ op replaces the internals
-without changing the signatures.
+The functions below are the package's public conv API, backed by the grouped custom ops
+``specreg_fast::conv_power_step_`` / ``conv_sigma`` (csrc/cpu/conv_operator_cpu.cpp).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from . import ops
 from . import reference as ref
 from .reference import ConvSpec
 
@@ -34,6 +35,9 @@ class ConvState:
 
     def __len__(self) -> int:
         return len(self.xs)
+
+
+_WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -67,8 +71,16 @@ def _validate(specs: Sequence[ConvSpec], state: ConvState, names=None) -> None:
         name = names[l] if names is not None else f"specs[{l}]"
         if not isinstance(spec, ConvSpec):
             raise TypeError(f"{name}: expected a ConvSpec, got {type(spec).__name__}")
+        if not isinstance(spec.weight, torch.Tensor) or spec.weight.dtype not in _WEIGHT_DTYPES:
+            raise TypeError(f"{name}: weight must be a float32/float64/bfloat16/float16 tensor, got "
+                            f"{getattr(spec.weight, 'dtype', type(spec.weight).__name__)}")
+        if spec.padding_mode not in ("zeros", "circular", "reflect", "replicate"):
+            raise ValueError(f"{name}: padding_mode must be zeros/circular/reflect/replicate, got "
+                             f"{spec.padding_mode!r}")
         acc = _acc(spec.weight.dtype)
         x, y = state.xs[l], state.ys[l]
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError(f"{name}: state x/y must be tensors")
         if tuple(x.shape) != tuple(spec.input_shape):
             raise ValueError(f"{name}: state x must have the input shape {tuple(spec.input_shape)}, got "
                              f"{tuple(x.shape)}")
@@ -76,28 +88,23 @@ def _validate(specs: Sequence[ConvSpec], state: ConvState, names=None) -> None:
             raise ValueError(f"{name}: state x/y must be {acc} for a {spec.weight.dtype} weight, got {x.dtype}/{y.dtype}")
         if x.device != spec.weight.device or y.device != spec.weight.device:
             raise ValueError(f"{name}: state x/y must be on {spec.weight.device}")
+        if not (x.is_contiguous() and y.is_contiguous()):
+            raise ValueError(f"{name}: state x/y must be contiguous")
+        out_shape = _output_shape(spec, name)
+        if tuple(y.shape) != out_shape:
+            raise ValueError(f"{name}: state y must have the output shape {out_shape}, got {tuple(y.shape)}")
 
 
-class _ConvSigma(torch.autograd.Function):
-    """sigma = <y, A(W) x> with x, y held fixed: backward is the conv weight-gradient."""
-
-    @staticmethod
-    def forward(ctx, weight, spec, x, y):
-        ctx.spec, ctx.wdtype = spec, weight.dtype
-        ctx.save_for_backward(x, y)
+def _output_shape(spec: ConvSpec, name: str):
+    """The layer's output shape for one sample, found on the meta device (this also checks
+    the geometry: channels vs groups, kernel vs input size, padding-mode limits)."""
+    w = torch.empty(spec.weight.shape, dtype=torch.float32, device="meta")
+    x = torch.empty((1,) + tuple(spec.input_shape), dtype=torch.float32, device="meta")
+    try:
         with torch.no_grad():
-            s = (y * ref.conv_apply(_spec_acc(spec), x[None])[0]).sum()
-        return s
-
-    @staticmethod
-    def backward(ctx, g):
-        x, y = ctx.saved_tensors
-        spec = ctx.spec
-        w = spec.weight.detach().to(x.dtype).requires_grad_(True)
-        with torch.enable_grad():
-            s = (y * ref.conv_apply(ConvSpec(**{**spec.__dict__, "weight": w}), x[None])[0]).sum()
-            (gw,) = torch.autograd.grad(s, w)
-        return (gw * g).to(ctx.wdtype), None, None, None
+            return tuple(ref.conv_apply(ConvSpec(**{**spec.__dict__, "weight": w}), x).shape[1:])
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+        raise ValueError(f"{name}: invalid conv geometry for input shape {tuple(spec.input_shape)}: {e}") from None
 
 
 def conv_operator_norms(specs: Sequence[ConvSpec], state: ConvState, n_iter: int = 1, tol: Optional[float] = None,
@@ -106,29 +113,31 @@ def conv_operator_norms(specs: Sequence[ConvSpec], state: ConvState, n_iter: int
     """sigma_max estimates of the conv operators ``specs`` (differentiable in each
     ``spec.weight``), after ``n_iter`` power steps (or until a relative change ``tol``,
     at most ``max_iter`` steps) that update ``state`` in place. Returns a 1-D float32
-    tensor (float64 if any weight is float64)."""
+    tensor (float64 if any weight is float64).
+
+    All layers go through one ``specreg_fast::conv_power_step_`` call (the loop runs in
+    C++), then one ``specreg_fast::conv_sigma`` call whose backward is the conv
+    weight-gradient of (x, y): no autograd graph through the iterations. Weights may be
+    float32/float64/bfloat16/float16; the vectors are float32 (float64 for float64 weights)
+    and low-precision weights are upcast to float32 inside the op.
+    """
     specs = list(specs)
     if n_iter < 0:
         raise ValueError(f"n_iter must be >= 0, got {n_iter}")
+    if tol is not None and not (tol >= 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol}")
+    if max_iter is not None and max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     _validate(specs, state, names)
-    steps = n_iter if tol is None else (max_iter or 100)
-    out_dtype = torch.float64 if any(s.weight.dtype == torch.float64 for s in specs) else torch.float32
-    sig = []
-    for l, spec in enumerate(specs):
-        if update and steps > 0:
-            prev = None
-            for _ in range(steps):
-                s, y, x = ref.conv_power_iteration(spec, state.xs[l], 1)
-                if torch.isfinite(s):
-                    state.xs[l].copy_(x)
-                    state.ys[l].copy_(y)
-                if tol is not None and prev is not None and abs(s - prev) <= tol * abs(s):
-                    break
-                prev = s
-        sig.append(_ConvSigma.apply(spec.weight, spec, state.xs[l], state.ys[l]).to(out_dtype))
-    if not sig:
+    if not specs:
         return torch.zeros(0)
-    return torch.stack(sig)
+    steps = n_iter if tol is None else (max_iter or 100)
+    params, modes = ops.pack_conv_params(specs)
+    weights = [s.weight for s in specs]
+    if update and steps > 0:
+        ops.conv_power_step_([w.detach() for w in weights], state.xs, state.ys, params, modes, steps,
+                             0.0 if tol is None else float(tol))
+    return ops.conv_sigma(weights, state.xs, state.ys, params, modes)
 
 
 def conv_operator_norm(module: nn.Module, input_shape: Sequence[int], tol: float = 1e-6, max_iter: int = 2000,

@@ -322,7 +322,7 @@ def _conv_sigma_backward(ctx, grad):
                                                  g["transposed"], g["output_padding"], g["groups"],
                                                  [False, True, False])[1]
         grads.append((gw * grad[l].to(gw.dtype)).to(W.dtype))
-    return grads, None, None, None, None
+    return grads, [None] * n, [None] * n, None, None
 
 
 torch.library.register_autograd("specreg_fast::conv_sigma", _conv_sigma_backward,
