@@ -96,15 +96,53 @@ def _validate(specs: Sequence[ConvSpec], state: ConvState, names=None) -> None:
 
 
 def _output_shape(spec: ConvSpec, name: str):
-    """The layer's output shape for one sample, found on the meta device (this also checks
-    the geometry: channels vs groups, kernel vs input size, padding-mode limits)."""
-    w = torch.empty(spec.weight.shape, dtype=torch.float32, device="meta")
-    x = torch.empty((1,) + tuple(spec.input_shape), dtype=torch.float32, device="meta")
+    """The layer's output shape for one sample, from the conv arithmetic (plain ints, so it
+    traces under torch.compile), checking the geometry on the way: channels vs groups, kernel
+    vs padded input size, the padding-mode limits and output_padding."""
+    w = spec.weight
+    d = w.dim() - 2
+    if not 1 <= d <= 3:
+        raise ValueError(f"{name}: weight must be 3-D to 5-D (a 1-D to 3-D conv), got shape {tuple(w.shape)}")
+    n = tuple(spec.input_shape)
+    if len(n) != d + 1:
+        raise ValueError(f"{name}: input_shape must be (C_in, *spatial) with {d} spatial dims, got {n}")
+    g = int(spec.groups)
+    cin = w.shape[0] if spec.transposed else w.shape[1] * g
+    cout = w.shape[1] * g if spec.transposed else w.shape[0]
+    if g < 1 or cin % g or cout % g:
+        raise ValueError(f"{name}: channels ({cin}, {cout}) must be divisible by groups={g}")
+    if n[0] != cin:
+        raise ValueError(f"{name}: input_shape has {n[0]} channels, the weight takes {cin}")
+    for name_, t in (("stride", spec.stride), ("dilation", spec.dilation)):
+        if len(t) != d or any(v < 1 for v in t):
+            raise ValueError(f"{name}: {name_} must be {d} positive ints, got {t}")
     try:
-        with torch.no_grad():
-            return tuple(ref.conv_apply(ConvSpec(**{**spec.__dict__, "weight": w}), x).shape[1:])
-    except (RuntimeError, ValueError, NotImplementedError) as e:
-        raise ValueError(f"{name}: invalid conv geometry for input shape {tuple(spec.input_shape)}: {e}") from None
+        params, _ = ops.pack_conv_params([spec])
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    lo, hi = params[2 + 2 * d:2 + 3 * d], params[2 + 3 * d:2 + 4 * d]
+    op = params[2 + 4 * d:2 + 5 * d]
+    if spec.transposed and (spec.padding_mode != "zeros" or isinstance(spec.padding, str)):
+        raise ValueError(f"{name}: a transposed conv takes numeric zero padding only")
+    out = [cout]
+    for i in range(d):
+        k, s, dl = w.shape[2 + i], spec.stride[i], spec.dilation[i]
+        if lo[i] < 0 or hi[i] < 0 or op[i] < 0:
+            raise ValueError(f"{name}: padding/output_padding must be >= 0")
+        if spec.padding_mode == "reflect" and max(lo[i], hi[i]) >= n[1 + i]:
+            raise ValueError(f"{name}: reflect padding {max(lo[i], hi[i])} must be < the input size {n[1 + i]}")
+        if spec.padding_mode == "circular" and max(lo[i], hi[i]) > n[1 + i]:
+            raise ValueError(f"{name}: circular padding {max(lo[i], hi[i])} must be <= the input size {n[1 + i]}")
+        if spec.transposed:
+            if op[i] >= max(s, dl):
+                raise ValueError(f"{name}: output_padding {op[i]} must be < stride or dilation")
+            o = (n[1 + i] - 1) * s - lo[i] - hi[i] + dl * (k - 1) + op[i] + 1
+        else:
+            o = (n[1 + i] + lo[i] + hi[i] - dl * (k - 1) - 1) // s + 1
+        if o < 1:
+            raise ValueError(f"{name}: input size {n[1 + i]} (dim {i}) too small for the kernel")
+        out.append(o)
+    return tuple(out)
 
 
 def conv_operator_norms(specs: Sequence[ConvSpec], state: ConvState, n_iter: int = 1, tol: Optional[float] = None,

@@ -49,7 +49,7 @@ struct ConvGeom {
 };
 
 std::vector<ConvGeom> decode(const char* op, at::TensorList weights, at::IntArrayRef params,
-                             c10::ArrayRef<c10::string_view> modes) {
+                             const std::vector<std::string>& modes) {
   TORCH_CHECK_VALUE(modes.size() == weights.size(), op, ": padding_modes must have one entry per layer (",
                     weights.size(), "), got ", modes.size());
   std::vector<ConvGeom> out;
@@ -242,7 +242,7 @@ void validate(const char* op, at::TensorList weights, at::TensorList xs, at::Ten
 
 // Device-agnostic: registered for CPU here and for CUDA in csrc/cuda/conv_operator_cuda.cpp.
 at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys, at::IntArrayRef params,
-                                c10::ArrayRef<c10::string_view> padding_modes, int64_t n_iter, double tol) {
+                                const std::vector<std::string>& padding_modes, int64_t n_iter, double tol) {
   const char* op = "specreg_fast::conv_power_step_";
   // The estimates are detached and xs/ys are state, not graph nodes.
   at::NoGradGuard no_grad;
@@ -312,7 +312,7 @@ at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::T
 }
 
 at::Tensor conv_sigma_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys, at::IntArrayRef params,
-                           c10::ArrayRef<c10::string_view> padding_modes) {
+                           const std::vector<std::string>& padding_modes) {
   const char* op = "specreg_fast::conv_sigma";
   at::NoGradGuard no_grad;  // differentiated by the registered backward, not through these ops
   TORCH_CHECK_VALUE(xs.size() == weights.size() && ys.size() == weights.size(), op,
@@ -332,7 +332,7 @@ at::Tensor conv_sigma_impl(at::TensorList weights, at::TensorList xs, at::Tensor
 
 // A^T y for each layer (the op's own adjoint, exposed so tests can check <A x, y> = <x, A^T y>).
 std::vector<at::Tensor> conv_adjoint_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys,
-                                          at::IntArrayRef params, c10::ArrayRef<c10::string_view> padding_modes) {
+                                          at::IntArrayRef params, const std::vector<std::string>& padding_modes) {
   const char* op = "specreg_fast::conv_adjoint";
   TORCH_CHECK_VALUE(xs.size() == weights.size() && ys.size() == weights.size(), op,
                     ": weights, xs and ys must have the same length");

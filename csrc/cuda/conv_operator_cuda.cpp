@@ -4,15 +4,16 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <string>
 #include <vector>
 
 namespace specreg_fast {
 at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys, at::IntArrayRef params,
-                                c10::ArrayRef<c10::string_view> padding_modes, int64_t n_iter, double tol);
+                                const std::vector<std::string>& padding_modes, int64_t n_iter, double tol);
 at::Tensor conv_sigma_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys, at::IntArrayRef params,
-                           c10::ArrayRef<c10::string_view> padding_modes);
+                           const std::vector<std::string>& padding_modes);
 std::vector<at::Tensor> conv_adjoint_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys,
-                                          at::IntArrayRef params, c10::ArrayRef<c10::string_view> padding_modes);
+                                          at::IntArrayRef params, const std::vector<std::string>& padding_modes);
 }  // namespace specreg_fast
 
 TORCH_LIBRARY_IMPL(specreg_fast, CUDA, m) {
