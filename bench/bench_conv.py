@@ -186,7 +186,8 @@ def main(argv=None):
             for warm in (False, True):
                 r = time_to_tol(specs, args.device, max(3, args.reps // 5), tol, warm)
                 res["to_tol"].append(r)
-                print(f"{f'to tol {tol:g}, {r['start']} (sum {sum(r['steps'])} st)':<34}{r['ours_s'] * 1e3:>10.2f}"
+                label = "to tol %g, %s (%d steps)" % (tol, r["start"], sum(r["steps"]))
+                print(f"{label:<34}{r['ours_s'] * 1e3:>10.2f}"
                       f"{r['reference_s'] * 1e3:>10.2f}{r['speedup']:>7.2f}x")
     with open(args.json, "w") as f:
         json.dump(res, f, indent=1)

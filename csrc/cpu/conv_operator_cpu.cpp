@@ -154,8 +154,38 @@ at::Tensor op_apply(const ConvGeom& g, const at::Tensor& W, const at::Tensor& x)
                          g.outpad, g.groups);
 }
 
-// A^T y; `x_like` has the input shape.
-at::Tensor op_adjoint(const ConvGeom& g, const at::Tensor& W, const at::Tensor& y, const at::Tensor& x_like) {
+// For a stride-1 conv the adjoint is itself a forward convolution, with the kernel flipped in
+// space and its in/out channels swapped (per group) and padding d (k - 1) - p. The forward
+// kernels (oneDNN) are faster than the transposed ones for single images with many channels
+// (512x512 at 4x4: 1.5 -> 0.9 ms), so the power step builds this kernel once per call.
+// Returns an undefined tensor when the geometry has no such form.
+at::Tensor adjoint_kernel(const ConvGeom& g, const at::Tensor& W) {
+  if (g.transposed) return {};
+  for (int64_t i = 0; i < g.d; ++i) {
+    if (g.stride[i] != 1 || g.dilation[i] * (W.size(2 + i) - 1) < g.conv_pad[i]) return {};
+  }
+  const int64_t cout = W.size(0), cin_g = W.size(1), G = g.groups;
+  std::vector<int64_t> grouped{G, cout / G, cin_g};
+  std::vector<int64_t> flat{cin_g * G, cout / G};
+  std::vector<int64_t> flip_dims;
+  for (int64_t i = 0; i < g.d; ++i) {
+    grouped.push_back(W.size(2 + i));
+    flat.push_back(W.size(2 + i));
+    flip_dims.push_back(3 + i);
+  }
+  return W.reshape(grouped).flip(flip_dims).transpose(1, 2).reshape(flat).contiguous();
+}
+
+// A^T y; `x_like` has the input shape; `Wadj` is adjoint_kernel(g, W) or undefined.
+at::Tensor op_adjoint(const ConvGeom& g, const at::Tensor& W, const at::Tensor& y, const at::Tensor& x_like,
+                      const at::Tensor& Wadj = {}) {
+  if (Wadj.defined()) {
+    std::vector<int64_t> pad(g.d);
+    for (int64_t i = 0; i < g.d; ++i) pad[i] = g.dilation[i] * (W.size(2 + i) - 1) - g.conv_pad[i];
+    at::Tensor gp = at::convolution(y, Wadj, c10::nullopt, g.stride, pad, g.dilation, false,
+                                    std::vector<int64_t>(g.d, 0), g.groups);
+    return pad_adjoint(g, gp, x_like);
+  }
   if (g.transposed) {
     at::Tensor r = at::convolution(y, W, c10::nullopt, g.stride, g.lo, g.dilation, false,
                                    std::vector<int64_t>(g.d, 0), g.groups);
@@ -257,35 +287,35 @@ at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::T
   at::Tensor out = at::zeros({static_cast<int64_t>(weights.size())},
                              at::TensorOptions().dtype(odt).device(weights.empty() ? at::kCPU : weights[0].device()));
   if (weights.empty()) return out;
-  // Finiteness of every weight with one host read: a non-finite layer is left untouched.
-  std::vector<at::Tensor> fin;
-  for (const auto& W : weights) fin.push_back(at::isfinite(W).all());
-  const at::Tensor fin_host = at::stack(fin).cpu();
-  const bool* fin_p = fin_host.data_ptr<bool>();
-
   for (size_t l = 0; l < weights.size(); ++l) {
-    if (!fin_p[l]) {
-      out.select(0, l).fill_(std::numeric_limits<double>::quiet_NaN());
-      continue;
-    }
     const auto& g = geo[l];
     const auto acc = acc_type(weights[l].scalar_type());
     const at::Tensor W = weights[l].to(acc);
     const bool host = W.device().is_cpu();
     at::Tensor x = xs[l].unsqueeze(0);  // views of the user's buffers: written in place
     at::Tensor y = ys[l].unsqueeze(0);
+    // A non-finite weight shows up as a non-finite |A x| or |A^T t| (inf * 0 = NaN, so even a
+    // weight entry that meets only zeros does), which is checked at every step instead of
+    // scanning the weight (a full pass over W, as costly as an elementwise op per layer).
+    const at::Tensor x0 = x.clone(), y0 = y.clone();
+    const at::Tensor Wadj = n_iter > 0 ? adjoint_kernel(g, W) : at::Tensor();
     at::Tensor est = at::zeros({}, x.options());
+    at::Tensor bad = at::zeros({}, x.options().dtype(at::kBool));
     if (n_iter == 0) est = (y * op_apply(g, W, x)).sum();
     double prev = std::numeric_limits<double>::quiet_NaN();
     for (int64_t it = 0; it < n_iter; ++it) {
       const at::Tensor t = op_apply(g, W, x);
       const at::Tensor tn = at::linalg_vector_norm(t);
-      const at::Tensor a = op_adjoint(g, W, t, x);  // A^T t: direction of the new x, |a| / |t| = estimate
+      const at::Tensor a = op_adjoint(g, W, t, x, Wadj);  // A^T t: direction of the new x, |a|/|t| = estimate
       const at::Tensor an = at::linalg_vector_norm(a);
       double cur = 0;
       if (host) {
         const double tnv = tn.item<double>(), anv = an.item<double>();
-        if (!(tnv > 0 && anv > 0 && std::isfinite(tnv) && std::isfinite(anv))) {
+        if (!std::isfinite(tnv) || !std::isfinite(anv)) {
+          bad.fill_(true);
+          break;
+        }
+        if (!(tnv > 0 && anv > 0)) {
           // A x = 0 (zero weight, or x in the kernel of A): keep the vectors, estimate 0.
           est.zero_();
           break;
@@ -295,7 +325,9 @@ at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::T
         cur = anv / tnv;
         est.fill_(cur);
       } else {
-        const at::Tensor ok = (tn > 0) & (an > 0) & at::isfinite(tn) & at::isfinite(an);
+        const at::Tensor fin = at::isfinite(tn) & at::isfinite(an);
+        bad = bad | ~fin;
+        const at::Tensor ok = (tn > 0) & (an > 0) & fin & ~bad;
         y.copy_(at::where(ok, t / tn, y));
         x.copy_(at::where(ok, a / an, x));
         est = at::where(ok, an / tn, at::zeros_like(an));
@@ -306,6 +338,11 @@ at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::T
         prev = cur;
       }
     }
+    if (n_iter == 0) bad = ~at::isfinite(est);
+    // Non-finite: vectors back to their values before the call, estimate NaN.
+    x.copy_(at::where(bad, x0, x));
+    y.copy_(at::where(bad, y0, y));
+    est = at::where(bad, at::full({}, std::numeric_limits<double>::quiet_NaN(), est.options()), est);
     out.select(0, l).copy_(est);
   }
   return out;
