@@ -3,7 +3,8 @@
 // A conv layer at a fixed input size is a linear map A(W): x -> conv(pad(x), W). One step on
 // the persistent input-shaped x and output-shaped y is
 //     t = A x,  y = t / |t|,  a = A^T t,  x = a / |a|,  estimate |a| / |t|  (= <y, A x_new>),
-// so the estimate needs no third convolution. A^T is the transposed convolution (with the
+// so the estimate needs no third convolution. A^T is the transposed convolution (for stride 1
+// and n_iter >= 2 a forward convolution with the flipped kernel, see adjoint_kernel) (with the
 // output padding that restores the exact input size) followed by the adjoint of the explicit
 // padding map: a crop for zeros, a fold of the wrapped borders for circular, and the backward
 // of reflection/replication padding (which sums each reflected/replicated entry back onto its
@@ -298,7 +299,8 @@ at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::T
     // weight entry that meets only zeros does), which is checked at every step instead of
     // scanning the weight (a full pass over W, as costly as an elementwise op per layer).
     const at::Tensor x0 = x.clone(), y0 = y.clone();
-    const at::Tensor Wadj = n_iter > 0 ? adjoint_kernel(g, W) : at::Tensor();
+    // Building the flipped kernel is a pass over W: worth it only when several steps reuse it.
+    const at::Tensor Wadj = n_iter >= 2 ? adjoint_kernel(g, W) : at::Tensor();
     at::Tensor est = at::zeros({}, x.options());
     at::Tensor bad = at::zeros({}, x.options().dtype(at::kBool));
     if (n_iter == 0) est = (y * op_apply(g, W, x)).sum();
@@ -340,9 +342,17 @@ at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::T
     }
     if (n_iter == 0) bad = ~at::isfinite(est);
     // Non-finite: vectors back to their values before the call, estimate NaN.
-    x.copy_(at::where(bad, x0, x));
-    y.copy_(at::where(bad, y0, y));
-    est = at::where(bad, at::full({}, std::numeric_limits<double>::quiet_NaN(), est.options()), est);
+    if (host) {
+      if (bad.item<bool>()) {
+        x.copy_(x0);
+        y.copy_(y0);
+        est.fill_(std::numeric_limits<double>::quiet_NaN());
+      }
+    } else {
+      x.copy_(at::where(bad, x0, x));
+      y.copy_(at::where(bad, y0, y));
+      est = at::where(bad, at::full({}, std::numeric_limits<double>::quiet_NaN(), est.options()), est);
+    }
     out.select(0, l).copy_(est);
   }
   return out;
