@@ -30,5 +30,19 @@ TORCH_LIBRARY(specreg_fast, m) {
   // not read W again; gradient u v^T like sigma. Device-independent (Python implementation).
   m.def("sigma_from_step(Tensor[] weights, Tensor[] us, Tensor[] vs, Tensor est) -> Tensor");
   // ---- conv operator (issue: conv-operator spectral norms) ---------------------------
+  // Conv layers of any shapes as linear maps x -> conv(pad(x), W) at their input size. xs[l]
+  // is (C_in, *spatial), ys[l] the output shape. Per-layer geometry is packed in `params`,
+  // layer after layer, 2 + 5 d ints for a layer with d = weights[l].dim() - 2 spatial dims:
+  //   [transposed, groups, stride[d], dilation[d], pad_lo[d], pad_hi[d], output_padding[d]]
+  // and padding_modes[l] is zeros/circular/reflect/replicate (csrc/cpu/conv_operator_cpu.cpp).
+  // n_iter steps in place: y <- A x / |A x|, x <- A^T y / |A^T y|; tol > 0 stops a layer once
+  // its estimate changes by at most tol (relative). Returns <y, A x> at the new vectors
+  // (detached; float32, float64 if any weight is float64). Zero A x: vectors kept, estimate 0.
+  // Non-finite weight: that layer's vectors untouched, estimate NaN.
+  m.def("conv_power_step_(Tensor[] weights, Tensor(a!)[] xs, Tensor(b!)[] ys, int[] params, str[] padding_modes, int n_iter, float tol) -> Tensor");
+  // sigma_l = <y_l, A(W_l) x_l>: the differentiable half (gradient: conv weight-gradient of x, y).
+  m.def("conv_sigma(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) -> Tensor");
+  // A(W_l)^T y_l for each layer (the adjoint the power step uses; exposed for tests).
+  m.def("conv_adjoint(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) -> Tensor[]");
   // ---- Fourier-domain (circular) conv norms ------------------------------------------
 }

@@ -6,20 +6,19 @@ State per layer: the persistent input-shaped vector ``x`` and output-shaped ``y`
 power iteration. ``sigma = <y, A(W) x>`` is differentiable in W with gradient the conv
 weight-gradient of (x, y); no autograd through the iterations.
 
-The functions below are the package's public conv API. Their first implementation runs the
-plain-PyTorch reference loop per layer; the fast grouped C++ op replaces the internals
-without changing the signatures.
+The functions below are the package's public conv API, backed by the grouped custom ops
+``specreg_fast::conv_power_step_`` / ``conv_sigma`` (csrc/cpu/conv_operator_cpu.cpp).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from math import nan
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from . import ops
 from . import reference as ref
 from .reference import ConvSpec
 
@@ -36,6 +35,9 @@ class ConvState:
 
     def __len__(self) -> int:
         return len(self.xs)
+
+
+_WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -69,8 +71,16 @@ def _validate(specs: Sequence[ConvSpec], state: ConvState, names=None) -> None:
         name = names[l] if names is not None else f"specs[{l}]"
         if not isinstance(spec, ConvSpec):
             raise TypeError(f"{name}: expected a ConvSpec, got {type(spec).__name__}")
+        if not isinstance(spec.weight, torch.Tensor) or spec.weight.dtype not in _WEIGHT_DTYPES:
+            raise TypeError(f"{name}: weight must be a float32/float64/bfloat16/float16 tensor, got "
+                            f"{getattr(spec.weight, 'dtype', type(spec.weight).__name__)}")
+        if spec.padding_mode not in ("zeros", "circular", "reflect", "replicate"):
+            raise ValueError(f"{name}: padding_mode must be zeros/circular/reflect/replicate, got "
+                             f"{spec.padding_mode!r}")
         acc = _acc(spec.weight.dtype)
         x, y = state.xs[l], state.ys[l]
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError(f"{name}: state x/y must be tensors")
         if tuple(x.shape) != tuple(spec.input_shape):
             raise ValueError(f"{name}: state x must have the input shape {tuple(spec.input_shape)}, got "
                              f"{tuple(x.shape)}")
@@ -78,115 +88,61 @@ def _validate(specs: Sequence[ConvSpec], state: ConvState, names=None) -> None:
             raise ValueError(f"{name}: state x/y must be {acc} for a {spec.weight.dtype} weight, got {x.dtype}/{y.dtype}")
         if x.device != spec.weight.device or y.device != spec.weight.device:
             raise ValueError(f"{name}: state x/y must be on {spec.weight.device}")
+        if not (x.is_contiguous() and y.is_contiguous()):
+            raise ValueError(f"{name}: state x/y must be contiguous")
+        out_shape = _output_shape(spec, name)
+        if tuple(y.shape) != out_shape:
+            raise ValueError(f"{name}: state y must have the output shape {out_shape}, got {tuple(y.shape)}")
 
 
-class _Geometry:
-    """How to apply one conv layer's map, its adjoint and its weight-gradient with plain
-    conv calls: non-zero padding modes (and 'same') become an explicit pad followed by an
-    unpadded conv, whose adjoint is the conv's input-gradient followed by the pad's adjoint."""
-
-    def __init__(self, spec: ConvSpec):
-        self.spec = spec
-        d = self.d = spec.ndim
-        self.conv = [F.conv1d, F.conv2d, F.conv3d][d - 1]
-        self.convt = [F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d][d - 1]
-        self.pre_pad = None
-        self.conv_pad = spec.padding
-        if not spec.transposed and (spec.padding_mode != "zeros" or isinstance(spec.padding, str)):
-            rp = spec._module()._reversed_padding_repeated_twice
-            self.pre_pad = tuple(int(p) for p in rp)
-            self.pad_mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
-            self.conv_pad = (0,) * d
-        shp = list(spec.input_shape[1:])
-        if self.pre_pad is not None:
-            for i in range(d):  # pre_pad is last-dim first: (left_d-1, right_d-1, left_d-2, ...)
-                shp[d - 1 - i] += self.pre_pad[2 * i] + self.pre_pad[2 * i + 1]
-        self.padded_spatial = tuple(shp)
-
-    def apply(self, x, w):
-        sp = self.spec
-        if sp.transposed:
-            return self.convt(x, w, None, sp.stride, sp.padding, sp.output_padding, sp.groups, sp.dilation)
-        if self.pre_pad is not None:
-            x = F.pad(x, self.pre_pad, mode=self.pad_mode)
-        return self.conv(x, w, None, sp.stride, self.conv_pad, sp.dilation, sp.groups)
-
-    def adjoint(self, y, w):
-        sp = self.spec
-        if sp.transposed:
-            return self.conv(y, w, None, sp.stride, sp.padding, sp.dilation, sp.groups)
-        k = w.shape[2:]
-        op = tuple(self.padded_spatial[i] - ((y.shape[2 + i] - 1) * sp.stride[i] - 2 * self.conv_pad[i]
-                                             + sp.dilation[i] * (k[i] - 1) + 1) for i in range(self.d))
-        g = self.convt(y, w, None, sp.stride, self.conv_pad, op, sp.groups, sp.dilation)
-        if self.pre_pad is None:
-            return g
-        # adjoint of the padding map (crop, wrap-around fold, or reflect/replicate scatter)
-        z = torch.zeros((y.shape[0],) + tuple(sp.input_shape), dtype=g.dtype, device=g.device, requires_grad=True)
-        with torch.enable_grad():
-            padded = F.pad(z, self.pre_pad, mode=self.pad_mode)
-        return torch.autograd.grad(padded, z, g)[0]
-
-    def weight_grad(self, x, y, w):
-        """d<y, A(w) x>/dw: the conv weight-gradient with input x and output-gradient y."""
-        sp = self.spec
-        if sp.transposed:
-            return torch.ops.aten.convolution_backward(y, x, w, None, sp.stride, sp.padding, sp.dilation, True,
-                                                       sp.output_padding, sp.groups, [False, True, False])[1]
-        if self.pre_pad is not None:
-            x = F.pad(x, self.pre_pad, mode=self.pad_mode)
-        return torch.ops.aten.convolution_backward(y, x, w, None, sp.stride, self.conv_pad, sp.dilation, False,
-                                                   (0,) * self.d, sp.groups, [False, True, False])[1]
-
-
-class _ConvSigma(torch.autograd.Function):
-    """sigma = <y, A(W) x> with x, y held fixed: backward is the conv weight-gradient.
-    ``value`` may carry sigma already computed by the power step (||A^T y|| at the new x,
-    equal to <y, A x> in exact arithmetic), which saves one conv per call."""
-
-    @staticmethod
-    def forward(ctx, weight, geom, x, y, value):
-        ctx.geom, ctx.wdtype = geom, weight.dtype
-        ctx.save_for_backward(weight, x, y)
-        if value is not None:
-            return value.detach().clone()
-        with torch.no_grad():
-            return (y * geom.apply(x[None], weight.detach().to(x.dtype))[0]).sum()
-
-    @staticmethod
-    def backward(ctx, g):
-        weight, x, y = ctx.saved_tensors
-        gw = ctx.geom.weight_grad(x[None], (y * g.to(y.dtype))[None], weight.detach().to(x.dtype))
-        return gw.to(ctx.wdtype), None, None, None, None
-
-
-def _power_steps(geom: _Geometry, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, steps: int,
-                 tol: Optional[float]):
-    """``steps`` power steps in place on (x, y); returns the estimate at the new vectors
-    (``||A^T y_new||``), or None if no step ran. Zero operator: vectors kept, estimate 0;
-    non-finite weight: vectors back to their values before the call, estimate NaN."""
-    x0, y0 = x.clone(), y.clone()
-    est = None
-    with torch.no_grad():
-        for it in range(steps):
-            tiny = torch.finfo(x.dtype).tiny  # a zero operator gives 0/tiny = 0, not NaN
-            ax = geom.apply(x[None], w)[0]
-            tn = torch.linalg.vector_norm(ax)
-            ax = ax / tn.clamp_min(tiny)
-            aty = geom.adjoint(ax[None], w)[0]
-            an = torch.linalg.vector_norm(aty)
-            ok = (tn > 0) & (an > 0)
-            y.copy_(torch.where(ok, ax, y))
-            x.copy_(torch.where(ok, aty / an.clamp_min(tiny), x))
-            finite = torch.isfinite(tn) & torch.isfinite(an)
-            prev, est = est, torch.where(finite, torch.where(ok, an, torch.zeros_like(an)), torch.full_like(an, nan))
-            if tol is not None and prev is not None and bool(torch.abs(est - prev) <= tol * est):
-                break
-        if est is not None:
-            bad = ~torch.isfinite(est)
-            x.copy_(torch.where(bad, x0, x))
-            y.copy_(torch.where(bad, y0, y))
-    return est
+def _output_shape(spec: ConvSpec, name: str):
+    """The layer's output shape for one sample, from the conv arithmetic (plain ints, so it
+    traces under torch.compile), checking the geometry on the way: channels vs groups, kernel
+    vs padded input size, the padding-mode limits and output_padding."""
+    w = spec.weight
+    d = w.dim() - 2
+    if not 1 <= d <= 3:
+        raise ValueError(f"{name}: weight must be 3-D to 5-D (a 1-D to 3-D conv), got shape {tuple(w.shape)}")
+    n = tuple(spec.input_shape)
+    if len(n) != d + 1:
+        raise ValueError(f"{name}: input_shape must be (C_in, *spatial) with {d} spatial dims, got {n}")
+    g = int(spec.groups)
+    cin = w.shape[0] if spec.transposed else w.shape[1] * g
+    cout = w.shape[1] * g if spec.transposed else w.shape[0]
+    if g < 1 or cin % g or cout % g:
+        raise ValueError(f"{name}: channels ({cin}, {cout}) must be divisible by groups={g}")
+    if n[0] != cin:
+        raise ValueError(f"{name}: input_shape has {n[0]} channels, the weight takes {cin}")
+    for name_, t in (("stride", spec.stride), ("dilation", spec.dilation)):
+        if len(t) != d or any(v < 1 for v in t):
+            raise ValueError(f"{name}: {name_} must be {d} positive ints, got {t}")
+    try:
+        params, _ = ops.pack_conv_params([spec])
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    lo, hi = params[2 + 2 * d:2 + 3 * d], params[2 + 3 * d:2 + 4 * d]
+    op = params[2 + 4 * d:2 + 5 * d]
+    if spec.transposed and (spec.padding_mode != "zeros" or isinstance(spec.padding, str)):
+        raise ValueError(f"{name}: a transposed conv takes numeric zero padding only")
+    out = [cout]
+    for i in range(d):
+        k, s, dl = w.shape[2 + i], spec.stride[i], spec.dilation[i]
+        if lo[i] < 0 or hi[i] < 0 or op[i] < 0:
+            raise ValueError(f"{name}: padding/output_padding must be >= 0")
+        if spec.padding_mode == "reflect" and max(lo[i], hi[i]) >= n[1 + i]:
+            raise ValueError(f"{name}: reflect padding {max(lo[i], hi[i])} must be < the input size {n[1 + i]}")
+        if spec.padding_mode == "circular" and max(lo[i], hi[i]) > n[1 + i]:
+            raise ValueError(f"{name}: circular padding {max(lo[i], hi[i])} must be <= the input size {n[1 + i]}")
+        if spec.transposed:
+            if op[i] >= max(s, dl):
+                raise ValueError(f"{name}: output_padding {op[i]} must be < stride or dilation")
+            o = (n[1 + i] - 1) * s - lo[i] - hi[i] + dl * (k - 1) + op[i] + 1
+        else:
+            o = (n[1 + i] + lo[i] + hi[i] - dl * (k - 1) - 1) // s + 1
+        if o < 1:
+            raise ValueError(f"{name}: input size {n[1 + i]} (dim {i}) too small for the kernel")
+        out.append(o)
+    return tuple(out)
 
 
 def conv_operator_norms(specs: Sequence[ConvSpec], state: ConvState, n_iter: int = 1, tol: Optional[float] = None,
@@ -197,29 +153,29 @@ def conv_operator_norms(specs: Sequence[ConvSpec], state: ConvState, n_iter: int
     at most ``max_iter`` steps) that update ``state`` in place. Returns a 1-D float32
     tensor (float64 if any weight is float64).
 
-    A step is one conv and one adjoint (conv_transpose, plus the padding map's adjoint for
-    non-zero padding modes); sigma = <y, A x> at the new vectors, equal to ||A^T y||, is
-    read off the step, so the forward costs no extra conv and the backward is one conv
-    weight-gradient per layer.
+    All layers go through one ``specreg_fast::conv_power_step_`` call (the loop runs in
+    C++), then one ``specreg_fast::conv_sigma`` call whose backward is the conv
+    weight-gradient of (x, y): no autograd graph through the iterations. Weights may be
+    float32/float64/bfloat16/float16; the vectors are float32 (float64 for float64 weights)
+    and low-precision weights are upcast to float32 inside the op.
     """
     specs = list(specs)
     if n_iter < 0:
         raise ValueError(f"n_iter must be >= 0, got {n_iter}")
-    if tol is not None and not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
+    if tol is not None and not (tol >= 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol}")
+    if max_iter is not None and max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     _validate(specs, state, names)
-    steps = (n_iter if tol is None else (max_iter or 100)) if update else 0
-    out_dtype = torch.float64 if any(s.weight.dtype == torch.float64 for s in specs) else torch.float32
-    sig = []
-    for l, spec in enumerate(specs):
-        geom = _Geometry(spec)
-        x, y = state.xs[l], state.ys[l]
-        w = spec.weight.detach().to(x.dtype)
-        est = _power_steps(geom, w, x, y, steps, tol) if steps > 0 else None
-        sig.append(_ConvSigma.apply(spec.weight, geom, x, y, est).to(out_dtype))
-    if not sig:
+    if not specs:
         return torch.zeros(0)
-    return torch.stack(sig)
+    steps = n_iter if tol is None else (max_iter or 100)
+    params, modes = ops.pack_conv_params(specs)
+    weights = [s.weight for s in specs]
+    if update and steps > 0:
+        ops.conv_power_step_([w.detach() for w in weights], state.xs, state.ys, params, modes, steps,
+                             0.0 if tol is None else float(tol))
+    return ops.conv_sigma(weights, state.xs, state.ys, params, modes)
 
 
 def conv_operator_norm(module: nn.Module, input_shape: Sequence[int], tol: float = 1e-6, max_iter: int = 2000,

@@ -15,7 +15,8 @@ from typing import List, Sequence
 
 import torch
 
-__all__ = ["power_step_", "sigma", "sigma_from_step", "HAS_CPP_EXT", "SCHEMAS"]
+__all__ = ["power_step_", "sigma", "sigma_from_step", "conv_power_step_", "conv_sigma", "conv_adjoint",
+           "pack_conv_params", "HAS_CPP_EXT", "SCHEMAS"]
 
 # Kept identical to csrc/specreg_fast.cpp (a test compares them): used only when the
 # compiled library is missing.
@@ -23,6 +24,11 @@ SCHEMAS = {
     "power_step_": "power_step_(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int n_iter, float tol) -> Tensor",
     "sigma": "sigma(Tensor[] weights, Tensor[] us, Tensor[] vs) -> Tensor",
     "sigma_from_step": "sigma_from_step(Tensor[] weights, Tensor[] us, Tensor[] vs, Tensor est) -> Tensor",
+    "conv_power_step_": "conv_power_step_(Tensor[] weights, Tensor(a!)[] xs, Tensor(b!)[] ys, int[] params, "
+                        "str[] padding_modes, int n_iter, float tol) -> Tensor",
+    "conv_sigma": "conv_sigma(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) -> Tensor",
+    "conv_adjoint": "conv_adjoint(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) "
+                    "-> Tensor[]",
 }
 
 try:
@@ -185,6 +191,202 @@ def sigma_from_step(weights: List[torch.Tensor], us: List[torch.Tensor], vs: Lis
 
 
 # ----------------------------------------------------------------------------- conv operator ops (conv.py)
+# Per-layer geometry of the conv ops, packed layer after layer into one int[] (2 + 5 d ints
+# for d spatial dims) plus one padding-mode string per layer:
+#     [transposed, groups, stride[d], dilation[d], pad_lo[d], pad_hi[d], output_padding[d]]
+# (the single description of the packing is csrc/specreg_fast.cpp; this is its encoder/decoder).
+def pack_conv_params(specs) -> "tuple[List[int], List[str]]":
+    """``(params, padding_modes)`` of the conv ops for a list of :class:`ConvSpec`."""
+    params: List[int] = []
+    modes: List[str] = []
+    for spec in specs:
+        d = spec.weight.dim() - 2
+        k = tuple(spec.weight.shape[2:])
+        if isinstance(spec.padding, str):
+            if spec.padding == "valid":
+                lo = hi = (0,) * d
+            elif spec.padding == "same":
+                total = [spec.dilation[i] * (k[i] - 1) for i in range(d)]
+                lo = tuple(t // 2 for t in total)
+                hi = tuple(t - t // 2 for t in total)
+            else:
+                raise ValueError(f"padding must be 'same', 'valid' or a tuple, got {spec.padding!r}")
+        else:
+            lo = hi = tuple(int(p) for p in spec.padding)
+        op = tuple(spec.output_padding) if spec.transposed and spec.output_padding else (0,) * d
+        params += [int(bool(spec.transposed)), int(spec.groups), *map(int, spec.stride), *map(int, spec.dilation), *lo,
+                   *hi, *map(int, op)]
+        modes.append(str(spec.padding_mode))
+    return params, modes
+
+
+def _unpack_conv_params(weights, params, modes):
+    out, off = [], 0
+    for W, mode in zip(weights, modes):
+        d = W.dim() - 2
+        p = list(params[off:off + 2 + 5 * d])
+        off += 2 + 5 * d
+        out.append(dict(transposed=bool(p[0]), groups=p[1], stride=p[2:2 + d], dilation=p[2 + d:2 + 2 * d],
+                        lo=p[2 + 2 * d:2 + 3 * d], hi=p[2 + 3 * d:2 + 4 * d], output_padding=p[2 + 4 * d:2 + 5 * d],
+                        mode=mode, d=d))
+    return out
+
+
+def _conv_pad_vec(g):
+    v = []
+    for i in reversed(range(g["d"])):
+        v += [g["lo"][i], g["hi"][i]]
+    return v
+
+
+def _conv_explicit(g):
+    return not g["transposed"] and (g["mode"] != "zeros" or g["lo"] != g["hi"])
+
+
+def _conv_padded_input(g, x):
+    """(input handed to aten.convolution, its padding) for a batched x."""
+    if _conv_explicit(g):
+        mode = "constant" if g["mode"] == "zeros" else g["mode"]
+        return torch.nn.functional.pad(x, _conv_pad_vec(g), mode=mode), [0] * g["d"]
+    return x, list(g["lo"])
+
+
+def _conv_apply_ref(g, W, x):
+    xp, pad = _conv_padded_input(g, x)
+    return torch.ops.aten.convolution(xp, W, None, g["stride"], pad, g["dilation"], g["transposed"],
+                                      g["output_padding"], g["groups"])
+
+
+def _conv_adjoint_ref(g, W, y, x_like):
+    # The vector-Jacobian product of the (linear) forward map: exact for every padding mode.
+    with torch.enable_grad():
+        x0 = torch.zeros_like(x_like).requires_grad_(True)
+        (gx,) = torch.autograd.grad(_conv_apply_ref(g, W.detach(), x0), x0, y)
+    return gx
+
+
+def _conv_power_step_reference(weights, xs, ys, params, padding_modes, n_iter, tol):
+    """Reference kernel of ``conv_power_step_`` (any device): the same step and conventions
+    as the C++ loop, with ``torch.where`` instead of host branches."""
+    geo = _unpack_conv_params(weights, params, padding_modes)
+    out = torch.zeros(len(weights), dtype=_out_dtype(weights), device=weights[0].device if weights else "cpu")
+    with torch.no_grad():
+        for l, (W, x1, y1, g) in enumerate(zip(weights, xs, ys, geo)):
+            Wf = W.to(x1.dtype)
+            if not bool(torch.isfinite(Wf).all()):
+                out[l] = math.nan
+                continue
+            x, y = x1[None], y1[None]
+            est = torch.zeros((), dtype=x.dtype, device=x.device)
+            if n_iter == 0:
+                est = (y * _conv_apply_ref(g, Wf, x)).sum()
+            prev = None
+            for _ in range(n_iter):
+                t = _conv_apply_ref(g, Wf, x)
+                tn = torch.linalg.vector_norm(t)
+                a = _conv_adjoint_ref(g, Wf, t, x)
+                an = torch.linalg.vector_norm(a)
+                ok = (tn > 0) & (an > 0) & torch.isfinite(tn) & torch.isfinite(an)
+                y.copy_(torch.where(ok, t / tn, y))
+                x.copy_(torch.where(ok, a / an, x))
+                est = torch.where(ok, an / tn, torch.zeros_like(an))
+                if tol > 0 and prev is not None and bool(torch.abs(est - prev) <= tol * torch.abs(est)):
+                    break
+                prev = est
+            out[l] = est.to(out.dtype)
+    return out
+
+
+def _conv_sigma_reference(weights, xs, ys, params, padding_modes):
+    geo = _unpack_conv_params(weights, params, padding_modes)
+    dt = _out_dtype(weights)
+    if not weights:
+        return torch.zeros(0, dtype=dt)
+    return torch.stack([(y[None] * _conv_apply_ref(g, W.to(x.dtype), x[None])).sum().to(dt)
+                        for W, x, y, g in zip(weights, xs, ys, geo)])
+
+
+def _conv_adjoint_reference(weights, xs, ys, params, padding_modes):
+    geo = _unpack_conv_params(weights, params, padding_modes)
+    return [_conv_adjoint_ref(g, W.to(y.dtype), y[None], x[None])[0].contiguous()
+            for W, x, y, g in zip(weights, xs, ys, geo)]
+
+
+@torch.library.register_fake("specreg_fast::conv_power_step_")
+def _conv_power_step_fake(weights, xs, ys, params, padding_modes, n_iter, tol):
+    torch._check(len(xs) == len(weights) and len(ys) == len(weights))
+    if not weights:
+        return torch.empty(0, dtype=torch.float32)
+    return weights[0].new_empty(len(weights), dtype=_out_dtype(weights))
+
+
+@torch.library.register_fake("specreg_fast::conv_sigma")
+def _conv_sigma_fake(weights, xs, ys, params, padding_modes):
+    torch._check(len(xs) == len(weights) and len(ys) == len(weights))
+    if not weights:
+        return torch.empty(0, dtype=torch.float32)
+    return weights[0].new_empty(len(weights), dtype=_out_dtype(weights))
+
+
+@torch.library.register_fake("specreg_fast::conv_adjoint")
+def _conv_adjoint_fake(weights, xs, ys, params, padding_modes):
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
+
+
+torch.library.impl("specreg_fast::conv_power_step_", "CompositeExplicitAutograd")(_conv_power_step_reference)
+torch.library.impl("specreg_fast::conv_sigma", "CompositeExplicitAutograd")(_conv_sigma_reference)
+torch.library.impl("specreg_fast::conv_adjoint", "CompositeExplicitAutograd")(_conv_adjoint_reference)
+
+
+def _conv_sigma_setup_context(ctx, inputs, output):
+    weights, xs, ys, params, padding_modes = inputs
+    ctx.save_for_backward(*weights, *xs, *ys)
+    ctx.n = len(weights)
+    ctx.params, ctx.modes = list(params), list(padding_modes)
+
+
+def _conv_sigma_backward(ctx, grad):
+    # d<y, A(W) x>/dW with x, y held fixed is the conv weight-gradient with input pad(x) and
+    # output-gradient y: one aten.convolution_backward per layer, no autograd graph.
+    n = ctx.n
+    saved = ctx.saved_tensors
+    weights, xs, ys = saved[:n], saved[n:2 * n], saved[2 * n:]
+    geo = _unpack_conv_params(weights, ctx.params, ctx.modes)
+    grads = []
+    for l, g in enumerate(geo):
+        W, x, y = weights[l], xs[l], ys[l]
+        Wf = W.to(x.dtype)
+        xp, pad = _conv_padded_input(g, x[None])
+        gw = torch.ops.aten.convolution_backward(y[None], xp, Wf, None, g["stride"], pad, g["dilation"],
+                                                 g["transposed"], g["output_padding"], g["groups"],
+                                                 [False, True, False])[1]
+        grads.append((gw * grad[l].to(gw.dtype)).to(W.dtype))
+    return grads, [None] * n, [None] * n, None, None
+
+
+torch.library.register_autograd("specreg_fast::conv_sigma", _conv_sigma_backward,
+                                setup_context=_conv_sigma_setup_context)
+
+
+def conv_power_step_(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: List[torch.Tensor], params: List[int],
+                     padding_modes: List[str], n_iter: int = 1, tol: float = 0.0) -> torch.Tensor:
+    """``n_iter`` grouped power steps on conv operators, in place on ``xs``/``ys``; returns
+    the detached estimates ``<y, A x>``. ``params``/``padding_modes``: :func:`pack_conv_params`."""
+    return torch.ops.specreg_fast.conv_power_step_(list(weights), list(xs), list(ys), list(params),
+                                                   list(padding_modes), int(n_iter), float(tol))
+
+
+def conv_sigma(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: List[torch.Tensor], params: List[int],
+               padding_modes: List[str]) -> torch.Tensor:
+    """``<y_l, A(W_l) x_l>`` per layer, differentiable in the weights."""
+    return torch.ops.specreg_fast.conv_sigma(list(weights), list(xs), list(ys), list(params), list(padding_modes))
+
+
+def conv_adjoint(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: List[torch.Tensor], params: List[int],
+                 padding_modes: List[str]) -> List[torch.Tensor]:
+    """``A(W_l)^T y_l`` per layer (``xs`` give the input shapes)."""
+    return torch.ops.specreg_fast.conv_adjoint(list(weights), list(xs), list(ys), list(params), list(padding_modes))
+
 
 
 # ----------------------------------------------------------------------------- circular / FFT ops (fft.py)

@@ -143,7 +143,10 @@ def conv_adjoint(spec: ConvSpec, y: torch.Tensor) -> torch.Tensor:
     in_sp = spec.input_shape[1:]
     if spec.transposed:
         conv = [F.conv1d, F.conv2d, F.conv3d][d - 1]
-        return conv(y, w, None, spec.stride, spec.padding, spec.dilation, spec.groups)
+        g = conv(y, w, None, spec.stride, spec.padding, spec.dilation, spec.groups)
+        # output_padding >= stride (allowed when dilation > stride) gives the conv extra
+        # positions that no input feeds: the adjoint crops them.
+        return g[(slice(None), slice(None)) + tuple(slice(0, n) for n in in_sp)]
     if spec.padding_mode == "zeros" and not isinstance(spec.padding, str):
         out_sp = y.shape[2:]
         k = spec.weight.shape[2:]

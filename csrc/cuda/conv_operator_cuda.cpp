@@ -1,0 +1,23 @@
+// CUDA registration of the conv-operator ops. The loop (csrc/cpu/conv_operator_cpu.cpp) is
+// ATen ops only, so on CUDA it runs cuDNN convolutions and stays free of host syncs except
+// the one finiteness read per call and the per-step read that `tol` needs.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+namespace specreg_fast {
+at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys, at::IntArrayRef params,
+                                const std::vector<std::string>& padding_modes, int64_t n_iter, double tol);
+at::Tensor conv_sigma_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys, at::IntArrayRef params,
+                           const std::vector<std::string>& padding_modes);
+std::vector<at::Tensor> conv_adjoint_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys,
+                                          at::IntArrayRef params, const std::vector<std::string>& padding_modes);
+}  // namespace specreg_fast
+
+TORCH_LIBRARY_IMPL(specreg_fast, CUDA, m) {
+  m.impl("conv_power_step_", &specreg_fast::conv_power_step_impl);
+  m.impl("conv_sigma", &specreg_fast::conv_sigma_impl);
+  m.impl("conv_adjoint", &specreg_fast::conv_adjoint_impl);
+}
