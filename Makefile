@@ -61,6 +61,8 @@ demo: build $(REPRO)
 
 bench: build
 	$(VPY) bench/bench_dense.py
+	$(VPY) bench/bench_conv.py
+	$(VPY) bench/bench_training.py
 
 clean:
 	rm -rf build dist *.egg-info specreg_fast/*.so
