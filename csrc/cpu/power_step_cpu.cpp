@@ -29,12 +29,13 @@ namespace {
 // Elements of W per task: 64K (256 KB of float32) keeps a block in L2 between the two
 // uses of each row.
 constexpr int64_t kTaskElems = 1 << 16;
-// Least work per thread (elements of W, 8 MB of float32) before a sweep is split across
-// threads. Below it the list fits in cache and one thread sweeps it in ~0.1 ms, less than a
-// parallel region's wake-up; and on a loaded machine a parallel region waits for its slowest,
-// possibly descheduled, thread (measured: 1000x784 took 0.05 ms on one thread, 8-16 ms on two
-// while other processes held the cores).
-constexpr int64_t kMinChunkElems = 1 << 21;
+// Least work per thread (elements of W, 512 KB of float32) before a sweep is split across
+// threads: below it a parallel region's wake-up costs more than it saves. Measured on the idle
+// 2-core machine: 1000x784 takes 38 us on two threads and 48 us on one, the 784-1024-1024-1024
+// MLP list 92 us and 157 us. (On a machine whose cores other processes hold, a parallel region
+// waits for its slowest, possibly descheduled, thread; torch.set_num_threads(1) is the remedy
+// there, as for torch's own kernels.)
+constexpr int64_t kMinChunkElems = 1 << 17;
 
 int64_t threads_for(int64_t elems) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), elems / kMinChunkElems));
