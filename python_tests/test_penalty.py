@@ -389,3 +389,17 @@ def test_torch_compile_training_step_matches_eager():
             torch.testing.assert_close(a, b)
     torch.testing.assert_close(pc.get_buffer("v_0"), pe.get_buffer("v_0"))
     assert pc.step_count.item() == pe.step_count.item()
+
+
+def test_bounds_bracket_the_exact_norms():
+    model = cnn()
+    pen = sf.SpectralPenalty(model, scope="all")
+    model(torch.randn(1, 2, 8, 8))
+    pen()
+    br = pen.bounds()
+    assert set(br) == {"0", "2", "5"}
+    exact = {"0": ref.conv_sigma_exact(ref.ConvSpec.from_module(model[0], (2, 8, 8))).item(),
+             "2": ref.conv_sigma_exact(ref.ConvSpec.from_module(model[2], (4, 8, 8))).item(),
+             "5": torch.linalg.matrix_norm(model[5].weight.detach().double(), 2).item()}
+    for name, (lo, up, gap) in br.items():
+        assert lo <= exact[name] * (1 + 1e-5) and up >= exact[name] * (1 - 1e-9), name

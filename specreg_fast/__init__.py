@@ -6,7 +6,8 @@ operator norm of convolutions), as torch custom ops with custom backwards, for t
 """
 import torch as _torch
 
-from . import conv, fft, ops, reference
+from . import bounds, conv, fft, ops, reference
+from .bounds import operator_norm_bounds
 from .conv import ConvSpec, ConvState, conv_operator_norm, conv_operator_norms, init_conv_state
 from .fft import CircularState, circular_conv_norms, init_circular_state, to_circular_padding
 from .dense import PowerState, as_matrix, init_power_state, spectral_norm, spectral_norms
@@ -25,6 +26,8 @@ HAS_CUDA_EXT = HAS_CPP_EXT and _has_kernel("power_step_", "CUDA")
 from .triton import autoregister as _triton_autoregister  # noqa: E402,F401  (Triton = CUDA kernel if none built)
 
 __all__ = [
+    "bounds",
+    "operator_norm_bounds",
     "CircularState",
     "ConvSpec",
     "ConvState",

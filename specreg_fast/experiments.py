@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from . import data as D
 from . import robust as R
+from .bounds import schur_conv_bound
 from .penalty import SpectralPenalty
 
 ARMS = ("vanilla", "ll-spectral", "rep-spectral")  # none / scope="all" / scope="hidden"
@@ -139,20 +140,6 @@ def _layer_sigmas(model: nn.Module, conv_shapes: Optional[Dict[str, tuple]] = No
 
 
 # ----------------------------------------------------------------------------- evaluation
-def schur_conv_bound(m: nn.Module) -> Optional[float]:
-    """A certified (loose) upper bound on a zero-padded conv's operator norm by the Schur
-    test, ||A||_2 <= sqrt(max row abs-sum * max column abs-sum): a row of A holds one output
-    channel's taps (sum_{c,t} |K[o,c,t]| at most) and a column at most every output channel's
-    taps on one input channel (sum_{o,t} |K[o,c,t]|), whatever the stride. Zero padding only
-    removes entries, so the bound holds; other padding modes are not covered (None)."""
-    if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or m.padding_mode != "zeros":
-        return None
-    a = m.weight.detach().abs().double()
-    row = a.flatten(1).sum(1).max()
-    col = a.transpose(0, 1).flatten(1).sum(1).max() if m.groups == 1 else a.sum(dim=(0,) + tuple(range(2, a.dim()))).max()
-    return float(torch.sqrt(row * col))
-
-
 def evaluate(model: nn.Sequential, ds: D.Dataset, cfg: Config, seed: int, probe_data: Optional[D.Dataset] = None
              ) -> Dict[str, object]:
     """Clean accuracy, then on the probed classifier (fresh readout on frozen features):
@@ -173,7 +160,7 @@ def evaluate(model: nn.Sequential, ds: D.Dataset, cfg: Config, seed: int, probe_
                                 steps=cfg.attack_steps, max_gradient_eval_steps=cfg.hsj_max_evals,
                                 starting_pool=target.x_train[:2000], seed=seed)
     xa, ya = x[res.index], y[res.index]
-    lip = R.feature_lipschitz_bound(feats, layer_bound=schur_conv_bound)
+    lip = R.feature_lipschitz_bound(feats, layer_bound=schur_conv_bound)  # loose but certified for convs
     lb = R.lemma1_bounds(feats, clf.readout, xa, ya, lipschitz=lip)
     dist = res.distance[res.success]
     out = {"clean_acc": clean, "probe_acc": probe_acc, "pgd_linf": {str(k): v for k, v in pgd_inf.items()},

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from . import dense as _dense
+from .bounds import operator_norm_bounds
 from .conv import ConvSpec, ConvState, conv_operator_norms, init_conv_state
 from .fft import CircularState, circular_conv_norms, init_circular_state
 
@@ -375,14 +376,13 @@ class SpectralPenalty(nn.Module):
     def bounds(self, n_iter: int = 6) -> Dict[str, Tuple[float, float, float]]:
         """Name -> ``(lower, upper, rel_gap)``: a certified bracket of each layer's norm
         (see :func:`specreg_fast.bounds.operator_norm_bounds`)."""
-        from .bounds import operator_norm_bounds
-
         if not self._ready:
             self._finalize()
         out = {}
         for n, m in self._layers:
             shape = self._input_shapes.get(n) if isinstance(m, _CONV) and self.conv_norm != "matrix" else None
-            out[n] = operator_norm_bounds(m if shape is not None else _dense.as_matrix(m.weight.detach()), shape)
+            out[n] = operator_norm_bounds(m if shape is not None else _dense.as_matrix(m.weight.detach()), shape,
+                                          n_iter=n_iter)
         return out
 
     def extra_repr(self) -> str:
