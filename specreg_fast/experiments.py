@@ -12,7 +12,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -129,7 +129,7 @@ def train(model: nn.Sequential, ds: D.Dataset, arm: str, epochs: int, gamma: flo
 
 
 @torch.no_grad()
-def _layer_sigmas(model: nn.Module, conv_shapes: Optional[Dict[str, tuple]] = None) -> Dict[str, float]:
+def _layer_sigmas(model: nn.Module) -> Dict[str, float]:
     """Exact sigma of each Linear (SVD) and the matrix norm of each conv kernel (for a
     per-layer report that is the same quantity in every arm)."""
     out = {}
@@ -260,6 +260,16 @@ def print_table(rows, cfg: Config) -> None:
         print(line)
 
 
+def _save(fig, cfg: Config, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = os.path.join(cfg.out_dir, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(all_runs, rows, cfg: Config) -> List[str]:
     import matplotlib
 
@@ -278,11 +288,7 @@ def plots(all_runs, rows, cfg: Config) -> List[str]:
         ax.set_xlabel("eps (L2)")
         ax.set_ylabel("accuracy")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = os.path.join(cfg.out_dir, "robust_accuracy.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    files.append(p)
+    files.append(_save(fig, cfg, "robust_accuracy.png"))
 
     fig, axes = plt.subplots(1, len(cases), figsize=(4.5 * len(cases), 3.6), squeeze=False)
     for ax, case in zip(axes[0], cases):
@@ -296,11 +302,7 @@ def plots(all_runs, rows, cfg: Config) -> List[str]:
         ax.set_title(f"{case}: sigma per penalized layer")
         ax.set_xlabel("epoch")
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    p = os.path.join(cfg.out_dir, "sigma_over_training.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    files.append(p)
+    files.append(_save(fig, cfg, "sigma_over_training.png"))
 
     if "toy-xor" in all_runs:
         seed0 = next(iter(all_runs["toy-xor"]))
@@ -316,11 +318,7 @@ def plots(all_runs, rows, cfg: Config) -> List[str]:
             ax.contourf(gx, gy, z, alpha=0.3, cmap="coolwarm")
             ax.scatter(ds.x_test[:, 0], ds.x_test[:, 1], c=ds.y_test, s=6, cmap="coolwarm")
             ax.set_title(f"XOR: {arm} (min L2 {run['min_l2']['mean']:.3f})")
-        fig.tight_layout()
-        p = os.path.join(cfg.out_dir, "toy_decision_boundaries.png")
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        files.append(p)
+        files.append(_save(fig, cfg, "toy_decision_boundaries.png"))
     return files
 
 
