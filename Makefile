@@ -6,6 +6,8 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-stamp
 EDIT   := $(VENV)/.editable-stamp
+# Defined before the rules that list it: make expands prerequisites when it reads a rule.
+REPRO  := $(VENV)/.repro-stamp
 # The CUDA sources are compiled and linked (no GPU needed) whenever nvcc is around; set
 # FORCE_CUDA=0 for a quicker CPU-only build.
 NVCC   := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
@@ -46,8 +48,6 @@ test: build $(REPRO)
 test-all: build $(REPRO)
 	$(VPY) -m pytest python_tests --ignore=$(TRITON_INTERP_TESTS) $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(VPY) -m pytest $(TRITON_INTERP_TESTS) $(PYTEST_ARGS)
-
-REPRO  := $(VENV)/.repro-stamp
 
 $(REPRO): $(DEPS) requirements-repro.txt
 	$(VPY) -m pip install -q -r requirements-repro.txt
