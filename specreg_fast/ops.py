@@ -433,9 +433,8 @@ def _circular_power_step_reference(weights, xs, x_tops_out, y_tops_out, params, 
             tiny = torch.finfo(x_state.dtype).tiny
             X = fwd_in(x_state)
             nx = torch.linalg.vector_norm(X, dim=0)
-            e0 = torch.zeros_like(X)
-            e0[0] = 1
-            Xn = torch.where(nx > 0, X / nx.clamp_min(tiny), e0)
+            Xn = X / nx.clamp_min(tiny)
+            Xn[0] += (nx == 0).to(nx.dtype)
             xh = inv_in(Xn)
             steps = max(n_iter, 1)
             for it in range(steps):
