@@ -11,6 +11,8 @@ Rows (all 11 layers per call, circular padding, float32, one step per call as in
     per-frequency vectors (their ``src/model/regularizer/conv.py`` recipe in plain PyTorch);
   * authors, taps-DFT blocks: the same blocks from a direct DFT over the k x k taps
     (``reference.circular_transfer_blocks``) + the same step;
+  * ours, explicit blocks: :func:`fft.circular_blocks` (a GEMM over the taps, half spectrum)
+    + ``batched_power_step_`` (OpenMP C++);
   * exact: ``eigvalsh`` of every block's Gram matrix (the smaller side).
 Accuracy: sigma after 30 steps of ours and of the authors' block iteration from the same
 start, relative to the exact per-block value.
@@ -125,16 +127,24 @@ def main(argv=None):
             return [block_power_step(authors_blocks_taps(s.weight, s.input_shape[1], s.stride[0]), v)
                     for s, v in zip(specs, vs)]
 
+    bst = fft.init_circular_block_state(specs, generator=torch.Generator().manual_seed(2))
+
+    def ours_blocks():
+        with torch.no_grad():
+            return [ops.batched_power_step_(fft.circular_blocks(s.weight, s.input_shape[1:], s.stride), u, v, 1)
+                    for s, u, v in zip(specs, bst.us, bst.vs)]
+
     def exact_eig():
         with torch.no_grad():
             return [block_exact(authors_blocks_fft(s.weight, s.input_shape[1], s.stride[0])) for s in specs]
 
     fast = interleaved({"ours": ours, "operator": operator_step}, repeats=max(args.reps, 9), warmup=2)
-    slow = interleaved({"ours": ours, "authors_fft": authors_fft, "authors_taps": authors_taps,
-                        "exact_eigvalsh": exact_eig}, repeats=args.reps, warmup=1, min_time=0.0)
+    slow = interleaved({"ours": ours, "ours_blocks": ours_blocks, "authors_fft": authors_fft,
+                        "authors_taps": authors_taps, "exact_eigvalsh": exact_eig}, repeats=args.reps, warmup=1, min_time=0.0)
     rows = [
         ("ours: matrix-free step", fast["ours"]),
         ("operator step (method B, circular)", fast["operator"]),
+        ("ours: explicit blocks (taps GEMM + C++ step)", slow["ours_blocks"]),
         ("authors: FFT of padded kernel + block step", slow["authors_fft"]),
         ("authors: taps-DFT blocks + block step", slow["authors_taps"]),
         ("exact: eigvalsh per block", slow["exact_eigvalsh"]),

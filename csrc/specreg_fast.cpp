@@ -54,5 +54,11 @@ TORCH_LIBRARY(specreg_fast, m) {
   // estimates max_w |P(w) X(w)| (detached) and writes x_tops/y_tops (input-/output-shaped
   // buffers): the real unit pair of the top frequency, with <y_top, A x_top> = estimate, to
   // hand to conv_sigma (circular) for the differentiable value and its closed-form gradient.
+  // The explicit-block form (the authors' construction; exact-variant and GPU alternative):
+  // n_iter power steps on every block of a (B, m, n) stack (float32/64, complex64/128), in
+  // place on the persistent us (B, m) and vs (B, n): t = P v, a = P^H t, u = t/|t|, v = a/|a|.
+  // Returns sigma_b = |P_b v_b| at the final v (real dtype of the blocks). A block whose t or a
+  // vanishes keeps its vectors (csrc/cpu/batched_power_cpu.cpp; CUDA: the Triton kernel).
+  m.def("batched_power_step_(Tensor blocks, Tensor(a!) us, Tensor(b!) vs, int n_iter) -> Tensor");
   m.def("circular_power_step_(Tensor[] weights, Tensor(a!)[] xs, Tensor(b!)[] x_tops, Tensor(c!)[] y_tops, int[] params, int n_iter) -> Tensor");
 }

@@ -259,3 +259,74 @@ def test_to_circular_padding_then_model_norm():
     # the explicit matrix of the layer itself (its own circular padding)
     exact = ref.conv_sigma_exact(spec).item()
     assert est == pytest.approx(exact, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- explicit blocks
+@pytest.mark.parametrize("d,cin,cout,k,stride,dilation,groups", CASES)
+def test_circular_blocks_equal_the_reference_blocks(d, cin, cout, k, stride, dilation, groups):
+    spec = _spec(d, cin, cout, k, stride, dilation, groups)
+    pad = dilation * (k - 1) // 2
+    P = fft.circular_blocks(spec.weight, spec.input_shape[1:], stride, dilation, groups, padding=pad)
+    full = ref.circular_transfer_blocks(spec.weight, spec.input_shape[1:], stride, dilation, pad, groups)
+    m_last = spec.input_shape[-1] // stride
+    half = full[(Ellipsis, slice(0, m_last // 2 + 1)) + (slice(None),) * 3]
+    torch.testing.assert_close(P, half.reshape(-1, *full.shape[-2:]), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64, torch.complex128])
+def test_batched_power_step_matches_reference_and_converges(dtype):
+    g = torch.Generator().manual_seed(0)
+    real = torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+    P = torch.randn(7, 5, 9, generator=g, dtype=real)
+    if dtype.is_complex:
+        P = torch.complex(P, torch.randn(7, 5, 9, generator=g, dtype=real))
+    P[3] = 0  # a zero block keeps its vectors, sigma 0
+    u = torch.zeros(7, 5, dtype=dtype)
+    v = torch.randn(7, 9, generator=g, dtype=real).to(dtype)
+    u2, v2 = u.clone(), v.clone()
+    s1 = ops.batched_power_step_(P, u, v, 4)
+    s2 = ops._batched_power_step_reference(P, u2, v2, 4)
+    tol = 1e-12 if real == torch.float64 else 1e-5
+    torch.testing.assert_close(s1, s2, rtol=tol, atol=tol)
+    torch.testing.assert_close(v, v2, rtol=tol, atol=tol)
+    torch.testing.assert_close(u, u2, rtol=tol, atol=tol)
+    assert s1[3] == 0 and torch.equal(v[3], v2[3])
+    s = ops.batched_power_step_(P, u, v, 500)
+    exact = torch.linalg.matrix_norm(P.to(torch.complex128 if dtype.is_complex else torch.float64), 2)
+    torch.testing.assert_close(s.double(), exact.double(), rtol=1e-9 if real == torch.float64 else 1e-5, atol=1e-6)
+
+
+def test_batched_power_step_opcheck_and_errors():
+    P = torch.randn(4, 3, 5, dtype=torch.complex64)
+    torch.library.opcheck(torch.ops.specreg_fast.batched_power_step_.default,
+                          (P, torch.zeros(4, 3, dtype=torch.complex64), torch.randn(4, 5, dtype=torch.complex64), 2))
+    with pytest.raises(ValueError, match=r"vs \(4, 5\), got \[4, 3\] and \[4, 4\]"):
+        ops.batched_power_step_(P, torch.zeros(4, 3, dtype=torch.complex64), torch.zeros(4, 4, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="blocks' dtype"):
+        ops.batched_power_step_(P, torch.zeros(4, 3, dtype=torch.complex128), torch.zeros(4, 5, dtype=torch.complex128))
+
+
+@pytest.mark.parametrize("d,cin,cout,k,stride,dilation,groups", CASES[:8])
+def test_block_norms_converge_and_equal_the_matrix_free_iteration(d, cin, cout, k, stride, dilation, groups):
+    spec = _spec(d, cin, cout, k, stride, dilation, groups)
+    exact = _exact(spec)
+    st = fft.init_circular_block_state([spec], generator=torch.Generator().manual_seed(0))
+    est = fft.circular_block_norms([spec], st, n_iter=300).item()
+    assert abs(est - exact) <= 1e-8 * exact
+
+
+def test_block_norm_gradient_is_exact():
+    spec = _spec(2, 3, 4, 3, 2, 1, 1)
+    st = fft.init_circular_block_state([spec], generator=torch.Generator().manual_seed(0))
+    fft.circular_block_norms([spec], st, n_iter=500)
+    w = spec.weight.clone().requires_grad_(True)
+
+    def f(w_):
+        return fft.circular_block_norms([ConvSpec(**{**spec.__dict__, "weight": w_})], st, update=False)
+
+    assert torch.autograd.gradcheck(f, (w,), eps=1e-6, atol=1e-6)
+    (g1,) = torch.autograd.grad(f(w).sum(), w)
+    w2 = spec.weight.clone().requires_grad_(True)
+    (g2,) = torch.autograd.grad(fft.circular_conv_norms([ConvSpec(**{**spec.__dict__, "weight": w2})],
+                                                        exact=True).sum(), w2)
+    torch.testing.assert_close(g1, g2, rtol=1e-6, atol=1e-8)

@@ -25,8 +25,10 @@ Public API: :func:`init_circular_state`, :func:`circular_conv_norms`,
 """
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -35,7 +37,8 @@ from . import ops
 from . import reference as ref
 from .reference import ConvSpec
 
-__all__ = ["CircularState", "init_circular_state", "circular_conv_norms", "circular_params", "to_circular_padding"]
+__all__ = ["CircularState", "init_circular_state", "circular_conv_norms", "circular_params", "to_circular_padding",
+           "circular_blocks", "CircularBlockState", "init_circular_block_state", "circular_block_norms"]
 
 
 @dataclass
@@ -173,6 +176,142 @@ def circular_conv_norms(specs: Sequence[ConvSpec], state: Optional[CircularState
     _, x_tops, y_tops = ops.circular_power_step_([w.detach() for w in weights], state.xs, params,
                                                  n_iter if update else 0)
     return ops.conv_sigma(weights, x_tops, y_tops, params, ["circular"] * len(specs)).to(dt)
+
+
+# ----------------------------------------------------------------------------- explicit blocks
+def _tup(v, d):
+    return tuple(int(x) for x in v) if isinstance(v, (tuple, list)) else (int(v),) * d
+
+
+def circular_blocks(weight: torch.Tensor, input_size: Sequence[int], stride: Union[int, Sequence[int]] = 1,
+                    dilation: Union[int, Sequence[int]] = 1, groups: int = 1, padding: Union[int, Sequence[int]] = 0,
+                    freqs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The Fourier blocks ``P(w)`` of the circular conv, for the half-spectrum of frequencies
+    (last dim ``0 .. m_d // 2``, ``m = N / stride``: a real kernel's ``P(-w)`` is the
+    conjugate of ``P(w)``, same singular values), as a ``(F * groups, C_out/groups,
+    (C_in/groups) * prod(stride))`` complex stack, frequency-major then group.
+
+    Built as a direct DFT over the k^d taps, not an FFT of the kernel zero-padded to the input
+    size: ``P = E @ M`` with ``E[w, t] = exp(2 pi i <w, a_t> / m)`` (``dilation*t - padding =
+    stride*a_t + r_t``) and ``M`` the taps placed in their phase ``r_t``: one (F x k^d) x
+    (k^d x C_out C_in prod(s)) GEMM, differentiable in ``weight`` (measured faster than the
+    FFT of the padded kernel on the ResNet-18 shapes: ``bench/bench_fft.py``). ``freqs``
+    (flat indices into the half-spectrum grid) builds only those frequencies' blocks.
+    Same blocks as :func:`specreg_fast.reference.circular_transfer_blocks` (a test checks).
+    """
+    d = weight.dim() - 2
+    ks = tuple(weight.shape[2:])
+    s, dil, pad = _tup(stride, d), _tup(dilation, d), _tup(padding, d)
+    N = tuple(int(n) for n in input_size)
+    if len(N) != d or any(N[i] % s[i] for i in range(d)):
+        raise ValueError(f"input_size {N} must have {d} entries, each divisible by the stride {s}")
+    m = [N[i] // s[i] for i in range(d)]
+    half = m[:-1] + [m[-1] // 2 + 1]
+    cout, cin_g = weight.shape[0], weight.shape[1]
+    if cout % groups:
+        raise ValueError(f"C_out={cout} is not divisible by groups={groups}")
+    S = math.prod(s)
+    real = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    dev = weight.device
+    taps = list(itertools.product(*[range(k) for k in ks]))
+    a = torch.empty(len(taps), d, dtype=torch.float64)
+    R = torch.zeros(len(taps), S, dtype=real, device=dev)
+    for j, t in enumerate(taps):
+        r_flat = 0
+        for i in range(d):
+            off = dil[i] * t[i] - pad[i]
+            a[j, i] = off // s[i]
+            r_flat = r_flat * s[i] + (off - s[i] * (off // s[i]))
+        R[j, r_flat] = 1
+    grid = torch.stack(torch.meshgrid(*[torch.arange(h, dtype=torch.float64) for h in half], indexing="ij"),
+                       -1).reshape(-1, d)
+    if freqs is not None:
+        grid = grid[freqs.cpu()]
+    phase = (grid / torch.tensor(m, dtype=torch.float64)) @ a.t()  # (F, T), in turns
+    phase = torch.remainder(phase, 1.0) * (2 * math.pi)  # reduced in float64 before the cast
+    E = torch.polar(torch.ones_like(phase), phase).to(dev)
+    K = weight.to(real).reshape(cout * cin_g, len(taps))
+    M = (K.t()[:, :, None] * R[:, None, :]).reshape(len(taps), cout * cin_g * S)  # taps in their phase
+    P = torch.complex(E.real.to(real) @ M, E.imag.to(real) @ M)
+    return P.reshape(-1, groups, cout // groups, cin_g * S).reshape(-1, cout // groups, cin_g * S)
+
+
+@dataclass
+class CircularBlockState:
+    """Persistent per-block vectors of the explicit-block iteration: ``us[l]`` (B, m) and
+    ``vs[l]`` (B, n) complex, one row per (frequency, group) block of
+    :func:`circular_blocks`."""
+
+    us: List[torch.Tensor] = field(default_factory=list)
+    vs: List[torch.Tensor] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.vs)
+
+
+def _block_geometry(spec: ConvSpec):
+    d = spec.weight.dim() - 2
+    m = [spec.input_shape[1 + i] // spec.stride[i] for i in range(d)]
+    F = math.prod(m[:-1]) * (m[-1] // 2 + 1)
+    B = F * spec.groups
+    rows = spec.weight.shape[0] // spec.groups
+    cols = spec.weight.shape[1] * math.prod(spec.stride)
+    return B, rows, cols
+
+
+def init_circular_block_state(specs: Sequence[ConvSpec], generator: Optional[torch.Generator] = None
+                              ) -> CircularBlockState:
+    us, vs = [], []
+    for spec in specs:
+        B, rows, cols = _block_geometry(spec)
+        cplx = torch.complex128 if spec.weight.dtype == torch.float64 else torch.complex64
+        v = torch.randn(B, cols, dtype=cplx, generator=generator)
+        vs.append((v / torch.linalg.vector_norm(v, dim=1, keepdim=True)).to(spec.weight.device))
+        us.append(torch.zeros(B, rows, dtype=cplx, device=spec.weight.device))
+    return CircularBlockState(us, vs)
+
+
+def circular_block_norms(specs: Sequence[ConvSpec], state: CircularBlockState, n_iter: int = 1, *,
+                         update: bool = True, assume_circular: bool = False,
+                         names: Optional[Sequence[str]] = None) -> torch.Tensor:
+    """The paper's released-code form of ``method="fft"``: explicit Fourier blocks
+    (:func:`circular_blocks`) and ``n_iter`` batched power steps over all of them with
+    persistent per-block vectors (``specreg_fast::batched_power_step_``: OpenMP C++ on CPU,
+    the Triton kernel on CUDA). Same value as :func:`circular_conv_norms` from the same start;
+    the matrix-free form is faster on CPU, this one keeps one vector per block and suits GPUs
+    and small layers. Differentiable: sigma = |P(w*) v| with ``P(w*)`` rebuilt for the top
+    block only (its gradient is the closed form ``Re(u^H dP(w*) v)``)."""
+    specs = list(specs)
+    if not isinstance(n_iter, int) or n_iter < 0:
+        raise ValueError(f"n_iter must be an int >= 0, got {n_iter!r}")
+    if len(state) != len(specs) or len(state.us) != len(specs):
+        raise ValueError(f"state: expected {len(specs)} (u, v) pairs, one per conv, got {len(state)}")
+    out = []
+    for l, spec in enumerate(specs):
+        name = names[l] if names is not None else f"specs[{l}]"
+        _check_circular(spec, name, assume_circular)
+        B, rows, cols = _block_geometry(spec)
+        u, v = state.us[l], state.vs[l]
+        cplx = torch.complex128 if spec.weight.dtype == torch.float64 else torch.complex64
+        if tuple(v.shape) != (B, cols) or tuple(u.shape) != (B, rows) or v.dtype != cplx or u.dtype != cplx:
+            raise ValueError(f"{name}: state u/v must be {cplx} of shapes ({B}, {rows}) / ({B}, {cols}), got "
+                             f"{u.dtype} {tuple(u.shape)} / {v.dtype} {tuple(v.shape)}")
+        w = spec.weight
+        with torch.no_grad():
+            P = circular_blocks(w.detach(), spec.input_shape[1:], spec.stride, spec.dilation, spec.groups)
+            if update and n_iter > 0:
+                sig = ops.batched_power_step_(P, u, v, n_iter)
+            else:
+                sig = torch.linalg.vector_norm(torch.einsum("bmn,bn->bm", P, v), dim=1)
+            top = int(sig.argmax())
+        f, g = divmod(top, spec.groups)
+        Pf = circular_blocks(w, spec.input_shape[1:], spec.stride, spec.dilation, spec.groups,
+                             freqs=torch.tensor([f]))[g]
+        out.append(torch.linalg.vector_norm(Pf @ v[top]))
+    if not out:
+        return torch.zeros(0)
+    dt = torch.float64 if any(s.weight.dtype == torch.float64 for s in specs) else torch.float32
+    return torch.stack([o.to(dt) for o in out])
 
 
 def to_circular_padding(model: nn.Module) -> nn.Module:

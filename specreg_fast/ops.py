@@ -16,7 +16,7 @@ from typing import List, Sequence
 import torch
 
 __all__ = ["power_step_", "sigma", "sigma_from_step", "conv_power_step_", "conv_sigma", "conv_adjoint",
-           "circular_power_step_", "pack_conv_params", "HAS_CPP_EXT", "SCHEMAS"]
+           "circular_power_step_", "batched_power_step_", "pack_conv_params", "HAS_CPP_EXT", "SCHEMAS"]
 
 # Kept identical to csrc/specreg_fast.cpp (a test compares them): used only when the
 # compiled library is missing.
@@ -31,6 +31,7 @@ SCHEMAS = {
                     "-> Tensor[]",
     "circular_power_step_": "circular_power_step_(Tensor[] weights, Tensor(a!)[] xs, Tensor(b!)[] x_tops, "
                             "Tensor(c!)[] y_tops, int[] params, int n_iter) -> Tensor",
+    "batched_power_step_": "batched_power_step_(Tensor blocks, Tensor(a!) us, Tensor(b!) vs, int n_iter) -> Tensor",
 }
 
 try:
@@ -491,3 +492,33 @@ def circular_power_step_(weights: List[torch.Tensor], xs: List[torch.Tensor], pa
     y_tops = [x.new_empty(shape) for x, shape in zip(xs, circular_output_shapes(weights, xs, params))]
     est = torch.ops.specreg_fast.circular_power_step_(weights, xs, x_tops, y_tops, list(params), int(n_iter))
     return est, x_tops, y_tops
+
+
+# ----------------------------------------------------------------------------- explicit-block power iteration
+def _batched_power_step_reference(blocks, us, vs, n_iter):
+    """Reference kernel of ``batched_power_step_`` (any device), in place on us/vs."""
+    with torch.no_grad():
+        for _ in range(n_iter):
+            t = torch.einsum("bmn,bn->bm", blocks, vs)
+            a = torch.einsum("bmn,bm->bn", blocks.conj(), t)
+            tn = torch.linalg.vector_norm(t, dim=1, keepdim=True)
+            an = torch.linalg.vector_norm(a, dim=1, keepdim=True)
+            ok = (tn > 0) & (an > 0) & torch.isfinite(tn) & torch.isfinite(an)
+            us.copy_(torch.where(ok, t / torch.where(ok, tn, 1), us))
+            vs.copy_(torch.where(ok, a / torch.where(ok, an, 1), vs))
+        return torch.linalg.vector_norm(torch.einsum("bmn,bn->bm", blocks, vs), dim=1)
+
+
+@torch.library.register_fake("specreg_fast::batched_power_step_")
+def _batched_power_step_fake(blocks, us, vs, n_iter):
+    torch._check(blocks.dim() == 3)
+    return blocks.new_empty(blocks.shape[0], dtype=blocks.real.dtype if blocks.is_complex() else blocks.dtype)
+
+
+torch.library.impl("specreg_fast::batched_power_step_", "CompositeExplicitAutograd")(_batched_power_step_reference)
+
+
+def batched_power_step_(blocks: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, n_iter: int = 1) -> torch.Tensor:
+    """``n_iter`` power steps on every block of ``blocks`` (B, m, n), in place on ``us``
+    (B, m) / ``vs`` (B, n); returns ``|P_b v_b|`` per block (see ``csrc/specreg_fast.cpp``)."""
+    return torch.ops.specreg_fast.batched_power_step_(blocks, us, vs, int(n_iter))
