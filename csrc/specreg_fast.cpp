@@ -45,4 +45,20 @@ TORCH_LIBRARY(specreg_fast, m) {
   // A(W_l)^T y_l for each layer (the adjoint the power step uses; exposed for tests).
   m.def("conv_adjoint(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) -> Tensor[]");
   // ---- Fourier-domain (circular) conv norms ------------------------------------------
+  // Circular (wrap-around) convs, the paper's method, matrix-free: xs[l] is ONE input-shaped
+  // tensor holding the persistent vector of every frequency of the polyphase DFT (see
+  // csrc/cpu/circular_conv_cpu.cpp). params: the conv packing above (not transposed, total
+  // padding dilation*(k-1) so the output is N/stride; mode circular implied). n_iter batched
+  // per-frequency power steps in place (two convolutions each, no FFT of the kernel);
+  // n_iter = 0 reads the estimate at the current vectors without writing them. Returns the
+  // estimates max_w |P(w) X(w)| (detached) and writes x_tops/y_tops (input-/output-shaped
+  // buffers): the real unit pair of the top frequency, with <y_top, A x_top> = estimate, to
+  // hand to conv_sigma (circular) for the differentiable value and its closed-form gradient.
+  // The explicit-block form (the authors' construction; exact-variant and GPU alternative):
+  // n_iter power steps on every block of a (B, m, n) stack (float32/64, complex64/128), in
+  // place on the persistent us (B, m) and vs (B, n): t = P v, a = P^H t, u = t/|t|, v = a/|a|.
+  // Returns sigma_b = |P_b v_b| at the final v (real dtype of the blocks). A block whose t or a
+  // vanishes keeps its vectors (csrc/cpu/batched_power_cpu.cpp; CUDA: the Triton kernel).
+  m.def("batched_power_step_(Tensor blocks, Tensor(a!) us, Tensor(b!) vs, int n_iter) -> Tensor");
+  m.def("circular_power_step_(Tensor[] weights, Tensor(a!)[] xs, Tensor(b!)[] x_tops, Tensor(c!)[] y_tops, int[] params, int n_iter) -> Tensor");
 }

@@ -16,7 +16,7 @@ from typing import List, Sequence
 import torch
 
 __all__ = ["power_step_", "sigma", "sigma_from_step", "conv_power_step_", "conv_sigma", "conv_adjoint",
-           "pack_conv_params", "HAS_CPP_EXT", "SCHEMAS"]
+           "circular_power_step_", "batched_power_step_", "pack_conv_params", "HAS_CPP_EXT", "SCHEMAS"]
 
 # Kept identical to csrc/specreg_fast.cpp (a test compares them): used only when the
 # compiled library is missing.
@@ -29,6 +29,9 @@ SCHEMAS = {
     "conv_sigma": "conv_sigma(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) -> Tensor",
     "conv_adjoint": "conv_adjoint(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) "
                     "-> Tensor[]",
+    "circular_power_step_": "circular_power_step_(Tensor[] weights, Tensor(a!)[] xs, Tensor(b!)[] x_tops, "
+                            "Tensor(c!)[] y_tops, int[] params, int n_iter) -> Tensor",
+    "batched_power_step_": "batched_power_step_(Tensor blocks, Tensor(a!) us, Tensor(b!) vs, int n_iter) -> Tensor",
 }
 
 try:
@@ -390,3 +393,132 @@ def conv_adjoint(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: List[t
 
 
 # ----------------------------------------------------------------------------- circular / FFT ops (fft.py)
+# The matrix-free batched per-frequency power step of circular convs; the algorithm and its
+# conventions are documented in csrc/cpu/circular_conv_cpu.cpp, which this mirrors.
+def _polyphase_split(x, s):
+    d = len(s)
+    shape = [x.shape[0]]
+    for i in range(d):
+        shape += [x.shape[1 + i] // s[i], s[i]]
+    perm = [0] + [2 + 2 * i for i in range(d)] + [1 + 2 * i for i in range(d)]
+    return x.reshape(shape).permute(perm).reshape(x.shape[0] * math.prod(s), *[x.shape[1 + i] // s[i]
+                                                                                for i in range(d)])
+
+
+def _polyphase_merge(z, s, like):
+    d = len(s)
+    shape = [like[0], *s, *[like[1 + i] // s[i] for i in range(d)]]
+    perm = [0]
+    for i in range(d):
+        perm += [1 + d + i, 1 + i]
+    return z.reshape(shape).permute(perm).reshape(like)
+
+
+def _circular_power_step_reference(weights, xs, x_tops_out, y_tops_out, params, n_iter):
+    geo = _unpack_conv_params(weights, params, ["circular"] * len(weights))
+    out = torch.zeros(len(weights), dtype=_out_dtype(weights), device=weights[0].device if weights else "cpu")
+    with torch.no_grad():
+        for l, (W, x_state, g) in enumerate(zip(weights, xs, geo)):
+            Wf = W.to(x_state.dtype)
+            s, d = list(g["stride"]), g["d"]
+            dims = list(range(1, d + 1))
+            m = [x_state.shape[1 + i] // s[i] for i in range(d)]
+            like = tuple(x_state.shape)
+
+            def fwd_in(z):
+                return torch.fft.rfftn(_polyphase_split(z, s), dim=dims, norm="ortho")
+
+            def inv_in(Z):
+                return _polyphase_merge(torch.fft.irfftn(Z, s=m, dim=dims, norm="ortho"), s, like)
+
+            tiny = torch.finfo(x_state.dtype).tiny
+            X = fwd_in(x_state)
+            nx = torch.linalg.vector_norm(X, dim=0)
+            Xn = X / nx.clamp_min(tiny)
+            Xn[0] += (nx == 0).to(nx.dtype)
+            xh = inv_in(Xn)
+            steps = max(n_iter, 1)
+            for it in range(steps):
+                t = _conv_apply_ref(g, Wf, xh[None])[0]
+                T = torch.fft.rfftn(t, dim=dims, norm="ortho")
+                sig = torch.linalg.vector_norm(T, dim=0)
+                if it == steps - 1:
+                    flat = sig.reshape(-1)
+                    onehot = (torch.arange(flat.numel(), device=flat.device) == flat.argmax()).to(
+                        x_state.dtype).reshape(sig.shape)
+                    xt = inv_in(Xn * onehot)
+                    yt = torch.fft.irfftn(T * onehot, s=m, dim=dims, norm="ortho")
+                    x_tops_out[l].copy_(xt / torch.linalg.vector_norm(xt).clamp_min(tiny))
+                    y_tops_out[l].copy_(yt / torch.linalg.vector_norm(yt).clamp_min(tiny))
+                    out[l] = flat.max().to(out.dtype)
+                if n_iter == 0:
+                    break
+                a = _conv_adjoint_ref(g, Wf, t[None], xh[None])[0]
+                A = fwd_in(a)
+                na = torch.linalg.vector_norm(A, dim=0)
+                Xn = torch.where(na > 0, A / na.clamp_min(tiny), Xn)
+                xh = inv_in(Xn)
+            finite = torch.isfinite(out[l])
+            if n_iter > 0:
+                x_state.copy_(torch.where(finite, xh, x_state))
+            out[l] = torch.where(finite, out[l], torch.full_like(out[l], math.nan))
+    return out
+
+
+@torch.library.register_fake("specreg_fast::circular_power_step_")
+def _circular_power_step_fake(weights, xs, x_tops, y_tops, params, n_iter):
+    torch._check(len(xs) == len(weights) and len(x_tops) == len(weights) and len(y_tops) == len(weights))
+    if not weights:
+        return torch.empty(0, dtype=torch.float32)
+    return weights[0].new_empty(len(weights), dtype=_out_dtype(weights))
+
+
+torch.library.impl("specreg_fast::circular_power_step_", "CompositeExplicitAutograd")(_circular_power_step_reference)
+
+
+def circular_output_shapes(weights: List[torch.Tensor], xs: List[torch.Tensor], params: List[int]):
+    """The output shape ``(C_out, *(N / stride))`` of each full wrap-around conv."""
+    geo = _unpack_conv_params(weights, params, ["circular"] * len(weights))
+    return [(W.shape[0], *[x.shape[1 + i] // g["stride"][i] for i in range(g["d"])])
+            for W, x, g in zip(weights, xs, geo)]
+
+
+def circular_power_step_(weights: List[torch.Tensor], xs: List[torch.Tensor], params: List[int], n_iter: int = 1):
+    """``n_iter`` matrix-free batched per-frequency power steps of circular convs, in place on
+    ``xs``; returns ``(estimates, x_tops, y_tops)``, the top-frequency pairs in fresh buffers
+    (see ``csrc/specreg_fast.cpp``)."""
+    weights, xs = list(weights), list(xs)
+    x_tops = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
+    y_tops = [x.new_empty(shape) for x, shape in zip(xs, circular_output_shapes(weights, xs, params))]
+    est = torch.ops.specreg_fast.circular_power_step_(weights, xs, x_tops, y_tops, list(params), int(n_iter))
+    return est, x_tops, y_tops
+
+
+# ----------------------------------------------------------------------------- explicit-block power iteration
+def _batched_power_step_reference(blocks, us, vs, n_iter):
+    """Reference kernel of ``batched_power_step_`` (any device), in place on us/vs."""
+    with torch.no_grad():
+        for _ in range(n_iter):
+            t = torch.einsum("bmn,bn->bm", blocks, vs)
+            a = torch.einsum("bmn,bm->bn", blocks.conj(), t)
+            tn = torch.linalg.vector_norm(t, dim=1, keepdim=True)
+            an = torch.linalg.vector_norm(a, dim=1, keepdim=True)
+            ok = (tn > 0) & (an > 0) & torch.isfinite(tn) & torch.isfinite(an)
+            us.copy_(torch.where(ok, t / torch.where(ok, tn, 1), us))
+            vs.copy_(torch.where(ok, a / torch.where(ok, an, 1), vs))
+        return torch.linalg.vector_norm(torch.einsum("bmn,bn->bm", blocks, vs), dim=1)
+
+
+@torch.library.register_fake("specreg_fast::batched_power_step_")
+def _batched_power_step_fake(blocks, us, vs, n_iter):
+    torch._check(blocks.dim() == 3)
+    return blocks.new_empty(blocks.shape[0], dtype=blocks.real.dtype if blocks.is_complex() else blocks.dtype)
+
+
+torch.library.impl("specreg_fast::batched_power_step_", "CompositeExplicitAutograd")(_batched_power_step_reference)
+
+
+def batched_power_step_(blocks: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, n_iter: int = 1) -> torch.Tensor:
+    """``n_iter`` power steps on every block of ``blocks`` (B, m, n), in place on ``us``
+    (B, m) / ``vs`` (B, n); returns ``|P_b v_b|`` per block (see ``csrc/specreg_fast.cpp``)."""
+    return torch.ops.specreg_fast.batched_power_step_(blocks, us, vs, int(n_iter))

@@ -52,10 +52,22 @@ def has_cuda_kernel(op: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"specreg_fast::{op}", "CUDA")
 
 
+def _batched_power_step_cuda(blocks, us, vs, n_iter):
+    """CUDA kernel of ``specreg_fast::batched_power_step_``: the Triton batched power iteration
+    for float32/complex64 (all iterations in one launch), the reference for float64/complex128."""
+    from .. import ops
+    from .batched_power import batched_power_iteration
+
+    if blocks.dtype in (torch.float32, torch.complex64) and us.is_contiguous() and vs.is_contiguous():
+        return batched_power_iteration(blocks.contiguous(), us, vs, n_iter)[0]
+    return ops._batched_power_step_reference(blocks, us, vs, n_iter)
+
+
 def register() -> List[str]:
     """Register the Triton kernels for the CUDA dispatch key of each dense op that has no
     CUDA kernel yet. Returns the ops registered (by this or an earlier call)."""
-    for op, fn in (("power_step_", _power_step_cuda), ("sigma", _sigma_cuda)):
+    for op, fn in (("power_step_", _power_step_cuda), ("sigma", _sigma_cuda),
+                   ("batched_power_step_", _batched_power_step_cuda)):
         if op in _REGISTERED or has_cuda_kernel(op):
             continue
         torch.library.register_kernel(f"specreg_fast::{op}", "cuda", fn)
