@@ -42,6 +42,10 @@ TORCH_LIBRARY(specreg_fast, m) {
   m.def("conv_power_step_(Tensor[] weights, Tensor(a!)[] xs, Tensor(b!)[] ys, int[] params, str[] padding_modes, int n_iter, float tol) -> Tensor");
   // sigma_l = <y_l, A(W_l) x_l>: the differentiable half (gradient: conv weight-gradient of x, y).
   m.def("conv_sigma(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) -> Tensor");
+  // The same <y_l, A(W_l) x_l>, read off `est`, the return value of the conv_power_step_ (or
+  // circular_power_step_) that just produced xs/ys, so the forward runs no convolution;
+  // gradient as conv_sigma. Device-independent (Python implementation).
+  m.def("conv_sigma_from_step(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes, Tensor est) -> Tensor");
   // A(W_l)^T y_l for each layer (the adjoint the power step uses; exposed for tests).
   m.def("conv_adjoint(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) -> Tensor[]");
   // ---- Fourier-domain (circular) conv norms ------------------------------------------

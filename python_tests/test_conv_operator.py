@@ -243,6 +243,23 @@ def test_opcheck_sigma():
     torch.library.opcheck(torch.ops.specreg_fast.conv_sigma.default, (ws, st.xs, st.ys, params, modes))
 
 
+def test_sigma_from_step_equals_sigma_and_its_gradient():
+    """The step's estimate is <y, A x> at the new vectors: conv_sigma_from_step gives the same
+    value without a convolution, and the same gradient."""
+    specs, st, params, modes = _two_layer_args()
+    est = ops.conv_power_step_([s.weight for s in specs], st.xs, st.ys, params, modes, 3, 0.0)
+    ws1 = [s.weight.clone().requires_grad_(True) for s in specs]
+    ws2 = [s.weight.clone().requires_grad_(True) for s in specs]
+    a = ops.conv_sigma_from_step(ws1, st.xs, st.ys, params, modes, est)
+    b = ops.conv_sigma(ws2, st.xs, st.ys, params, modes)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    g1 = torch.autograd.grad(a.sum(), ws1)
+    g2 = torch.autograd.grad(b.sum(), ws2)
+    for x, y in zip(g1, g2):
+        torch.testing.assert_close(x, y)
+    torch.library.opcheck(torch.ops.specreg_fast.conv_sigma_from_step.default, (ws1, st.xs, st.ys, params, modes, est))
+
+
 def test_opcheck_adjoint():
     specs, st, params, modes = _two_layer_args()
     torch.library.opcheck(torch.ops.specreg_fast.conv_adjoint.default,

@@ -173,8 +173,10 @@ def conv_operator_norms(specs: Sequence[ConvSpec], state: ConvState, n_iter: int
     params, modes = ops.pack_conv_params(specs)
     weights = [s.weight for s in specs]
     if update and steps > 0:
-        ops.conv_power_step_([w.detach() for w in weights], state.xs, state.ys, params, modes, steps,
-                             0.0 if tol is None else float(tol))
+        est = ops.conv_power_step_([w.detach() for w in weights], state.xs, state.ys, params, modes, steps,
+                                   0.0 if tol is None else float(tol))
+        # the step's estimate is <y, A x> at the new vectors: no convolution for the value
+        return ops.conv_sigma_from_step(weights, state.xs, state.ys, params, modes, est)
     return ops.conv_sigma(weights, state.xs, state.ys, params, modes)
 
 

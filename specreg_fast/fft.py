@@ -173,9 +173,10 @@ def circular_conv_norms(specs: Sequence[ConvSpec], state: Optional[CircularState
     for spec in specs:
         params += circular_params(spec)
     weights = [s.weight for s in specs]
-    _, x_tops, y_tops = ops.circular_power_step_([w.detach() for w in weights], state.xs, params,
-                                                 n_iter if update else 0)
-    return ops.conv_sigma(weights, x_tops, y_tops, params, ["circular"] * len(specs)).to(dt)
+    est, x_tops, y_tops = ops.circular_power_step_([w.detach() for w in weights], state.xs, params,
+                                                   n_iter if update else 0)
+    # est = <y*, A x*> exactly (see csrc/cpu/circular_conv_cpu.cpp): the value needs no conv
+    return ops.conv_sigma_from_step(weights, x_tops, y_tops, params, ["circular"] * len(specs), est).to(dt)
 
 
 # ----------------------------------------------------------------------------- explicit blocks

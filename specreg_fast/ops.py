@@ -16,7 +16,7 @@ from typing import List, Sequence
 import torch
 
 __all__ = ["power_step_", "sigma", "sigma_from_step", "conv_power_step_", "conv_sigma", "conv_adjoint",
-           "circular_power_step_", "batched_power_step_", "pack_conv_params", "HAS_CPP_EXT", "SCHEMAS"]
+           "conv_sigma_from_step", "circular_power_step_", "batched_power_step_", "pack_conv_params", "HAS_CPP_EXT", "SCHEMAS"]
 
 # Kept identical to csrc/specreg_fast.cpp (a test compares them): used only when the
 # compiled library is missing.
@@ -29,6 +29,8 @@ SCHEMAS = {
     "conv_sigma": "conv_sigma(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) -> Tensor",
     "conv_adjoint": "conv_adjoint(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) "
                     "-> Tensor[]",
+    "conv_sigma_from_step": "conv_sigma_from_step(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, "
+                            "str[] padding_modes, Tensor est) -> Tensor",
     "circular_power_step_": "circular_power_step_(Tensor[] weights, Tensor(a!)[] xs, Tensor(b!)[] x_tops, "
                             "Tensor(c!)[] y_tops, int[] params, int n_iter) -> Tensor",
     "batched_power_step_": "batched_power_step_(Tensor blocks, Tensor(a!) us, Tensor(b!) vs, int n_iter) -> Tensor",
@@ -369,6 +371,40 @@ def _conv_sigma_backward(ctx, grad):
 
 torch.library.register_autograd("specreg_fast::conv_sigma", _conv_sigma_backward,
                                 setup_context=_conv_sigma_setup_context)
+
+
+# conv_sigma_from_step: the forward value is the power step's estimate (no convolution), the
+# backward that of conv_sigma. One implementation for every device.
+@torch.library.register_fake("specreg_fast::conv_sigma_from_step")
+def _conv_sigma_from_step_fake(weights, xs, ys, params, padding_modes, est):
+    torch._check(len(xs) == len(weights) and len(ys) == len(weights) and est.dim() == 1)
+    return torch.empty_like(est)
+
+
+@torch.library.impl("specreg_fast::conv_sigma_from_step", "CompositeExplicitAutograd")
+def _conv_sigma_from_step_impl(weights, xs, ys, params, padding_modes, est):
+    return est.clone()
+
+
+def _conv_sigma_from_step_setup_context(ctx, inputs, output):
+    weights, xs, ys, params, padding_modes, _ = inputs
+    _conv_sigma_setup_context(ctx, (weights, xs, ys, params, padding_modes), output)
+
+
+def _conv_sigma_from_step_backward(ctx, grad):
+    return (*_conv_sigma_backward(ctx, grad), None)
+
+
+torch.library.register_autograd("specreg_fast::conv_sigma_from_step", _conv_sigma_from_step_backward,
+                                setup_context=_conv_sigma_from_step_setup_context)
+
+
+def conv_sigma_from_step(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: List[torch.Tensor],
+                         params: List[int], padding_modes: List[str], est: torch.Tensor) -> torch.Tensor:
+    """``conv_sigma`` whose value is ``est``, the return of the conv power step (n_iter >= 1)
+    that left ``xs``/``ys`` as they are: ``<y, A x>`` to float rounding, without a convolution."""
+    return torch.ops.specreg_fast.conv_sigma_from_step(list(weights), list(xs), list(ys), list(params),
+                                                       list(padding_modes), est)
 
 
 def conv_power_step_(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: List[torch.Tensor], params: List[int],
