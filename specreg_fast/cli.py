@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -70,12 +71,6 @@ def demo(args) -> int:
     return 0
 
 
-# Measured with `make demo` on the project's 2-core CPU machine (used only for the estimate
-# that `reproduce --full` prints before it starts).
-COMPACT_MINUTES = 4
-COMPACT_TRAIN_SHARE = 0.5
-
-
 def reproduce(args) -> int:
     """Vanilla vs ll-spectral vs rep-spectral on packaged data, attacked after the readout is
     refitted on frozen features (see specreg_fast.experiments)."""
@@ -83,20 +78,35 @@ def reproduce(args) -> int:
 
     cfg = E.full_config(args.out or "reproduce_out") if args.full else E.Config(out_dir=args.out or "demo_out")
     if args.cases:
-        cfg.cases = tuple(args.cases.split(","))
+        cfg.cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
+        unknown = [c for c in cfg.cases if c not in E.CASES]
+        if unknown:
+            print(f"specreg-fast reproduce: unknown case(s) {', '.join(unknown)}; expected some of "
+                  f"{', '.join(E.CASES)}", file=sys.stderr)
+            return 2
+    if args.data_dir is not None:
+        if not os.path.isdir(args.data_dir):
+            print(f"specreg-fast reproduce: --data-dir {args.data_dir} is not a folder", file=sys.stderr)
+            return 2
+        cfg.data_dir = args.data_dir
+        if not args.cases:
+            cfg.cases = tuple(cfg.cases) + E.DATA_DIR_CASES
+    needs = [c for c in cfg.cases if c in E.DATA_DIR_CASES]
+    if needs and cfg.data_dir is None:
+        print(f"specreg-fast reproduce: case(s) {', '.join(needs)} read the original dataset files: give "
+              f"--data-dir", file=sys.stderr)
+        return 2
+    if args.limit_train is not None:
+        cfg.data_limit_train = args.limit_train
     if args.seeds is not None:
         cfg.seeds = tuple(range(args.seeds))
     if args.no_progress:
         cfg.progress = False
     print(f"specreg-fast reproduce: cases {', '.join(cfg.cases)}; seeds {list(cfg.seeds)}; "
           f"{cfg.attack_points} attacked points, {cfg.attack_steps} HopSkipJump steps; output in {cfg.out_dir}/")
-    if args.full:
-        base = E.Config()
-        train_x = cfg.mlp_epochs / base.mlp_epochs
-        attack_x = (cfg.attack_points * cfg.attack_steps) / (base.attack_points * base.attack_steps)
-        est = COMPACT_MINUTES * len(cfg.seeds) * (COMPACT_TRAIN_SHARE * train_x + (1 - COMPACT_TRAIN_SHARE) * attack_x)
-        print(f"estimate: about {est:.0f} minutes on a 2-core CPU (the compact run's {COMPACT_MINUTES} minutes scaled "
-              f"by {len(cfg.seeds)} seeds, {train_x:.1f}x the training and {attack_x:.0f}x the attack budget)")
+    est = E.estimate_minutes(cfg)
+    print(f"estimate: about {est:.0f} minutes on a 2-core CPU (scaled from the compact run measured on this "
+          f"project's machine)")
     E.reproduce(cfg)
     return 0
 
@@ -111,7 +121,12 @@ def main(argv=None) -> int:
     r = sub.add_parser("reproduce", help="the paper's comparison (vanilla / ll-spectral / rep-spectral) on packaged data")
     r.add_argument("--full", action="store_true", help="the authors' settings where they fit (3 seeds, 1000 points, "
                                                        "40 attack steps, 200 epochs)")
-    r.add_argument("--cases", default=None, help="comma list of toy-xor,mnist-mlp,mnist-cnn,transfer")
+    r.add_argument("--cases", default=None, help="comma list of toy-xor, mnist-mlp, mnist-cnn, mnist-cnn-circular, "
+                                                 "transfer, mnist-full-mlp, cifar-cnn (the last two need --data-dir)")
+    r.add_argument("--data-dir", default=None, help="folder with the original MNIST idx files and/or CIFAR-10 python "
+                                                    "batches: adds the cases mnist-full-mlp and cifar-cnn")
+    r.add_argument("--limit-train", type=int, default=None, help="use only the first N training images of the "
+                                                                 "full datasets")
     r.add_argument("--seeds", type=int, default=None, help="number of seeds")
     r.add_argument("--out", default=None, help="output folder")
     r.add_argument("--no-progress", action="store_true")
