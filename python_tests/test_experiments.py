@@ -14,8 +14,9 @@ from specreg_fast import experiments as E  # noqa: E402
 
 
 def test_every_case_runs_and_writes_outputs(tmp_path, capsys):
-    cfg = E.Config(cases=("toy-xor", "mnist-mlp", "mnist-cnn", "transfer"), mlp_width=32, mlp_epochs=1, cnn_epochs=1,
-                   toy_epochs=2, attack_points=3, attack_steps=1, hsj_max_evals=20, pgd_eps_linf=(0.05,),
+    cfg = E.Config(cases=("toy-xor", "mnist-mlp", "mnist-cnn", "mnist-cnn-circular", "transfer"), mlp_width=32,
+                   mlp_epochs=1, cnn_epochs=1, toy_epochs=2, attack_points=3, pgd_points=6, attack_steps=1,
+                   hsj_max_evals=20, pgd_eps_linf=(0.05,),
                    pgd_eps_l2=(1.0,), burn_in=0.0, out_dir=str(tmp_path), progress=False)
     out = E.reproduce(cfg)
     table = capsys.readouterr().out
@@ -35,3 +36,49 @@ def test_every_case_runs_and_writes_outputs(tmp_path, capsys):
             assert 0.0 <= r["probe_acc"] <= 1.0
             if "certified_le_measured" in r:
                 assert r["certified_le_measured"]
+
+
+def _tiny_datasets(tmp_path):
+    import numpy as np
+    from test_data import _write_cifar, _write_idx
+
+    rng = np.random.default_rng(0)
+    for p, n in (("train", 40), ("t10k", 12)):
+        _write_idx(tmp_path / f"{p}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        _write_idx(tmp_path / f"{p}-labels-idx1-ubyte", np.arange(n, dtype=np.uint8) % 10)
+    for i in range(1, 6):
+        _write_cifar(tmp_path / f"data_batch_{i}", 8, i)
+    _write_cifar(tmp_path / "test_batch", 10, 9)
+    return tmp_path
+
+
+def test_data_dir_cases_run_on_files_in_the_original_formats(tmp_path):
+    (tmp_path / "data").mkdir()
+    d = _tiny_datasets(tmp_path / "data")
+    cfg = E.Config(cases=("mnist-full-mlp", "cifar-cnn"), data_dir=str(d), mlp_width=16, mlp_epochs=1, cnn_epochs=1,
+                   attack_points=2, pgd_points=4, attack_steps=1, hsj_max_evals=10, pgd_eps_linf=(0.05,),
+                   pgd_eps_l2=(1.0,), burn_in=0.0, out_dir=str(tmp_path / "out"), progress=False)
+    out = E.reproduce(cfg)
+    assert set(out["runs"]) == {"mnist-full-mlp", "cifar-cnn"}
+    assert out["runs"]["cifar-cnn"][0]["rep-spectral"]["penalty_time_s"] > 0
+
+
+def test_cli_data_dir_errors(tmp_path, capsys):
+    from specreg_fast import cli
+
+    assert cli.main(["reproduce", "--cases", "mnist-full-mlp", "--out", str(tmp_path)]) == 2
+    assert "--data-dir" in capsys.readouterr().err
+    assert cli.main(["reproduce", "--data-dir", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert cli.main(["reproduce", "--cases", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown case(s) nope" in capsys.readouterr().err
+    # a folder without the files: the loader's error names the missing file
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        cli.main(["reproduce", "--data-dir", str(tmp_path / "empty"), "--cases", "mnist-full-mlp", "--out",
+                  str(tmp_path), "--no-progress"])
+
+
+def test_full_config_estimate_is_printed_and_fits_an_hour():
+    assert E.estimate_minutes(E.full_config()) < 60
+    assert len(E.full_config().seeds) >= 3 and E.full_config().attack_steps == 40

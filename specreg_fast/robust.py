@@ -379,7 +379,7 @@ def minimal_l2_distance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, m
     x_adv = from_u(adv_u)
     with torch.no_grad():
         success = (net(adv_u).argmax(1) != ys) if len(u) else torch.zeros(0, dtype=torch.bool)
-    dist = (x_adv - xs).reshape(len(xs), -1).norm(dim=1)
+    dist = (x_adv - xs).flatten(1).norm(dim=1)  # (flatten, not reshape(n, -1): n may be 0)
     dist = torch.where(success, dist, torch.full_like(dist, float("inf")))
     return MinimalResult(index, dist, x_adv, success, method)
 
@@ -507,6 +507,8 @@ def feature_jacobian_norm(features: Callable, x: torch.Tensor, *, method: str = 
     if isinstance(features, nn.Module):
         features.eval()
     x = x.detach()
+    if len(x) == 0:  # no attacked point (e.g. none classified correctly)
+        return torch.zeros(0, dtype=x.dtype, device=x.device)
     d_in = x[0].numel()
     with torch.no_grad():
         d_out = features(x[:1]).numel()
@@ -534,7 +536,7 @@ def feature_jacobian_norm(features: Callable, x: torch.Tensor, *, method: str = 
 
 @torch.no_grad()
 def _margin_terms(features, readout: nn.Linear, x, y):
-    phi = features(x).reshape(len(x), -1)
+    phi = features(x).flatten(1)
     logits = readout(phi)
     w = readout.weight
     wy = w[y]  # (N, D)
