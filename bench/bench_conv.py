@@ -166,7 +166,7 @@ def time_to_tol(specs, device, reps, tol, warm):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--json", default="bench_conv.json")
+    ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-tol", action="store_true", help="skip the time-to-tolerance rows")
     args = ap.parse_args(argv)
@@ -189,9 +189,10 @@ def main(argv=None):
                 label = "to tol %g, %s (%d steps)" % (tol, r["start"], sum(r["steps"]))
                 print(f"{label:<34}{r['ours_s'] * 1e3:>10.2f}"
                       f"{r['reference_s'] * 1e3:>10.2f}{r['speedup']:>7.2f}x")
-    with open(args.json, "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"wrote {args.json}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"wrote {args.json}")
     return res
 
 

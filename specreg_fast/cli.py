@@ -1,5 +1,6 @@
 """Command line: ``specreg-fast demo`` (sigma of every layer of a small CNN, exact vs fast),
-``specreg-fast reproduce`` (the paper's comparison on packaged data)."""
+``specreg-fast reproduce`` (the paper's comparison on packaged data), ``specreg-fast bench``
+(kernel benchmarks against plain PyTorch)."""
 from __future__ import annotations
 
 import argparse
@@ -111,6 +112,26 @@ def reproduce(args) -> int:
     return 0
 
 
+def bench(args) -> int:
+    """Dense, conv, circular-norm and training-overhead benchmarks against plain PyTorch."""
+    from .benchmarks import suite
+
+    size = args.sizes or ("quick" if args.quick else "full")
+    try:
+        res = suite.run(size, args.device, progress=lambda s: print(f"... {s}", file=sys.stderr, flush=True))
+    except ValueError as e:
+        print(f"specreg-fast bench: {e}", file=sys.stderr)
+        return 2
+    suite.print_table(res)
+    if args.json:
+        suite.to_json(res, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        suite.plot(res, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="specreg-fast", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -131,6 +152,13 @@ def main(argv=None) -> int:
     r.add_argument("--out", default=None, help="output folder")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=reproduce)
+    b = sub.add_parser("bench", help="kernel benchmarks against plain PyTorch, one table")
+    b.add_argument("--quick", action="store_true", help="fewer shapes and repeats (under 2 minutes on 2 cores)")
+    b.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    b.add_argument("--json", default=None, help="write every row and the machine info to this file")
+    b.add_argument("--plot", default=None, help="write a PNG bar chart of the ratios")
+    b.add_argument("--sizes", default=None, choices=("full", "quick", "tiny"), help=argparse.SUPPRESS)
+    b.set_defaults(func=bench)
     args = p.parse_args(argv)
     return args.func(args)
 

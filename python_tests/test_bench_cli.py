@@ -1,0 +1,69 @@
+"""`specreg-fast bench`: the suite runs end to end (tiny shapes), its JSON has the documented
+fields, its error column is computed against exact values, and bad options fail clearly."""
+import json
+
+import pytest
+import torch
+
+from specreg_fast import cli
+from specreg_fast.benchmarks import suite
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    rc = cli.main(["bench", "--sizes", "tiny", "--json", str(d / "b.json"), "--plot", str(d / "b.png")])
+    assert rc == 0
+    return d
+
+
+def test_json_rows_and_machine_info(tiny):
+    res = json.loads((tiny / "b.json").read_text())
+    assert {"machine", "size", "device", "read_bandwidth_Bps", "rows", "gpu_roofline_estimate"} <= set(res)
+    assert res["read_bandwidth_Bps"] > 1e8
+    assert {"torch", "threads", "date", "processor"} <= set(res["machine"])
+    groups = {r["group"] for r in res["rows"]}
+    assert groups == {"dense", "conv", "circular"}
+    for r in res["rows"]:
+        assert r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert r["ratio_vs_reference"] == pytest.approx(r["reference_median_s"] / r["median_s"])
+    # every group has its reference and the baselines the suite promises
+    backends = {(r["group"], r["backend"]) for r in res["rows"]}
+    assert {("dense", "ours"), ("dense", "reference"), ("dense", "torch spectral_norm"),
+            ("dense", "matrix_norm(ord=2)"), ("conv", "ours"), ("conv", "reference"),
+            ("conv", "torch spectral_norm"), ("circular", "ours (matrix-free)"),
+            ("circular", "exact eigvalsh")} <= backends
+    assert "ESTIMATE" in res["gpu_roofline_estimate"]["text"]
+    assert (tiny / "b.png").stat().st_size > 1000
+
+
+def test_rel_err_is_against_the_exact_norm():
+    """The error column is real: a state far from converged gives a large error, a converged
+    one a tiny error (exact = matrix_norm in float64)."""
+    bw = 1e10
+    rows = suite.dense_rows([(40, 30)], [(8, 8)], repeats=3, bw=bw, device="cpu")
+    ours = next(r for r in rows if r["backend"] == "ours" and r["shape"] == "40x30")
+    exact_row = next(r for r in rows if r["backend"] == "matrix_norm(ord=2)")
+    assert exact_row["rel_err"] < 1e-5
+    # the timed loop ran many warm steps: ours has converged on a random 40x30 matrix
+    assert ours["rel_err"] < 1e-3
+    sn = next(r for r in rows if r["backend"] == "torch spectral_norm")
+    assert sn["rel_err"] is not None and sn["gbps"] > 0 and 0 < sn["frac_read_bw"]
+
+
+def test_conv_spectral_norm_row_is_flagged_as_another_quantity(tiny):
+    res = json.loads((tiny / "b.json").read_text())
+    row = next(r for r in res["rows"] if r["group"] == "conv" and r["backend"] == "torch spectral_norm")
+    assert "different quantity" in row["note"]
+    # the reshaped-kernel norm of this strided layer is about 23% off its operator norm
+    assert row["rel_err"] > 0.1
+
+
+def test_errors(capsys):
+    if not torch.cuda.is_available():
+        assert cli.main(["bench", "--device", "cuda", "--sizes", "tiny"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--device", "tpu"])
+    with pytest.raises(ValueError, match="size must be one of"):
+        suite.run("huge")

@@ -1,0 +1,68 @@
+"""Timing helpers of the benchmark suite (``specreg-fast bench``) and the scripts in ``bench/``.
+
+Reference and ours are timed interleaved (A B A B ...) so that machine drift (other load,
+frequency changes) hits both alike and cancels in their ratio; each row reports the median
+with the min-max range.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 3,
+                min_time: float = 0.02) -> Dict[str, Dict[str, float]]:
+    """Median / min / max seconds per call of each function, timed round-robin. Each sample
+    runs the function enough times to last about ``min_time`` seconds."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    inner = {}
+    for k, f in fns.items():
+        t0 = time.perf_counter()
+        f()
+        dt = max(time.perf_counter() - t0, 1e-7)
+        inner[k] = max(1, int(min_time / dt))
+    samples: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            n = inner[k]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                f()
+            samples[k].append((time.perf_counter() - t0) / n)
+    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in samples.items()}
+
+
+def read_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> float:
+    """Measured read bandwidth of this machine in bytes/s: a float32 sum over a buffer far
+    larger than the caches, with all of torch's threads."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def machine() -> Dict[str, object]:
+    return {"machine": platform.node(), "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def save_json(path: str, rows, extra=None) -> None:
+    with open(path, "w") as f:
+        json.dump({"machine": machine(), **(extra or {}), "rows": rows}, f, indent=2)
+
+
+def fmt_time(s: float) -> str:
+    return f"{s * 1e3:.3f} ms" if s >= 1e-4 else f"{s * 1e6:.1f} us"
