@@ -59,10 +59,9 @@ demo: build $(REPRO)
 	$(VENV)/bin/specreg-fast demo
 	$(VENV)/bin/specreg-fast reproduce
 
-bench: build
-	$(VPY) bench/bench_dense.py
-	$(VPY) bench/bench_conv.py
-	$(VPY) bench/bench_training.py
+# The whole suite in one table (the per-op scripts in bench/ give more detail).
+bench: build $(REPRO)
+	$(VENV)/bin/specreg-fast bench --json bench_results.json --plot bench_results.png
 
 clean:
 	rm -rf build dist *.egg-info specreg_fast/*.so
