@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from . import reference as ref
+from .conv import conv_operator_norms, init_conv_state
 from .dense import init_power_state, spectral_norms
 
 
@@ -59,14 +60,15 @@ def demo(args) -> int:
         else:
             spec = ref.ConvSpec.from_module(m, shapes[m])
             exact = ref.conv_sigma_exact(spec).item()
-            g = torch.Generator().manual_seed(args.seed)
-            est = ref.conv_power_iteration(spec, torch.randn(shapes[m], generator=g), args.iters)[0].item()
+            st_c = init_conv_state([spec], generator=torch.Generator().manual_seed(args.seed))
+            with torch.no_grad():
+                est = conv_operator_norms([spec], st_c, n_iter=args.iters).item()
             mat = ref.dense_sigma_exact(m.weight.reshape(m.weight.shape[0], -1)).item()
             circ = ref.circular_conv_sigma_exact(m.weight, shapes[m][1:], m.stride, m.dilation).item()
             kind = f"Conv2d {m.in_channels}->{m.out_channels} k{m.kernel_size[0]} s{m.stride[0]}"
         print(f"{name:<6}{kind:<26}{exact:>10.4f}{est:>11.4f}{abs(est - exact) / exact:>10.1e}{mat:>13.4f}{circ:>10.4f}")
-    print(f"\nexact: SVD of the explicit operator; power it.: grouped C++ op for Linear "
-          f"({t_fast * 1e3:.2f} ms for all dense layers), reference conv/conv_transpose loop for convs;\n"
+    print(f"\nexact: SVD of the explicit operator; power it.: the grouped C++ ops (dense: "
+          f"{t_fast * 1e3:.2f} ms for all Linear layers; convs: the conv-operator op);\n"
           f"matrix norm: the reshaped kernel (what torch.nn.utils.spectral_norm bounds); "
           f"circular: the exact norm with wrap-around padding (the paper's FFT method).")
     return 0
