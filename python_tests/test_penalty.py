@@ -434,3 +434,63 @@ def test_bounds_bracket_the_exact_norms():
              "5": torch.linalg.matrix_norm(model[5].weight.detach().double(), 2).item()}
     for name, (lo, up, gap) in br.items():
         assert lo <= exact[name] * (1 + 1e-5) and up >= exact[name] * (1 - 1e-9), name
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_accumulate_grad_equals_the_autograd_route(kind):
+    """accumulate_grad() after loss.backward() leaves the same .grad, vectors and counters as
+    adding penalty() to the loss."""
+    def make():
+        torch.manual_seed(0)
+        model = mlp() if kind == "mlp" else cnn()
+        pen = sf.SpectralPenalty(model, gamma=0.3, scope="all", n_iter=1, n_iter_init=3)
+        return model, pen
+
+    ma, pa = make()
+    mb, pb = make()
+    x = torch.randn(5, 20) if kind == "mlp" else torch.randn(5, 2, 8, 8)
+    for step in range(3):
+        for m in (ma, mb):
+            m.zero_grad(set_to_none=True)
+        (ma(x).square().mean() + pa()).backward()
+        mb(x).square().mean().backward()
+        val = pb.accumulate_grad()
+        torch.testing.assert_close(val, (pa.gammas * pa.last_sigmas ** 2).sum())
+        for (n, a), b in zip(ma.named_parameters(), mb.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=n)
+    for k, v in pa.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            torch.testing.assert_close(v, pb.state_dict()[k])
+
+
+def test_accumulate_grad_scale_schedule_and_errors():
+    torch.manual_seed(0)
+    model = mlp()
+    pen = sf.SpectralPenalty(model, gamma=0.3, start_step=1)
+    model(torch.randn(2, 20))
+    assert pen.accumulate_grad().item() == 0.0  # burn-in: no gradient written
+    assert all(p.grad is None for p in model.parameters())
+    pen.accumulate_grad(scale=1.0)
+    g1 = model[0].weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    pen.eval()  # same vectors: the gradient scales linearly
+    pen.accumulate_grad(scale=3.0)
+    torch.testing.assert_close(model[0].weight.grad, 3.0 * g1, rtol=1e-5, atol=1e-8)
+    assert model[-1].weight.grad is None  # the readout is not regularized
+    with pytest.raises(ValueError, match="eig_ub"):
+        sf.SpectralPenalty(mlp(), eig_ub=True).accumulate_grad()
+    with pytest.raises(ValueError, match="scale must be"):
+        pen.accumulate_grad(scale=float("nan"))
+
+
+def test_accumulate_grad_refuses_computed_weights():
+    class Scale(nn.Module):
+        def forward(self, w):
+            return 2.0 * w
+
+    model = mlp()
+    torch.nn.utils.parametrize.register_parametrization(model[0], "weight", Scale())
+    pen = sf.SpectralPenalty(model, scope="all")
+    model(torch.randn(2, 20))
+    with pytest.raises(ValueError, match="computed weights"):
+        pen.accumulate_grad()

@@ -366,6 +366,74 @@ class SpectralPenalty(nn.Module):
             total = total + g * torch.stack(eig).sum()
         return torch.where(active, total, torch.zeros_like(total))
 
+    def accumulate_grad(self, scale: float = 1.0) -> torch.Tensor:
+        """The penalty's gradient added in place into each regularized weight's ``.grad``,
+        without autograd; returns the penalty's value (detached, for logging).
+
+        Call it after ``loss.backward()`` instead of adding ``penalty()`` to the loss: the same
+        power steps, schedule and gradient, ``2 gamma sigma u v^T`` written with one in-place
+        rank-1 update of the existing ``.grad`` per dense layer (``addr_``), where the autograd
+        route materializes ``u v^T`` in fresh memory and then adds it: on a 784-1024x3 MLP that
+        gradient materialization is most of the penalty's cost (``bench/bench_training.py``).
+        Conv layers get the conv weight-gradient of their (x, y) pair, added likewise.
+
+        ``scale`` multiplies the gradient (e.g. ``scaler.get_scale()`` under a GradScaler, or
+        ``1 / accumulation_steps``). It only reaches ``.grad``: not for ``torch.autograd.grad``
+        flows, nor for weights that are not leaf parameters (``parametrize``); with
+        ``DistributedDataParallel`` every rank adds the same term after the all-reduce, so the
+        ranks stay identical. ``eig_ub=True`` needs the activations: use ``penalty()`` then.
+        """
+        if self.eig_ub:
+            raise ValueError("accumulate_grad() does not support eig_ub=True (its term depends on the activations): "
+                             "add penalty() to the loss instead")
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
+        if not self._ready:
+            self._finalize()
+        nonleaf = [n for n, m in self._layers if not m.weight.is_leaf]
+        if nonleaf:
+            raise ValueError(f"accumulate_grad() writes .grad of leaf weights; {', '.join(nonleaf)} have computed "
+                             f"weights (parametrize): add penalty() to the loss instead")
+        self._eig_terms = []
+        upd = self.training and self.update
+        s = self.step_count - self.start_step
+        active = bool((s >= 0) & (torch.remainder(s.clamp_min(0), self.every) == 0))
+        if self.training and self.auto_step:
+            self.step_count += 1
+        if not active:
+            return self.gammas.new_zeros(())
+        n_iter = max(self.n_iter, self.n_iter_init) if upd and not bool(self.initialized) else self.n_iter
+        nd = len(self._dense)
+        with torch.enable_grad():
+            sig = self._sigmas(upd, n_iter)
+        if upd:
+            self.initialized.fill_(True)
+        with torch.no_grad():
+            self.last_sigmas.copy_(sig.detach())
+            for i, (_, m) in enumerate(self._dense):
+                W = m.weight
+                coef = float(2.0 * self.gammas[i] * sig[i].detach()) * float(scale)
+                if W.grad is None:
+                    W.grad = torch.zeros_like(W)
+                G = W.grad
+                u, v = getattr(self, f"u_{i}"), getattr(self, f"v_{i}")
+                Gm = G if G.dim() == 2 else G.view(G.shape[0], -1) if G.is_contiguous() else None
+                if Gm is not None:
+                    Gm.addr_(u.to(G.dtype), v.to(G.dtype), alpha=coef)
+                else:  # a non-contiguous .grad (e.g. channels_last): no 2-D view of it
+                    G.add_(torch.outer(u, v).to(G.dtype).reshape(G.shape), alpha=coef)
+        if self._convs:
+            ws = [m.weight for _, m in self._convs]
+            conv_part = (self.gammas[nd:] * sig[nd:].pow(2)).sum() * float(scale)
+            grads = torch.autograd.grad(conv_part, ws)
+            with torch.no_grad():
+                for W, gW in zip(ws, grads):
+                    if W.grad is None:
+                        W.grad = gW.detach().clone()
+                    else:
+                        W.grad.add_(gW)
+        return (self.gammas * sig.detach().pow(2)).sum()
+
     @torch.no_grad()
     def sigmas(self) -> Dict[str, float]:
         """Name -> sigma of the last call (for logging; no computation)."""
