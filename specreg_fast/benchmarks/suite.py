@@ -17,7 +17,8 @@ Groups and rows:
     (matrix-free ``circular_power_step_``), the authors' construction (FFT of the zero-padded
     kernel + a batched block power step, plain PyTorch), exact (``eigvalsh`` of every block).
   * training step overhead (forward, backward, SGD; batch 128): no penalty, the reference
-    penalty, ``SpectralPenalty``.
+    penalty, ``SpectralPenalty`` added to the loss, and ``SpectralPenalty.accumulate_grad()``
+    after the backward (the gradient written in place).
 Relative error: the row's sigma after its timing runs (hundreds of warm steps) against the
 exact value: ``matrix_norm`` (float64) for dense shapes up to 2048 x 2048, otherwise the
 float64 power iteration run to a relative change below 1e-9; for the circular norm, the SVD
@@ -302,20 +303,23 @@ def training_rows(repeats, device) -> List[dict]:
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         crit = nn.CrossEntropyLoss()
 
-        def step(extra):
+        def step(extra, after=None):
             def run_():
                 loss = crit(model(x), y)
                 if extra is not None:
                     loss = loss + extra()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if after is not None:
+                    after()
                 opt.step()
             return run_
 
         t = interleaved({"no penalty": step(None), "reference": step(reference_penalty),
-                         "ours (SpectralPenalty)": step(pen)}, repeats=repeats, min_time=0.0)
+                         "ours (SpectralPenalty)": step(pen),
+                         "ours (accumulate_grad)": step(None, pen.accumulate_grad)}, repeats=repeats, min_time=0.0)
         base = t["no penalty"]["median"]
-        for k in ("reference", "ours (SpectralPenalty)"):
+        for k in ("reference", "ours (SpectralPenalty)", "ours (accumulate_grad)"):
             over = t[k]["median"] / base - 1
             rows.append(_row("training", "step overhead", label, k, t[k], t["reference"],
                              note=f"+{100 * over:.1f}% over the unpenalized step ({fmt_time(base)})"))
