@@ -82,6 +82,16 @@ def _dense_exact(W: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- dense
+def dense_reference_step(Ws, us, vs) -> None:
+    """The plain loop: per layer two matrix-vector products and two normalizations."""
+    with torch.no_grad():
+        for W, u, v in zip(Ws, us, vs):
+            t = W @ v
+            u.copy_(t / t.norm())
+            a = W.t() @ u
+            v.copy_(a / a.norm())
+
+
 def dense_rows(shapes, mlp, repeats, bw, device) -> List[dict]:
     rows = []
     cases = [(f"{m}x{n}", [(m, n)]) for m, n in shapes] + [("MLP list " + "+".join(f"{m}x{n}" for m, n in mlp), mlp)]
@@ -91,16 +101,8 @@ def dense_rows(shapes, mlp, repeats, bw, device) -> List[dict]:
         st = init_power_state(Ws, generator=torch.Generator().manual_seed(1))
         ru, rv = [u.clone() for u in st.us], [v.clone() for v in st.vs]
 
-        def reference(Ws=Ws, ru=ru, rv=rv):
-            with torch.no_grad():
-                for W, u, v in zip(Ws, ru, rv):
-                    t = W @ v
-                    u.copy_(t / t.norm())
-                    a = W.t() @ u
-                    v.copy_(a / a.norm())
-
         fns: Dict[str, Callable] = {"ours": lambda Ws=Ws, st=st: ops.power_step_(Ws, st.us, st.vs, 1, 0.0),
-                                    "reference": reference}
+                                    "reference": lambda Ws=Ws, ru=ru, rv=rv: dense_reference_step(Ws, ru, rv)}
         single = len(layers) == 1
         if single:
             lin = nn.Linear(layers[0][1], layers[0][0], bias=False).to(device)
@@ -238,86 +240,99 @@ def circular_rows(layers, repeats, device) -> List[dict]:
 
 
 # ----------------------------------------------------------------------------- training overhead
-def training_rows(repeats, device) -> List[dict]:
+def make_mlp():
+    return nn.Sequential(nn.Linear(784, 1024), nn.GELU(), nn.Linear(1024, 1024), nn.GELU(), nn.Linear(1024, 1024),
+                         nn.GELU(), nn.Linear(1024, 10)), (784,)
+
+
+def make_cnn():
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(64, 10)), (3, 32, 32)
+
+
+class ReferencePenalty:
+    """The plain way: a Python loop over the hidden layers, one power step each under
+    no_grad, then sigma by autograd through u^T W v (dense) or <y, conv(x)> (conv)."""
+
+    def __init__(self, model: nn.Module, shapes: Dict[nn.Module, tuple], gamma: float):
+        self.gamma = gamma
+        self.layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:-1]
+        self.shapes = shapes
+        self.state = {}
+        for m in self.layers:
+            v = torch.randn(shapes[m] if isinstance(m, nn.Conv2d) else (m.weight.shape[1],),
+                            device=m.weight.device)
+            self.state[m] = v / v.norm()
+
+    def __call__(self) -> torch.Tensor:
+        from .. import reference as ref
+
+        total = 0.0
+        for m in self.layers:
+            with torch.no_grad():
+                if isinstance(m, nn.Conv2d):
+                    spec = ref.ConvSpec.from_module(m, self.shapes[m], weight=m.weight.detach())
+                    y = ref.conv_apply(spec, self.state[m][None])
+                    y = y / y.norm()
+                    x = ref.conv_adjoint(spec, y)[0]
+                    self.state[m] = x / x.norm()
+                else:
+                    t_ = m.weight @ self.state[m]
+                    u = t_ / t_.norm()
+                    a = m.weight.t() @ u
+                    self.state[m] = a / a.norm()
+            if isinstance(m, nn.Conv2d):
+                s_ = (y[0] * F.conv2d(self.state[m][None], m.weight, None, m.stride, m.padding)[0]).sum()
+            else:
+                s_ = u @ m.weight @ self.state[m]
+            total = total + s_ ** 2
+        return self.gamma * total
+
+
+def training_arms(make, device="cpu", gamma=1e-2):
+    """Step functions of the four arms (no penalty, reference, SpectralPenalty in the loss,
+    SpectralPenalty.accumulate_grad) sharing one model, optimizer and batch of 128."""
     from ..penalty import SpectralPenalty
-    from .. import reference as ref
 
-    def make_mlp():
-        return nn.Sequential(nn.Linear(784, 1024), nn.GELU(), nn.Linear(1024, 1024), nn.GELU(),
-                             nn.Linear(1024, 1024), nn.GELU(), nn.Linear(1024, 10)), (784,)
+    torch.manual_seed(0)
+    model, in_shape = make()
+    model.to(device)
+    x = torch.randn(128, *in_shape, device=device)
+    y = torch.randint(0, 10, (128,), device=device)
+    shapes = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a: shapes.__setitem__(mod, tuple(a[0].shape[1:])))
+             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    model(x)
+    for h in hooks:
+        h.remove()
+    refpen = ReferencePenalty(model, shapes, gamma)
+    pen = SpectralPenalty(model, gamma=gamma)
+    model(x)
+    pen()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    crit = nn.CrossEntropyLoss()
 
-    def make_cnn():
-        return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1),
-                             nn.ReLU(), nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(),
-                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)), (3, 32, 32)
+    def step(extra, after=None):
+        def run_():
+            loss = crit(model(x), y)
+            if extra is not None:
+                loss = loss + extra()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if after is not None:
+                after()
+            opt.step()
+        return run_
 
+    return {"no penalty": step(None), "reference": step(refpen), "ours (SpectralPenalty)": step(pen),
+            "ours (accumulate_grad)": step(None, pen.accumulate_grad)}
+
+
+def training_rows(repeats, device) -> List[dict]:
     rows = []
     for label, make in (("MLP 784-1024x3-10", make_mlp), ("CNN 3x32x32", make_cnn)):
-        torch.manual_seed(0)
-        model, in_shape = make()
-        model.to(device)
-        x = torch.randn(128, *in_shape, device=device)
-        y = torch.randint(0, 10, (128,), device=device)
-        shapes = {}
-        hooks = [mm.register_forward_pre_hook(lambda mod, a: shapes.__setitem__(mod, tuple(a[0].shape[1:])))
-                 for mm in model.modules() if isinstance(mm, nn.Conv2d)]
-        model(x)
-        for h in hooks:
-            h.remove()
-        layers = [mm for mm in model.modules() if isinstance(mm, (nn.Linear, nn.Conv2d))][:-1]
-        state = {}
-        for mm in layers:
-            if isinstance(mm, nn.Conv2d):
-                xx = torch.randn(shapes[mm], device=device)
-                state[mm] = xx / xx.norm()
-            else:
-                vv = torch.randn(mm.weight.shape[1], device=device)
-                state[mm] = vv / vv.norm()
-
-        def reference_penalty():
-            # a Python loop of power steps, then sigma by autograd through u^T W v / <y, conv(x)>
-            total = 0.0
-            for mm in layers:
-                with torch.no_grad():
-                    if isinstance(mm, nn.Conv2d):
-                        spec = ref.ConvSpec.from_module(mm, shapes[mm], weight=mm.weight.detach())
-                        yy = ref.conv_apply(spec, state[mm][None])
-                        yy = yy / yy.norm()
-                        xx = ref.conv_adjoint(spec, yy)[0]
-                        state[mm] = xx / xx.norm()
-                    else:
-                        t_ = mm.weight @ state[mm]
-                        u = t_ / t_.norm()
-                        a = mm.weight.t() @ u
-                        state[mm] = a / a.norm()
-                if isinstance(mm, nn.Conv2d):
-                    s_ = (yy[0] * F.conv2d(state[mm][None], mm.weight, None, mm.stride, mm.padding)[0]).sum()
-                else:
-                    s_ = u @ mm.weight @ state[mm]
-                total = total + s_ ** 2
-            return 1e-2 * total
-
-        pen = SpectralPenalty(model, gamma=1e-2)
-        model(x)
-        pen()
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        crit = nn.CrossEntropyLoss()
-
-        def step(extra, after=None):
-            def run_():
-                loss = crit(model(x), y)
-                if extra is not None:
-                    loss = loss + extra()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if after is not None:
-                    after()
-                opt.step()
-            return run_
-
-        t = interleaved({"no penalty": step(None), "reference": step(reference_penalty),
-                         "ours (SpectralPenalty)": step(pen),
-                         "ours (accumulate_grad)": step(None, pen.accumulate_grad)}, repeats=repeats, min_time=0.0)
+        t = interleaved(training_arms(make, device), repeats=repeats, min_time=0.0)
         base = t["no penalty"]["median"]
         for k in ("reference", "ours (SpectralPenalty)", "ours (accumulate_grad)"):
             over = t[k]["median"] / base - 1
