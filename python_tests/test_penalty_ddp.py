@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 
-def _worker(rank, world, out_dir):
+def _worker(rank, world, out_dir, mode):
     import specreg_fast as sf
 
     # Rendezvous through a file (no port to race for); gloo itself talks over loopback.
@@ -25,9 +25,12 @@ def _worker(rank, world, out_dir):
         g = torch.Generator().manual_seed(100 + rank)  # different data per rank
         for _ in range(5):
             x = torch.randn(8, 1, 6, 6, generator=g)
-            loss = ddp(x).square().mean() + pen()
             opt.zero_grad()
-            loss.backward()
+            if mode == "loss":
+                (ddp(x).square().mean() + pen()).backward()
+            else:  # the gradient written in place after the (all-reduced) backward
+                ddp(x).square().mean().backward()
+                pen.accumulate_grad()
             opt.step()
         flat = torch.cat([b.flatten().double() for _, b in sorted(pen.named_buffers())] +
                          [p.detach().flatten().double() for p in model.parameters()])
@@ -47,10 +50,11 @@ def _worker(rank, world, out_dir):
     os._exit(0)
 
 
-def test_ddp_two_ranks_stay_identical(tmp_path):
+@pytest.mark.parametrize("mode", ["loss", "accumulate_grad"])
+def test_ddp_two_ranks_stay_identical(tmp_path, mode):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path), mode), nprocs=2, join=True)
     res = torch.load(tmp_path / "ddp.pt")
     a, b = res["flat"]
     # vectors, counters, sigmas and weights bit-identical across ranks after 5 steps
