@@ -404,7 +404,7 @@ class SpectralPenalty(nn.Module):
             return self.gammas.new_zeros(())
         n_iter = max(self.n_iter, self.n_iter_init) if upd and not bool(self.initialized) else self.n_iter
         nd = len(self._dense)
-        with torch.enable_grad():
+        with torch.set_grad_enabled(bool(self._convs)):  # autograd only for the conv weight-gradients
             sig = self._sigmas(upd, n_iter)
         if upd:
             self.initialized.fill_(True)
