@@ -63,7 +63,10 @@ at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::T
     // A non-finite weight shows up as a non-finite |A x| or |A^T t| (inf * 0 = NaN, so even a
     // weight entry that meets only zeros does), which is checked at every step instead of
     // scanning the weight (a full pass over W, as costly as an elementwise op per layer).
-    const at::Tensor x0 = x.clone(), y0 = y.clone();
+    // On the host each step is checked before it writes, so a single step needs no backup;
+    // several steps (or a device, where the check is a tensor) roll back to these copies.
+    const bool backup = !host || n_iter > 1;
+    const at::Tensor x0 = backup ? x.clone() : at::Tensor(), y0 = backup ? y.clone() : at::Tensor();
     // Building the flipped kernel is a pass over W: worth it only when several steps reuse it.
     const at::Tensor Wadj = n_iter >= 2 ? adjoint_kernel(g, W) : at::Tensor();
     at::Tensor est = at::zeros({}, x.options());
@@ -109,8 +112,10 @@ at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::T
     // Non-finite: vectors back to their values before the call, estimate NaN.
     if (host) {
       if (bad.item<bool>()) {
-        x.copy_(x0);
-        y.copy_(y0);
+        if (backup) {
+          x.copy_(x0);
+          y.copy_(y0);
+        }
         est.fill_(std::numeric_limits<double>::quiet_NaN());
       }
     } else {
