@@ -14,7 +14,7 @@ from specreg_fast import experiments as E  # noqa: E402
 
 
 def test_every_case_runs_and_writes_outputs(tmp_path, capsys):
-    cfg = E.Config(cases=("toy-xor", "mnist-mlp", "mnist-cnn", "mnist-cnn-circular", "transfer"), mlp_width=32,
+    cfg = E.Config(cases=("toy-xor", "toy-sine", "mnist-mlp", "mnist-cnn", "mnist-cnn-circular", "transfer"), mlp_width=32,
                    mlp_epochs=1, cnn_epochs=1, toy_epochs=2, attack_points=3, pgd_points=6, attack_steps=1,
                    hsj_max_evals=20, pgd_eps_linf=(0.05,),
                    pgd_eps_l2=(1.0,), burn_in=0.0, out_dir=str(tmp_path), progress=False)

@@ -144,8 +144,9 @@ def main(argv=None) -> int:
     r = sub.add_parser("reproduce", help="the paper's comparison (vanilla / ll-spectral / rep-spectral) on packaged data")
     r.add_argument("--full", action="store_true", help="the authors' settings where they fit (3 seeds, 1000 points, "
                                                        "40 attack steps, 200 epochs)")
-    r.add_argument("--cases", default=None, help="comma list of toy-xor, mnist-mlp, mnist-cnn, mnist-cnn-circular, "
-                                                 "transfer, mnist-full-mlp, cifar-cnn (the last two need --data-dir)")
+    r.add_argument("--cases", default=None, help="comma list of toy-xor, toy-sine, mnist-mlp, mnist-cnn, "
+                                                 "mnist-cnn-circular, transfer, mnist-full-mlp, cifar-cnn (the last two "
+                                                 "need --data-dir)")
     r.add_argument("--data-dir", default=None, help="folder with the original MNIST idx files and/or CIFAR-10 python "
                                                     "batches: adds the cases mnist-full-mlp and cifar-cnn")
     r.add_argument("--limit-train", type=int, default=None, help="use only the first N training images of the "

@@ -33,7 +33,7 @@ class Config:
     CPU cores); :func:`full_config` follows the authors' recipe where it fits."""
 
     seeds: Sequence[int] = (0,)
-    cases: Sequence[str] = ("toy-xor", "mnist-mlp", "mnist-cnn", "mnist-cnn-circular", "transfer")
+    cases: Sequence[str] = ("toy-xor", "toy-sine", "mnist-mlp", "mnist-cnn", "mnist-cnn-circular", "transfer")
     mlp_width: int = 2000
     mlp_epochs: int = 30
     cnn_epochs: int = 8
@@ -57,7 +57,9 @@ class Config:
 
 
 #: Every case; the last two need ``data_dir``.
-CASES = ("toy-xor", "mnist-mlp", "mnist-cnn", "mnist-cnn-circular", "transfer", "mnist-full-mlp", "cifar-cnn")
+CASES = ("toy-xor", "toy-sine", "mnist-mlp", "mnist-cnn", "mnist-cnn-circular", "transfer", "mnist-full-mlp",
+         "cifar-cnn")
+TOY_CASES = ("toy-xor", "toy-sine")
 DATA_DIR_CASES = ("mnist-full-mlp", "cifar-cnn")
 
 
@@ -69,20 +71,20 @@ def full_config(out_dir: str = "reproduce_out") -> Config:
     queries: about 80x this attack budget, days on this machine), 60 MLP epochs of MNIST-5k
     (the authors run 200 on full MNIST), gamma 1e-2 only (their sweep 1e-3 / 1e-2 / 1e-1
     would triple the MLP cost)."""
-    return Config(seeds=(0, 1, 2), cases=CASES[:5], mlp_epochs=60, cnn_epochs=20, toy_epochs=5000,
+    return Config(seeds=(0, 1, 2), cases=CASES[:6], mlp_epochs=60, cnn_epochs=20, toy_epochs=5000,
                   attack_points=40, pgd_points=1000, attack_steps=40, hsj_max_evals=200, out_dir=out_dir)
 
 
 # Seconds measured on this project's 2-core machine with the compact Config (2026-11-25):
 # training per epoch and evaluation per arm (probe, PGD, HopSkipJump) for each case.
-_TRAIN_S_PER_EPOCH = {"toy-xor": 0.00055, "mnist-mlp": 0.15, "mnist-cnn": 1.1, "mnist-cnn-circular": 2.1,
+_TRAIN_S_PER_EPOCH = {"toy-xor": 0.00055, "toy-sine": 0.00055, "mnist-mlp": 0.15, "mnist-cnn": 1.1, "mnist-cnn-circular": 2.1,
                       "transfer": 0.075, "mnist-full-mlp": 2.3, "cifar-cnn": 18.0}
-_EVAL_S = {"toy-xor": 0.5, "mnist-mlp": 6.4, "mnist-cnn": 5.8, "mnist-cnn-circular": 7.5, "transfer": 3.5,
+_EVAL_S = {"toy-xor": 0.5, "toy-sine": 0.5, "mnist-mlp": 6.4, "mnist-cnn": 5.8, "mnist-cnn-circular": 7.5, "transfer": 3.5,
            "mnist-full-mlp": 8.0, "cifar-cnn": 10.0}
 # PGD (L-inf and L2, three eps each) per attacked point, per arm
-_PGD_S_PER_POINT = {"toy-xor": 0.001, "mnist-mlp": 0.0045, "mnist-cnn": 0.015, "mnist-cnn-circular": 0.02,
+_PGD_S_PER_POINT = {"toy-xor": 0.001, "toy-sine": 0.001, "mnist-mlp": 0.0045, "mnist-cnn": 0.015, "mnist-cnn-circular": 0.02,
                     "transfer": 0.0045, "mnist-full-mlp": 0.0045, "cifar-cnn": 0.05}
-_TEST_POINTS = {"toy-xor": 100, "transfer": 500}  # smaller test sets cap the PGD points
+_TEST_POINTS = {"toy-xor": 100, "toy-sine": 100, "transfer": 500}  # smaller test sets cap the PGD points
 
 
 def _hsj_queries(steps: int, max_evals: int) -> float:
@@ -97,7 +99,7 @@ def estimate_minutes(cfg: Config) -> float:
     base = Config()
     attack_x = (cfg.attack_points * _hsj_queries(cfg.attack_steps, cfg.hsj_max_evals)) / (
         base.attack_points * _hsj_queries(base.attack_steps, base.hsj_max_evals))
-    epochs = {"toy-xor": cfg.toy_epochs, "mnist-cnn": cfg.cnn_epochs, "mnist-cnn-circular": cfg.cnn_epochs,
+    epochs = {"toy-xor": cfg.toy_epochs, "toy-sine": cfg.toy_epochs, "mnist-cnn": cfg.cnn_epochs, "mnist-cnn-circular": cfg.cnn_epochs,
               "cifar-cnn": cfg.cnn_epochs}
     total = 0.0
     for case in cfg.cases:
@@ -263,6 +265,8 @@ def _case_data(case: str, seed: int, cfg: Optional[Config] = None):
         return D.load_cifar10(cfg.data_dir, limit_train=lim), None
     if case == "toy-xor":
         return D.toy_xor(n=400, seed=seed), None
+    if case == "toy-sine":
+        return D.toy_sine(n=400, seed=seed), None
     if case in ("mnist-mlp",):
         return D.mnist5k(seed=seed, flatten=True), None
     if case in ("mnist-cnn", "mnist-cnn-circular"):
@@ -278,7 +282,7 @@ def run_case(case: str, cfg: Config, seed: int) -> Dict[str, Dict[str, object]]:
     out = {}
     for arm in ARMS:
         torch.manual_seed(seed)
-        if case == "toy-xor":
+        if case in TOY_CASES:
             model = mlp(2, 8, ds.n_classes, depth=3, init_std=None)
             tr = train(model, ds, arm, cfg.toy_epochs, cfg.gamma_toy, cfg, seed, lr=0.1, desc=f"{case}/{arm}")
         elif case in ("mnist-cnn", "mnist-cnn-circular", "cifar-cnn"):
@@ -294,7 +298,7 @@ def run_case(case: str, cfg: Config, seed: int) -> Dict[str, Dict[str, object]]:
         t_ev = time.perf_counter()
         ev = evaluate(model, ds, cfg, seed, probe)
         out[arm] = {**tr, **ev, "eval_time_s": time.perf_counter() - t_ev}
-        if case == "toy-xor":
+        if case in TOY_CASES:
             out[arm]["_model"] = model
             out[arm]["_data"] = ds
     return out
@@ -393,20 +397,22 @@ def plots(all_runs, rows, cfg: Config) -> List[str]:
         ax.legend(fontsize=6)
     files.append(_save(fig, cfg, "sigma_over_training.png"))
 
-    if "toy-xor" in all_runs:
-        seed0 = next(iter(all_runs["toy-xor"]))
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-        for ax, arm in zip(axes, ARMS):
-            run = all_runs["toy-xor"][seed0][arm]
-            model, ds = run["_model"], run["_data"]
-            lo, hi = ds.x_train.min(0).values - 0.5, ds.x_train.max(0).values + 0.5
-            gx, gy = torch.meshgrid(torch.linspace(lo[0], hi[0], 200), torch.linspace(lo[1], hi[1], 200),
-                                    indexing="xy")
-            with torch.no_grad():
-                z = model(torch.stack([gx.flatten(), gy.flatten()], 1)).argmax(1).reshape(200, 200)
-            ax.contourf(gx, gy, z, alpha=0.3, cmap="coolwarm")
-            ax.scatter(ds.x_test[:, 0], ds.x_test[:, 1], c=ds.y_test, s=6, cmap="coolwarm")
-            ax.set_title(f"XOR: {arm} (min L2 {run['min_l2']['mean']:.3f})")
+    toys = [c for c in TOY_CASES if c in all_runs]
+    if toys:
+        fig, axes = plt.subplots(len(toys), 3, figsize=(12, 3.8 * len(toys)), squeeze=False)
+        for row, case in zip(axes, toys):
+            seed0 = next(iter(all_runs[case]))
+            for ax, arm in zip(row, ARMS):
+                run = all_runs[case][seed0][arm]
+                model, ds = run["_model"], run["_data"]
+                lo, hi = ds.x_train.min(0).values - 0.5, ds.x_train.max(0).values + 0.5
+                gx, gy = torch.meshgrid(torch.linspace(lo[0], hi[0], 200), torch.linspace(lo[1], hi[1], 200),
+                                        indexing="xy")
+                with torch.no_grad():
+                    z = model(torch.stack([gx.flatten(), gy.flatten()], 1)).argmax(1).reshape(200, 200)
+                ax.contourf(gx, gy, z, alpha=0.3, cmap="coolwarm")
+                ax.scatter(ds.x_test[:, 0], ds.x_test[:, 1], c=ds.y_test, s=6, cmap="coolwarm")
+                ax.set_title(f"{case}: {arm} (min L2 {run['min_l2']['mean']:.3f})")
         files.append(_save(fig, cfg, "toy_decision_boundaries.png"))
     return files
 
