@@ -454,7 +454,7 @@ def plot(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in res["rows"] if r["backend"] != "reference"]
+    rows = [r for r in res["rows"] if not r["backend"].startswith("reference")]
     labels = [f"{r['group']}: {r['shape'][:22]} {r['backend'][:22]}" for r in rows]
     vals = [r["ratio_vs_reference"] for r in rows]
     fig, ax = plt.subplots(figsize=(9, 0.28 * len(rows) + 1.2))
