@@ -72,6 +72,8 @@ def test_cli_data_dir_errors(tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
     assert cli.main(["reproduce", "--cases", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown case(s) nope" in capsys.readouterr().err
+    assert cli.main(["reproduce", "--gamma", "-1", "--out", str(tmp_path)]) == 2
+    assert "--gamma must be" in capsys.readouterr().err
     # a folder without the files: the loader's error names the missing file
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
