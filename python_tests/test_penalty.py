@@ -477,6 +477,17 @@ def test_accumulate_grad_scale_schedule_and_errors():
     pen.accumulate_grad(scale=3.0)
     torch.testing.assert_close(model[0].weight.grad, 3.0 * g1, rtol=1e-5, atol=1e-8)
     assert model[-1].weight.grad is None  # the readout is not regularized
+    model[0].weight.requires_grad_(False)  # a frozen layer gets no gradient, as on the autograd route
+    model[0].weight.grad = None
+    pen.accumulate_grad()
+    assert model[0].weight.grad is None
+    model[0].weight.requires_grad_(True)
+    c = cnn()
+    cpen = sf.SpectralPenalty(c, scope="all")
+    c(torch.randn(1, 2, 8, 8))
+    c[0].weight.requires_grad_(False)
+    cpen.accumulate_grad()
+    assert c[0].weight.grad is None and c[2].weight.grad is not None
     with pytest.raises(ValueError, match="eig_ub"):
         sf.SpectralPenalty(mlp(), eig_ub=True).accumulate_grad()
     with pytest.raises(ValueError, match="scale must be"):

@@ -412,6 +412,8 @@ class SpectralPenalty(nn.Module):
             self.last_sigmas.copy_(sig.detach())
             for i, (_, m) in enumerate(self._dense):
                 W = m.weight
+                if not W.requires_grad:  # a frozen layer gets no gradient, as on the autograd route
+                    continue
                 coef = float(2.0 * self.gammas[i] * sig[i].detach()) * float(scale)
                 if W.grad is None:
                     W.grad = torch.zeros_like(W)
@@ -422,9 +424,11 @@ class SpectralPenalty(nn.Module):
                     Gm.addr_(u.to(G.dtype), v.to(G.dtype), alpha=coef)
                 else:  # a non-contiguous .grad (e.g. channels_last): no 2-D view of it
                     G.add_(torch.outer(u, v).to(G.dtype).reshape(G.shape), alpha=coef)
-        if self._convs:
-            ws = [m.weight for _, m in self._convs]
-            conv_part = (self.gammas[nd:] * sig[nd:].pow(2)).sum() * float(scale)
+        train = [j for j, (_, m) in enumerate(self._convs) if m.weight.requires_grad]
+        if train:
+            ws = [self._convs[j][1].weight for j in train]
+            k = torch.tensor([nd + j for j in train], device=sig.device)
+            conv_part = (self.gammas[k] * sig[k].pow(2)).sum() * float(scale)
             grads = torch.autograd.grad(conv_part, ws)
             with torch.no_grad():
                 for W, gW in zip(ws, grads):
