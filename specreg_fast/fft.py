@@ -18,7 +18,8 @@ unit, input- and output-shaped pair ``(x*, y*)`` carrying frequency ``w*`` (and,
 kernel, its mirror ``-w*``, whose block is the complex conjugate: that is why the gradient is
 a real part, and why each half carries weight 1/2 in the real pair); then
 ``<y*, A_circ(K) x*> = Re(u^H P(w*) v)`` and its weight-gradient, the conv weight-gradient of
-``(x*, y*)`` (``specreg_fast::conv_sigma`` in circular mode), is that closed form.
+``(x*, y*)`` (the backward of ``specreg_fast::conv_sigma_from_step`` in circular mode, whose
+value is the step's estimate, so the forward runs no convolution), is that closed form.
 
 Public API: :func:`init_circular_state`, :func:`circular_conv_norms`,
 :func:`to_circular_padding`.
