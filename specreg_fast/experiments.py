@@ -69,8 +69,8 @@ def full_config(out_dir: str = "reproduce_out") -> Config:
     with the authors' 40 iterations on 40 points per arm and seed with at most 200
     gradient-estimation queries per iteration (the authors attack 1000 points with up to 1000
     queries: about 80x this attack budget, days on this machine), 60 MLP epochs of MNIST-5k
-    (the authors run 200 on full MNIST), gamma 1e-2 only (their sweep 1e-3 / 1e-2 / 1e-1
-    would triple the MLP cost)."""
+    (the authors run 200 on full MNIST), gamma 1e-2 (their sweep over 1e-3 / 1e-2 / 1e-1 is
+    ``--gamma``, one run per value)."""
     return Config(seeds=(0, 1, 2), cases=CASES[:6], mlp_epochs=60, cnn_epochs=20, toy_epochs=5000,
                   attack_points=40, pgd_points=1000, attack_steps=40, hsj_max_evals=200, out_dir=out_dir)
 
