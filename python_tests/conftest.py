@@ -12,6 +12,16 @@ def _seed():
     yield
 
 
+# The CPU conv ops have two code paths for non-transposed convs: ATen (oneDNN) convolutions
+# and the direct im2col kernels of csrc/cpu/conv_gemm_cpu.cpp. SPECREG_FAST_CONV_KERNEL
+# forces one; "auto" (the default) picks by size. Transposed convs take the ATen path under
+# every setting. Tests that take this fixture run once per setting.
+@pytest.fixture(params=("auto", "direct", "aten"))
+def conv_kernel(request, monkeypatch):
+    monkeypatch.setenv("SPECREG_FAST_CONV_KERNEL", request.param)
+    return request.param
+
+
 def pytest_report_header(config):
     import specreg_fast
 

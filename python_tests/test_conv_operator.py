@@ -123,7 +123,7 @@ def _check_converged(case):
 
 
 @pytest.mark.parametrize("case", SUBSET, ids=_ident)
-def test_converges_to_svd_subset(case):
+def test_converges_to_svd_subset(case, conv_kernel):
     _check_converged(case)
 
 
@@ -143,7 +143,7 @@ def test_subset_covers_every_mode_dim_and_transposed():
 
 @pytest.mark.parametrize("case", SUBSET[::3], ids=_ident)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_one_step_matches_reference(case, dtype):
+def test_one_step_matches_reference(case, dtype, conv_kernel):
     spec = _spec(**case, dtype=dtype)
     if not _valid(spec):
         pytest.skip("geometry invalid")
@@ -156,6 +156,94 @@ def test_one_step_matches_reference(case, dtype):
     torch.testing.assert_close(st.ys[0], y_ref, **tol)
     torch.testing.assert_close(st.xs[0], x_ref, **tol)
     torch.testing.assert_close(s[0], s_ref.to(s.dtype), **tol)
+
+
+# Shapes that exercise the direct kernels' register tiles: output pixels below, at and above
+# one 16-float vector and several column tiles (masked tails), channel counts that leave
+# partial row tiles, groups, strides, dilation, asymmetric padding, Conv1d/3d.
+DIRECT_CASES = [
+    dict(dim=2, cin=24, cout=37, k=3, padding=1, sizes=(4, 4)),
+    dict(dim=2, cin=16, cout=20, k=3, padding=1, stride=2, sizes=(9, 7)),
+    dict(dim=2, cin=8, cout=13, k=1, stride=2, sizes=(16, 16)),
+    dict(dim=2, cin=12, cout=12, k=3, padding=2, dilation=2, groups=3, sizes=(11, 10)),
+    dict(dim=2, cin=6, cout=9, k=4, padding="same", sizes=(5, 7)),
+    dict(dim=1, cin=5, cout=70, k=5, padding=2, stride=2, sizes=(33,)),
+    dict(dim=3, cin=4, cout=6, k=3, padding=1, sizes=(3, 4, 5)),
+    dict(dim=2, cin=10, cout=18, k=3, padding=1, stride=2, mode="circular", sizes=(8, 6)),
+    dict(dim=2, cin=7, cout=20, k=5, padding=2, mode="reflect", sizes=(6, 7)),
+    dict(dim=1, cin=9, cout=17, k=4, padding="same", mode="replicate", sizes=(13,)),
+    dict(dim=3, cin=4, cout=6, k=3, padding=1, dilation=2, mode="circular", groups=2, sizes=(4, 5, 3)),
+]
+
+
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=_ident)
+def test_direct_kernels_match_aten(case, monkeypatch):
+    """Several float32 steps of the direct kernels equal those of the ATen path, and the
+    float64 iteration converges to svdvals of the explicit matrix."""
+    spec = _spec(**case, dtype=torch.float32)
+    out = {}
+    for kernel in ("aten", "direct"):
+        monkeypatch.setenv("SPECREG_FAST_CONV_KERNEL", kernel)
+        st = conv.init_conv_state([spec], generator=torch.Generator().manual_seed(5))
+        params, modes = ops.pack_conv_params([spec])
+        s = ops.conv_power_step_([spec.weight], st.xs, st.ys, params, modes, 4, 0.0)
+        out[kernel] = (s, st.xs[0], st.ys[0])
+    for a, b in zip(out["aten"], out["direct"]):
+        torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
+    monkeypatch.setenv("SPECREG_FAST_CONV_KERNEL", "direct")
+    spec64 = _spec(**case, dtype=torch.float64)
+    sv = torch.linalg.svdvals(ref.conv_operator_matrix(spec64))
+    if _gap(sv) > 1e-3:
+        est, _ = _run_to_convergence(spec64)
+        assert abs(est.item() - sv[0].item()) <= 1e-6 * sv[0].item()
+
+
+def test_kernel_override_switches_the_computation(monkeypatch):
+    """The two paths sum in different orders: in float64 at least one case must differ in the
+    last bits (else the override would not be reaching the op and the tests above would
+    compare ATen with itself)."""
+    differs = []
+    for case in DIRECT_CASES:
+        spec = _spec(**case, dtype=torch.float64)
+        params, modes = ops.pack_conv_params([spec])
+        xs = []
+        for kernel in ("aten", "direct"):
+            monkeypatch.setenv("SPECREG_FAST_CONV_KERNEL", kernel)
+            st = conv.init_conv_state([spec], generator=torch.Generator().manual_seed(5))
+            ops.conv_power_step_([spec.weight], st.xs, st.ys, params, modes, 1, 0.0)
+            xs.append(st.xs[0])
+        torch.testing.assert_close(xs[1], xs[0], rtol=1e-12, atol=1e-14)
+        differs.append(not torch.equal(xs[0], xs[1]))
+    assert any(differs)
+
+
+def test_direct_kernels_do_not_depend_on_thread_count(monkeypatch):
+    monkeypatch.setenv("SPECREG_FAST_CONV_KERNEL", "direct")
+    spec = _spec(dim=2, cin=64, cout=96, k=3, padding=1, sizes=(6, 6), dtype=torch.float32)
+    params, modes = ops.pack_conv_params([spec])
+    threads = torch.get_num_threads()
+    res = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            st = conv.init_conv_state([spec], generator=torch.Generator().manual_seed(2))
+            s = ops.conv_power_step_([spec.weight], st.xs, st.ys, params, modes, 3, 0.0)
+            res.append((s, st.xs[0], st.ys[0]))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+def test_bad_kernel_override_is_a_clear_error(monkeypatch):
+    spec = _spec(dim=2, dtype=torch.float32)
+    st = conv.init_conv_state([spec], generator=torch.Generator().manual_seed(2))
+    snap = [t.clone() for t in st.xs + st.ys]
+    params, modes = ops.pack_conv_params([spec])
+    monkeypatch.setenv("SPECREG_FAST_CONV_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="SPECREG_FAST_CONV_KERNEL must be auto, direct or aten"):
+        ops.conv_power_step_([spec.weight], st.xs, st.ys, params, modes, 1, 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(snap, st.xs + st.ys))
 
 
 ADJ_CASES = [dict(dim=d, mode=m, padding=p, stride=s, k=k) for d in (1, 2, 3) for m in MODES

@@ -63,7 +63,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("d,cin,cout,k,stride,dilation,groups", CASES)
-def test_power_iteration_converges_to_svdvals_of_the_circular_matrix(d, cin, cout, k, stride, dilation, groups):
+def test_power_iteration_converges_to_svdvals_of_the_circular_matrix(d, cin, cout, k, stride, dilation, groups,
+                                                                     conv_kernel):
     spec = _spec(d, cin, cout, k, stride, dilation, groups)
     exact = _exact(spec)
     st = fft.init_circular_state([spec], generator=torch.Generator().manual_seed(1))
@@ -101,7 +102,7 @@ def test_per_frequency_estimates_match_the_block_power_iteration(d, cin, cout, k
 
 
 @pytest.mark.parametrize("d,cin,cout,k,stride,dilation,groups", CASES[:8])
-def test_one_cpp_step_equals_one_reference_step(d, cin, cout, k, stride, dilation, groups):
+def test_one_cpp_step_equals_one_reference_step(d, cin, cout, k, stride, dilation, groups, conv_kernel):
     spec = _spec(d, cin, cout, k, stride, dilation, groups, dtype=torch.float32)
     x = torch.randn(spec.input_shape, generator=torch.Generator().manual_seed(2))
     params = fft.circular_params(spec)

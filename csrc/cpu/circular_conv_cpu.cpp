@@ -40,7 +40,9 @@
 #include <torch/library.h>
 
 #include "conv_geometry.h"
+#include "cpu/conv_gemm.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -52,26 +54,91 @@ using namespace conv_detail;
 
 namespace {
 
+// The polyphase index map as three dims (leading dims of size 1 and stride 1 for d < 3).
+struct Phases3 {
+  int64_t n[3], s[3], m[3];
+};
+
+Phases3 phases3(const std::vector<int64_t>& s, at::IntArrayRef in_shape) {
+  const int64_t d = static_cast<int64_t>(s.size());
+  Phases3 q{};
+  for (int64_t j = 0; j < 3; ++j) q.n[j] = q.s[j] = q.m[j] = 1;
+  for (int64_t i = 0; i < d; ++i) {
+    q.n[3 - d + i] = in_shape[1 + i];
+    q.s[3 - d + i] = s[i];
+    q.m[3 - d + i] = in_shape[1 + i] / s[i];
+  }
+  return q;
+}
+
+// Host split/merge as one gather/scatter pass over contiguous tensors (the reshape-permute-
+// reshape form costs a strided ATen copy of ~15 us per call on these sizes, several per
+// step). `to_phases` = split (x -> z), else merge (z -> x).
+template <typename T>
+void polyphase_host(const Phases3& q, int64_t C, T* x, T* z, bool to_phases) {
+  const int64_t mvol = q.m[0] * q.m[1] * q.m[2], nvol = q.n[0] * q.n[1] * q.n[2];
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t p0 = 0; p0 < q.s[0]; ++p0)
+      for (int64_t p1 = 0; p1 < q.s[1]; ++p1)
+        for (int64_t p2 = 0; p2 < q.s[2]; ++p2) {
+          T* zp = z + (((c * q.s[0] + p0) * q.s[1] + p1) * q.s[2] + p2) * mvol;
+          T* xc = x + c * nvol;
+          for (int64_t i0 = 0; i0 < q.m[0]; ++i0)
+            for (int64_t i1 = 0; i1 < q.m[1]; ++i1) {
+              T* zr = zp + (i0 * q.m[1] + i1) * q.m[2];
+              T* xr = xc + ((i0 * q.s[0] + p0) * q.n[1] + i1 * q.s[1] + p1) * q.n[2] + p2;
+              if (to_phases)
+                for (int64_t i2 = 0; i2 < q.m[2]; ++i2) zr[i2] = xr[i2 * q.s[2]];
+              else
+                for (int64_t i2 = 0; i2 < q.m[2]; ++i2) xr[i2 * q.s[2]] = zr[i2];
+            }
+        }
+}
+
+bool unit_stride(const std::vector<int64_t>& s) {
+  return std::all_of(s.begin(), s.end(), [](int64_t v) { return v == 1; });
+}
+
 // (C, N_1..N_d) -> (C * prod(s), N_1/s_1, .., N_d/s_d): channel-major, then the phases.
 at::Tensor polyphase_split(const at::Tensor& x, const std::vector<int64_t>& s) {
   const int64_t d = static_cast<int64_t>(s.size());
   std::vector<int64_t> shape{x.size(0)}, perm{0}, out{x.size(0)};
+  int64_t phases = 1;
+  for (int64_t i = 0; i < d; ++i) phases *= s[i];
+  out[0] *= phases;
+  for (int64_t i = 0; i < d; ++i) out.push_back(x.size(1 + i) / s[i]);
+  if (unit_stride(s)) return x.reshape(out);
+  if (x.is_cpu()) {
+    const at::Tensor xc = x.contiguous();
+    at::Tensor z = at::empty(out, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "polyphase_split", [&] {
+      polyphase_host<scalar_t>(phases3(s, x.sizes()), x.size(0), const_cast<scalar_t*>(xc.const_data_ptr<scalar_t>()),
+                               z.mutable_data_ptr<scalar_t>(), true);
+    });
+    return z;
+  }
   for (int64_t i = 0; i < d; ++i) {
     shape.push_back(x.size(1 + i) / s[i]);
     shape.push_back(s[i]);
   }
   for (int64_t i = 0; i < d; ++i) perm.push_back(2 + 2 * i);
   for (int64_t i = 0; i < d; ++i) perm.push_back(1 + 2 * i);
-  int64_t phases = 1;
-  for (int64_t i = 0; i < d; ++i) phases *= s[i];
-  out[0] *= phases;
-  for (int64_t i = 0; i < d; ++i) out.push_back(x.size(1 + i) / s[i]);
   return x.reshape(shape).permute(perm).reshape(out);
 }
 
 // Inverse of polyphase_split; `like` has the input shape.
 at::Tensor polyphase_merge(const at::Tensor& z, const std::vector<int64_t>& s, at::IntArrayRef like) {
   const int64_t d = static_cast<int64_t>(s.size());
+  if (unit_stride(s)) return z.reshape(like);
+  if (z.is_cpu()) {
+    const at::Tensor zc = z.contiguous();
+    at::Tensor x = at::empty(like, z.options());
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "polyphase_merge", [&] {
+      polyphase_host<scalar_t>(phases3(s, like), like[0], x.mutable_data_ptr<scalar_t>(),
+                               const_cast<scalar_t*>(zc.const_data_ptr<scalar_t>()), false);
+    });
+    return x;
+  }
   std::vector<int64_t> shape{like[0]}, perm{0};
   for (int64_t i = 0; i < d; ++i) shape.push_back(s[i]);
   for (int64_t i = 0; i < d; ++i) shape.push_back(like[1 + i] / s[i]);
@@ -99,9 +166,44 @@ struct Spectral {
 };
 
 // |Z(w)| over the channel dim: one real value per frequency. (linalg_vector_norm over the
-// outer dim of a complex tensor measured 10x slower here: 320 vs 25 us at 256 x 16 x 9.)
+// outer dim of a complex tensor measured 10x slower here: 320 vs 25 us at 256 x 16 x 9.) On
+// the host a plain loop (channel-outer, fixed order) replaces the five ATen ops, each of
+// which costs tens of microseconds on these few-thousand-entry tensors.
 at::Tensor freq_norms(const at::Tensor& Z) {
-  return (at::real(Z).square() + at::imag(Z).square()).sum(0).sqrt_();
+  if (!Z.is_cpu()) return (at::real(Z).square() + at::imag(Z).square()).sum(0).sqrt_();
+  const at::Tensor Zc = Z.contiguous();
+  const auto rt = c10::toRealValueType(Z.scalar_type());
+  at::Tensor out = at::zeros(Z.sizes().slice(1), Z.options().dtype(rt));
+  const int64_t C = Z.size(0), nf = out.numel();
+  AT_DISPATCH_FLOATING_TYPES(rt, "freq_norms", [&] {
+    const scalar_t* z = reinterpret_cast<const scalar_t*>(Zc.const_data_ptr());
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* zc = z + 2 * c * nf;
+      for (int64_t f = 0; f < nf; ++f) o[f] += zc[2 * f] * zc[2 * f] + zc[2 * f + 1] * zc[2 * f + 1];
+    }
+    for (int64_t f = 0; f < nf; ++f) o[f] = std::sqrt(o[f]);
+  });
+  return out;
+}
+
+// Z(w) / max(n(w), tiny) for every channel, in place on a contiguous host tensor.
+void divide_by_freq_norms_(at::Tensor& Z, const at::Tensor& n) {
+  const auto rt = c10::toRealValueType(Z.scalar_type());
+  const int64_t C = Z.size(0), nf = n.numel();
+  AT_DISPATCH_FLOATING_TYPES(rt, "divide_by_freq_norms_", [&] {
+    scalar_t* z = reinterpret_cast<scalar_t*>(Z.mutable_data_ptr());
+    const scalar_t* nn = n.const_data_ptr<scalar_t>();
+    std::vector<scalar_t> inv(nf);
+    for (int64_t f = 0; f < nf; ++f) inv[f] = scalar_t(1) / std::max(nn[f], std::numeric_limits<scalar_t>::min());
+    for (int64_t c = 0; c < C; ++c) {
+      scalar_t* zc = z + 2 * c * nf;
+      for (int64_t f = 0; f < nf; ++f) {
+        zc[2 * f] *= inv[f];
+        zc[2 * f + 1] *= inv[f];
+      }
+    }
+  });
 }
 
 // The real signal of one frequency: Re(z (x) exp(2 pi i <w, n> / m)) on the grid m, for a
@@ -109,6 +211,37 @@ at::Tensor freq_norms(const at::Tensor& Z) {
 at::Tensor single_frequency(const at::Tensor& z, const std::vector<int64_t>& w, const std::vector<int64_t>& m) {
   const auto opts = at::TensorOptions().dtype(c10::toRealValueType(z.scalar_type())).device(z.device());
   const int64_t d = static_cast<int64_t>(m.size());
+  if (z.is_cpu()) {
+    // The phase table as a product of per-dim unit complex numbers, in double.
+    int64_t total = 1;
+    for (auto v : m) total *= v;
+    std::vector<double> er(total, 1.0), ei(total, 0.0);
+    int64_t inner = total;
+    for (int64_t i = 0; i < d; ++i) {
+      inner /= m[i];
+      for (int64_t idx = 0; idx < total; ++idx) {
+        const int64_t ni = (idx / inner) % m[i];
+        const double ang = 2 * M_PI * static_cast<double>((ni * w[i]) % m[i]) / static_cast<double>(m[i]);
+        const double c = std::cos(ang), s = std::sin(ang);
+        const double r = er[idx] * c - ei[idx] * s, im = er[idx] * s + ei[idx] * c;
+        er[idx] = r;
+        ei[idx] = im;
+      }
+    }
+    std::vector<int64_t> shape{z.size(0)};
+    shape.insert(shape.end(), m.begin(), m.end());
+    at::Tensor out = at::empty(shape, opts);
+    const at::Tensor zc = z.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "single_frequency", [&] {
+      const scalar_t* zz = reinterpret_cast<const scalar_t*>(zc.const_data_ptr());
+      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < z.size(0); ++c) {
+        const double zr = zz[2 * c], zi = zz[2 * c + 1];
+        for (int64_t idx = 0; idx < total; ++idx) o[c * total + idx] = static_cast<scalar_t>(zr * er[idx] - zi * ei[idx]);
+      }
+    });
+    return out;
+  }
   at::Tensor phase = at::zeros(m, opts);
   for (int64_t i = 0; i < d; ++i) {
     std::vector<int64_t> shape(d, 1);
@@ -206,10 +339,11 @@ at::Tensor circular_power_step_impl(at::TensorList weights, at::TensorList xs, a
                           y_tops[l].device() == x.device(),
                       op, ": y_tops[", l, "] must have the output shape ", oshape, " and xs[", l, "]'s dtype");
   }
+  cpu::check_conv_kernel_override();  // before any layer is written
   for (size_t l = 0; l < weights.size(); ++l) {
     const auto& g = geo[l];
     const auto acc = acc_type(weights[l].scalar_type());
-    const at::Tensor W = weights[l].to(acc);
+    const at::Tensor W = weights[l].to(acc).contiguous();
     const at::Tensor x_state = xs[l];
     const bool host = x_state.is_cpu();
     Spectral F;
@@ -226,8 +360,20 @@ at::Tensor circular_power_step_impl(at::TensorList weights, at::TensorList xs, a
     at::Tensor nx = freq_norms(X);
     at::Tensor xh = x_state;
     const int64_t steps = std::max<int64_t>(n_iter, 1);
+    // The two circular convs of a step: the direct kernels (csrc/cpu/conv_gemm_cpu.cpp) when
+    // they are the faster path for this layer, ATen's otherwise.
+    const bool direct = host && n_iter > 0 && cpu::conv_gemm_preferred(g, W, x_state.unsqueeze(0));
+    cpu::ConvGemmWork work;
     for (int64_t it = 0; it < steps; ++it) {
-      const at::Tensor t = op_apply(g, W, xh.unsqueeze(0)).squeeze(0);
+      at::Tensor t, a_direct;
+      if (direct) {
+        t = at::empty(output_shape(g, W, x_state.sizes()), W.options());
+        a_direct = at::empty_like(x_state);
+        at::Tensor t4 = t.unsqueeze(0), a4 = a_direct.unsqueeze(0);
+        cpu::conv_gemm_step(g, W, xh.contiguous().unsqueeze(0), t4, a4, work);
+      } else {
+        t = op_apply(g, W, xh.unsqueeze(0)).squeeze(0);
+      }
       const at::Tensor T = F.forward_out(t);
       const at::Tensor tn = freq_norms(T);
       if (it == steps - 1) {
@@ -237,11 +383,17 @@ at::Tensor circular_power_step_impl(at::TensorList weights, at::TensorList xs, a
         out.select(0, l).copy_(sig.max());
       }
       if (n_iter == 0) break;
-      const at::Tensor a = op_adjoint(g, W, t.unsqueeze(0), xh.unsqueeze(0)).squeeze(0);
+      const at::Tensor a = direct ? a_direct : op_adjoint(g, W, t.unsqueeze(0), xh.unsqueeze(0)).squeeze(0);
       const at::Tensor A = F.forward_in(a);
       const at::Tensor na = freq_norms(A);
       const at::Tensor dead = na == 0;
-      at::Tensor Xn = A / na.clamp_min(std::numeric_limits<double>::min());
+      at::Tensor Xn;
+      if (host) {
+        Xn = A.is_contiguous() ? A : A.contiguous();
+        divide_by_freq_norms_(Xn, na);
+      } else {
+        Xn = A / na.clamp_min(std::numeric_limits<double>::min());
+      }
       // A^T A X(w) = 0: keep the previous unit vector (a zero kernel must not kill the state).
       // Rare, so on the CPU the fix-up is skipped after a (free) host check.
       if (!host || dead.any().item<bool>()) {

@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include "conv_geometry.h"
+#include "cpu/conv_gemm.h"
 
 #include <cmath>
 #include <limits>
@@ -49,6 +50,7 @@ at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::T
   TORCH_CHECK_VALUE(tol >= 0 && std::isfinite(tol), op, ": tol must be finite and >= 0, got ", tol);
   auto geo = decode(op, weights, params, padding_modes);
   validate(op, weights, xs, ys, geo, /*need_contiguous=*/true);
+  cpu::check_conv_kernel_override();  // before any layer is written
   const auto odt = out_type(weights);
   at::Tensor out = at::zeros({static_cast<int64_t>(weights.size())},
                              at::TensorOptions().dtype(odt).device(weights.empty() ? at::kCPU : weights[0].device()));
@@ -56,10 +58,15 @@ at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::T
   for (size_t l = 0; l < weights.size(); ++l) {
     const auto& g = geo[l];
     const auto acc = acc_type(weights[l].scalar_type());
-    const at::Tensor W = weights[l].to(acc);
+    const at::Tensor W = weights[l].to(acc).contiguous();
     const bool host = W.device().is_cpu();
     at::Tensor x = xs[l].unsqueeze(0);  // views of the user's buffers: written in place
     at::Tensor y = ys[l].unsqueeze(0);
+    // Small images with large weights: the direct kernels (csrc/cpu/conv_gemm_cpu.cpp).
+    const bool direct = host && n_iter > 0 && cpu::conv_gemm_preferred(g, W, x);
+    cpu::ConvGemmWork work;
+    const at::Tensor t_buf = direct ? at::empty_like(y) : at::Tensor();
+    const at::Tensor a_buf = direct ? at::empty_like(x) : at::Tensor();
     // A non-finite weight shows up as a non-finite |A x| or |A^T t| (inf * 0 = NaN, so even a
     // weight entry that meets only zeros does), which is checked at every step instead of
     // scanning the weight (a full pass over W, as costly as an elementwise op per layer).
@@ -68,15 +75,22 @@ at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::T
     const bool backup = !host || n_iter > 1;
     const at::Tensor x0 = backup ? x.clone() : at::Tensor(), y0 = backup ? y.clone() : at::Tensor();
     // Building the flipped kernel is a pass over W: worth it only when several steps reuse it.
-    const at::Tensor Wadj = n_iter >= 2 ? adjoint_kernel(g, W) : at::Tensor();
+    const at::Tensor Wadj = n_iter >= 2 && !direct ? adjoint_kernel(g, W) : at::Tensor();
     at::Tensor est = at::zeros({}, x.options());
     at::Tensor bad = at::zeros({}, x.options().dtype(at::kBool));
     if (n_iter == 0) est = (y * op_apply(g, W, x)).sum();
     double prev = std::numeric_limits<double>::quiet_NaN();
     for (int64_t it = 0; it < n_iter; ++it) {
-      const at::Tensor t = op_apply(g, W, x);
+      at::Tensor t, a;  // a = A^T t: direction of the new x, |a|/|t| = estimate
+      if (direct) {
+        t = t_buf;
+        a = a_buf;
+        cpu::conv_gemm_step(g, W, x, t, a, work);
+      } else {
+        t = op_apply(g, W, x);
+        a = op_adjoint(g, W, t, x, Wadj);
+      }
       const at::Tensor tn = at::linalg_vector_norm(t);
-      const at::Tensor a = op_adjoint(g, W, t, x, Wadj);  // A^T t: direction of the new x, |a|/|t| = estimate
       const at::Tensor an = at::linalg_vector_norm(a);
       double cur = 0;
       if (host) {

@@ -1,0 +1,51 @@
+// Direct (im2col + register-blocked GEMM) kernels for one conv power step on a single image:
+// t = A x and a = A^T t for a (non-transposed) convolution with any padding mode, computed
+// with the weight read in its own (C_out, C_in/groups * prod(k)) row-major layout.
+//
+// Why: for one image the oneDNN convolutions spend most of their time reordering the weight
+// into their blocked layout, on every call (the weight changes between training steps, so
+// nothing can be cached). For ResNet-18's 512x512 3x3 conv at 4x4 that is ~0.8 ms of a
+// 1.2 ms forward and ~1.5 ms of a 1.7 ms transposed conv on one thread, against ~0.3 ms
+// for the arithmetic. These kernels stream the weight as it is: the forward is
+// t = W C with C = im2col(x) (K x L, L output pixels), the adjoint G = W^T t followed by
+// col2im(G). Both are "broadcast a weight entry, FMA a row of C (or t)" loops with the
+// output tile in registers. Every output entry is owned by one thread and summed in a fixed
+// order, so results do not depend on the thread count.
+//
+// Which layers go here is decided by conv_gemm_preferred (im2col(x) of at most 1 MiB;
+// measured, see conv_gemm_cpu.cpp); the environment variable
+// SPECREG_FAST_CONV_KERNEL=direct|aten|auto overrides it (tests use it to run both paths on
+// the same shapes).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "../conv_geometry.h"
+
+namespace specreg_fast {
+namespace cpu {
+
+// Geometries these kernels handle: CPU, float32/float64 weight, a non-transposed conv with
+// any padding (zeros/circular/reflect/replicate, asymmetric), stride, dilation, groups, 1 to 3
+// spatial dims.
+bool conv_gemm_supported(const conv_detail::ConvGeom& g, const at::Tensor& W, const at::Tensor& x);
+
+// Reads SPECREG_FAST_CONV_KERNEL; a ValueError for anything but auto/direct/aten/unset.
+void check_conv_kernel_override();
+
+// Whether to use them for this layer (supported, and faster than ATen on this CPU).
+bool conv_gemm_preferred(const conv_detail::ConvGeom& g, const at::Tensor& W, const at::Tensor& x);
+
+// Scratch reused across the steps of one call.
+struct ConvGemmWork {
+  at::Tensor cols;  // K_total x L   (im2col of x)
+  at::Tensor gcols; // K_total x L   (W^T t before col2im)
+};
+
+// x: (1, C_in, *in) contiguous; writes t (1, C_out, *out) = A x and a (1, C_in, *in) = A^T t.
+// t and a must be contiguous with those shapes and W's dtype.
+void conv_gemm_step(const conv_detail::ConvGeom& g, const at::Tensor& W, const at::Tensor& x, at::Tensor& t,
+                    at::Tensor& a, ConvGemmWork& work);
+
+}  // namespace cpu
+}  // namespace specreg_fast

@@ -1,0 +1,379 @@
+// Direct single-image conv kernels for the power step (see conv_gemm.h for why).
+//
+// Layout: the weight of group gi is a row-major (C_out/G) x Kg matrix, Kg = (C_in/G) prod(k);
+// cols = im2col(x) is (G Kg) x L with rows ordered (c_in, k_d, k_h, k_w) as the weight's
+// columns and L = prod(out) output pixels, so
+//     phase A   t[r, :]            = sum_k W[r, k] cols[gi Kg + k, :]      (r in group gi)
+//     phase B   gcols[gi Kg + k, :] = sum_r W[r, k] t[r, :]
+// and a = col2im(gcols). Both phases are one microkernel: an MR x (16 NV) output tile in
+// registers, out[i, c] = sum_j A[i sai + j saj] B[j ldb + c], with A a weight entry broadcast
+// (phase A walks MR weight rows, phase B MR consecutive entries of one row) and B a row of
+// cols or t. Column tails are masked, not padded, so t is written straight into the output.
+#include "conv_gemm.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define SPECREG_HAVE_AVX512_PATH 1
+#else
+#define SPECREG_HAVE_AVX512_PATH 0
+#endif
+
+namespace specreg_fast {
+namespace cpu {
+
+using conv_detail::ConvGeom;
+using conv_detail::PadMode;
+
+namespace {
+
+// The geometry as 3 spatial dims (leading dims of size 1 for Conv1d/2d). src[j][kk out + o]
+// is the input index that kernel offset kk reads for output position o along dim j, through
+// the padding map (wrap for circular, mirror for reflect, clamp for replicate), or -1 for a
+// zero-padding entry: im2col gathers through it and col2im scatters back through it, which is
+// the exact adjoint of pad-then-convolve for every mode.
+struct Geo3 {
+  int64_t in[3], out[3], k[3], s[3], dl[3], lo[3];
+  int64_t cin, cout, G, cin_g, cout_g, kvol, Kg, L, in_vol;
+  std::vector<int64_t> src[3];
+};
+
+int64_t padded_source(PadMode mode, int64_t p, int64_t n) {
+  if (p >= 0 && p < n) return p;
+  switch (mode) {
+    case PadMode::Zeros: return -1;
+    case PadMode::Circular: return ((p % n) + n) % n;
+    case PadMode::Reflect: return p < 0 ? -p : 2 * (n - 1) - p;
+    case PadMode::Replicate: return p < 0 ? 0 : n - 1;
+  }
+  return -1;
+}
+
+Geo3 make_geo3(const ConvGeom& g, const at::Tensor& W, const at::Tensor& x) {
+  Geo3 q{};
+  const int64_t off = 3 - g.d;
+  for (int64_t i = 0; i < 3; ++i) {
+    q.in[i] = q.out[i] = q.k[i] = q.s[i] = q.dl[i] = 1;
+    q.lo[i] = 0;
+  }
+  q.kvol = 1;
+  q.in_vol = 1;
+  q.L = 1;
+  for (int64_t i = 0; i < g.d; ++i) {
+    const int64_t j = off + i;
+    q.in[j] = x.size(2 + i);
+    q.k[j] = W.size(2 + i);
+    q.s[j] = g.stride[i];
+    q.dl[j] = g.dilation[i];
+    q.lo[j] = g.lo[i];
+    q.out[j] = (q.in[j] + g.lo[i] + g.hi[i] - q.dl[j] * (q.k[j] - 1) - 1) / q.s[j] + 1;
+  }
+  for (int64_t j = 0; j < 3; ++j) {
+    q.kvol *= q.k[j];
+    q.in_vol *= q.in[j];
+    q.L *= q.out[j];
+  }
+  q.G = g.groups;
+  q.cout = W.size(0);
+  q.cin_g = W.size(1);
+  q.cin = q.cin_g * q.G;
+  q.cout_g = q.cout / q.G;
+  q.Kg = q.cin_g * q.kvol;
+  for (int64_t j = 0; j < 3; ++j) {
+    q.src[j].resize(q.k[j] * q.out[j]);
+    for (int64_t kk = 0; kk < q.k[j]; ++kk)
+      for (int64_t o = 0; o < q.out[j]; ++o)
+        q.src[j][kk * q.out[j] + o] = padded_source(g.mode, o * q.s[j] + kk * q.dl[j] - q.lo[j], q.in[j]);
+  }
+  return q;
+}
+
+template <typename T>
+void im2col(const Geo3& q, const T* x, T* cols) {
+  const int64_t rows = q.cin * q.kvol;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, q.L)), [&](int64_t b, int64_t e) {
+    for (int64_t row = b; row < e; ++row) {
+      const int64_t ci = row / q.kvol, kr = row % q.kvol;
+      const int64_t kd = kr / (q.k[1] * q.k[2]), kh = (kr / q.k[2]) % q.k[1], kw = kr % q.k[2];
+      const T* src = x + ci * q.in_vol;
+      T* dst = cols + row * q.L;
+      const int64_t* sd = q.src[0].data() + kd * q.out[0];
+      const int64_t* sh = q.src[1].data() + kh * q.out[1];
+      const int64_t* sw = q.src[2].data() + kw * q.out[2];
+      for (int64_t od = 0; od < q.out[0]; ++od) {
+        for (int64_t oh = 0; oh < q.out[1]; ++oh) {
+          T* d = dst + (od * q.out[1] + oh) * q.out[2];
+          if (sd[od] < 0 || sh[oh] < 0) {
+            std::fill(d, d + q.out[2], T(0));
+            continue;
+          }
+          const T* srow = src + (sd[od] * q.in[1] + sh[oh]) * q.in[2];
+          for (int64_t ow = 0; ow < q.out[2]; ++ow) d[ow] = sw[ow] >= 0 ? srow[sw[ow]] : T(0);
+        }
+      }
+    }
+  });
+}
+
+// a[ci] = sum over the kernel offsets of the gcols rows of ci scattered back (adjoint of
+// im2col). One input channel per task: every entry of a has one writer, fixed order.
+template <typename T>
+void col2im(const Geo3& q, const T* gcols, T* a) {
+  at::parallel_for(0, q.cin, 1, [&](int64_t b, int64_t e) {
+    for (int64_t ci = b; ci < e; ++ci) {
+      T* dst = a + ci * q.in_vol;
+      std::fill(dst, dst + q.in_vol, T(0));
+      for (int64_t kr = 0; kr < q.kvol; ++kr) {
+        const int64_t kd = kr / (q.k[1] * q.k[2]), kh = (kr / q.k[2]) % q.k[1], kw = kr % q.k[2];
+        const T* src = gcols + (ci * q.kvol + kr) * q.L;
+        const int64_t* sd = q.src[0].data() + kd * q.out[0];
+        const int64_t* sh = q.src[1].data() + kh * q.out[1];
+        const int64_t* sw = q.src[2].data() + kw * q.out[2];
+        for (int64_t od = 0; od < q.out[0]; ++od) {
+          if (sd[od] < 0) continue;
+          for (int64_t oh = 0; oh < q.out[1]; ++oh) {
+            if (sh[oh] < 0) continue;
+            const T* s = src + (od * q.out[1] + oh) * q.out[2];
+            T* drow = dst + (sd[od] * q.in[1] + sh[oh]) * q.in[2];
+            for (int64_t ow = 0; ow < q.out[2]; ++ow)
+              if (sw[ow] >= 0) drow[sw[ow]] += s[ow];
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---- microkernels: out[i, c] = sum_j A[i sai + j saj] B[j ldb + c], i < MR, c < nc --------
+
+// Portable version (float64, and float32 on CPUs without AVX-512): a 16-wide column tile.
+template <typename T, int MR>
+void tile_generic(const T* A, int64_t sai, int64_t saj, const T* B, int64_t ldb, int64_t J, T* out, int64_t ldo,
+                  int64_t nc) {
+  constexpr int CW = 16;
+  T acc[MR][CW] = {};
+  T b[CW] = {};
+  for (int64_t j = 0; j < J; ++j) {
+    const T* bj = B + j * ldb;
+    for (int64_t c = 0; c < nc; ++c) b[c] = bj[c];
+    for (int i = 0; i < MR; ++i) {
+      const T av = A[i * sai + j * saj];
+#pragma omp simd
+      for (int c = 0; c < CW; ++c) acc[i][c] += av * b[c];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int64_t c = 0; c < nc; ++c) out[i * ldo + c] = acc[i][c];
+}
+
+template <typename T>
+void rows_generic(const T* A, int64_t sai, int64_t saj, const T* B, int64_t ldb, int64_t J, T* out, int64_t ldo,
+                  int64_t nrows, int64_t ncols) {
+  constexpr int MR = 4;
+  for (int64_t c0 = 0; c0 < ncols; c0 += 16) {
+    const int64_t nc = std::min<int64_t>(16, ncols - c0);
+    int64_t i = 0;
+    for (; i + MR <= nrows; i += MR)
+      tile_generic<T, MR>(A + i * sai, sai, saj, B + c0, ldb, J, out + i * ldo + c0, ldo, nc);
+    for (; i < nrows; ++i) tile_generic<T, 1>(A + i * sai, sai, saj, B + c0, ldb, J, out + i * ldo + c0, ldo, nc);
+  }
+}
+
+#if SPECREG_HAVE_AVX512_PATH
+template <int MR, int NV>
+__attribute__((target("avx512f,fma"))) void tile_avx512(const float* A, int64_t sai, int64_t saj, const float* B,
+                                                       int64_t ldb, int64_t J, float* out, int64_t ldo, int64_t nc) {
+  __m512 acc[MR][NV];
+  __mmask16 mask[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const int64_t left = nc - 16 * v;
+    mask[v] = left >= 16 ? static_cast<__mmask16>(0xFFFF)
+                         : static_cast<__mmask16>(left <= 0 ? 0 : ((1u << left) - 1u));
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < J; ++j) {
+    __m512 b[NV];
+    const float* bj = B + j * ldb;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_maskz_loadu_ps(mask[v], bj + 16 * v);
+    const float* aj = A + j * saj;
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(aj[i * sai]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, b[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(out + i * ldo + 16 * v, mask[v], acc[i][v]);
+}
+
+// A tile of m < MR rows: the same kernel instantiated for m (one switch, no scalar tail).
+template <int NV, int M>
+void tile_tail(int m, const float* A, int64_t sai, int64_t saj, const float* B, int64_t ldb, int64_t J, float* out,
+               int64_t ldo, int64_t nc) {
+  if constexpr (M >= 1) {
+    if (m == M) return tile_avx512<M, NV>(A, sai, saj, B, ldb, J, out, ldo, nc);
+    return tile_tail<NV, M - 1>(m, A, sai, saj, B, ldb, J, out, ldo, nc);
+  }
+}
+
+template <int MR, int NV>
+void rows_avx512(const float* A, int64_t sai, int64_t saj, const float* B, int64_t ldb, int64_t J, float* out,
+                 int64_t ldo, int64_t nrows, int64_t ncols) {
+  constexpr int64_t CW = 16 * NV;
+  for (int64_t c0 = 0; c0 < ncols; c0 += CW) {
+    const int64_t nc = std::min<int64_t>(CW, ncols - c0);
+    int64_t i = 0;
+    for (; i + MR <= nrows; i += MR)
+      tile_avx512<MR, NV>(A + i * sai, sai, saj, B + c0, ldb, J, out + i * ldo + c0, ldo, nc);
+    if (i < nrows)
+      tile_tail<NV, MR - 1>(static_cast<int>(nrows - i), A + i * sai, sai, saj, B + c0, ldb, J, out + i * ldo + c0,
+                            ldo, nc);
+  }
+}
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
+
+// Rows per task and the row-range kernel for this column count. `phase_b` reads MR
+// consecutive weight entries per broadcast (one cache line at MR = 16).
+struct RowKernel {
+  int64_t mr, cw;  // rows and columns of one task's output tile
+  void (*f32)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
+};
+
+RowKernel pick_kernel(int64_t ncols, bool phase_b) {
+#if SPECREG_HAVE_AVX512_PATH
+  if (cpu_has_avx512()) {
+    const int64_t nv = std::min<int64_t>(4, (ncols + 15) / 16);
+    if (phase_b) {
+      if (nv == 1) return {16, 16, &rows_avx512<16, 1>};
+      if (nv == 2) return {8, 32, &rows_avx512<8, 2>};
+      return {6, 64, &rows_avx512<6, 4>};
+    }
+    if (nv == 1) return {12, 16, &rows_avx512<12, 1>};
+    if (nv == 2) return {8, 32, &rows_avx512<8, 2>};
+    return {6, 64, &rows_avx512<6, 4>};
+  }
+#endif
+  (void)ncols;
+  (void)phase_b;
+  return {4, 16, &rows_generic<float>};
+}
+
+template <typename T>
+void run_rows(const RowKernel& k, const T* A, int64_t sai, int64_t saj, const T* B, int64_t ldb, int64_t J, T* out,
+              int64_t ldo, int64_t nrows, int64_t ncols) {
+  if constexpr (std::is_same_v<T, float>) {
+    k.f32(A, sai, saj, B, ldb, J, out, ldo, nrows, ncols);
+  } else {
+    rows_generic<T>(A, sai, saj, B, ldb, J, out, ldo, nrows, ncols);
+  }
+}
+
+// out = A B for one group's (rows x J) by (J x L) product, as tasks of (column tile, row
+// tile) with the column tile outer: a thread's consecutive tasks share the same columns of B
+// (cols or t), which stay in L2 while the weight rows stream past them.
+template <typename T>
+void grouped_product(const RowKernel& k, int64_t G, int64_t rows, int64_t J, int64_t L,
+                     const T* A, int64_t sai, int64_t saj, int64_t a_group, const T* B, int64_t b_group,
+                     T* out, int64_t out_group) {
+  const int64_t row_tiles = (rows + k.mr - 1) / k.mr, col_tiles = (L + k.cw - 1) / k.cw;
+  at::parallel_for(0, G * col_tiles * row_tiles, 1, [&](int64_t b, int64_t e) {
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t gi = task / (col_tiles * row_tiles), rest = task % (col_tiles * row_tiles);
+      const int64_t c0 = (rest / row_tiles) * k.cw, r0 = (rest % row_tiles) * k.mr;
+      const int64_t nr = std::min<int64_t>(k.mr, rows - r0), nc = std::min<int64_t>(k.cw, L - c0);
+      run_rows<T>(k, A + gi * a_group + r0 * sai, sai, saj, B + gi * b_group + c0, L, J,
+                  out + gi * out_group + r0 * L + c0, L, nr, nc);
+    }
+  });
+}
+
+template <typename T>
+void step(const Geo3& q, const T* W, const T* x, T* t, T* a, T* cols, T* gcols) {
+  im2col<T>(q, x, cols);
+  // Phase A: t = W cols (per group: rows are output channels, J = Kg).
+  grouped_product<T>(pick_kernel(q.L, false), q.G, q.cout_g, q.Kg, q.L, W, q.Kg, 1, q.cout_g * q.Kg, cols,
+                     q.Kg * q.L, t, q.cout_g * q.L);
+  // Phase B: gcols = W^T t (per group: rows are weight columns, J = C_out / G).
+  grouped_product<T>(pick_kernel(q.L, true), q.G, q.Kg, q.cout_g, q.L, W, 1, q.Kg, q.cout_g * q.Kg, t,
+                     q.cout_g * q.L, gcols, q.Kg * q.L);
+  col2im<T>(q, gcols, a);
+}
+
+enum class KernelChoice { Auto, Direct, Aten };
+
+KernelChoice kernel_override() {
+  const char* v = std::getenv("SPECREG_FAST_CONV_KERNEL");
+  if (v == nullptr || v[0] == '\0') return KernelChoice::Auto;
+  const std::string s(v);
+  if (s == "direct") return KernelChoice::Direct;
+  if (s == "aten") return KernelChoice::Aten;
+  TORCH_CHECK_VALUE(s == "auto", "SPECREG_FAST_CONV_KERNEL must be auto, direct or aten, got '", s, "'");
+  return KernelChoice::Auto;
+}
+
+}  // namespace
+
+void check_conv_kernel_override() { (void)kernel_override(); }
+
+bool conv_gemm_supported(const ConvGeom& g, const at::Tensor& W, const at::Tensor& x) {
+  if (!W.device().is_cpu() || g.transposed) return false;
+  if (W.scalar_type() != at::kFloat && W.scalar_type() != at::kDouble) return false;
+  if (!W.is_contiguous() || !x.is_contiguous() || x.size(0) != 1) return false;
+  return true;
+}
+
+bool conv_gemm_preferred(const ConvGeom& g, const at::Tensor& W, const at::Tensor& x) {
+  const KernelChoice c = kernel_override();
+  if (c == KernelChoice::Aten || !conv_gemm_supported(g, W, x)) return false;
+  if (c == KernelChoice::Direct) return true;
+#if SPECREG_HAVE_AVX512_PATH
+  if (W.scalar_type() != at::kFloat || !cpu_has_avx512()) return false;
+  // Measured on the ResNet-18/CIFAR shapes (bench/bench_conv.py, one and two threads): the
+  // direct kernels win wherever im2col(x) fits in L2 next to the weight rows streaming past
+  // it (512x512 at 4x4: 2.7 -> 1.1 ms per step on one thread; 3->64 at 32x32: 0.20 ->
+  // 0.08 ms) and lose once it does not (64x64 at 32x32, im2col 2.4 MB: 0.84 -> 1.2 ms),
+  // where oneDNN's blocked kernels amortize their weight reorder over many pixels.
+  const Geo3 q = make_geo3(g, W, x);
+  return q.G * q.Kg * q.L * static_cast<int64_t>(sizeof(float)) <= (int64_t{1} << 20);
+#else
+  return false;
+#endif
+}
+
+void conv_gemm_step(const ConvGeom& g, const at::Tensor& W, const at::Tensor& x, at::Tensor& t, at::Tensor& a,
+                    ConvGemmWork& work) {
+  const Geo3 q = make_geo3(g, W, x);
+  const int64_t K = q.G * q.Kg;
+  if (!work.cols.defined() || work.cols.numel() != K * q.L || work.cols.scalar_type() != W.scalar_type()) {
+    work.cols = at::empty({K, q.L}, W.options());
+    work.gcols = at::empty({K, q.L}, W.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "conv_gemm_step", [&] {
+    step<scalar_t>(q, W.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), t.mutable_data_ptr<scalar_t>(),
+                   a.mutable_data_ptr<scalar_t>(), work.cols.mutable_data_ptr<scalar_t>(),
+                   work.gcols.mutable_data_ptr<scalar_t>());
+  });
+}
+
+}  // namespace cpu
+}  // namespace specreg_fast
