@@ -46,6 +46,10 @@ TORCH_LIBRARY(specreg_fast, m) {
   // circular_power_step_) that just produced xs/ys, so the forward runs no convolution;
   // gradient as conv_sigma. Device-independent (Python implementation).
   m.def("conv_sigma_from_step(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes, Tensor est) -> Tensor");
+  // d<y_l, A(W_l) x_l>/dW_l for each layer (the conv weight-gradient of input x_l and
+  // output-gradient y_l; float32, or float64 for a float64 weight): the backward of conv_sigma
+  // and conv_sigma_from_step, without autograd.
+  m.def("conv_weight_grad(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) -> Tensor[]");
   // A(W_l)^T y_l for each layer (the adjoint the power step uses; exposed for tests).
   m.def("conv_adjoint(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) -> Tensor[]");
   // ---- Fourier-domain (circular) conv norms ------------------------------------------

@@ -281,7 +281,7 @@ GRAD_CASES = [dict(dim=1, mode="reflect", padding="same", k=4), dict(dim=2, mode
 
 
 @pytest.mark.parametrize("case", GRAD_CASES, ids=_ident)
-def test_sigma_gradcheck(case):
+def test_sigma_gradcheck(case, conv_kernel):
     spec = _spec(**{**case, "sizes": {1: (7,), 2: (5, 4), 3: (4, 3, 4)}[case["dim"]], "cin": 2, "cout": 4})
     st = conv.init_conv_state([spec], generator=torch.Generator().manual_seed(2))
     params, modes = ops.pack_conv_params([spec])
@@ -290,7 +290,7 @@ def test_sigma_gradcheck(case):
 
 
 @pytest.mark.parametrize("case", GRAD_CASES[:3] + GRAD_CASES[4:5], ids=_ident)
-def test_sigma_gradient_is_gradient_of_exact_norm(case):
+def test_sigma_gradient_is_gradient_of_exact_norm(case, conv_kernel):
     """At convergence d sigma/dW equals the gradient of svdvals(explicit matrix)[0]."""
     spec = _spec(**{**case, "sizes": {1: (7,), 2: (5, 4), 3: (4, 3, 4)}[case["dim"]]})
     sv = torch.linalg.svdvals(ref.conv_operator_matrix(spec))
@@ -346,6 +346,39 @@ def test_sigma_from_step_equals_sigma_and_its_gradient():
     for x, y in zip(g1, g2):
         torch.testing.assert_close(x, y)
     torch.library.opcheck(torch.ops.specreg_fast.conv_sigma_from_step.default, (ws1, st.xs, st.ys, params, modes, est))
+
+
+@pytest.mark.parametrize("case", DIRECT_CASES + GRAD_CASES, ids=_ident)
+def test_weight_grad_is_the_gradient_of_the_bilinear_form(case, conv_kernel):
+    """conv_weight_grad(W, x, y) = d<y, A(W) x>/dW by autograd through the plain-PyTorch
+    operator (reference.conv_apply), for every path and geometry, float32 and float64."""
+    for dtype, tol in ((torch.float64, dict(rtol=1e-10, atol=1e-12)), (torch.float32, dict(rtol=1e-4, atol=1e-5))):
+        spec = _spec(**case, dtype=dtype)
+        st = conv.init_conv_state([spec], generator=torch.Generator().manual_seed(4))
+        y = torch.randn(st.ys[0].shape, dtype=dtype, generator=torch.Generator().manual_seed(5))
+        params, modes = ops.pack_conv_params([spec])
+        (gw,) = ops.conv_weight_grad([spec.weight], st.xs, [y], params, modes)
+        W = spec.weight.clone().requires_grad_(True)
+        val = (y * ref.conv_apply(ConvSpec(**{**spec.__dict__, "weight": W}), st.xs[0][None])[0]).sum()
+        (g_ref,) = torch.autograd.grad(val, W)
+        assert gw.dtype == dtype and gw.shape == W.shape
+        torch.testing.assert_close(gw, g_ref, **tol)
+
+
+def test_weight_grad_low_precision_weight_gives_float32():
+    spec = _spec(2, padding=1, dtype=torch.float32)
+    st = conv.init_conv_state([spec], generator=torch.Generator().manual_seed(4))
+    params, modes = ops.pack_conv_params([spec])
+    (g32,) = ops.conv_weight_grad([spec.weight], st.xs, st.ys, params, modes)
+    (g16,) = ops.conv_weight_grad([spec.weight.bfloat16()], st.xs, st.ys, params, modes)
+    assert g16.dtype == torch.float32
+    torch.testing.assert_close(g16, g32, rtol=2e-2, atol=2e-3)
+
+
+def test_opcheck_weight_grad():
+    specs, st, params, modes = _two_layer_args()
+    torch.library.opcheck(torch.ops.specreg_fast.conv_weight_grad.default,
+                          ([s.weight for s in specs], st.xs, st.ys, params, modes))
 
 
 def test_opcheck_adjoint():

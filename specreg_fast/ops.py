@@ -16,7 +16,7 @@ from typing import List, Sequence
 import torch
 
 __all__ = ["power_step_", "sigma", "sigma_from_step", "conv_power_step_", "conv_sigma", "conv_adjoint",
-           "conv_sigma_from_step", "circular_power_step_", "batched_power_step_", "pack_conv_params", "HAS_CPP_EXT", "SCHEMAS"]
+           "conv_weight_grad", "conv_sigma_from_step", "circular_power_step_", "batched_power_step_", "pack_conv_params", "HAS_CPP_EXT", "SCHEMAS"]
 
 # Kept identical to csrc/specreg_fast.cpp (a test compares them): used only when the
 # compiled library is missing.
@@ -29,6 +29,8 @@ SCHEMAS = {
     "conv_sigma": "conv_sigma(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) -> Tensor",
     "conv_adjoint": "conv_adjoint(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) "
                     "-> Tensor[]",
+    "conv_weight_grad": "conv_weight_grad(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, "
+                        "str[] padding_modes) -> Tensor[]",
     "conv_sigma_from_step": "conv_sigma_from_step(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, "
                             "str[] padding_modes, Tensor est) -> Tensor",
     "circular_power_step_": "circular_power_step_(Tensor[] weights, Tensor(a!)[] xs, Tensor(b!)[] x_tops, "
@@ -350,22 +352,37 @@ def _conv_sigma_setup_context(ctx, inputs, output):
     ctx.params, ctx.modes = list(params), list(padding_modes)
 
 
-def _conv_sigma_backward(ctx, grad):
+def _conv_weight_grad_reference(weights, xs, ys, params, padding_modes):
     # d<y, A(W) x>/dW with x, y held fixed is the conv weight-gradient with input pad(x) and
     # output-gradient y: one aten.convolution_backward per layer, no autograd graph.
-    n = ctx.n
-    saved = ctx.saved_tensors
-    weights, xs, ys = saved[:n], saved[n:2 * n], saved[2 * n:]
-    geo = _unpack_conv_params(weights, ctx.params, ctx.modes)
+    geo = _unpack_conv_params(weights, params, padding_modes)
     grads = []
     for l, g in enumerate(geo):
         W, x, y = weights[l], xs[l], ys[l]
-        Wf = W.to(x.dtype)
-        xp, pad = _conv_padded_input(g, x[None])
-        gw = torch.ops.aten.convolution_backward(y[None], xp, Wf, None, g["stride"], pad, g["dilation"],
+        Wf = W.to(_acc_dtype(W.dtype))
+        xp, pad = _conv_padded_input(g, x[None].to(Wf.dtype))
+        gw = torch.ops.aten.convolution_backward(y[None].to(Wf.dtype), xp, Wf, None, g["stride"], pad, g["dilation"],
                                                  g["transposed"], g["output_padding"], g["groups"],
                                                  [False, True, False])[1]
-        grads.append((gw * grad[l].to(gw.dtype)).to(W.dtype))
+        grads.append(gw.contiguous())
+    return grads
+
+
+@torch.library.register_fake("specreg_fast::conv_weight_grad")
+def _conv_weight_grad_fake(weights, xs, ys, params, padding_modes):
+    torch._check(len(xs) == len(weights) and len(ys) == len(weights))
+    return [torch.empty(W.shape, dtype=_acc_dtype(W.dtype), device=W.device) for W in weights]
+
+
+torch.library.impl("specreg_fast::conv_weight_grad", "CompositeExplicitAutograd")(_conv_weight_grad_reference)
+
+
+def _conv_sigma_backward(ctx, grad):
+    n = ctx.n
+    saved = ctx.saved_tensors
+    weights, xs, ys = saved[:n], saved[n:2 * n], saved[2 * n:]
+    gws = torch.ops.specreg_fast.conv_weight_grad(list(weights), list(xs), list(ys), ctx.params, ctx.modes)
+    grads = [(gw * grad[l].to(gw.dtype)).to(weights[l].dtype) for l, gw in enumerate(gws)]
     return grads, [None] * n, [None] * n, None, None
 
 
@@ -419,6 +436,14 @@ def conv_sigma(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: List[tor
                padding_modes: List[str]) -> torch.Tensor:
     """``<y_l, A(W_l) x_l>`` per layer, differentiable in the weights."""
     return torch.ops.specreg_fast.conv_sigma(list(weights), list(xs), list(ys), list(params), list(padding_modes))
+
+
+def conv_weight_grad(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: List[torch.Tensor], params: List[int],
+                     padding_modes: List[str]) -> List[torch.Tensor]:
+    """``d<y_l, A(W_l) x_l>/dW_l`` per layer (the conv weight-gradient of input ``x_l`` and
+    output-gradient ``y_l``), float32 (float64 for a float64 weight), without autograd."""
+    return torch.ops.specreg_fast.conv_weight_grad(list(weights), list(xs), list(ys), list(params),
+                                                   list(padding_modes))
 
 
 def conv_adjoint(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: List[torch.Tensor], params: List[int],

@@ -47,5 +47,17 @@ struct ConvGemmWork {
 void conv_gemm_step(const conv_detail::ConvGeom& g, const at::Tensor& W, const at::Tensor& x, at::Tensor& t,
                     at::Tensor& a, ConvGemmWork& work);
 
+// The weight-gradient of <y, A(W) x> (the conv weight-gradient with input x, output-gradient
+// y): gw = y im2col(x)^T per group. x (1, C_in, *in), y (1, C_out, *out) contiguous; gw
+// contiguous, W's shape and dtype.
+void conv_gemm_weight_grad(const conv_detail::ConvGeom& g, const at::Tensor& W, const at::Tensor& x,
+                           const at::Tensor& y, at::Tensor& gw, ConvGemmWork& work);
+
+// |t| of a contiguous float/double host tensor, accumulated in double in a fixed order.
+double host_norm(const at::Tensor& t);
+// dst = src / n elementwise (contiguous host tensors of one dtype; n rounded to that dtype
+// first, as a division by a 0-dim tensor of the dtype would).
+void host_divide(at::Tensor& dst, const at::Tensor& src, double n);
+
 }  // namespace cpu
 }  // namespace specreg_fast

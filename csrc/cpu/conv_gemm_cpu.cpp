@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -116,6 +117,34 @@ void im2col(const Geo3& q, const T* x, T* cols) {
           }
           const T* srow = src + (sd[od] * q.in[1] + sh[oh]) * q.in[2];
           for (int64_t ow = 0; ow < q.out[2]; ++ow) d[ow] = sw[ow] >= 0 ? srow[sw[ow]] : T(0);
+        }
+      }
+    }
+  });
+}
+
+// The same entries transposed: cols_t[l, row] (L x K), one output pixel per task, its K
+// entries written contiguously (the weight-gradient product reads rows of it).
+template <typename T>
+void im2col_t(const Geo3& q, const T* x, T* cols_t) {
+  const int64_t K = q.cin * q.kvol;
+  at::parallel_for(0, q.L, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, K)), [&](int64_t b, int64_t e) {
+    for (int64_t l = b; l < e; ++l) {
+      const int64_t od = l / (q.out[1] * q.out[2]), oh = (l / q.out[2]) % q.out[1], ow = l % q.out[2];
+      T* dst = cols_t + l * K;
+      for (int64_t ci = 0; ci < q.cin; ++ci) {
+        const T* src = x + ci * q.in_vol;
+        for (int64_t kd = 0; kd < q.k[0]; ++kd) {
+          const int64_t id = q.src[0][kd * q.out[0] + od];
+          for (int64_t kh = 0; kh < q.k[1]; ++kh) {
+            const int64_t ih = q.src[1][kh * q.out[1] + oh];
+            const bool row_ok = id >= 0 && ih >= 0;
+            const T* srow = row_ok ? src + (id * q.in[1] + ih) * q.in[2] : nullptr;
+            for (int64_t kw = 0; kw < q.k[2]; ++kw) {
+              const int64_t iw = q.src[2][kw * q.out[2] + ow];
+              *dst++ = (row_ok && iw >= 0) ? srow[iw] : T(0);
+            }
+          }
         }
       }
     }
@@ -288,21 +317,21 @@ void run_rows(const RowKernel& k, const T* A, int64_t sai, int64_t saj, const T*
   }
 }
 
-// out = A B for one group's (rows x J) by (J x L) product, as tasks of (column tile, row
-// tile) with the column tile outer: a thread's consecutive tasks share the same columns of B
-// (cols or t), which stay in L2 while the weight rows stream past them.
+// out = A B for each group's (rows x J) by (J x ncols) product, as tasks of (column tile, row
+// tile) with the column tile outer: a thread's consecutive tasks share the same columns of B,
+// which stay in L2 while the A rows stream past them.
 template <typename T>
-void grouped_product(const RowKernel& k, int64_t G, int64_t rows, int64_t J, int64_t L,
-                     const T* A, int64_t sai, int64_t saj, int64_t a_group, const T* B, int64_t b_group,
-                     T* out, int64_t out_group) {
-  const int64_t row_tiles = (rows + k.mr - 1) / k.mr, col_tiles = (L + k.cw - 1) / k.cw;
+void grouped_product(const RowKernel& k, int64_t G, int64_t rows, int64_t J, int64_t ncols, const T* A, int64_t sai,
+                     int64_t saj, int64_t a_group, const T* B, int64_t ldb, int64_t b_group, T* out, int64_t ldo,
+                     int64_t out_group) {
+  const int64_t row_tiles = (rows + k.mr - 1) / k.mr, col_tiles = (ncols + k.cw - 1) / k.cw;
   at::parallel_for(0, G * col_tiles * row_tiles, 1, [&](int64_t b, int64_t e) {
     for (int64_t task = b; task < e; ++task) {
       const int64_t gi = task / (col_tiles * row_tiles), rest = task % (col_tiles * row_tiles);
       const int64_t c0 = (rest / row_tiles) * k.cw, r0 = (rest % row_tiles) * k.mr;
-      const int64_t nr = std::min<int64_t>(k.mr, rows - r0), nc = std::min<int64_t>(k.cw, L - c0);
-      run_rows<T>(k, A + gi * a_group + r0 * sai, sai, saj, B + gi * b_group + c0, L, J,
-                  out + gi * out_group + r0 * L + c0, L, nr, nc);
+      const int64_t nr = std::min<int64_t>(k.mr, rows - r0), nc = std::min<int64_t>(k.cw, ncols - c0);
+      run_rows<T>(k, A + gi * a_group + r0 * sai, sai, saj, B + gi * b_group + c0, ldb, J,
+                  out + gi * out_group + r0 * ldo + c0, ldo, nr, nc);
     }
   });
 }
@@ -311,12 +340,21 @@ template <typename T>
 void step(const Geo3& q, const T* W, const T* x, T* t, T* a, T* cols, T* gcols) {
   im2col<T>(q, x, cols);
   // Phase A: t = W cols (per group: rows are output channels, J = Kg).
-  grouped_product<T>(pick_kernel(q.L, false), q.G, q.cout_g, q.Kg, q.L, W, q.Kg, 1, q.cout_g * q.Kg, cols,
-                     q.Kg * q.L, t, q.cout_g * q.L);
+  grouped_product<T>(pick_kernel(q.L, false), q.G, q.cout_g, q.Kg, q.L, W, q.Kg, 1, q.cout_g * q.Kg, cols, q.L,
+                     q.Kg * q.L, t, q.L, q.cout_g * q.L);
   // Phase B: gcols = W^T t (per group: rows are weight columns, J = C_out / G).
-  grouped_product<T>(pick_kernel(q.L, true), q.G, q.Kg, q.cout_g, q.L, W, 1, q.Kg, q.cout_g * q.Kg, t,
-                     q.cout_g * q.L, gcols, q.Kg * q.L);
+  grouped_product<T>(pick_kernel(q.L, true), q.G, q.Kg, q.cout_g, q.L, W, 1, q.Kg, q.cout_g * q.Kg, t, q.L,
+                     q.cout_g * q.L, gcols, q.L, q.Kg * q.L);
   col2im<T>(q, gcols, a);
+}
+
+// dW = y cols^T per group: rows are output channels, J = L (the pixels), columns the Kg
+// weight entries of a row, read from the transposed im2col (L x K, rows contiguous in k).
+template <typename T>
+void weight_grad(const Geo3& q, const T* y, const T* cols_t, T* gw) {
+  const int64_t K = q.G * q.Kg;
+  grouped_product<T>(pick_kernel(q.Kg, false), q.G, q.cout_g, q.L, q.Kg, y, q.L, 1, q.cout_g * q.L, cols_t, K, q.Kg,
+                     gw, q.Kg, q.cout_g * q.Kg);
 }
 
 enum class KernelChoice { Auto, Direct, Aten };
@@ -372,6 +410,49 @@ void conv_gemm_step(const ConvGeom& g, const at::Tensor& W, const at::Tensor& x,
     step<scalar_t>(q, W.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), t.mutable_data_ptr<scalar_t>(),
                    a.mutable_data_ptr<scalar_t>(), work.cols.mutable_data_ptr<scalar_t>(),
                    work.gcols.mutable_data_ptr<scalar_t>());
+  });
+}
+
+double host_norm(const at::Tensor& t) {
+  double acc = 0;
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "host_norm", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    const int64_t n = t.numel();
+    // Four interleaved partial sums (vectorizable, still a fixed order).
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+      s0 += static_cast<double>(p[i]) * p[i];
+      s1 += static_cast<double>(p[i + 1]) * p[i + 1];
+      s2 += static_cast<double>(p[i + 2]) * p[i + 2];
+      s3 += static_cast<double>(p[i + 3]) * p[i + 3];
+    }
+    for (; i < n; ++i) s0 += static_cast<double>(p[i]) * p[i];
+    acc = (s0 + s1) + (s2 + s3);
+  });
+  return std::sqrt(acc);
+}
+
+void host_divide(at::Tensor& dst, const at::Tensor& src, double n) {
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "host_divide", [&] {
+    const scalar_t* s = src.const_data_ptr<scalar_t>();
+    scalar_t* d = dst.mutable_data_ptr<scalar_t>();
+    const scalar_t nn = static_cast<scalar_t>(n);
+    const int64_t cnt = src.numel();
+    for (int64_t i = 0; i < cnt; ++i) d[i] = s[i] / nn;
+  });
+}
+
+void conv_gemm_weight_grad(const ConvGeom& g, const at::Tensor& W, const at::Tensor& x, const at::Tensor& y,
+                           at::Tensor& gw, ConvGemmWork& work) {
+  const Geo3 q = make_geo3(g, W, x);
+  const int64_t K = q.G * q.Kg;
+  if (!work.cols.defined() || work.cols.numel() != K * q.L || work.cols.scalar_type() != W.scalar_type())
+    work.cols = at::empty({q.L, K}, W.options());  // im2col transposed; gcols is not needed here
+  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "conv_gemm_weight_grad", [&] {
+    im2col_t<scalar_t>(q, x.const_data_ptr<scalar_t>(), work.cols.mutable_data_ptr<scalar_t>());
+    weight_grad<scalar_t>(q, y.const_data_ptr<scalar_t>(), work.cols.const_data_ptr<scalar_t>(),
+                          gw.mutable_data_ptr<scalar_t>());
   });
 }
 

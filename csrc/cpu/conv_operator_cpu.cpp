@@ -90,11 +90,21 @@ at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::T
         t = op_apply(g, W, x);
         a = op_adjoint(g, W, t, x, Wadj);
       }
-      const at::Tensor tn = at::linalg_vector_norm(t);
-      const at::Tensor an = at::linalg_vector_norm(a);
       double cur = 0;
       if (host) {
-        const double tnv = tn.item<double>(), anv = an.item<double>();
+        // With the direct kernels the norms and the normalization are plain loops too: on
+        // these small tensors each ATen call costs more than its arithmetic.
+        at::Tensor tn, an;
+        double tnv, anv;
+        if (direct) {
+          tnv = cpu::host_norm(t);
+          anv = cpu::host_norm(a);
+        } else {
+          tn = at::linalg_vector_norm(t);
+          an = at::linalg_vector_norm(a);
+          tnv = tn.item<double>();
+          anv = an.item<double>();
+        }
         if (!std::isfinite(tnv) || !std::isfinite(anv)) {
           bad.fill_(true);
           break;
@@ -104,11 +114,18 @@ at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::T
           est.zero_();
           break;
         }
-        at::div_out(y, t, tn);
-        at::div_out(x, a, an);
+        if (direct) {
+          cpu::host_divide(y, t, tnv);
+          cpu::host_divide(x, a, anv);
+        } else {
+          at::div_out(y, t, tn);
+          at::div_out(x, a, an);
+        }
         cur = anv / tnv;
         est.fill_(cur);
       } else {
+        const at::Tensor tn = at::linalg_vector_norm(t);
+        const at::Tensor an = at::linalg_vector_norm(a);
         const at::Tensor fin = at::isfinite(tn) & at::isfinite(an);
         bad = bad | ~fin;
         const at::Tensor ok = (tn > 0) & (an > 0) & fin & ~bad;
@@ -161,6 +178,37 @@ at::Tensor conv_sigma_impl(at::TensorList weights, at::TensorList xs, at::Tensor
   return out;
 }
 
+// d<y_l, A(W_l) x_l>/dW_l for each layer: the conv weight-gradient with input pad(x_l) and
+// output-gradient y_l, in the accumulation dtype (the backward of conv_sigma and
+// conv_sigma_from_step). On the CPU the direct kernels take the layers they are preferred for.
+std::vector<at::Tensor> conv_weight_grad_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys,
+                                              at::IntArrayRef params, const std::vector<std::string>& padding_modes) {
+  const char* op = "specreg_fast::conv_weight_grad";
+  at::NoGradGuard no_grad;
+  TORCH_CHECK_VALUE(xs.size() == weights.size() && ys.size() == weights.size(), op,
+                    ": weights, xs and ys must have the same length");
+  auto geo = decode(op, weights, params, padding_modes);
+  validate(op, weights, xs, ys, geo, /*need_contiguous=*/false);
+  cpu::check_conv_kernel_override();
+  std::vector<at::Tensor> res;
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const auto& g = geo[l];
+    const at::Tensor W = weights[l].to(acc_type(weights[l].scalar_type())).contiguous();
+    const at::Tensor x = xs[l].contiguous().unsqueeze(0), y = ys[l].contiguous().unsqueeze(0);
+    if (cpu::conv_gemm_preferred(g, W, x)) {
+      at::Tensor gw = at::empty_like(W);
+      cpu::ConvGemmWork work;
+      cpu::conv_gemm_weight_grad(g, W, x, y, gw, work);
+      res.push_back(gw);
+      continue;
+    }
+    auto grads = at::convolution_backward(y, pad_apply(g, x), W, c10::nullopt, g.stride, g.conv_pad, g.dilation,
+                                          g.transposed, g.outpad, g.groups, {false, true, false});
+    res.push_back(std::get<1>(grads).contiguous());
+  }
+  return res;
+}
+
 // A^T y for each layer (the op's own adjoint, exposed so tests can check <A x, y> = <x, A^T y>).
 std::vector<at::Tensor> conv_adjoint_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys,
                                           at::IntArrayRef params, const std::vector<std::string>& padding_modes) {
@@ -183,4 +231,5 @@ TORCH_LIBRARY_IMPL(specreg_fast, CPU, m) {
   m.impl("conv_power_step_", &specreg_fast::conv_power_step_impl);
   m.impl("conv_sigma", &specreg_fast::conv_sigma_impl);
   m.impl("conv_adjoint", &specreg_fast::conv_adjoint_impl);
+  m.impl("conv_weight_grad", &specreg_fast::conv_weight_grad_impl);
 }

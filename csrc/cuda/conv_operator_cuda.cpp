@@ -14,6 +14,8 @@ at::Tensor conv_sigma_impl(at::TensorList weights, at::TensorList xs, at::Tensor
                            const std::vector<std::string>& padding_modes);
 std::vector<at::Tensor> conv_adjoint_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys,
                                           at::IntArrayRef params, const std::vector<std::string>& padding_modes);
+std::vector<at::Tensor> conv_weight_grad_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys,
+                                              at::IntArrayRef params, const std::vector<std::string>& padding_modes);
 at::Tensor circular_power_step_impl(at::TensorList weights, at::TensorList xs, at::TensorList x_tops,
                                     at::TensorList y_tops, at::IntArrayRef params, int64_t n_iter);
 }  // namespace specreg_fast
@@ -22,6 +24,7 @@ TORCH_LIBRARY_IMPL(specreg_fast, CUDA, m) {
   m.impl("conv_power_step_", &specreg_fast::conv_power_step_impl);
   m.impl("conv_sigma", &specreg_fast::conv_sigma_impl);
   m.impl("conv_adjoint", &specreg_fast::conv_adjoint_impl);
+  m.impl("conv_weight_grad", &specreg_fast::conv_weight_grad_impl);
   // ATen calls only (cuFFT, cuDNN): the same function as on CPU.
   m.impl("circular_power_step_", &specreg_fast::circular_power_step_impl);
 }
