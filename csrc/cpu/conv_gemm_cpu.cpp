@@ -1,4 +1,5 @@
-// Direct single-image conv kernels for the power step (see conv_gemm.h for why).
+// Direct single-image conv kernels for the power step and the sigma backward (see
+// conv_gemm.h for why).
 //
 // Layout: the weight of group gi is a row-major (C_out/G) x Kg matrix, Kg = (C_in/G) prod(k);
 // cols = im2col(x) is (G Kg) x L with rows ordered (c_in, k_d, k_h, k_w) as the weight's
@@ -9,6 +10,8 @@
 // registers, out[i, c] = sum_j A[i sai + j saj] B[j ldb + c], with A a weight entry broadcast
 // (phase A walks MR weight rows, phase B MR consecutive entries of one row) and B a row of
 // cols or t. Column tails are masked, not padded, so t is written straight into the output.
+// The weight-gradient of <y, A x> (conv_weight_grad) is the same microkernel once more:
+// dW = y cols^T per group, from the transposed im2col (L x K).
 #include "conv_gemm.h"
 
 #include <ATen/Parallel.h>

@@ -13,8 +13,9 @@
 //
 // On the CPU, layers whose image is small next to the weight run A and A^T through the direct
 // im2col kernels of csrc/cpu/conv_gemm_cpu.cpp (no per-call weight reorder; 1.9x the plain
-// loop over ResNet-18's convs). Otherwise everything is ATen ops on the weight's device, so
-// the same function serves the CUDA registration (csrc/cuda/conv_operator_cuda.cpp). On CPU the norms are read on the host (no
+// loop over ResNet-18's convs), with norms and normalization as host loops. Otherwise
+// everything is ATen ops on the weight's device, so the same function serves the CUDA
+// registration (csrc/cuda/conv_operator_cuda.cpp). On CPU the norms are read on the host (no
 // cost) and normalization is a single div_out into the user's buffer; elsewhere torch.where
 // keeps the loop free of host synchronization unless `tol` needs the estimate.
 //
