@@ -68,5 +68,11 @@ TORCH_LIBRARY(specreg_fast, m) {
   // Returns sigma_b = |P_b v_b| at the final v (real dtype of the blocks). A block whose t or a
   // vanishes keeps its vectors (csrc/cpu/batched_power_cpu.cpp; CUDA: the Triton kernel).
   m.def("batched_power_step_(Tensor blocks, Tensor(a!) us, Tensor(b!) vs, int n_iter) -> Tensor");
+  // ---- certified bounds ---------------------------------------------------------------
+  // info_b of the Cholesky factorization of shift_b I - H_b for a (B, c, c) complex stack, the
+  // Hermitian matrix read from H's upper triangle (as potrf with uplo='U'): 0 when every pivot
+  // is positive, else the 1-based index of the first one that is not. The factor is not kept
+  // (csrc/cpu/shifted_cholesky_cpu.cpp). Non-differentiable; int32.
+  m.def("shifted_cholesky_info(Tensor H, Tensor shift) -> Tensor");
   m.def("circular_power_step_(Tensor[] weights, Tensor(a!)[] xs, Tensor(b!)[] x_tops, Tensor(c!)[] y_tops, int[] params, int n_iter) -> Tensor");
 }

@@ -92,7 +92,7 @@ def test_fourier_gram_bound_is_certified_and_tight(conv, shape):
     exact = ref.conv_sigma_exact(ref.ConvSpec.from_module(conv, shape)).item()
     prev = math.inf
     for t in (0, 1, 2, 4, 8):
-        ub = B.conv_upper_bound(conv, shape, n_iter=t)
+        ub = B.conv_upper_bound(conv, shape, n_iter=t, method="gram")
         assert ub >= exact * (1 - 1e-12), (t, ub, exact)
         assert ub <= prev * (1 + 1e-12)
         prev = ub
@@ -107,3 +107,94 @@ def test_circular_gram_bound_converges_to_the_exact_circular_norm():
     # early stop once within rtol of a known lower bound
     ub2 = B.circular_gram_bound(w, (8, 8), 2, n_iter=10, lower=exact * 0.999, rtol=0.01)
     assert exact <= ub2 <= exact * 1.02
+
+
+# c >= 16 sends the bulk through the complex64 tier (groups and strides included)
+CHOLESKY_EXTRA = [
+    (nn.Conv2d(16, 16, 3, padding=1), (16, 6, 6)),
+    (nn.Conv2d(32, 32, 3, padding=1, groups=2), (32, 5, 5)),
+    (nn.Conv2d(8, 16, 3, stride=2, padding=1), (8, 6, 6)),
+    (nn.Conv2d(16, 16, 3, padding=1, padding_mode="circular"), (16, 6, 6)),
+    (nn.Conv2d(24, 24, 3, stride=2, padding=1, groups=3, padding_mode="circular"), (24, 4, 6)),
+]
+
+
+@pytest.mark.parametrize("guess_blocks", [4, 0])
+@pytest.mark.parametrize("conv,shape", GRID + CHOLESKY_EXTRA,
+                         ids=lambda c: type(c).__name__ if isinstance(c, nn.Module) else str(c))
+def test_cholesky_bound_is_certified_and_within_rtol(conv, shape, guess_blocks):
+    """exact <= Cholesky bound <= (1 + rtol) x the circular norm it certifies (bounded here by
+    the converged Gram bound), whether the guess is right (4 blocks) or far too low (0: every
+    block fails first and the failure path raises mu)."""
+    torch.manual_seed(0)
+    conv = conv.double()
+    with torch.no_grad():
+        conv.weight.normal_()
+    exact = ref.conv_sigma_exact(ref.ConvSpec.from_module(conv, shape)).item()
+    ub = B.conv_upper_bound(conv, shape, method="cholesky", rtol=1e-3) if guess_blocks == 4 else None
+    if ub is None:
+        import specreg_fast.bounds as mod
+        orig = mod.circular_cholesky_bound
+        try:
+            mod.circular_cholesky_bound = lambda *a, **kw: orig(*a, guess_blocks=0, **kw)
+            ub = B.conv_upper_bound(conv, shape, method="cholesky", rtol=1e-3)
+        finally:
+            mod.circular_cholesky_bound = orig
+    gram = B.conv_upper_bound(conv, shape, n_iter=12, method="gram")
+    assert exact * (1 - 1e-12) <= ub <= gram * (1 + 1.01e-3), (exact, ub, gram)
+    if conv.padding_mode == "circular":
+        circ = ref.circular_conv_sigma_exact(conv.weight, shape[1:], conv.stride, conv.dilation, conv.padding,
+                                             groups=conv.groups).item()
+        assert circ <= ub <= circ * (1 + 1.01e-3)
+
+
+def test_cholesky_bound_edge_cases_and_errors():
+    w = torch.zeros(4, 4, 3, 3, dtype=torch.float64)
+    assert B.circular_cholesky_bound(w, (6, 6)) == 0.0
+    w[1, 2, 1, 1] = -3.0  # a single tap: every block has norm 3
+    assert 3.0 <= B.circular_cholesky_bound(w, (6, 6)) <= 3.0 * (1 + 1.01e-3)
+    with pytest.raises(ValueError, match="non-finite"):
+        B.circular_cholesky_bound(torch.full((2, 2, 3), float("nan")), (6,))
+    with pytest.raises(ValueError, match="rtol"):
+        B.circular_cholesky_bound(torch.ones(2, 2, 3), (6,), rtol=0)
+    with pytest.raises(ValueError, match="method"):
+        B.conv_upper_bound(nn.Conv1d(1, 1, 3), (1, 5), method="svd")
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize("c", [1, 5, 40])
+def test_shifted_cholesky_info_matches_lapack(dtype, c):
+    """The C++ test against LAPACK (torch.linalg.cholesky_ex on the upper triangle): positive
+    definite above the top eigenvalue, the same failing pivot below it and on a clear
+    indefinite matrix."""
+    from specreg_fast import ops
+
+    g = torch.Generator().manual_seed(c)
+    P = torch.randn(6, c, c, dtype=dtype, generator=g)
+    H = P.mH @ P
+    top = torch.linalg.eigvalsh(H.to(torch.complex128))[:, -1].to(H.real.dtype)
+    for f in (1.01, 0.99, 0.5):
+        shift = top * f
+        ours, lapack = ops.shifted_cholesky_info(H, shift), ops._shifted_cholesky_info_reference(H, shift)
+        assert ours.dtype == torch.int32
+        assert bool(((ours == 0) == (f > 1)).all()), (f, ours)
+        assert bool(((ours == 0) == (lapack == 0)).all()), (f, ours, lapack)
+    D = torch.diag_embed(torch.linspace(1.0, 2.0, c, dtype=H.real.dtype)).to(dtype)[None].repeat(2, 1, 1)
+    D[1, c // 2, c // 2] = 5.0  # shift 3 - 5 < 0 at pivot c//2 + 1
+    info = ops.shifted_cholesky_info(D, torch.full((2,), 3.0, dtype=H.real.dtype))
+    assert info.tolist() == [0, c // 2 + 1]
+    assert info.tolist() == ops._shifted_cholesky_info_reference(D, torch.full((2,), 3.0, dtype=H.real.dtype)).tolist()
+
+
+def test_shifted_cholesky_info_opcheck_and_errors():
+    from specreg_fast import ops
+
+    H = torch.randn(3, 4, 4, dtype=torch.complex64)
+    H = H.mH @ H
+    torch.library.opcheck(torch.ops.specreg_fast.shifted_cholesky_info.default, (H, torch.full((3,), 50.0)))
+    with pytest.raises(ValueError, match="complex"):
+        ops.shifted_cholesky_info(H.real.contiguous(), torch.ones(3))
+    with pytest.raises(ValueError, match="shift"):
+        ops.shifted_cholesky_info(H, torch.ones(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="real dtype"):  # the op's own check, past the wrapper
+        torch.ops.specreg_fast.shifted_cholesky_info(H, torch.ones(3, dtype=torch.float64))

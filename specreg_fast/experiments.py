@@ -198,9 +198,10 @@ def _layer_sigmas(model: nn.Module) -> Dict[str, float]:
 # ----------------------------------------------------------------------------- evaluation
 def _certified_layer_bound(feats: nn.Module, x: torch.Tensor):
     """Per-layer certified norm upper bounds for the Lipschitz certificate: for each conv the
-    Gram iteration on the Fourier blocks of the circular conv that contains its operator at
-    the input size it sees (bounds.conv_upper_bound: exact-circular for circular padding, the
-    enlarged circular conv for zero padding); Linear layers get their exact SVD norm (None)."""
+    Cholesky certificate on the Fourier blocks of the circular conv that contains its operator
+    at the input size it sees (bounds.conv_upper_bound: the circular norm itself for circular
+    padding, the enlarged circular conv for zero padding, within 1e-3); Linear layers get
+    their exact SVD norm (None)."""
     shapes = {}
     hooks = [m.register_forward_pre_hook(lambda mod, a: shapes.__setitem__(mod, tuple(a[0].shape[1:])))
              for m in feats.modules() if isinstance(m, nn.modules.conv._ConvNd)]
@@ -211,7 +212,7 @@ def _certified_layer_bound(feats: nn.Module, x: torch.Tensor):
 
     def bound(m: nn.Module) -> Optional[float]:
         if isinstance(m, nn.modules.conv._ConvNd):
-            return conv_upper_bound(m, shapes[m], n_iter=10)
+            return conv_upper_bound(m, shapes[m])
         return None
 
     return bound

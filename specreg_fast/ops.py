@@ -16,7 +16,7 @@ from typing import List, Sequence
 import torch
 
 __all__ = ["power_step_", "sigma", "sigma_from_step", "conv_power_step_", "conv_sigma", "conv_adjoint",
-           "conv_weight_grad", "conv_sigma_from_step", "circular_power_step_", "batched_power_step_", "pack_conv_params", "HAS_CPP_EXT", "SCHEMAS"]
+           "conv_weight_grad", "conv_sigma_from_step", "circular_power_step_", "batched_power_step_", "shifted_cholesky_info", "pack_conv_params", "HAS_CPP_EXT", "SCHEMAS"]
 
 # Kept identical to csrc/specreg_fast.cpp (a test compares them): used only when the
 # compiled library is missing.
@@ -36,6 +36,7 @@ SCHEMAS = {
     "circular_power_step_": "circular_power_step_(Tensor[] weights, Tensor(a!)[] xs, Tensor(b!)[] x_tops, "
                             "Tensor(c!)[] y_tops, int[] params, int n_iter) -> Tensor",
     "batched_power_step_": "batched_power_step_(Tensor blocks, Tensor(a!) us, Tensor(b!) vs, int n_iter) -> Tensor",
+    "shifted_cholesky_info": "shifted_cholesky_info(Tensor H, Tensor shift) -> Tensor",
 }
 
 try:
@@ -583,3 +584,34 @@ def batched_power_step_(blocks: torch.Tensor, us: torch.Tensor, vs: torch.Tensor
     """``n_iter`` power steps on every block of ``blocks`` (B, m, n), in place on ``us``
     (B, m) / ``vs`` (B, n); returns ``|P_b v_b|`` per block (see ``csrc/specreg_fast.cpp``)."""
     return torch.ops.specreg_fast.batched_power_step_(blocks, us, vs, int(n_iter))
+
+
+# ----------------------------------------------------------------------------- Cholesky test (certified bounds)
+def _shifted_cholesky_info_reference(H, shift):
+    """Reference kernel of ``shifted_cholesky_info`` (any device): LAPACK/cuSOLVER's info."""
+    with torch.no_grad():
+        A = torch.neg(H)
+        A.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
+        return torch.linalg.cholesky_ex(A, upper=True).info.to(torch.int32)
+
+
+@torch.library.register_fake("specreg_fast::shifted_cholesky_info")
+def _shifted_cholesky_info_fake(H, shift):
+    torch._check(H.dim() == 3)
+    return H.new_empty(H.shape[0], dtype=torch.int32)
+
+
+torch.library.impl("specreg_fast::shifted_cholesky_info", "CompositeExplicitAutograd")(_shifted_cholesky_info_reference)
+
+
+def shifted_cholesky_info(H: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``info`` of the Cholesky factorization of ``shift_b I - H_b`` for each block of the
+    complex stack ``H`` (B, c, c), read from its upper triangle: 0 where the matrix was found
+    positive definite, else the 1-based index of the first non-positive pivot (int32; see
+    ``csrc/specreg_fast.cpp``). The test behind :func:`specreg_fast.bounds.circular_cholesky_bound`."""
+    if not isinstance(H, torch.Tensor) or not H.is_complex() or H.dim() != 3 or H.shape[1] != H.shape[2]:
+        raise ValueError(f"H must be a complex (B, c, c) tensor, got "
+                         f"{tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__}")
+    if not isinstance(shift, torch.Tensor) or shift.shape != (H.shape[0],) or shift.dtype != H.real.dtype:
+        raise ValueError(f"shift must be a {H.real.dtype} tensor of shape ({H.shape[0]},)")
+    return torch.ops.specreg_fast.shifted_cholesky_info(H, shift)
