@@ -116,6 +116,11 @@ CHOLESKY_EXTRA = [
     (nn.Conv2d(8, 16, 3, stride=2, padding=1), (8, 6, 6)),
     (nn.Conv2d(16, 16, 3, padding=1, padding_mode="circular"), (16, 6, 6)),
     (nn.Conv2d(24, 24, 3, stride=2, padding=1, groups=3, padding_mode="circular"), (24, 4, 6)),
+    # 1x1 kernels take the single-block shortcut
+    (nn.Conv2d(6, 4, 1, stride=2, padding=1), (6, 5, 5)),
+    (nn.Conv2d(6, 6, 1, stride=3, groups=3, padding_mode="circular"), (6, 6, 6)),
+    (nn.ConvTranspose2d(4, 6, 1, stride=2, output_padding=1), (4, 3, 3)),
+    (nn.Conv1d(20, 18, 1, stride=2), (20, 7)),
 ]
 
 

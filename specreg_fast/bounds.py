@@ -275,6 +275,10 @@ def conv_upper_bound(m: nn.Module, input_shape: Sequence[int], n_iter: int = 8, 
         circular_bound, kw = circular_gram_bound, dict(n_iter=n_iter, lower=lower, rtol=rtol)
     else:
         circular_bound, kw = circular_cholesky_bound, dict(lower=lower, rtol=rtol)
+    if method == "cholesky" and all(k == 1 for k in w.shape[2:]) and m.padding_mode in ("zeros", "circular"):
+        # a 1x1 conv (any stride, padding, transposed or not) applies W_g at every pixel it
+        # keeps: its norm is max_g ||W_g||, the circular conv with this kernel at size 1
+        return circular_bound(w, (1,) * d, 1, 1, m.groups, **kw)
     if m.padding_mode == "circular" and not m.transposed and all(n % s == 0 for n, s in zip(spatial, m.stride)):
         return circular_bound(w, spatial, m.stride, m.dilation, m.groups, **kw)
     if m.padding_mode == "zeros":
