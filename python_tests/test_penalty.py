@@ -436,14 +436,18 @@ def test_bounds_bracket_the_exact_norms():
         assert lo <= exact[name] * (1 + 1e-5) and up >= exact[name] * (1 - 1e-9), name
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "cnn-fft"])
 def test_accumulate_grad_equals_the_autograd_route(kind):
     """accumulate_grad() after loss.backward() leaves the same .grad, vectors and counters as
-    adding penalty() to the loss."""
+    adding penalty() to the loss (its conv gradients come from conv_weight_grad directly, the
+    autograd route's from the backward of conv_sigma_from_step)."""
     def make():
         torch.manual_seed(0)
         model = mlp() if kind == "mlp" else cnn()
-        pen = sf.SpectralPenalty(model, gamma=0.3, scope="all", n_iter=1, n_iter_init=3)
+        if kind == "cnn-fft":
+            sf.to_circular_padding(model)
+        pen = sf.SpectralPenalty(model, gamma=0.3, scope="all", n_iter=1, n_iter_init=3,
+                                 conv_norm="fft" if kind == "cnn-fft" else "operator")
         return model, pen
 
     ma, pa = make()
@@ -490,6 +494,19 @@ def test_accumulate_grad_scale_schedule_and_errors():
     assert c[0].weight.grad is None and c[2].weight.grad is not None
     with pytest.raises(ValueError, match="eig_ub"):
         sf.SpectralPenalty(mlp(), eig_ub=True).accumulate_grad()
+    zp = cnn()  # zero padding: the fft norm refuses it on both routes, before any state moves
+    fpen = sf.SpectralPenalty(zp, conv_norm="fft", scope="all")
+    zp(torch.randn(1, 2, 8, 8))
+    with pytest.raises(ValueError, match="circular"):
+        fpen()  # (the first call also creates the buffers)
+    for call in (fpen.accumulate_grad, fpen):
+        before = {k: v.clone() for k, v in fpen.state_dict().items() if isinstance(v, torch.Tensor)}
+        with pytest.raises(ValueError, match="circular"):
+            call()
+        assert all(p.grad is None for p in zp.parameters())
+        for k, v in fpen.state_dict().items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, before[k]), k
     with pytest.raises(ValueError, match="scale must be"):
         pen.accumulate_grad(scale=float("nan"))
 

@@ -151,14 +151,31 @@ def circular_conv_norms(specs: Sequence[ConvSpec], state: Optional[CircularState
     specs = list(specs)
     if not isinstance(n_iter, int) or n_iter < 0:
         raise ValueError(f"n_iter must be an int >= 0, got {n_iter!r}")
-    for l, spec in enumerate(specs):
-        _check_circular(spec, names[l] if names is not None else f"specs[{l}]", assume_circular)
     if not specs:
         return torch.zeros(0)
     dt = torch.float64 if any(s.weight.dtype == torch.float64 for s in specs) else torch.float32
     if exact:
+        for l, spec in enumerate(specs):
+            _check_circular(spec, names[l] if names is not None else f"specs[{l}]", assume_circular)
         return torch.stack([_exact_norm(ConvSpec(**{**s.__dict__, "weight": s.weight.to(_acc(s.weight.dtype))}))
                             .to(dt) for s in specs])
+    weights = [s.weight for s in specs]
+    est, x_tops, y_tops, params = circular_power_pairs(specs, state, n_iter, update=update, names=names,
+                                                       assume_circular=assume_circular)
+    # est = <y*, A x*> exactly (see csrc/cpu/circular_conv_cpu.cpp): the value needs no conv
+    return ops.conv_sigma_from_step(weights, x_tops, y_tops, params, ["circular"] * len(specs), est).to(dt)
+
+
+def circular_power_pairs(specs: Sequence[ConvSpec], state: CircularState, n_iter: int = 1, *, update: bool = True,
+                         names: Optional[Sequence[str]] = None, assume_circular: bool = False):
+    """The step behind :func:`circular_conv_norms` without its differentiable half:
+    ``(est, x_tops, y_tops, params)``, the detached estimates, the real unit pair of each
+    layer's top frequency (``<y_top, A x_top> = est``; ``dest/dW`` is the circular conv
+    weight-gradient of that pair, ``ops.conv_weight_grad`` with mode ``"circular"``) and the
+    packed geometry. Same errors as :func:`circular_conv_norms`."""
+    specs = list(specs)
+    for l, spec in enumerate(specs):
+        _check_circular(spec, names[l] if names is not None else f"specs[{l}]", assume_circular)
     if state is None or len(state) != len(specs):
         raise ValueError(f"state: expected a CircularState with {len(specs)} vectors, one per conv, got "
                          f"{'None' if state is None else len(state)}")
@@ -173,11 +190,9 @@ def circular_conv_norms(specs: Sequence[ConvSpec], state: Optional[CircularState
     params: List[int] = []
     for spec in specs:
         params += circular_params(spec)
-    weights = [s.weight for s in specs]
-    est, x_tops, y_tops = ops.circular_power_step_([w.detach() for w in weights], state.xs, params,
+    est, x_tops, y_tops = ops.circular_power_step_([s.weight.detach() for s in specs], state.xs, params,
                                                    n_iter if update else 0)
-    # est = <y*, A x*> exactly (see csrc/cpu/circular_conv_cpu.cpp): the value needs no conv
-    return ops.conv_sigma_from_step(weights, x_tops, y_tops, params, ["circular"] * len(specs), est).to(dt)
+    return est, x_tops, y_tops, params
 
 
 # ----------------------------------------------------------------------------- explicit blocks

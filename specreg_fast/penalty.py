@@ -19,7 +19,9 @@ import torch.nn as nn
 from . import dense as _dense
 from .bounds import operator_norm_bounds
 from .conv import ConvSpec, ConvState, conv_operator_norms, init_conv_state
-from .fft import CircularState, circular_conv_norms, init_circular_state
+from .fft import (CircularState, _check_circular, circular_conv_norms, circular_params, circular_power_pairs,
+                  init_circular_state)
+from . import ops as _ops
 
 __all__ = ["SpectralPenalty", "spectral_constraint", "SpectralNormalize"]
 
@@ -310,9 +312,25 @@ class SpectralPenalty(nn.Module):
         return [n for n, _ in self._layers]
 
     # ------------------------------------------------------------------ compute
-    def _sigmas(self, update: bool, n_iter: int) -> torch.Tensor:
+    def _sigmas_or_roll_back(self, update: bool, n_iter: int, conv_pairs: Optional[list]) -> torch.Tensor:
+        """``_sigmas``; if it raises, the step counter this call advanced goes back (the ops
+        themselves leave their vectors as they were on a failed step)."""
+        try:
+            return self._sigmas(update, n_iter, conv_pairs)
+        except Exception:
+            if self.training and self.auto_step and not torch.compiler.is_compiling():
+                self.step_count -= 1
+            raise
+
+    def _sigmas(self, update: bool, n_iter: int, conv_pairs: Optional[list] = None) -> torch.Tensor:
+        """The sigmas of every layer (dense first). With ``conv_pairs`` (a list), the conv values
+        come detached and ``conv_pairs`` receives, per conv layer, ``(x, y, params, mode)``:
+        the pair whose conv weight-gradient is ``dsigma/dW`` (for ``accumulate_grad``)."""
         nd = len(self._dense)
         parts = []
+        if self._convs and self.conv_norm == "fft":  # before the dense step writes its vectors
+            for (n, _), spec in zip(self._convs, self._conv_specs()):
+                _check_circular(spec, n, False)
         with torch.autocast(device_type=self.gammas.device.type, enabled=False):
             if nd:
                 state = _dense.PowerState([getattr(self, f"u_{i}") for i in range(nd)],
@@ -324,7 +342,21 @@ class SpectralPenalty(nn.Module):
                 specs = self._conv_specs()
                 names = [n for n, _ in self._convs]
                 nc = len(specs)
-                if self.conv_norm == "operator":
+                if conv_pairs is not None and self.conv_norm == "operator":
+                    st = ConvState([getattr(self, f"x_{i}") for i in range(nc)],
+                                   [getattr(self, f"y_{i}") for i in range(nc)])
+                    with torch.no_grad():
+                        parts.append(conv_operator_norms(specs, st, n_iter=n_iter, update=update, names=names).float())
+                    for spec, x, y in zip(specs, st.xs, st.ys):
+                        params, modes = _ops.pack_conv_params([spec])
+                        conv_pairs.append((x, y, params, modes[0]))
+                elif conv_pairs is not None:
+                    st = CircularState([getattr(self, f"x_{i}") for i in range(nc)])
+                    est, x_tops, y_tops, _ = circular_power_pairs(specs, st, n_iter, update=update, names=names)
+                    parts.append(est.float())
+                    for spec, x, y in zip(specs, x_tops, y_tops):
+                        conv_pairs.append((x, y, circular_params(spec), "circular"))
+                elif self.conv_norm == "operator":
                     st = ConvState([getattr(self, f"x_{i}") for i in range(nc)],
                                    [getattr(self, f"y_{i}") for i in range(nc)])
                     parts.append(conv_operator_norms(specs, st, n_iter=n_iter, update=update, names=names).float())
@@ -355,7 +387,7 @@ class SpectralPenalty(nn.Module):
         n_iter = self.n_iter
         if upd and not compiling and not bool(self.initialized):
             n_iter = max(self.n_iter, self.n_iter_init)
-        sig = self._sigmas(upd, n_iter)
+        sig = self._sigmas_or_roll_back(upd, n_iter, None)
         if upd:
             self.initialized.fill_(True)
         with torch.no_grad():
@@ -404,8 +436,9 @@ class SpectralPenalty(nn.Module):
             return self.gammas.new_zeros(())
         n_iter = max(self.n_iter, self.n_iter_init) if upd and not bool(self.initialized) else self.n_iter
         nd = len(self._dense)
-        with torch.set_grad_enabled(bool(self._convs)):  # autograd only for the conv weight-gradients
-            sig = self._sigmas(upd, n_iter)
+        conv_pairs: list = []
+        with torch.no_grad():
+            sig = self._sigmas_or_roll_back(upd, n_iter, conv_pairs)
         if upd:
             self.initialized.fill_(True)
         with torch.no_grad():
@@ -426,14 +459,19 @@ class SpectralPenalty(nn.Module):
                     G.add_(torch.outer(u, v).to(G.dtype).reshape(G.shape), alpha=coef)
         train = [j for j, (_, m) in enumerate(self._convs) if m.weight.requires_grad]
         if train:
+            # dsigma/dW of each conv: the conv weight-gradient of its pair (one op call for all),
+            # times 2 gamma sigma scale, as the autograd route's backward computes it
             ws = [self._convs[j][1].weight for j in train]
-            k = torch.tensor([nd + j for j in train], device=sig.device)
-            conv_part = (self.gammas[k] * sig[k].pow(2)).sum() * float(scale)
-            grads = torch.autograd.grad(conv_part, ws)
+            params = [p for j in train for p in conv_pairs[j][2]]
             with torch.no_grad():
-                for W, gW in zip(ws, grads):
+                gws = _ops.conv_weight_grad([W.detach() for W in ws], [conv_pairs[j][0] for j in train],
+                                            [conv_pairs[j][1] for j in train], params,
+                                            [conv_pairs[j][3] for j in train])
+                coef = 2.0 * self.gammas[nd:] * sig[nd:].float() * float(scale)
+                for j, W, gW in zip(train, ws, gws):
+                    gW = (gW * coef[j].to(gW.dtype)).to(W.dtype)
                     if W.grad is None:
-                        W.grad = gW.detach().clone()
+                        W.grad = gW
                     else:
                         W.grad.add_(gW)
         return (self.gammas * sig.detach().pow(2)).sum()
