@@ -137,13 +137,14 @@ def circular_cholesky_bound(weight: torch.Tensor, size: Sequence[int], stride=1,
     ``size``, within ``rtol`` of the exact circular norm: one Cholesky factorization per
     Fourier block certifies ``P(w)^H P(w) <= mu^2 I`` for every frequency at once.
 
-    Steps: the blocks ``P(w)`` in float64 (``fft.circular_blocks``) and their Grams ``H(w)``
-    (the smaller side); a guess ``mu`` = (1 + rtol) x the largest eigenvalue among the few
-    blocks that three power steps rank highest (``eigvalsh`` on those only); then
-    ``cholesky(mu^2 (1 - eps) I - H(w))`` on every block. The bulk runs in complex64, with
-    the larger float32 ``eps``; a block it cannot certify (those within ``eps`` of ``mu``:
-    the top few) is redone in float64, and a block that fails there gets its exact top
-    eigenvalue, which raises ``mu`` (a block certified at a smaller ``mu`` stays certified).
+    Steps: the blocks ``P(w)`` (``fft.circular_blocks``) and their Grams ``H(w)`` (the
+    smaller side), in complex64 when the float32 margin stays small (block side c <~ 400),
+    else complex128; a guess ``mu`` = (1 + rtol) x the largest eigenvalue among the few blocks
+    that three power steps rank highest (``eigvalsh`` on their float64 blocks); then the test
+    ``cholesky(mu^2 (1 - eps) I - H(w))`` on every block. A block the complex64 test cannot
+    certify (those within its ``eps`` of ``mu``: the top few) is redone in float64, and a
+    block that fails there gets its exact top eigenvalue, which raises ``mu`` (a block
+    certified at a smaller ``mu`` stays certified).
     ``guess_blocks`` is how many blocks get an exact eigenvalue for the guess (0: the guess is
     ``max ||P||_F / sqrt(c)``, too low, and the failures raise it: slower, same bound).
 
@@ -152,10 +153,12 @@ def circular_cholesky_bound(weight: torch.Tensor, size: Sequence[int], stride=1,
     gamma_{c+1})`` (Demmel 1989; Rump 2006 turns it into a positive-definiteness test), so
     ``A = mu^2 (1 - eps) I - H`` is then >= -that. ``eps`` covers it (doubled for complex
     arithmetic, with ``tr(A) <= c mu^2``), the rounding of ``H`` (``||dH||_2 <= 2
-    gamma_{k+2} ||P||_F^2``, k the inner dimension; in float32 also the cast of ``P``) and of
-    the diagonal, each in the precision used. The error of ``P`` itself (float64 sums over
-    the T taps with float64 twiddles) is added to the bound as ``3 gamma_{T+8} sqrt(T)
-    ||W||_F``. ``rtol`` is the slack that lets the guess pass.
+    gamma_{k+2} ||P||_F^2``, k the inner dimension) and of the diagonal, each in the
+    precision used. The error of ``P`` itself (sums over the T taps, twiddles and, in
+    float32, the weight rounded once) is at most ``delta = 3 gamma_{T+8} sqrt(T) ||W||_F``
+    (plus ``u32 sqrt(T) ||W||_F`` in float32): float64 blocks are certified below ``mu``,
+    float32 ones below ``mu + delta64 - delta32``, and the bound is ``mu + delta64``.
+    ``rtol`` is the slack that lets the guess pass.
 
     Cost: one batched Gram of the blocks and one batched Cholesky, mostly in complex64,
     against the Gram iteration's repeated float64 squarings (:func:`circular_gram_bound`);
@@ -208,7 +211,7 @@ def circular_cholesky_bound(weight: torch.Tensor, size: Sequence[int], stride=1,
     # --- the certificate: every block is shown to have sigma_1(P_exact) <= sqrt(mu2) + delta64
     if use32:
         mu32 = math.sqrt(mu2) + delta64 - delta32  # certify the float32 blocks below this
-        eps32 = eps32_chol + (2 * _gamma(k + 2, _U32) + 3 * _U32) * fro2 / mu32 ** 2
+        eps32 = eps32_chol + 2 * _gamma(k + 2, _U32) * fro2 / mu32 ** 2
         pending = torch.nonzero(_cholesky_fails(H, mu32 ** 2, eps32)).flatten() if mu32 > 0 else torch.arange(B)
         P64 = blocks64(pending)
         H64 = _gram(P64)
