@@ -19,8 +19,7 @@ import torch.nn as nn
 from . import dense as _dense
 from .bounds import operator_norm_bounds
 from .conv import ConvSpec, ConvState, conv_operator_norms, init_conv_state
-from .fft import (CircularState, _check_circular, circular_conv_norms, circular_params, circular_power_pairs,
-                  init_circular_state)
+from .fft import CircularState, circular_conv_norms, circular_params, circular_power_pairs, init_circular_state
 from . import ops as _ops
 
 __all__ = ["SpectralPenalty", "spectral_constraint", "SpectralNormalize"]
@@ -323,46 +322,41 @@ class SpectralPenalty(nn.Module):
             raise
 
     def _sigmas(self, update: bool, n_iter: int, conv_pairs: Optional[list] = None) -> torch.Tensor:
-        """The sigmas of every layer (dense first). With ``conv_pairs`` (a list), the conv values
-        come detached and ``conv_pairs`` receives, per conv layer, ``(x, y, params, mode)``:
-        the pair whose conv weight-gradient is ``dsigma/dW`` (for ``accumulate_grad``)."""
+        """The sigmas of every layer (dense first). The convs are computed first, so that their
+        checks (e.g. circular padding for the FFT norm) fail before the dense step writes its
+        vectors. With ``conv_pairs`` (a list; call under no_grad), ``conv_pairs`` receives, per
+        conv layer, ``(x, y, params, mode)``: the pair whose conv weight-gradient is
+        ``dsigma/dW`` (for ``accumulate_grad``)."""
         nd = len(self._dense)
         parts = []
-        if self._convs and self.conv_norm == "fft":  # before the dense step writes its vectors
-            for (n, _), spec in zip(self._convs, self._conv_specs()):
-                _check_circular(spec, n, False)
         with torch.autocast(device_type=self.gammas.device.type, enabled=False):
-            if nd:
-                state = _dense.PowerState([getattr(self, f"u_{i}") for i in range(nd)],
-                                          [getattr(self, f"v_{i}") for i in range(nd)])
-                ws = [_dense.as_matrix(m.weight) for _, m in self._dense]
-                parts.append(_dense.spectral_norms(ws, state, n_iter=n_iter, update=update,
-                                                   names=[n for n, _ in self._dense]).float())
             if self._convs:
                 specs = self._conv_specs()
                 names = [n for n, _ in self._convs]
                 nc = len(specs)
-                if conv_pairs is not None and self.conv_norm == "operator":
+                if self.conv_norm == "operator":
                     st = ConvState([getattr(self, f"x_{i}") for i in range(nc)],
                                    [getattr(self, f"y_{i}") for i in range(nc)])
-                    with torch.no_grad():
-                        parts.append(conv_operator_norms(specs, st, n_iter=n_iter, update=update, names=names).float())
-                    for spec, x, y in zip(specs, st.xs, st.ys):
-                        params, modes = _ops.pack_conv_params([spec])
-                        conv_pairs.append((x, y, params, modes[0]))
-                elif conv_pairs is not None:
+                    parts.append(conv_operator_norms(specs, st, n_iter=n_iter, update=update, names=names).float())
+                    if conv_pairs is not None:
+                        for spec, x, y in zip(specs, st.xs, st.ys):
+                            params, modes = _ops.pack_conv_params([spec])
+                            conv_pairs.append((x, y, params, modes[0]))
+                elif conv_pairs is None:
+                    st = CircularState([getattr(self, f"x_{i}") for i in range(nc)])
+                    parts.append(circular_conv_norms(specs, st, n_iter=n_iter, update=update, names=names).float())
+                else:
                     st = CircularState([getattr(self, f"x_{i}") for i in range(nc)])
                     est, x_tops, y_tops, _ = circular_power_pairs(specs, st, n_iter, update=update, names=names)
                     parts.append(est.float())
                     for spec, x, y in zip(specs, x_tops, y_tops):
                         conv_pairs.append((x, y, circular_params(spec), "circular"))
-                elif self.conv_norm == "operator":
-                    st = ConvState([getattr(self, f"x_{i}") for i in range(nc)],
-                                   [getattr(self, f"y_{i}") for i in range(nc)])
-                    parts.append(conv_operator_norms(specs, st, n_iter=n_iter, update=update, names=names).float())
-                else:
-                    st = CircularState([getattr(self, f"x_{i}") for i in range(nc)])
-                    parts.append(circular_conv_norms(specs, st, n_iter=n_iter, update=update, names=names).float())
+            if nd:
+                state = _dense.PowerState([getattr(self, f"u_{i}") for i in range(nd)],
+                                          [getattr(self, f"v_{i}") for i in range(nd)])
+                ws = [_dense.as_matrix(m.weight) for _, m in self._dense]
+                parts.insert(0, _dense.spectral_norms(ws, state, n_iter=n_iter, update=update,
+                                                      names=[n for n, _ in self._dense]).float())
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def forward(self, update: Optional[bool] = None) -> torch.Tensor:

@@ -292,16 +292,14 @@ class ReferencePenalty:
         return self.gamma * total
 
 
-def training_arms(make, device="cpu", gamma=1e-2):
-    """Step functions of the four arms (no penalty, reference, SpectralPenalty in the loss,
-    SpectralPenalty.accumulate_grad) sharing one model, optimizer and batch of 128."""
+def _penalized_model(make, device, gamma):
+    """(model, batch x, reference penalty, SpectralPenalty), both penalties initialized."""
     from ..penalty import SpectralPenalty
 
     torch.manual_seed(0)
     model, in_shape = make()
     model.to(device)
     x = torch.randn(128, *in_shape, device=device)
-    y = torch.randint(0, 10, (128,), device=device)
     shapes = {}
     hooks = [m.register_forward_pre_hook(lambda mod, a: shapes.__setitem__(mod, tuple(a[0].shape[1:])))
              for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -312,6 +310,24 @@ def training_arms(make, device="cpu", gamma=1e-2):
     pen = SpectralPenalty(model, gamma=gamma)
     model(x)
     pen()
+    return model, x, refpen, pen
+
+
+def penalty_arms(make, device="cpu", gamma=1e-2):
+    """The penalty alone, forward and backward, gradients added into existing ``.grad``: the
+    reference penalty + backward, ``penalty()`` + backward, ``accumulate_grad()``."""
+    model, _, refpen, pen = _penalized_model(make, device, gamma)
+    for q in model.parameters():
+        q.grad = torch.zeros_like(q)
+    return {"reference": lambda: refpen().backward(), "ours (SpectralPenalty)": lambda: pen().backward(),
+            "ours (accumulate_grad)": pen.accumulate_grad}
+
+
+def training_arms(make, device="cpu", gamma=1e-2):
+    """Step functions of the four arms (no penalty, reference, SpectralPenalty in the loss,
+    SpectralPenalty.accumulate_grad) sharing one model, optimizer and batch of 128."""
+    model, x, refpen, pen = _penalized_model(make, device, gamma)
+    y = torch.randint(0, 10, (128,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     crit = nn.CrossEntropyLoss()
 
