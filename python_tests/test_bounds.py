@@ -1,4 +1,5 @@
 """Certified brackets against exact norms (SVD of explicit operators)."""
+import functools
 import math
 
 import pytest
@@ -127,7 +128,7 @@ CHOLESKY_EXTRA = [
 @pytest.mark.parametrize("guess_blocks", [4, 0])
 @pytest.mark.parametrize("conv,shape", GRID + CHOLESKY_EXTRA,
                          ids=lambda c: type(c).__name__ if isinstance(c, nn.Module) else str(c))
-def test_cholesky_bound_is_certified_and_within_rtol(conv, shape, guess_blocks):
+def test_cholesky_bound_is_certified_and_within_rtol(conv, shape, guess_blocks, monkeypatch):
     """exact <= Cholesky bound <= (1 + rtol) x the circular norm it certifies (bounded here by
     the converged Gram bound), whether the guess is right (4 blocks) or far too low (0: every
     block fails first and the failure path raises mu)."""
@@ -136,15 +137,9 @@ def test_cholesky_bound_is_certified_and_within_rtol(conv, shape, guess_blocks):
     with torch.no_grad():
         conv.weight.normal_()
     exact = ref.conv_sigma_exact(ref.ConvSpec.from_module(conv, shape)).item()
-    ub = B.conv_upper_bound(conv, shape, method="cholesky", rtol=1e-3) if guess_blocks == 4 else None
-    if ub is None:
-        import specreg_fast.bounds as mod
-        orig = mod.circular_cholesky_bound
-        try:
-            mod.circular_cholesky_bound = lambda *a, **kw: orig(*a, guess_blocks=0, **kw)
-            ub = B.conv_upper_bound(conv, shape, method="cholesky", rtol=1e-3)
-        finally:
-            mod.circular_cholesky_bound = orig
+    monkeypatch.setattr(B, "circular_cholesky_bound",
+                        functools.partial(B.circular_cholesky_bound, guess_blocks=guess_blocks))
+    ub = B.conv_upper_bound(conv, shape, method="cholesky", rtol=1e-3)
     gram = B.conv_upper_bound(conv, shape, n_iter=12, method="gram")
     assert exact * (1 - 1e-12) <= ub <= gram * (1 + 1.01e-3), (exact, ub, gram)
     if conv.padding_mode == "circular":

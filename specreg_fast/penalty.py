@@ -342,15 +342,15 @@ class SpectralPenalty(nn.Module):
                         for spec, x, y in zip(specs, st.xs, st.ys):
                             params, modes = _ops.pack_conv_params([spec])
                             conv_pairs.append((x, y, params, modes[0]))
-                elif conv_pairs is None:
-                    st = CircularState([getattr(self, f"x_{i}") for i in range(nc)])
-                    parts.append(circular_conv_norms(specs, st, n_iter=n_iter, update=update, names=names).float())
                 else:
                     st = CircularState([getattr(self, f"x_{i}") for i in range(nc)])
-                    est, x_tops, y_tops, _ = circular_power_pairs(specs, st, n_iter, update=update, names=names)
-                    parts.append(est.float())
-                    for spec, x, y in zip(specs, x_tops, y_tops):
-                        conv_pairs.append((x, y, circular_params(spec), "circular"))
+                    if conv_pairs is None:
+                        parts.append(circular_conv_norms(specs, st, n_iter=n_iter, update=update, names=names).float())
+                    else:
+                        est, x_tops, y_tops, _ = circular_power_pairs(specs, st, n_iter, update=update, names=names)
+                        parts.append(est.float())
+                        for spec, x, y in zip(specs, x_tops, y_tops):
+                            conv_pairs.append((x, y, circular_params(spec), "circular"))
             if nd:
                 state = _dense.PowerState([getattr(self, f"u_{i}") for i in range(nd)],
                                           [getattr(self, f"v_{i}") for i in range(nd)])
