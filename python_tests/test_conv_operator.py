@@ -173,6 +173,10 @@ DIRECT_CASES = [
     dict(dim=2, cin=7, cout=20, k=5, padding=2, mode="reflect", sizes=(6, 7)),
     dict(dim=1, cin=9, cout=17, k=4, padding="same", mode="replicate", sizes=(13,)),
     dict(dim=3, cin=4, cout=6, k=3, padding=1, dilation=2, mode="circular", groups=2, sizes=(4, 5, 3)),
+    # stride 3 (the generic strided copy), and kernel offsets whose whole row is padding
+    dict(dim=2, cin=5, cout=11, k=3, padding=1, stride=3, sizes=(10, 11)),
+    dict(dim=2, cin=4, cout=6, k=3, padding=1, stride=3, mode="reflect", sizes=(7, 8)),
+    dict(dim=1, cin=3, cout=7, k=5, padding=4, dilation=2, sizes=(3,)),
 ]
 
 

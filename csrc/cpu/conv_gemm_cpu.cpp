@@ -11,7 +11,7 @@
 // (phase A walks MR weight rows, phase B MR consecutive entries of one row) and B a row of
 // cols or t. Column tails are masked, not padded, so t is written straight into the output.
 // The weight-gradient of <y, A x> (conv_weight_grad) is the same microkernel once more:
-// dW = y cols^T per group, from the transposed im2col (L x K).
+// dW^T = cols y^T per group (see weight_grad).
 #include "conv_gemm.h"
 
 #include <ATen/Parallel.h>
@@ -43,10 +43,17 @@ namespace {
 // the padding map (wrap for circular, mirror for reflect, clamp for replicate), or -1 for a
 // zero-padding entry: im2col gathers through it and col2im scatters back through it, which is
 // the exact adjoint of pad-then-convolve for every mode.
+//
+// Along the innermost dim, kernel offset kw reads input index ow s + kw dl - lo for every ow in
+// [run_lo[kw], run_hi[kw]) (the part of the row inside the image): im2col copies that run
+// with a plain (for stride 1, contiguous) loop and col2im adds it back likewise; only the few
+// border entries go through src. On small images the per-entry index lookup cost as much as
+// the GEMMs themselves.
 struct Geo3 {
   int64_t in[3], out[3], k[3], s[3], dl[3], lo[3];
   int64_t cin, cout, G, cin_g, cout_g, kvol, Kg, L, in_vol;
   std::vector<int64_t> src[3];
+  std::vector<int64_t> run_lo, run_hi;
 };
 
 int64_t padded_source(PadMode mode, int64_t p, int64_t n) {
@@ -96,6 +103,17 @@ Geo3 make_geo3(const ConvGeom& g, const at::Tensor& W, const at::Tensor& x) {
       for (int64_t o = 0; o < q.out[j]; ++o)
         q.src[j][kk * q.out[j] + o] = padded_source(g.mode, o * q.s[j] + kk * q.dl[j] - q.lo[j], q.in[j]);
   }
+  q.run_lo.resize(q.k[2]);
+  q.run_hi.resize(q.k[2]);
+  for (int64_t kk = 0; kk < q.k[2]; ++kk) {
+    // 0 <= o s + kk dl - lo < in  <=>  o in [ceil((lo - kk dl) / s), floor((in - 1 + lo - kk dl) / s)]
+    const int64_t base = kk * q.dl[2] - q.lo[2];
+    const int64_t first = base >= 0 ? 0 : (-base + q.s[2] - 1) / q.s[2];
+    const int64_t last = q.in[2] - 1 - base < 0 ? -1 : (q.in[2] - 1 - base) / q.s[2];
+    const int64_t a = std::min(first, q.out[2]);
+    q.run_lo[kk] = a;
+    q.run_hi[kk] = std::max(a, std::min(last + 1, q.out[2]));
+  }
   return q;
 }
 
@@ -111,6 +129,8 @@ void im2col(const Geo3& q, const T* x, T* cols) {
       const int64_t* sd = q.src[0].data() + kd * q.out[0];
       const int64_t* sh = q.src[1].data() + kh * q.out[1];
       const int64_t* sw = q.src[2].data() + kw * q.out[2];
+      const int64_t a = q.run_lo[kw], b = q.run_hi[kw], st = q.s[2];
+      const int64_t first = a * st + kw * q.dl[2] - q.lo[2];  // input index of ow = a
       for (int64_t od = 0; od < q.out[0]; ++od) {
         for (int64_t oh = 0; oh < q.out[1]; ++oh) {
           T* d = dst + (od * q.out[1] + oh) * q.out[2];
@@ -119,35 +139,16 @@ void im2col(const Geo3& q, const T* x, T* cols) {
             continue;
           }
           const T* srow = src + (sd[od] * q.in[1] + sh[oh]) * q.in[2];
-          for (int64_t ow = 0; ow < q.out[2]; ++ow) d[ow] = sw[ow] >= 0 ? srow[sw[ow]] : T(0);
-        }
-      }
-    }
-  });
-}
-
-// The same entries transposed: cols_t[l, row] (L x K), one output pixel per task, its K
-// entries written contiguously (the weight-gradient product reads rows of it).
-template <typename T>
-void im2col_t(const Geo3& q, const T* x, T* cols_t) {
-  const int64_t K = q.cin * q.kvol;
-  at::parallel_for(0, q.L, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, K)), [&](int64_t b, int64_t e) {
-    for (int64_t l = b; l < e; ++l) {
-      const int64_t od = l / (q.out[1] * q.out[2]), oh = (l / q.out[2]) % q.out[1], ow = l % q.out[2];
-      T* dst = cols_t + l * K;
-      for (int64_t ci = 0; ci < q.cin; ++ci) {
-        const T* src = x + ci * q.in_vol;
-        for (int64_t kd = 0; kd < q.k[0]; ++kd) {
-          const int64_t id = q.src[0][kd * q.out[0] + od];
-          for (int64_t kh = 0; kh < q.k[1]; ++kh) {
-            const int64_t ih = q.src[1][kh * q.out[1] + oh];
-            const bool row_ok = id >= 0 && ih >= 0;
-            const T* srow = row_ok ? src + (id * q.in[1] + ih) * q.in[2] : nullptr;
-            for (int64_t kw = 0; kw < q.k[2]; ++kw) {
-              const int64_t iw = q.src[2][kw * q.out[2] + ow];
-              *dst++ = (row_ok && iw >= 0) ? srow[iw] : T(0);
-            }
+          for (int64_t ow = 0; ow < a; ++ow) d[ow] = sw[ow] >= 0 ? srow[sw[ow]] : T(0);
+          const T* sp = srow + first;
+          if (st == 1) {
+            std::memcpy(d + a, sp, (b - a) * sizeof(T));
+          } else if (st == 2) {  // a literal stride: the compiler vectorizes it (even lanes)
+            for (int64_t i = 0; i < b - a; ++i) d[a + i] = sp[2 * i];
+          } else {
+            for (int64_t i = 0; i < b - a; ++i) d[a + i] = sp[i * st];
           }
+          for (int64_t ow = b; ow < q.out[2]; ++ow) d[ow] = sw[ow] >= 0 ? srow[sw[ow]] : T(0);
         }
       }
     }
@@ -168,13 +169,28 @@ void col2im(const Geo3& q, const T* gcols, T* a) {
         const int64_t* sd = q.src[0].data() + kd * q.out[0];
         const int64_t* sh = q.src[1].data() + kh * q.out[1];
         const int64_t* sw = q.src[2].data() + kw * q.out[2];
+        const int64_t a = q.run_lo[kw], b = q.run_hi[kw], st = q.s[2];
+        const int64_t first = a * st + kw * q.dl[2] - q.lo[2];
         for (int64_t od = 0; od < q.out[0]; ++od) {
           if (sd[od] < 0) continue;
           for (int64_t oh = 0; oh < q.out[1]; ++oh) {
             if (sh[oh] < 0) continue;
             const T* s = src + (od * q.out[1] + oh) * q.out[2];
             T* drow = dst + (sd[od] * q.in[1] + sh[oh]) * q.in[2];
-            for (int64_t ow = 0; ow < q.out[2]; ++ow)
+            // fixed order: left border, the run, right border (as im2col reads them)
+            for (int64_t ow = 0; ow < a; ++ow)
+              if (sw[ow] >= 0) drow[sw[ow]] += s[ow];
+            T* dp = drow + first;
+            const T* sa = s + a;
+            if (st == 1) {
+#pragma omp simd
+              for (int64_t i = 0; i < b - a; ++i) dp[i] += sa[i];
+            } else if (st == 2) {
+              for (int64_t i = 0; i < b - a; ++i) dp[2 * i] += sa[i];
+            } else {
+              for (int64_t i = 0; i < b - a; ++i) dp[i * st] += sa[i];
+            }
+            for (int64_t ow = b; ow < q.out[2]; ++ow)
               if (sw[ow] >= 0) drow[sw[ow]] += s[ow];
           }
         }
@@ -351,13 +367,31 @@ void step(const Geo3& q, const T* W, const T* x, T* t, T* a, T* cols, T* gcols) 
   col2im<T>(q, gcols, a);
 }
 
-// dW = y cols^T per group: rows are output channels, J = L (the pixels), columns the Kg
-// weight entries of a row, read from the transposed im2col (L x K, rows contiguous in k).
+// dW = y cols^T per group, computed as its transpose dW^T = cols y^T: rows are the Kg weight
+// entries of a group (rows of cols, read in place), J = L (the pixels), columns the group's
+// output channels (rows of y^T). This reuses the plain im2col (a copy per run of pixels)
+// instead of a transposed one (a lookup per entry), at the price of transposing y and dW,
+// both far smaller than cols.
+// dst[c ldd + r] = src[r lds + c] for r < rows, c < cols, in 16 x 16 blocks (both sides of a
+// block stay in L1; a plain loop has one side miss on every entry).
 template <typename T>
-void weight_grad(const Geo3& q, const T* y, const T* cols_t, T* gw) {
-  const int64_t K = q.G * q.Kg;
-  grouped_product<T>(pick_kernel(q.Kg, false), q.G, q.cout_g, q.L, q.Kg, y, q.L, 1, q.cout_g * q.L, cols_t, K, q.Kg,
-                     gw, q.Kg, q.cout_g * q.Kg);
+void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
+  constexpr int64_t B = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += B)
+    for (int64_t c0 = 0; c0 < cols; c0 += B) {
+      const int64_t r1 = std::min(rows, r0 + B), c1 = std::min(cols, c0 + B);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
+    }
+}
+
+template <typename T>
+void weight_grad(const Geo3& q, const T* y, const T* cols, T* yT, T* gwT, T* gw) {
+  transpose<T>(y, q.cout, q.L, q.L, yT, q.cout);
+  grouped_product<T>(pick_kernel(q.cout_g, false), q.G, q.Kg, q.L, q.cout_g, cols, q.L, 1, q.Kg * q.L, yT, q.cout,
+                     q.cout_g, gwT, q.cout_g, q.Kg * q.cout_g);
+  for (int64_t gi = 0; gi < q.G; ++gi)
+    transpose<T>(gwT + gi * q.Kg * q.cout_g, q.Kg, q.cout_g, q.cout_g, gw + gi * q.cout_g * q.Kg, q.Kg);
 }
 
 enum class KernelChoice { Auto, Direct, Aten };
@@ -451,10 +485,13 @@ void conv_gemm_weight_grad(const ConvGeom& g, const at::Tensor& W, const at::Ten
   const Geo3 q = make_geo3(g, W, x);
   const int64_t K = q.G * q.Kg;
   if (!work.cols.defined() || work.cols.numel() != K * q.L || work.cols.scalar_type() != W.scalar_type())
-    work.cols = at::empty({q.L, K}, W.options());  // im2col transposed; gcols is not needed here
+    work.cols = at::empty({K, q.L}, W.options());
+  const at::Tensor yT = at::empty({q.L, q.cout}, W.options());
+  const at::Tensor gwT = at::empty({K, q.cout_g}, W.options());
   AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "conv_gemm_weight_grad", [&] {
-    im2col_t<scalar_t>(q, x.const_data_ptr<scalar_t>(), work.cols.mutable_data_ptr<scalar_t>());
+    im2col<scalar_t>(q, x.const_data_ptr<scalar_t>(), work.cols.mutable_data_ptr<scalar_t>());
     weight_grad<scalar_t>(q, y.const_data_ptr<scalar_t>(), work.cols.const_data_ptr<scalar_t>(),
+                          yT.mutable_data_ptr<scalar_t>(), gwT.mutable_data_ptr<scalar_t>(),
                           gw.mutable_data_ptr<scalar_t>());
   });
 }
