@@ -522,3 +522,31 @@ def test_accumulate_grad_refuses_computed_weights():
     model(torch.randn(2, 20))
     with pytest.raises(ValueError, match="computed weights"):
         pen.accumulate_grad()
+
+
+def test_cached_geometry_follows_changes_to_the_model():
+    """The eager path packs and validates the conv geometry once; a change of padding mode,
+    dtype or buffers after the first call is picked up, and a mismatch is still a clear error
+    that leaves the state as it was."""
+    model = cnn()
+    pen = sf.SpectralPenalty(model, gamma=1.0, scope="all", n_iter=300, n_iter_init=300)
+    model(torch.randn(1, 2, 8, 8))
+    pen.accumulate_grad()
+    sf.to_circular_padding(model)  # the layers' operators change: so must the norms
+    pen()
+    for name in ("0", "2"):
+        m = dict(model.named_modules())[name]
+        exact = ref.conv_sigma_exact(ref.ConvSpec.from_module(m, pen._input_shapes[name])).item()
+        assert abs(pen.sigmas()[name] - exact) / exact < 1e-3, name
+    model.double()  # weights float64, vectors still float32: refused, nothing moves
+    before = {k: v.clone() for k, v in pen.state_dict().items() if isinstance(v, torch.Tensor)}
+    for call in (pen, pen.accumulate_grad):
+        with pytest.raises(ValueError, match=r"^\d: state (u|x/y) must be torch.float64"):
+            call()
+    for k, v in pen.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, before[k]), k
+    pen.double()  # new buffers (float64): the next call uses them
+    p = pen()
+    assert pen.get_buffer("x_0").dtype == torch.float64 and p.dtype == torch.float64
+    assert not torch.equal(pen.get_buffer("x_0").float(), before["x_0"])

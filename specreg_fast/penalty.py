@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,7 @@ import torch.nn as nn
 from . import dense as _dense
 from .bounds import operator_norm_bounds
 from .conv import ConvSpec, ConvState, conv_operator_norms, init_conv_state
+from .conv import _validate as _validate_convs
 from .fft import CircularState, circular_conv_norms, circular_params, circular_power_pairs, init_circular_state
 from . import ops as _ops
 
@@ -53,6 +54,17 @@ def _act_slope_sq_max(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
         # act.forward, not act(): calling the module would re-enter the hook
         (d,) = torch.autograd.grad(act.forward(zz).sum(), zz, create_graph=z.requires_grad)
     return (d.flatten(1) ** 2).amax(dim=1).mean()
+
+
+class _HotPlan(NamedTuple):
+    key: tuple
+    us: List[torch.Tensor]
+    vs: List[torch.Tensor]
+    xs: List[torch.Tensor]
+    ys: List[torch.Tensor]
+    params: List[int]  # packed conv geometry of all conv layers (ops.pack_conv_params)
+    modes: List[str]
+    layer_params: List[List[int]]  # the same, layer by layer (conv_weight_grad on a subset)
 
 
 class SpectralPenalty(nn.Module):
@@ -160,6 +172,7 @@ class SpectralPenalty(nn.Module):
                     m.register_forward_hook(self._make_eig_hook(m))
         self._ready = False
         self._layers: List[Tuple[str, nn.Module]] = []
+        self._plan: Optional[_HotPlan] = None
 
     # ------------------------------------------------------------------ discovery
     def _make_record_hook(self, name):
@@ -292,7 +305,7 @@ class SpectralPenalty(nn.Module):
 
     def step(self) -> None:
         """Advance the schedule counter by one (with ``auto_step=False``)."""
-        self.step_count += 1
+        self.step_count.add_(1)
 
     def reset(self) -> None:
         """Forget the vectors and the step counter; they are re-created on the next call."""
@@ -302,6 +315,7 @@ class SpectralPenalty(nn.Module):
         self.step_count.zero_()
         self.initialized.fill_(False)
         self._ready = False
+        self._plan = None
         self._pending_state = {}
 
     @property
@@ -318,8 +332,76 @@ class SpectralPenalty(nn.Module):
             return self._sigmas(update, n_iter, conv_pairs)
         except Exception:
             if self.training and self.auto_step and not torch.compiler.is_compiling():
-                self.step_count -= 1
+                self.step_count.sub_(1)
             raise
+
+    def _plan_key(self, dense_ws, conv_ws) -> tuple:
+        """What the hot plan depends on: every weight's shape/dtype/device, each conv's
+        hyperparameters and recorded input size, and the state buffers (by identity:
+        ``.to()`` replaces them, ``load_state_dict`` copies into them)."""
+        b = self._buffers
+        return (tuple((w.shape, w.dtype, w.device) for w in dense_ws + conv_ws),
+                tuple((m.stride, m.padding, m.dilation, m.groups, m.padding_mode, m.output_padding,
+                       self._input_shapes[n]) for n, m in self._convs),
+                tuple(id(t) for t in b.values()))
+
+    def _hot_plan(self, dense_ws, conv_ws) -> "_HotPlan":
+        """The per-call constants of the eager path: the state buffers in op order and the
+        conv ops' packed geometry, validated (errors name the layer) once and rebuilt only
+        when :meth:`_plan_key` changes. Re-packing and re-validating on every call was about a
+        tenth of ``accumulate_grad``'s time on the benchmark CNN (``bench/bench_training.py``)."""
+        key = self._plan_key(dense_ws, conv_ws)
+        plan = self._plan
+        if plan is not None and plan.key == key:
+            return plan
+        b = self._buffers
+        nd, nc = len(self._dense), len(self._convs)
+        us, vs = [b[f"u_{i}"] for i in range(nd)], [b[f"v_{i}"] for i in range(nd)]
+        xs = [b[f"x_{i}"] for i in range(nc)]
+        ys = [b[f"y_{i}"] for i in range(nc)] if self.conv_norm == "operator" else []
+        _dense._validate(dense_ws, _dense.PowerState(us, vs), [n for n, _ in self._dense])
+        params, modes, layer_params = [], [], []
+        if nc and self.conv_norm == "operator":
+            specs = self._conv_specs()
+            _validate_convs(specs, ConvState(xs, ys), [n for n, _ in self._convs])
+            params, modes = _ops.pack_conv_params(specs)
+            layer_params = [_ops.pack_conv_params([sp])[0] for sp in specs]
+        self._plan = _HotPlan(key, us, vs, xs, ys, params, modes, layer_params)
+        return self._plan
+
+    def _sigmas_eager(self, update: bool, n_iter: int, conv_pairs: Optional[list]) -> torch.Tensor:
+        """``_sigmas`` for eager mode with the operator conv norm (or no conv): the ops are
+        called directly with the cached plan; under no_grad (``conv_pairs`` given) the value
+        is the step's estimate, with no differentiable wrapper."""
+        dense_ws = [_dense.as_matrix(m.weight) for _, m in self._dense]
+        conv_ws = [m.weight for _, m in self._convs]
+        plan = self._hot_plan(dense_ws, conv_ws)
+        grad = conv_pairs is None and torch.is_grad_enabled()
+        parts = []
+        if conv_ws:
+            if update and n_iter > 0:
+                est = _ops.conv_power_step_([w.detach() for w in conv_ws], plan.xs, plan.ys, plan.params,
+                                            plan.modes, n_iter, 0.0)
+                sig = (_ops.conv_sigma_from_step(conv_ws, plan.xs, plan.ys, plan.params, plan.modes, est)
+                       if grad else est)
+            else:
+                sig = _ops.conv_sigma(conv_ws, plan.xs, plan.ys, plan.params, plan.modes)
+            parts.append(sig.float())
+            if conv_pairs is not None:
+                conv_pairs.extend((x, y, p, mode) for x, y, p, mode in
+                                  zip(plan.xs, plan.ys, plan.layer_params, plan.modes))
+        if dense_ws:
+            on_cpu = all(w.device.type == "cpu" for w in dense_ws)
+            if update:
+                with torch.no_grad():
+                    est = _ops.power_step_([w.detach() for w in dense_ws], plan.us, plan.vs, n_iter, 0.0)
+            if update and n_iter >= 1 and on_cpu:
+                # as in dense.spectral_norms: u^T W v at the new vectors is the step's estimate
+                sig = _ops.sigma_from_step(dense_ws, plan.us, plan.vs, est) if grad else est
+            else:
+                sig = _ops.sigma(dense_ws, plan.us, plan.vs)
+            parts.insert(0, sig.float())
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _sigmas(self, update: bool, n_iter: int, conv_pairs: Optional[list] = None) -> torch.Tensor:
         """The sigmas of every layer (dense first). The convs are computed first, so that their
@@ -327,6 +409,9 @@ class SpectralPenalty(nn.Module):
         vectors. With ``conv_pairs`` (a list; call under no_grad), ``conv_pairs`` receives, per
         conv layer, ``(x, y, params, mode)``: the pair whose conv weight-gradient is
         ``dsigma/dW`` (for ``accumulate_grad``)."""
+        if (self.conv_norm == "operator" or not self._convs) and not torch.compiler.is_compiling():
+            # custom ops only: autocast does not touch them, so no autocast guard is needed
+            return self._sigmas_eager(update, n_iter, conv_pairs)
         nd = len(self._dense)
         parts = []
         with torch.autocast(device_type=self.gammas.device.type, enabled=False):
@@ -369,12 +454,11 @@ class SpectralPenalty(nn.Module):
         upd = self.training and self.update if update is None else bool(update)
         eig = self._eig_terms
         self._eig_terms = []
-        s = self.step_count - self.start_step
-        active = (s >= 0) & (torch.remainder(s.clamp_min(0), self.every) == 0)
-        if self.training and self.auto_step:
-            self.step_count += 1
         compiling = torch.compiler.is_compiling()
-        if not compiling and not bool(active):
+        active = self._active(compiling)
+        if self.training and self.auto_step:
+            self.step_count.add_(1)
+        if not compiling and not active:
             # burn-in / skipped step: no work at all (under torch.compile the mask below
             # plays this role without a graph break)
             return self.gammas.new_zeros(())
@@ -390,7 +474,17 @@ class SpectralPenalty(nn.Module):
         if self.eig_ub and eig:
             g = self.gammas.max() if self.gammas.numel() else 0.0
             total = total + g * torch.stack(eig).sum()
-        return torch.where(active, total, torch.zeros_like(total))
+        return torch.where(active, total, torch.zeros_like(total)) if compiling else total
+
+    def _active(self, compiling: bool):
+        """Whether this step is penalized (before the counter advances): a bool in eager mode
+        (one read of the counter), a 0-d bool tensor under torch.compile (a mask instead of
+        a graph break)."""
+        if compiling:
+            s = self.step_count - self.start_step
+            return (s >= 0) & (torch.remainder(s.clamp_min(0), self.every) == 0)
+        s = int(self.step_count) - self.start_step
+        return s >= 0 and s % self.every == 0
 
     def accumulate_grad(self, scale: float = 1.0) -> torch.Tensor:
         """The penalty's gradient added in place into each regularized weight's ``.grad``,
@@ -422,10 +516,9 @@ class SpectralPenalty(nn.Module):
                              f"weights (parametrize): add penalty() to the loss instead")
         self._eig_terms = []
         upd = self.training and self.update
-        s = self.step_count - self.start_step
-        active = bool((s >= 0) & (torch.remainder(s.clamp_min(0), self.every) == 0))
+        active = self._active(False)
         if self.training and self.auto_step:
-            self.step_count += 1
+            self.step_count.add_(1)
         if not active:
             return self.gammas.new_zeros(())
         n_iter = max(self.n_iter, self.n_iter_init) if upd and not bool(self.initialized) else self.n_iter
@@ -436,39 +529,46 @@ class SpectralPenalty(nn.Module):
         if upd:
             self.initialized.fill_(True)
         with torch.no_grad():
-            self.last_sigmas.copy_(sig.detach())
+            self.last_sigmas.copy_(sig)
+            # 2 gamma sigma scale per layer: Python floats on the CPU (one read for all layers);
+            # on a device, 0-d tensors folded into a vector, so nothing waits for the device
+            coefs = (2.0 * float(scale)) * self.gammas * sig
+            host = coefs.device.type == "cpu"
+            if host:
+                coefs = coefs.tolist()
             for i, (_, m) in enumerate(self._dense):
                 W = m.weight
                 if not W.requires_grad:  # a frozen layer gets no gradient, as on the autograd route
                     continue
-                coef = float(2.0 * self.gammas[i] * sig[i].detach()) * float(scale)
                 if W.grad is None:
                     W.grad = torch.zeros_like(W)
                 G = W.grad
-                u, v = getattr(self, f"u_{i}"), getattr(self, f"v_{i}")
+                u, v = self._buffers[f"u_{i}"].to(G.dtype), self._buffers[f"v_{i}"].to(G.dtype)
+                c = coefs[i]
+                if not host:
+                    u, c = u * c.to(G.dtype), 1.0
                 Gm = G if G.dim() == 2 else G.view(G.shape[0], -1) if G.is_contiguous() else None
                 if Gm is not None:
-                    Gm.addr_(u.to(G.dtype), v.to(G.dtype), alpha=coef)
+                    Gm.addr_(u, v, alpha=c)
                 else:  # a non-contiguous .grad (e.g. channels_last): no 2-D view of it
-                    G.add_(torch.outer(u, v).to(G.dtype).reshape(G.shape), alpha=coef)
-        train = [j for j, (_, m) in enumerate(self._convs) if m.weight.requires_grad]
-        if train:
-            # dsigma/dW of each conv: the conv weight-gradient of its pair (one op call for all),
-            # times 2 gamma sigma scale, as the autograd route's backward computes it
-            ws = [self._convs[j][1].weight for j in train]
-            params = [p for j in train for p in conv_pairs[j][2]]
-            with torch.no_grad():
-                gws = _ops.conv_weight_grad([W.detach() for W in ws], [conv_pairs[j][0] for j in train],
-                                            [conv_pairs[j][1] for j in train], params,
-                                            [conv_pairs[j][3] for j in train])
-                coef = 2.0 * self.gammas[nd:] * sig[nd:].float() * float(scale)
-                for j, W, gW in zip(train, ws, gws):
-                    gW = (gW * coef[j].to(gW.dtype)).to(W.dtype)
+                    G.add_(torch.outer(u, v).reshape(G.shape), alpha=c)
+            train = [j for j, (_, m) in enumerate(self._convs) if m.weight.requires_grad]
+            if train:
+                # dsigma/dW of each conv: the conv weight-gradient of its pair (one op call for
+                # all), times 2 gamma sigma scale, as the autograd route's backward computes it
+                ws = [self._convs[j][1].weight.detach() for j in train]
+                pairs = [conv_pairs[j] for j in train]
+                gws = _ops.conv_weight_grad(ws, [p[0] for p in pairs], [p[1] for p in pairs],
+                                            [q for p in pairs for q in p[2]], [p[3] for p in pairs])
+                for j, W, gW in zip(train, (self._convs[j][1].weight for j in train), gws):
+                    c = coefs[nd + j]
                     if W.grad is None:
-                        W.grad = gW
+                        W.grad = (gW * c).to(W.dtype)
+                    elif host and gW.dtype == W.grad.dtype:
+                        W.grad.add_(gW, alpha=c)
                     else:
-                        W.grad.add_(gW)
-        return (self.gammas * sig.detach().pow(2)).sum()
+                        W.grad.add_((gW * c).to(W.grad.dtype))
+        return (self.gammas * sig.pow(2)).sum()
 
     @torch.no_grad()
     def sigmas(self) -> Dict[str, float]:
