@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .. import conv, fft, ops
 from ..dense import init_power_state, spectral_norm
 from ..reference import ConvSpec
-from .timing import fmt_time, interleaved, machine, read_bandwidth
+from .timing import fmt_time, interleaved, machine, paired_overhead, read_bandwidth
 
 __all__ = ["SIZES", "run", "print_table", "plot", "to_json"]
 
@@ -353,9 +353,14 @@ def training_rows(repeats, device) -> List[dict]:
         t = interleaved(training_arms(make, device), repeats=repeats, min_time=0.0)
         base = t["no penalty"]["median"]
         for k in ("reference", "ours (SpectralPenalty)", "ours (accumulate_grad)"):
-            over = t[k]["median"] / base - 1
+            over = paired_overhead(t, k, "no penalty")
             rows.append(_row("training", "step overhead", label, k, t[k], t["reference"],
-                             note=f"+{100 * over:.1f}% over the unpenalized step ({fmt_time(base)})"))
+                             note=f"{100 * over:+.1f}% over the unpenalized step ({fmt_time(base)})"))
+        # the penalty's own forward + backward, without the step's noise around it
+        t = interleaved(penalty_arms(make, device), repeats=3 * repeats)
+        for k in ("ours (SpectralPenalty)", "ours (accumulate_grad)"):
+            rows.append(_row("training", "penalty cost", label, k, t[k], t["reference"],
+                             note=f"{t[k]['median'] / t['reference']['median']:.2f}x the reference penalty's time"))
     return rows
 
 

@@ -17,8 +17,9 @@ import torch
 
 def interleaved(fns: Dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 3,
                 min_time: float = 0.02) -> Dict[str, Dict[str, float]]:
-    """Median / min / max seconds per call of each function, timed round-robin. Each sample
-    runs the function enough times to last about ``min_time`` seconds."""
+    """Median / min / max seconds per call of each function, timed round-robin, and the
+    per-round ``samples`` (for :func:`paired_overhead`). Each sample runs the function
+    enough times to last about ``min_time`` seconds."""
     for f in fns.values():
         for _ in range(warmup):
             f()
@@ -36,7 +37,15 @@ def interleaved(fns: Dict[str, Callable[[], object]], repeats: int = 15, warmup:
             for _ in range(n):
                 f()
             samples[k].append((time.perf_counter() - t0) / n)
-    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in samples.items()}
+    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "samples": v}
+            for k, v in samples.items()}
+
+
+def paired_overhead(t: Dict[str, Dict[str, object]], arm: str, base: str) -> float:
+    """Median over the rounds of ``interleaved`` of ``arm / base - 1``, each ratio taken within
+    one round: a machine whose speed drifts between rounds (a shared VM) moves both sides of
+    a ratio together, where the ratio of two medians mixes rounds."""
+    return statistics.median(a / b - 1 for a, b in zip(t[arm]["samples"], t[base]["samples"]))
 
 
 def read_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> float:
