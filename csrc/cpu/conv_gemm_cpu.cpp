@@ -159,7 +159,8 @@ void im2col(const Geo3& q, const T* x, T* cols) {
 // im2col). One input channel per task: every entry of a has one writer, fixed order.
 template <typename T>
 void col2im(const Geo3& q, const T* gcols, T* a) {
-  at::parallel_for(0, q.cin, 1, [&](int64_t b, int64_t e) {
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, q.kvol * q.L));
+  at::parallel_for(0, q.cin, grain, [&](int64_t b, int64_t e) {
     for (int64_t ci = b; ci < e; ++ci) {
       T* dst = a + ci * q.in_vol;
       std::fill(dst, dst + q.in_vol, T(0));
@@ -344,7 +345,10 @@ void grouped_product(const RowKernel& k, int64_t G, int64_t rows, int64_t J, int
                      int64_t saj, int64_t a_group, const T* B, int64_t ldb, int64_t b_group, T* out, int64_t ldo,
                      int64_t out_group) {
   const int64_t row_tiles = (rows + k.mr - 1) / k.mr, col_tiles = (ncols + k.cw - 1) / k.cw;
-  at::parallel_for(0, G * col_tiles * row_tiles, 1, [&](int64_t b, int64_t e) {
+  // At least ~64K multiply-adds per thread: below that a parallel region's fork and join
+  // cost more than the arithmetic (tiny layers run inline on the calling thread).
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, k.mr * k.cw * J));
+  at::parallel_for(0, G * col_tiles * row_tiles, grain, [&](int64_t b, int64_t e) {
     for (int64_t task = b; task < e; ++task) {
       const int64_t gi = task / (col_tiles * row_tiles), rest = task % (col_tiles * row_tiles);
       const int64_t c0 = (rest / row_tiles) * k.cw, r0 = (rest % row_tiles) * k.mr;
