@@ -302,3 +302,47 @@ def test_spectral_norm_stateless():
     conv_w = torch.randn(8, 3, 3, 3, dtype=torch.float64)
     s = sf.spectral_norm(conv_w, tol=1e-13, max_iter=20000)
     assert abs(s - torch.linalg.matrix_norm(conv_w.reshape(8, -1), 2)) / s < 1e-6
+
+
+def test_from_step_wrappers_match_the_registered_ops():
+    """The eager route of ops.sigma_from_step / ops.conv_sigma_from_step (an autograd.Function
+    sharing the ops' backward helpers) gives the same value, gradients and gradient dtypes
+    as the registered ops; a malformed call is refused on both."""
+    from specreg_fast import conv
+    from specreg_fast.reference import ConvSpec
+
+    g = torch.Generator().manual_seed(3)
+    Ws = [torch.randn(8, 6, generator=g), torch.randn(5, 7, generator=g).bfloat16()]
+    st = sf.init_power_state(Ws, generator=g)
+    est = ops.power_step_(Ws, st.us, st.vs, 2, 0.0)
+    Wc = torch.randn(4, 3, 3, 3, generator=g)
+    spec = ConvSpec(weight=Wc, input_shape=(3, 5, 6), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=1,
+                    padding_mode="reflect", transposed=False, output_padding=(0, 0))
+    cst = conv.init_conv_state([spec], generator=g)
+    params, modes = ops.pack_conv_params([spec])
+    cest = ops.conv_power_step_([Wc], cst.xs, cst.ys, params, modes, 2, 0.0)
+    calls = {
+        "wrapper": (lambda w: ops.sigma_from_step(w, st.us, st.vs, est),
+                    lambda w: ops.conv_sigma_from_step(w, cst.xs, cst.ys, params, modes, cest)),
+        "op": (lambda w: torch.ops.specreg_fast.sigma_from_step(w, st.us, st.vs, est),
+               lambda w: torch.ops.specreg_fast.conv_sigma_from_step(w, cst.xs, cst.ys, params, modes, cest)),
+    }
+    out = {}
+    for route, (dense_fn, conv_fn) in calls.items():
+        wd = [w.clone().requires_grad_() for w in Ws]
+        wc = [Wc.clone().requires_grad_()]
+        a, b = dense_fn(wd), conv_fn(wc)
+        (a * torch.tensor([2.0, -3.0])).sum().add(b.sum() * 5.0).backward()
+        out[route] = (a.detach(), b.detach(), [w.grad for w in wd + wc])
+    torch.testing.assert_close(out["wrapper"][0], est)
+    for x, y in zip(out["wrapper"][:2], out["op"][:2]):
+        assert torch.equal(x, y)
+    for x, y in zip(out["wrapper"][2], out["op"][2]):
+        assert x.dtype == y.dtype
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert out["wrapper"][2][1].dtype == torch.bfloat16
+    wd = [w.clone().requires_grad_() for w in Ws]
+    with pytest.raises((ValueError, RuntimeError)):
+        ops.sigma_from_step(wd, st.us[:1], st.vs, est)
+    with pytest.raises(ValueError, match="est must be"):
+        ops.sigma_from_step(wd, st.us, st.vs, est[:1])
