@@ -27,12 +27,7 @@ from common import machine  # noqa: E402
 
 from specreg_fast import bounds, conv  # noqa: E402
 from specreg_fast.reference import ConvSpec  # noqa: E402
-
-RESNET18_CIFAR = [
-    (3, 64, 3, 1, 1, 32), (64, 64, 3, 1, 1, 32), (64, 128, 3, 2, 1, 32), (128, 128, 3, 1, 1, 16),
-    (128, 256, 3, 2, 1, 16), (256, 256, 3, 1, 1, 8), (256, 512, 3, 2, 1, 8), (512, 512, 3, 1, 1, 4),
-    (64, 128, 1, 2, 0, 32), (128, 256, 1, 2, 0, 16), (256, 512, 1, 2, 0, 8),
-]
+from specreg_fast.benchmarks.suite import RESNET18_CIFAR  # noqa: E402  (C_in, C_out, k, stride, pad, size)
 
 
 def reference_time_to_tol(m: nn.Conv2d, shape, exact: float, tol: float = 1e-3, limit: int = 5000):

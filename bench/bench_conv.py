@@ -29,21 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from specreg_fast import conv, ops  # noqa: E402
 from specreg_fast.reference import ConvSpec  # noqa: E402
-
-# (C_in, C_out, kernel, stride, padding, input size): the distinct convs of ResNet-18/CIFAR.
-RESNET18_CIFAR = [
-    (3, 64, 3, 1, 1, 32),
-    (64, 64, 3, 1, 1, 32),
-    (64, 128, 3, 2, 1, 32),
-    (128, 128, 3, 1, 1, 16),
-    (128, 256, 3, 2, 1, 16),
-    (256, 256, 3, 1, 1, 8),
-    (256, 512, 3, 2, 1, 8),
-    (512, 512, 3, 1, 1, 4),
-    (64, 128, 1, 2, 0, 32),
-    (128, 256, 1, 2, 0, 16),
-    (256, 512, 1, 2, 0, 8),
-]
+from specreg_fast.benchmarks.suite import RESNET18_CIFAR  # noqa: E402  (C_in, C_out, k, stride, pad, size)
 
 
 def make_specs(device="cpu", dtype=torch.float32, seed=0):

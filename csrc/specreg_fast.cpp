@@ -50,6 +50,9 @@ TORCH_LIBRARY(specreg_fast, m) {
   // output-gradient y_l; float32, or float64 for a float64 weight): the backward of conv_sigma
   // and conv_sigma_from_step, without autograd.
   m.def("conv_weight_grad(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) -> Tensor[]");
+  // grads[l] += conv_weight_grad's l-th result, in place (SpectralPenalty.accumulate_grad adds
+  // into .grad this way; the caller scales y). Any grads[l] dtype; all checks before a write.
+  m.def("conv_weight_grad_add_(Tensor(a!)[] grads, Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) -> ()");
   // A(W_l)^T y_l for each layer (the adjoint the power step uses; exposed for tests).
   m.def("conv_adjoint(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) -> Tensor[]");
   // ---- Fourier-domain (circular) conv norms ------------------------------------------

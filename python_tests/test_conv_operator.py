@@ -369,6 +369,41 @@ def test_weight_grad_is_the_gradient_of_the_bilinear_form(case, conv_kernel):
         torch.testing.assert_close(gw, g_ref, **tol)
 
 
+@pytest.mark.parametrize("case", DIRECT_CASES + GRAD_CASES, ids=_ident)
+def test_weight_grad_add_adds_the_weight_gradient_in_place(case, conv_kernel):
+    """conv_weight_grad_add_ leaves grads[l] + conv_weight_grad(...)[l] in the same tensor, for a
+    contiguous grad of the accumulation dtype (the direct kernels add in their registers), a
+    bfloat16 grad and a non-contiguous one."""
+    for dtype, tol in ((torch.float64, dict(rtol=1e-12, atol=1e-12)), (torch.float32, dict(rtol=1e-5, atol=1e-5))):
+        spec = _spec(**case, dtype=dtype)
+        st = conv.init_conv_state([spec], generator=torch.Generator().manual_seed(4))
+        y = torch.randn(st.ys[0].shape, dtype=dtype, generator=torch.Generator().manual_seed(5))
+        params, modes = ops.pack_conv_params([spec])
+        (gw,) = ops.conv_weight_grad([spec.weight], st.xs, [y], params, modes)
+        g0 = torch.randn(spec.weight.shape, dtype=dtype, generator=torch.Generator().manual_seed(6))
+        grads = [g0.clone(), g0.to(torch.bfloat16), g0.clone().transpose(0, 1).contiguous().transpose(0, 1)]
+        ptrs = [g.data_ptr() for g in grads]
+        for G in grads:
+            ops.conv_weight_grad_add_([G], [spec.weight], st.xs, [y], params, modes)
+        assert [g.data_ptr() for g in grads] == ptrs
+        torch.testing.assert_close(grads[0], g0 + gw, **tol)
+        torch.testing.assert_close(grads[2], g0 + gw, **tol)
+        torch.testing.assert_close(grads[1], (g0.to(torch.bfloat16) + gw).to(torch.bfloat16), rtol=1e-2, atol=1e-2)
+
+
+def test_weight_grad_add_checks_before_writing_and_opcheck():
+    specs, st, params, modes = _two_layer_args()
+    ws = [s.weight for s in specs]
+    grads = [torch.zeros_like(w) for w in ws]
+    bad = [grads[0], torch.zeros(3, 3)]
+    with pytest.raises(ValueError, match=r"grads\[1\] must have the weight's shape"):
+        ops.conv_weight_grad_add_(bad, ws, st.xs, st.ys, params, modes)
+    assert not bad[0].any()  # the first layer was not written either
+    with pytest.raises(ValueError, match="same length"):
+        ops.conv_weight_grad_add_(grads[:1], ws, st.xs, st.ys, params, modes)
+    torch.library.opcheck(torch.ops.specreg_fast.conv_weight_grad_add_.default, (grads, ws, st.xs, st.ys, params, modes))
+
+
 def test_weight_grad_low_precision_weight_gives_float32():
     spec = _spec(2, padding=1, dtype=torch.float32)
     st = conv.init_conv_state([spec], generator=torch.Generator().manual_seed(4))

@@ -16,7 +16,7 @@ from typing import List, Sequence
 import torch
 
 __all__ = ["power_step_", "sigma", "sigma_from_step", "conv_power_step_", "conv_sigma", "conv_adjoint",
-           "conv_weight_grad", "conv_sigma_from_step", "circular_power_step_", "batched_power_step_", "shifted_cholesky_info", "pack_conv_params", "HAS_CPP_EXT", "SCHEMAS"]
+           "conv_weight_grad", "conv_weight_grad_add_", "conv_sigma_from_step", "circular_power_step_", "batched_power_step_", "shifted_cholesky_info", "pack_conv_params", "HAS_CPP_EXT", "SCHEMAS"]
 
 # Kept identical to csrc/specreg_fast.cpp (a test compares them): used only when the
 # compiled library is missing.
@@ -31,6 +31,8 @@ SCHEMAS = {
                     "-> Tensor[]",
     "conv_weight_grad": "conv_weight_grad(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, "
                         "str[] padding_modes) -> Tensor[]",
+    "conv_weight_grad_add_": "conv_weight_grad_add_(Tensor(a!)[] grads, Tensor[] weights, Tensor[] xs, Tensor[] ys, "
+                             "int[] params, str[] padding_modes) -> ()",
     "conv_sigma_from_step": "conv_sigma_from_step(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, "
                             "str[] padding_modes, Tensor est) -> Tensor",
     "circular_power_step_": "circular_power_step_(Tensor[] weights, Tensor(a!)[] xs, Tensor(b!)[] x_tops, "
@@ -430,12 +432,33 @@ def _conv_weight_grad_fake(weights, xs, ys, params, padding_modes):
 torch.library.impl("specreg_fast::conv_weight_grad", "CompositeExplicitAutograd")(_conv_weight_grad_reference)
 
 
+@torch.library.register_fake("specreg_fast::conv_weight_grad_add_")
+def _conv_weight_grad_add_fake(grads, weights, xs, ys, params, padding_modes):
+    torch._check(len(grads) == len(weights) and len(xs) == len(weights) and len(ys) == len(weights))
+    return None
+
+
+@torch.library.impl("specreg_fast::conv_weight_grad_add_", "CompositeExplicitAutograd")
+def _conv_weight_grad_add_reference(grads, weights, xs, ys, params, padding_modes):
+    for G, W in zip(grads, weights):
+        if G.shape != W.shape:
+            raise ValueError(f"specreg_fast::conv_weight_grad_add_: grads must have the weights' shapes, got "
+                             f"{tuple(G.shape)} for a weight of shape {tuple(W.shape)}")
+    gws = _conv_weight_grad_reference(weights, xs, ys, params, padding_modes)
+    with torch.no_grad():
+        for G, gw in zip(grads, gws):
+            G.add_(gw)
+
+
 def _conv_sigma_backward(ctx, grad):
     n = ctx.n
     saved = ctx.saved_tensors
     weights, xs, ys = saved[:n], saved[n:2 * n], saved[2 * n:]
-    gws = torch.ops.specreg_fast.conv_weight_grad(list(weights), list(xs), list(ys), ctx.params, ctx.modes)
-    grads = [(gw * grad[l].to(gw.dtype)).to(weights[l].dtype) for l, gw in enumerate(gws)]
+    # the weight-gradient is linear in y: scale the (output-sized) y by the incoming gradient,
+    # not the (weight-sized) result, which saves a full pass over every weight-sized tensor
+    ys = [y * grad[l].to(y.dtype) for l, y in enumerate(ys)]
+    gws = torch.ops.specreg_fast.conv_weight_grad(list(weights), list(xs), ys, ctx.params, ctx.modes)
+    grads = [gw.to(weights[l].dtype) for l, gw in enumerate(gws)]
     return grads, [None] * n, [None] * n, None, None
 
 
@@ -500,6 +523,14 @@ def conv_weight_grad(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: Li
     output-gradient ``y_l``), float32 (float64 for a float64 weight), without autograd."""
     return torch.ops.specreg_fast.conv_weight_grad(list(weights), list(xs), list(ys), list(params),
                                                    list(padding_modes))
+
+
+def conv_weight_grad_add_(grads: List[torch.Tensor], weights: List[torch.Tensor], xs: List[torch.Tensor],
+                          ys: List[torch.Tensor], params: List[int], padding_modes: List[str]) -> None:
+    """``grads[l] += conv_weight_grad(...)[l]`` in place (any float dtype of ``grads[l]``;
+    scale ``ys`` to scale the addition). Checks every argument before writing."""
+    torch.ops.specreg_fast.conv_weight_grad_add_(list(grads), list(weights), list(xs), list(ys), list(params),
+                                                 list(padding_modes))
 
 
 def conv_adjoint(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: List[torch.Tensor], params: List[int],

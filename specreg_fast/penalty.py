@@ -556,18 +556,22 @@ class SpectralPenalty(nn.Module):
             if train:
                 # dsigma/dW of each conv: the conv weight-gradient of its pair (one op call for
                 # all), times 2 gamma sigma scale, as the autograd route's backward computes it
-                ws = [self._convs[j][1].weight.detach() for j in train]
-                pairs = [conv_pairs[j] for j in train]
-                gws = _ops.conv_weight_grad(ws, [p[0] for p in pairs], [p[1] for p in pairs],
-                                            [q for p in pairs for q in p[2]], [p[3] for p in pairs])
-                for j, W, gW in zip(train, (self._convs[j][1].weight for j in train), gws):
-                    c = coefs[nd + j]
-                    if W.grad is None:
-                        W.grad = (gW * c).to(W.dtype)
-                    elif host and gW.dtype == W.grad.dtype:
-                        W.grad.add_(gW, alpha=c)
+                # (the coefficient scales the output-sized y, not the weight-sized gradient);
+                # an existing .grad is added into in place (conv_weight_grad_add_: no
+                # weight-sized temporary where the direct kernels run), a missing one created
+                for fresh in (False, True):
+                    js = [j for j in train if (self._convs[j][1].weight.grad is None) == fresh]
+                    if not js:
+                        continue
+                    ws = [self._convs[j][1].weight for j in js]
+                    args = ([W.detach() for W in ws], [conv_pairs[j][0] for j in js],
+                            [conv_pairs[j][1] * coefs[nd + j] for j in js], [q for j in js for q in conv_pairs[j][2]],
+                            [conv_pairs[j][3] for j in js])
+                    if fresh:
+                        for W, gW in zip(ws, _ops.conv_weight_grad(*args)):
+                            W.grad = gW.to(W.dtype)
                     else:
-                        W.grad.add_((gW * c).to(W.grad.dtype))
+                        _ops.conv_weight_grad_add_([W.grad for W in ws], *args)
         return (self.gammas * sig.pow(2)).sum()
 
     @torch.no_grad()

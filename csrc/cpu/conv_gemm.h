@@ -48,10 +48,12 @@ void conv_gemm_step(const conv_detail::ConvGeom& g, const at::Tensor& W, const a
                     at::Tensor& a, ConvGemmWork& work);
 
 // The weight-gradient of <y, A(W) x> (the conv weight-gradient with input x, output-gradient
-// y): gw = y im2col(x)^T per group. x (1, C_in, *in), y (1, C_out, *out) contiguous; gw
+// y): gw = y im2col(x)^T per group (accumulate: gw += it; where the weight_grad_by_rows form
+// applies, i.e. small images, inside the GEMM's registers with no weight-sized temporary).
+// x (1, C_in, *in), y (1, C_out, *out) contiguous; gw
 // contiguous, W's shape and dtype.
 void conv_gemm_weight_grad(const conv_detail::ConvGeom& g, const at::Tensor& W, const at::Tensor& x,
-                           const at::Tensor& y, at::Tensor& gw, ConvGemmWork& work);
+                           const at::Tensor& y, at::Tensor& gw, ConvGemmWork& work, bool accumulate = false);
 
 // |t| of a contiguous float/double host tensor, accumulated in double in a fixed order.
 double host_norm(const at::Tensor& t);

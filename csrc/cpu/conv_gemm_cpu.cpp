@@ -205,9 +205,12 @@ void col2im(const Geo3& q, const T* gcols, T* a) {
 // Portable version (float64, and float32 on CPUs without AVX-512): a 16-wide column tile.
 template <typename T, int MR>
 void tile_generic(const T* A, int64_t sai, int64_t saj, const T* B, int64_t ldb, int64_t J, T* out, int64_t ldo,
-                  int64_t nc) {
+                  int64_t nc, bool accumulate) {
   constexpr int CW = 16;
   T acc[MR][CW] = {};
+  if (accumulate)
+    for (int i = 0; i < MR; ++i)
+      for (int64_t c = 0; c < nc; ++c) acc[i][c] = out[i * ldo + c];
   T b[CW] = {};
   for (int64_t j = 0; j < J; ++j) {
     const T* bj = B + j * ldb;
@@ -224,21 +227,23 @@ void tile_generic(const T* A, int64_t sai, int64_t saj, const T* B, int64_t ldb,
 
 template <typename T>
 void rows_generic(const T* A, int64_t sai, int64_t saj, const T* B, int64_t ldb, int64_t J, T* out, int64_t ldo,
-                  int64_t nrows, int64_t ncols) {
+                  int64_t nrows, int64_t ncols, bool accumulate) {
   constexpr int MR = 4;
   for (int64_t c0 = 0; c0 < ncols; c0 += 16) {
     const int64_t nc = std::min<int64_t>(16, ncols - c0);
     int64_t i = 0;
     for (; i + MR <= nrows; i += MR)
-      tile_generic<T, MR>(A + i * sai, sai, saj, B + c0, ldb, J, out + i * ldo + c0, ldo, nc);
-    for (; i < nrows; ++i) tile_generic<T, 1>(A + i * sai, sai, saj, B + c0, ldb, J, out + i * ldo + c0, ldo, nc);
+      tile_generic<T, MR>(A + i * sai, sai, saj, B + c0, ldb, J, out + i * ldo + c0, ldo, nc, accumulate);
+    for (; i < nrows; ++i)
+      tile_generic<T, 1>(A + i * sai, sai, saj, B + c0, ldb, J, out + i * ldo + c0, ldo, nc, accumulate);
   }
 }
 
 #if SPECREG_HAVE_AVX512_PATH
 template <int MR, int NV>
 __attribute__((target("avx512f,fma"))) void tile_avx512(const float* A, int64_t sai, int64_t saj, const float* B,
-                                                       int64_t ldb, int64_t J, float* out, int64_t ldo, int64_t nc) {
+                                                       int64_t ldb, int64_t J, float* out, int64_t ldo, int64_t nc,
+                                                       bool accumulate) {
   __m512 acc[MR][NV];
   __mmask16 mask[NV];
 #pragma GCC unroll 4
@@ -250,7 +255,8 @@ __attribute__((target("avx512f,fma"))) void tile_avx512(const float* A, int64_t 
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v)
+      acc[i][v] = accumulate ? _mm512_maskz_loadu_ps(mask[v], out + i * ldo + 16 * v) : _mm512_setzero_ps();
   for (int64_t j = 0; j < J; ++j) {
     __m512 b[NV];
     const float* bj = B + j * ldb;
@@ -273,25 +279,25 @@ __attribute__((target("avx512f,fma"))) void tile_avx512(const float* A, int64_t 
 // A tile of m < MR rows: the same kernel instantiated for m (one switch, no scalar tail).
 template <int NV, int M>
 void tile_tail(int m, const float* A, int64_t sai, int64_t saj, const float* B, int64_t ldb, int64_t J, float* out,
-               int64_t ldo, int64_t nc) {
+               int64_t ldo, int64_t nc, bool accumulate) {
   if constexpr (M >= 1) {
-    if (m == M) return tile_avx512<M, NV>(A, sai, saj, B, ldb, J, out, ldo, nc);
-    return tile_tail<NV, M - 1>(m, A, sai, saj, B, ldb, J, out, ldo, nc);
+    if (m == M) return tile_avx512<M, NV>(A, sai, saj, B, ldb, J, out, ldo, nc, accumulate);
+    return tile_tail<NV, M - 1>(m, A, sai, saj, B, ldb, J, out, ldo, nc, accumulate);
   }
 }
 
 template <int MR, int NV>
 void rows_avx512(const float* A, int64_t sai, int64_t saj, const float* B, int64_t ldb, int64_t J, float* out,
-                 int64_t ldo, int64_t nrows, int64_t ncols) {
+                 int64_t ldo, int64_t nrows, int64_t ncols, bool accumulate) {
   constexpr int64_t CW = 16 * NV;
   for (int64_t c0 = 0; c0 < ncols; c0 += CW) {
     const int64_t nc = std::min<int64_t>(CW, ncols - c0);
     int64_t i = 0;
     for (; i + MR <= nrows; i += MR)
-      tile_avx512<MR, NV>(A + i * sai, sai, saj, B + c0, ldb, J, out + i * ldo + c0, ldo, nc);
+      tile_avx512<MR, NV>(A + i * sai, sai, saj, B + c0, ldb, J, out + i * ldo + c0, ldo, nc, accumulate);
     if (i < nrows)
       tile_tail<NV, MR - 1>(static_cast<int>(nrows - i), A + i * sai, sai, saj, B + c0, ldb, J, out + i * ldo + c0,
-                            ldo, nc);
+                            ldo, nc, accumulate);
   }
 }
 
@@ -305,7 +311,8 @@ bool cpu_has_avx512() {
 // consecutive weight entries per broadcast (one cache line at MR = 16).
 struct RowKernel {
   int64_t mr, cw;  // rows and columns of one task's output tile
-  void (*f32)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
+  void (*f32)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t,
+              bool);
 };
 
 RowKernel pick_kernel(int64_t ncols, bool phase_b) {
@@ -329,21 +336,21 @@ RowKernel pick_kernel(int64_t ncols, bool phase_b) {
 
 template <typename T>
 void run_rows(const RowKernel& k, const T* A, int64_t sai, int64_t saj, const T* B, int64_t ldb, int64_t J, T* out,
-              int64_t ldo, int64_t nrows, int64_t ncols) {
+              int64_t ldo, int64_t nrows, int64_t ncols, bool accumulate) {
   if constexpr (std::is_same_v<T, float>) {
-    k.f32(A, sai, saj, B, ldb, J, out, ldo, nrows, ncols);
+    k.f32(A, sai, saj, B, ldb, J, out, ldo, nrows, ncols, accumulate);
   } else {
-    rows_generic<T>(A, sai, saj, B, ldb, J, out, ldo, nrows, ncols);
+    rows_generic<T>(A, sai, saj, B, ldb, J, out, ldo, nrows, ncols, accumulate);
   }
 }
 
-// out = A B for each group's (rows x J) by (J x ncols) product, as tasks of (column tile, row
+// out = A B (accumulate: out += A B) for each group's (rows x J) by (J x ncols) product, as tasks of (column tile, row
 // tile) with the column tile outer: a thread's consecutive tasks share the same columns of B,
 // which stay in L2 while the A rows stream past them.
 template <typename T>
 void grouped_product(const RowKernel& k, int64_t G, int64_t rows, int64_t J, int64_t ncols, const T* A, int64_t sai,
                      int64_t saj, int64_t a_group, const T* B, int64_t ldb, int64_t b_group, T* out, int64_t ldo,
-                     int64_t out_group) {
+                     int64_t out_group, bool accumulate = false) {
   const int64_t row_tiles = (rows + k.mr - 1) / k.mr, col_tiles = (ncols + k.cw - 1) / k.cw;
   // At least ~64K multiply-adds per thread: below that a parallel region's fork and join
   // cost more than the arithmetic (tiny layers run inline on the calling thread).
@@ -354,7 +361,7 @@ void grouped_product(const RowKernel& k, int64_t G, int64_t rows, int64_t J, int
       const int64_t c0 = (rest / row_tiles) * k.cw, r0 = (rest % row_tiles) * k.mr;
       const int64_t nr = std::min<int64_t>(k.mr, rows - r0), nc = std::min<int64_t>(k.cw, ncols - c0);
       run_rows<T>(k, A + gi * a_group + r0 * sai, sai, saj, B + gi * b_group + c0, ldb, J,
-                  out + gi * out_group + r0 * ldo + c0, ldo, nr, nc);
+                  out + gi * out_group + r0 * ldo + c0, ldo, nr, nc, accumulate);
     }
   });
 }
@@ -373,14 +380,15 @@ void step(const Geo3& q, const T* W, const T* x, T* t, T* a, T* cols, T* gcols) 
 
 // dst[c ldd + r] = src[r lds + c] for r < rows, c < cols, in 16 x 16 blocks (both sides of a
 // block stay in L1; a plain loop has one side miss on every entry).
+// (accumulate: dst += the transpose)
 template <typename T>
-void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
+void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd, bool accumulate = false) {
   constexpr int64_t B = 16;
   for (int64_t r0 = 0; r0 < rows; r0 += B)
     for (int64_t c0 = 0; c0 < cols; c0 += B) {
       const int64_t r1 = std::min(rows, r0 + B), c1 = std::min(cols, c0 + B);
       for (int64_t c = c0; c < c1; ++c)
-        for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
+        for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = (accumulate ? dst[c * ldd + r] : T(0)) + src[r * lds + c];
     }
 }
 
@@ -394,13 +402,13 @@ void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, in
 bool weight_grad_by_rows(const Geo3& q) { return q.G * q.Kg * q.L <= q.cout * (q.L + q.Kg); }
 
 template <typename T>
-void weight_grad(const Geo3& q, const T* y, const T* cols, T* scratch, T* gw) {
+void weight_grad(const Geo3& q, const T* y, const T* cols, T* scratch, T* gw, bool accumulate) {
   const int64_t K = q.G * q.Kg;
   if (weight_grad_by_rows(q)) {
     T* cols_t = scratch;  // L x K
     transpose<T>(cols, K, q.L, q.L, cols_t, K);
     grouped_product<T>(pick_kernel(q.Kg, false), q.G, q.cout_g, q.L, q.Kg, y, q.L, 1, q.cout_g * q.L, cols_t, K,
-                       q.Kg, gw, q.Kg, q.cout_g * q.Kg);
+                       q.Kg, gw, q.Kg, q.cout_g * q.Kg, accumulate);
     return;
   }
   T* yT = scratch;                 // L x C_out
@@ -409,7 +417,7 @@ void weight_grad(const Geo3& q, const T* y, const T* cols, T* scratch, T* gw) {
   grouped_product<T>(pick_kernel(q.cout_g, false), q.G, q.Kg, q.L, q.cout_g, cols, q.L, 1, q.Kg * q.L, yT, q.cout,
                      q.cout_g, gwT, q.cout_g, q.Kg * q.cout_g);
   for (int64_t gi = 0; gi < q.G; ++gi)
-    transpose<T>(gwT + gi * q.Kg * q.cout_g, q.Kg, q.cout_g, q.cout_g, gw + gi * q.cout_g * q.Kg, q.Kg);
+    transpose<T>(gwT + gi * q.Kg * q.cout_g, q.Kg, q.cout_g, q.cout_g, gw + gi * q.cout_g * q.Kg, q.Kg, accumulate);
 }
 
 enum class KernelChoice { Auto, Direct, Aten };
@@ -499,7 +507,7 @@ void host_divide(at::Tensor& dst, const at::Tensor& src, double n) {
 }
 
 void conv_gemm_weight_grad(const ConvGeom& g, const at::Tensor& W, const at::Tensor& x, const at::Tensor& y,
-                           at::Tensor& gw, ConvGemmWork& work) {
+                           at::Tensor& gw, ConvGemmWork& work, bool accumulate) {
   const Geo3 q = make_geo3(g, W, x);
   const int64_t K = q.G * q.Kg;
   if (!work.cols.defined() || work.cols.numel() != K * q.L || work.cols.scalar_type() != W.scalar_type())
@@ -509,7 +517,7 @@ void conv_gemm_weight_grad(const ConvGeom& g, const at::Tensor& W, const at::Ten
   AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "conv_gemm_weight_grad", [&] {
     im2col<scalar_t>(q, x.const_data_ptr<scalar_t>(), work.cols.mutable_data_ptr<scalar_t>());
     weight_grad<scalar_t>(q, y.const_data_ptr<scalar_t>(), work.cols.const_data_ptr<scalar_t>(),
-                          tmp.mutable_data_ptr<scalar_t>(), gw.mutable_data_ptr<scalar_t>());
+                          tmp.mutable_data_ptr<scalar_t>(), gw.mutable_data_ptr<scalar_t>(), accumulate);
   });
 }
 

@@ -212,6 +212,52 @@ std::vector<at::Tensor> conv_weight_grad_impl(at::TensorList weights, at::Tensor
   return res;
 }
 
+// grads[l] += d<y_l, A(W_l) x_l>/dW_l (conv_weight_grad added in place, e.g. into .grad; the
+// caller folds any scale into y). Every argument is checked before any grad is written. On
+// the CPU the direct kernels add straight into a contiguous grad of the accumulation dtype;
+// otherwise the weight-gradient is computed and added (cast to the grad's dtype).
+void conv_weight_grad_add_impl(at::TensorList grads, at::TensorList weights, at::TensorList xs, at::TensorList ys,
+                               at::IntArrayRef params, const std::vector<std::string>& padding_modes) {
+  const char* op = "specreg_fast::conv_weight_grad_add_";
+  at::NoGradGuard no_grad;
+  TORCH_CHECK_VALUE(grads.size() == weights.size() && xs.size() == weights.size() && ys.size() == weights.size(), op,
+                    ": grads, weights, xs and ys must have the same length, got ", grads.size(), ", ", weights.size(),
+                    ", ", xs.size(), ", ", ys.size());
+  auto geo = decode(op, weights, params, padding_modes);
+  validate(op, weights, xs, ys, geo, /*need_contiguous=*/false);
+  for (size_t l = 0; l < weights.size(); ++l) {
+    TORCH_CHECK_VALUE(grads[l].sizes() == weights[l].sizes(), op, ": grads[", l, "] must have the weight's shape ",
+                      weights[l].sizes(), ", got ", grads[l].sizes());
+    TORCH_CHECK_VALUE(grads[l].device() == weights[l].device(), op, ": grads[", l, "] must be on ",
+                      weights[l].device(), ", got ", grads[l].device());
+    TORCH_CHECK_TYPE(at::isFloatingType(grads[l].scalar_type()), op, ": grads[", l,
+                     "] must be a floating-point tensor, got ", grads[l].scalar_type());
+  }
+  cpu::check_conv_kernel_override();
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const auto& g = geo[l];
+    const auto acc = acc_type(weights[l].scalar_type());
+    const at::Tensor W = weights[l].to(acc).contiguous();
+    const at::Tensor x = xs[l].contiguous().unsqueeze(0), y = ys[l].to(acc).contiguous().unsqueeze(0);
+    at::Tensor G = grads[l];
+    if (cpu::conv_gemm_preferred(g, W, x) && G.is_contiguous() && G.scalar_type() == acc) {
+      cpu::ConvGemmWork work;
+      cpu::conv_gemm_weight_grad(g, W, x, y, G, work, /*accumulate=*/true);
+      continue;
+    }
+    at::Tensor gw;
+    if (cpu::conv_gemm_preferred(g, W, x)) {
+      gw = at::empty_like(W);
+      cpu::ConvGemmWork work;
+      cpu::conv_gemm_weight_grad(g, W, x, y, gw, work);
+    } else {
+      gw = std::get<1>(at::convolution_backward(y, pad_apply(g, x), W, c10::nullopt, g.stride, g.conv_pad, g.dilation,
+                                                g.transposed, g.outpad, g.groups, {false, true, false}));
+    }
+    G.add_(gw);
+  }
+}
+
 // A^T y for each layer (the op's own adjoint, exposed so tests can check <A x, y> = <x, A^T y>).
 std::vector<at::Tensor> conv_adjoint_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys,
                                           at::IntArrayRef params, const std::vector<std::string>& padding_modes) {
@@ -235,4 +281,5 @@ TORCH_LIBRARY_IMPL(specreg_fast, CPU, m) {
   m.impl("conv_sigma", &specreg_fast::conv_sigma_impl);
   m.impl("conv_adjoint", &specreg_fast::conv_adjoint_impl);
   m.impl("conv_weight_grad", &specreg_fast::conv_weight_grad_impl);
+  m.impl("conv_weight_grad_add_", &specreg_fast::conv_weight_grad_add_impl);
 }

@@ -253,6 +253,32 @@ def make_cnn():
                          nn.Flatten(), nn.Linear(64, 10)), (3, 32, 32)
 
 
+class _BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+def make_resnet18():
+    """ResNet-18 for CIFAR (3x3 stem, no max-pool): its 20 convs are the RESNET18_CIFAR shapes."""
+    layers, cin = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()], 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10)]
+    return nn.Sequential(*layers), (3, 32, 32)
+
+
 class ReferencePenalty:
     """The plain way: a Python loop over the hidden layers, one power step each under
     no_grad, then sigma by autograd through u^T W v (dense) or <y, conv(x)> (conv)."""
@@ -292,14 +318,14 @@ class ReferencePenalty:
         return self.gamma * total
 
 
-def _penalized_model(make, device, gamma):
+def _penalized_model(make, device, gamma, batch=128):
     """(model, batch x, reference penalty, SpectralPenalty), both penalties initialized."""
     from ..penalty import SpectralPenalty
 
     torch.manual_seed(0)
     model, in_shape = make()
     model.to(device)
-    x = torch.randn(128, *in_shape, device=device)
+    x = torch.randn(batch, *in_shape, device=device)
     shapes = {}
     hooks = [m.register_forward_pre_hook(lambda mod, a: shapes.__setitem__(mod, tuple(a[0].shape[1:])))
              for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -316,7 +342,8 @@ def _penalized_model(make, device, gamma):
 def penalty_arms(make, device="cpu", gamma=1e-2):
     """The penalty alone, forward and backward, gradients added into existing ``.grad``: the
     reference penalty + backward, ``penalty()`` + backward, ``accumulate_grad()``."""
-    model, _, refpen, pen = _penalized_model(make, device, gamma)
+    # (the batch only records the convs' input sizes: 2 samples do)
+    model, _, refpen, pen = _penalized_model(make, device, gamma, batch=2)
     for q in model.parameters():
         q.grad = torch.zeros_like(q)
     return {"reference": lambda: refpen().backward(), "ours (SpectralPenalty)": lambda: pen().backward(),
