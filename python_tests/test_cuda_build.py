@@ -35,7 +35,8 @@ needs_cuda_build = pytest.mark.skipif(not _build_had_cuda(),
 @needs_cuda_build
 def test_cuda_kernels_registered_for_dense_ops():
     assert specreg_fast.HAS_CPP_EXT
-    for op in ("power_step_", "sigma"):
+    for op in ("power_step_", "sigma", "conv_power_step_", "conv_sigma", "conv_weight_grad", "conv_weight_grad_add_",
+               "conv_adjoint", "circular_power_step_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"specreg_fast::{op}", "CUDA"), op
     assert specreg_fast.HAS_CUDA_EXT
     # The CUDA kernels are the extension's, so the Triton ones were not registered over them.
