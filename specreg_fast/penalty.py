@@ -554,11 +554,11 @@ class SpectralPenalty(nn.Module):
                     G.add_(torch.outer(u, v).reshape(G.shape), alpha=c)
             train = [j for j, (_, m) in enumerate(self._convs) if m.weight.requires_grad]
             if train:
-                # dsigma/dW of each conv: the conv weight-gradient of its pair (one op call for
-                # all), times 2 gamma sigma scale, as the autograd route's backward computes it
-                # (the coefficient scales the output-sized y, not the weight-sized gradient);
-                # an existing .grad is added into in place (conv_weight_grad_add_: no
-                # weight-sized temporary where the direct kernels run), a missing one created
+                # dsigma/dW of each conv: the conv weight-gradient of its pair, times 2 gamma
+                # sigma scale, as the autograd route's backward computes it (the coefficient
+                # scales the output-sized y, not the weight-sized gradient). One op call for
+                # the layers with a .grad, added in place (conv_weight_grad_add_: no
+                # weight-sized temporary where the direct kernels run), one for those without.
                 for fresh in (False, True):
                     js = [j for j in train if (self._convs[j][1].weight.grad is None) == fresh]
                     if not js:
