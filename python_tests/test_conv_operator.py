@@ -352,16 +352,22 @@ def test_sigma_from_step_equals_sigma_and_its_gradient():
     torch.library.opcheck(torch.ops.specreg_fast.conv_sigma_from_step.default, (ws1, st.xs, st.ys, params, modes, est))
 
 
+def _weight_grad_case(case, dtype):
+    """(spec, state, a random output-gradient y, params, modes, conv_weight_grad of (x, y))."""
+    spec = _spec(**case, dtype=dtype)
+    st = conv.init_conv_state([spec], generator=torch.Generator().manual_seed(4))
+    y = torch.randn(st.ys[0].shape, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    params, modes = ops.pack_conv_params([spec])
+    (gw,) = ops.conv_weight_grad([spec.weight], st.xs, [y], params, modes)
+    return spec, st, y, params, modes, gw
+
+
 @pytest.mark.parametrize("case", DIRECT_CASES + GRAD_CASES, ids=_ident)
 def test_weight_grad_is_the_gradient_of_the_bilinear_form(case, conv_kernel):
     """conv_weight_grad(W, x, y) = d<y, A(W) x>/dW by autograd through the plain-PyTorch
     operator (reference.conv_apply), for every path and geometry, float32 and float64."""
     for dtype, tol in ((torch.float64, dict(rtol=1e-10, atol=1e-12)), (torch.float32, dict(rtol=1e-4, atol=1e-5))):
-        spec = _spec(**case, dtype=dtype)
-        st = conv.init_conv_state([spec], generator=torch.Generator().manual_seed(4))
-        y = torch.randn(st.ys[0].shape, dtype=dtype, generator=torch.Generator().manual_seed(5))
-        params, modes = ops.pack_conv_params([spec])
-        (gw,) = ops.conv_weight_grad([spec.weight], st.xs, [y], params, modes)
+        spec, st, y, params, modes, gw = _weight_grad_case(case, dtype)
         W = spec.weight.clone().requires_grad_(True)
         val = (y * ref.conv_apply(ConvSpec(**{**spec.__dict__, "weight": W}), st.xs[0][None])[0]).sum()
         (g_ref,) = torch.autograd.grad(val, W)
@@ -375,11 +381,7 @@ def test_weight_grad_add_adds_the_weight_gradient_in_place(case, conv_kernel):
     contiguous grad of the accumulation dtype (the direct kernels add in their registers), a
     bfloat16 grad and a non-contiguous one."""
     for dtype, tol in ((torch.float64, dict(rtol=1e-12, atol=1e-12)), (torch.float32, dict(rtol=1e-5, atol=1e-5))):
-        spec = _spec(**case, dtype=dtype)
-        st = conv.init_conv_state([spec], generator=torch.Generator().manual_seed(4))
-        y = torch.randn(st.ys[0].shape, dtype=dtype, generator=torch.Generator().manual_seed(5))
-        params, modes = ops.pack_conv_params([spec])
-        (gw,) = ops.conv_weight_grad([spec.weight], st.xs, [y], params, modes)
+        spec, st, y, params, modes, gw = _weight_grad_case(case, dtype)
         g0 = torch.randn(spec.weight.shape, dtype=dtype, generator=torch.Generator().manual_seed(6))
         grads = [g0.clone(), g0.to(torch.bfloat16), g0.clone().transpose(0, 1).contiguous().transpose(0, 1)]
         ptrs = [g.data_ptr() for g in grads]
