@@ -346,13 +346,16 @@ class SpectralPenalty(nn.Module):
                 tuple(id(t) for t in b.values()))
 
     def _hot_plan(self, dense_ws, conv_ws) -> "_HotPlan":
-        """The per-call constants of the eager path: the state buffers in op order and the
-        conv ops' packed geometry, validated (errors name the layer) once and rebuilt only
-        when :meth:`_plan_key` changes. Re-packing and re-validating on every call was about a
-        tenth of ``accumulate_grad``'s time on the benchmark CNN (``bench/bench_training.py``)."""
-        key = self._plan_key(dense_ws, conv_ws)
+        """The per-call constants of a penalty call: the state buffers in op order and the
+        conv ops' packed geometry, validated (errors name the layer). In eager mode built once
+        and rebuilt only when :meth:`_plan_key` changes: re-packing and re-validating on every
+        call was about a tenth of ``accumulate_grad``'s time on the benchmark CNN
+        (``bench/bench_training.py``). Under torch.compile built on every trace (no cache).
+        (The FFT norm's convs are checked by its own functions on every call.)"""
+        compiling = torch.compiler.is_compiling()
+        key = None if compiling else self._plan_key(dense_ws, conv_ws)
         plan = self._plan
-        if plan is not None and plan.key == key:
+        if key is not None and plan is not None and plan.key == key:
             return plan
         b = self._buffers
         nd, nc = len(self._dense), len(self._convs)
@@ -366,19 +369,26 @@ class SpectralPenalty(nn.Module):
             _validate_convs(specs, ConvState(xs, ys), [n for n, _ in self._convs])
             params, modes = _ops.pack_conv_params(specs)
             layer_params = [_ops.pack_conv_params([sp])[0] for sp in specs]
-        self._plan = _HotPlan(key, us, vs, xs, ys, params, modes, layer_params)
-        return self._plan
+        plan = _HotPlan(key, us, vs, xs, ys, params, modes, layer_params)
+        if not compiling:
+            self._plan = plan
+        return plan
 
-    def _sigmas_eager(self, update: bool, n_iter: int, conv_pairs: Optional[list]) -> torch.Tensor:
-        """``_sigmas`` for eager mode with the operator conv norm (or no conv): the ops are
-        called directly with the cached plan; under no_grad (``conv_pairs`` given) the value
-        is the step's estimate, with no differentiable wrapper."""
+    def _sigmas(self, update: bool, n_iter: int, conv_pairs: Optional[list] = None) -> torch.Tensor:
+        """The sigmas of every layer (dense first), through the ops directly with the plan of
+        :meth:`_hot_plan`. The convs are computed first, so that their checks (e.g. circular
+        padding for the FFT norm) fail before the dense step writes its vectors. With
+        ``conv_pairs`` (a list; call under no_grad), ``conv_pairs`` receives, per conv layer,
+        ``(x, y, params, mode)``: the pair whose conv weight-gradient is ``dsigma/dW`` (for
+        ``accumulate_grad``), and the values are the steps' estimates, with no differentiable
+        wrapper. Only custom ops run here (autocast does not touch them) except on the FFT
+        norm's path, which runs with autocast off."""
         dense_ws = [_dense.as_matrix(m.weight) for _, m in self._dense]
         conv_ws = [m.weight for _, m in self._convs]
         plan = self._hot_plan(dense_ws, conv_ws)
         grad = conv_pairs is None and torch.is_grad_enabled()
         parts = []
-        if conv_ws:
+        if conv_ws and self.conv_norm == "operator":
             if update and n_iter > 0:
                 est = _ops.conv_power_step_([w.detach() for w in conv_ws], plan.xs, plan.ys, plan.params,
                                             plan.modes, n_iter, 0.0)
@@ -388,60 +398,28 @@ class SpectralPenalty(nn.Module):
                 sig = _ops.conv_sigma(conv_ws, plan.xs, plan.ys, plan.params, plan.modes)
             parts.append(sig.float())
             if conv_pairs is not None:
-                conv_pairs.extend((x, y, p, mode) for x, y, p, mode in
-                                  zip(plan.xs, plan.ys, plan.layer_params, plan.modes))
+                conv_pairs.extend(zip(plan.xs, plan.ys, plan.layer_params, plan.modes))
+        elif conv_ws:
+            specs, names = self._conv_specs(), [n for n, _ in self._convs]
+            st = CircularState(plan.xs)
+            with torch.autocast(device_type=self.gammas.device.type, enabled=False):
+                if conv_pairs is None:
+                    parts.append(circular_conv_norms(specs, st, n_iter=n_iter, update=update, names=names).float())
+                else:
+                    est, x_tops, y_tops, _ = circular_power_pairs(specs, st, n_iter, update=update, names=names)
+                    parts.append(est.float())
+                    conv_pairs.extend((x, y, circular_params(spec), "circular")
+                                      for spec, x, y in zip(specs, x_tops, y_tops))
         if dense_ws:
-            on_cpu = all(w.device.type == "cpu" for w in dense_ws)
             if update:
                 with torch.no_grad():
                     est = _ops.power_step_([w.detach() for w in dense_ws], plan.us, plan.vs, n_iter, 0.0)
-            if update and n_iter >= 1 and on_cpu:
+            if update and n_iter >= 1 and all(w.device.type == "cpu" for w in dense_ws):
                 # as in dense.spectral_norms: u^T W v at the new vectors is the step's estimate
                 sig = _ops.sigma_from_step(dense_ws, plan.us, plan.vs, est) if grad else est
             else:
                 sig = _ops.sigma(dense_ws, plan.us, plan.vs)
             parts.insert(0, sig.float())
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-    def _sigmas(self, update: bool, n_iter: int, conv_pairs: Optional[list] = None) -> torch.Tensor:
-        """The sigmas of every layer (dense first). The convs are computed first, so that their
-        checks (e.g. circular padding for the FFT norm) fail before the dense step writes its
-        vectors. With ``conv_pairs`` (a list; call under no_grad), ``conv_pairs`` receives, per
-        conv layer, ``(x, y, params, mode)``: the pair whose conv weight-gradient is
-        ``dsigma/dW`` (for ``accumulate_grad``)."""
-        if (self.conv_norm == "operator" or not self._convs) and not torch.compiler.is_compiling():
-            # custom ops only: autocast does not touch them, so no autocast guard is needed
-            return self._sigmas_eager(update, n_iter, conv_pairs)
-        nd = len(self._dense)
-        parts = []
-        with torch.autocast(device_type=self.gammas.device.type, enabled=False):
-            if self._convs:
-                specs = self._conv_specs()
-                names = [n for n, _ in self._convs]
-                nc = len(specs)
-                if self.conv_norm == "operator":
-                    st = ConvState([getattr(self, f"x_{i}") for i in range(nc)],
-                                   [getattr(self, f"y_{i}") for i in range(nc)])
-                    parts.append(conv_operator_norms(specs, st, n_iter=n_iter, update=update, names=names).float())
-                    if conv_pairs is not None:
-                        for spec, x, y in zip(specs, st.xs, st.ys):
-                            params, modes = _ops.pack_conv_params([spec])
-                            conv_pairs.append((x, y, params, modes[0]))
-                else:
-                    st = CircularState([getattr(self, f"x_{i}") for i in range(nc)])
-                    if conv_pairs is None:
-                        parts.append(circular_conv_norms(specs, st, n_iter=n_iter, update=update, names=names).float())
-                    else:
-                        est, x_tops, y_tops, _ = circular_power_pairs(specs, st, n_iter, update=update, names=names)
-                        parts.append(est.float())
-                        for spec, x, y in zip(specs, x_tops, y_tops):
-                            conv_pairs.append((x, y, circular_params(spec), "circular"))
-            if nd:
-                state = _dense.PowerState([getattr(self, f"u_{i}") for i in range(nd)],
-                                          [getattr(self, f"v_{i}") for i in range(nd)])
-                ws = [_dense.as_matrix(m.weight) for _, m in self._dense]
-                parts.insert(0, _dense.spectral_norms(ws, state, n_iter=n_iter, update=update,
-                                                      names=[n for n, _ in self._dense]).float())
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def forward(self, update: Optional[bool] = None) -> torch.Tensor:
