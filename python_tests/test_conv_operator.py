@@ -404,6 +404,15 @@ def test_weight_grad_add_checks_before_writing_and_opcheck():
     with pytest.raises(ValueError, match="same length"):
         ops.conv_weight_grad_add_(grads[:1], ws, st.xs, st.ys, params, modes)
     torch.library.opcheck(torch.ops.specreg_fast.conv_weight_grad_add_.default, (grads, ws, st.xs, st.ys, params, modes))
+    # the registered reference (other devices, no extension) adds the same
+    g_ref = [torch.ones_like(w) for w in ws]
+    g_op = [torch.ones_like(w) for w in ws]
+    ops._conv_weight_grad_add_reference(g_ref, ws, st.xs, st.ys, params, modes)
+    ops.conv_weight_grad_add_(g_op, ws, st.xs, st.ys, params, modes)
+    for a, b in zip(g_op, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="same length"):
+        ops._conv_weight_grad_add_reference(g_ref[:1], ws, st.xs, st.ys, params, modes)
 
 
 def test_weight_grad_low_precision_weight_gives_float32():
