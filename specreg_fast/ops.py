@@ -439,7 +439,6 @@ def _conv_weight_grad_add_fake(grads, weights, xs, ys, params, padding_modes):
     return None
 
 
-@torch.library.impl("specreg_fast::conv_weight_grad_add_", "CompositeExplicitAutograd")
 def _conv_weight_grad_add_reference(grads, weights, xs, ys, params, padding_modes):
     if not (len(grads) == len(weights) == len(xs) == len(ys)):
         raise ValueError(f"specreg_fast::conv_weight_grad_add_: grads, weights, xs and ys must have the same length, "
@@ -452,6 +451,9 @@ def _conv_weight_grad_add_reference(grads, weights, xs, ys, params, padding_mode
     with torch.no_grad():
         for G, gw in zip(grads, gws):
             G.add_(gw)
+
+
+torch.library.impl("specreg_fast::conv_weight_grad_add_", "CompositeExplicitAutograd")(_conv_weight_grad_add_reference)
 
 
 def _conv_sigma_backward(ctx, grad):
