@@ -72,7 +72,8 @@ def main(argv=None):
            rows, f"{'overhead':>10}{'vs ref overhead':>17}",
            lambda r: f"{r['overhead']:>9.1%}" + (f"{r['overhead_vs_reference']:>17.2f}"
                                                   if "overhead_vs_reference" in r else ""))
-    cost = (penalty_cost(make_mlp, "MLP 784-1024x3-10", 3 * repeats) + penalty_cost(make_cnn, "CNN 3x32x32", 3 * repeats)
+    cost = (penalty_cost(make_mlp, "MLP 784-1024x3-10", 3 * repeats)
+            + penalty_cost(make_cnn, "CNN 3x32x32", 3 * repeats)
             + penalty_cost(make_resnet18, "ResNet-18 (CIFAR)", repeats))
     _table(f"\npenalty cost alone (forward + backward, interleaved, medians of {3 * repeats})", cost,
            f"{'vs reference':>14}", lambda r: f"{r['vs_reference']:>13.2f}x")
