@@ -181,6 +181,21 @@ at::Tensor conv_sigma_impl(at::TensorList weights, at::TensorList xs, at::Tensor
   return out;
 }
 
+// One layer's weight-gradient (W in the accumulation dtype, contiguous; x and y batched and
+// contiguous): the direct kernels where they are preferred, else ATen's convolution_backward.
+static at::Tensor layer_weight_grad(const ConvGeom& g, const at::Tensor& W, const at::Tensor& x,
+                                    const at::Tensor& y) {
+  if (cpu::conv_gemm_preferred(g, W, x)) {
+    at::Tensor gw = at::empty_like(W);
+    cpu::ConvGemmWork work;
+    cpu::conv_gemm_weight_grad(g, W, x, y, gw, work);
+    return gw;
+  }
+  auto grads = at::convolution_backward(y, pad_apply(g, x), W, c10::nullopt, g.stride, g.conv_pad, g.dilation,
+                                        g.transposed, g.outpad, g.groups, {false, true, false});
+  return std::get<1>(grads).contiguous();
+}
+
 // d<y_l, A(W_l) x_l>/dW_l for each layer: the conv weight-gradient with input pad(x_l) and
 // output-gradient y_l, in the accumulation dtype (the backward of conv_sigma and
 // conv_sigma_from_step). On the CPU the direct kernels take the layers they are preferred for.
@@ -198,16 +213,7 @@ std::vector<at::Tensor> conv_weight_grad_impl(at::TensorList weights, at::Tensor
     const auto& g = geo[l];
     const at::Tensor W = weights[l].to(acc_type(weights[l].scalar_type())).contiguous();
     const at::Tensor x = xs[l].contiguous().unsqueeze(0), y = ys[l].contiguous().unsqueeze(0);
-    if (cpu::conv_gemm_preferred(g, W, x)) {
-      at::Tensor gw = at::empty_like(W);
-      cpu::ConvGemmWork work;
-      cpu::conv_gemm_weight_grad(g, W, x, y, gw, work);
-      res.push_back(gw);
-      continue;
-    }
-    auto grads = at::convolution_backward(y, pad_apply(g, x), W, c10::nullopt, g.stride, g.conv_pad, g.dilation,
-                                          g.transposed, g.outpad, g.groups, {false, true, false});
-    res.push_back(std::get<1>(grads).contiguous());
+    res.push_back(layer_weight_grad(g, W, x, y));
   }
   return res;
 }
@@ -240,21 +246,12 @@ void conv_weight_grad_add_impl(at::TensorList grads, at::TensorList weights, at:
     const at::Tensor W = weights[l].to(acc).contiguous();
     const at::Tensor x = xs[l].contiguous().unsqueeze(0), y = ys[l].to(acc).contiguous().unsqueeze(0);
     at::Tensor G = grads[l];
-    if (cpu::conv_gemm_preferred(g, W, x) && G.is_contiguous() && G.scalar_type() == acc) {
+    if (G.is_contiguous() && G.scalar_type() == acc && cpu::conv_gemm_preferred(g, W, x)) {
       cpu::ConvGemmWork work;
       cpu::conv_gemm_weight_grad(g, W, x, y, G, work, /*accumulate=*/true);
-      continue;
-    }
-    at::Tensor gw;
-    if (cpu::conv_gemm_preferred(g, W, x)) {
-      gw = at::empty_like(W);
-      cpu::ConvGemmWork work;
-      cpu::conv_gemm_weight_grad(g, W, x, y, gw, work);
     } else {
-      gw = std::get<1>(at::convolution_backward(y, pad_apply(g, x), W, c10::nullopt, g.stride, g.conv_pad, g.dilation,
-                                                g.transposed, g.outpad, g.groups, {false, true, false}));
+      G.add_(layer_weight_grad(g, W, x, y));
     }
-    G.add_(gw);
   }
 }
 
