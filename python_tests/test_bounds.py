@@ -61,8 +61,13 @@ def test_same_size_circular_is_not_a_bound_but_enlarged_is():
 def test_errors():
     with pytest.raises(ValueError, match="input_shape"):
         B.operator_norm_bounds(nn.Conv2d(1, 1, 3))
-    with pytest.raises(ValueError, match="reflect"):
-        B.conv_upper_bound(nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"), (1, 5, 5))
+    reflect = nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect")
+    with pytest.raises(ValueError, match="reflect"):  # no Fourier blocks for a reflect pad
+        B.conv_upper_bound(reflect, (1, 5, 5), method="cholesky")
+    with pytest.raises(ValueError, match="max_dim"):  # and the Gram matrix is capped
+        B.conv_upper_bound(reflect, (1, 5, 5), max_dim=24)
+    with pytest.raises(ValueError, match="max_dim=24"):
+        B.conv_upper_bound(nn.Conv2d(1, 1, 3, padding=1), (1, 5, 5), method="dense", max_dim=24)
     with pytest.raises(TypeError):
         B.operator_norm_bounds(torch.randn(2, 2, 2))
 
@@ -198,3 +203,88 @@ def test_shifted_cholesky_info_opcheck_and_errors():
         ops.shifted_cholesky_info(H, torch.ones(3, dtype=torch.float64))
     with pytest.raises(TypeError, match="real dtype"):  # the op's own check, past the wrapper
         torch.ops.specreg_fast.shifted_cholesky_info(H, torch.ones(3, dtype=torch.float64))
+
+
+# the dense Gram certificate: every padding mode, strides that do not divide the size,
+# transposed convs with output_padding >= stride (the cases the Fourier route cannot take)
+DENSE_EXTRA = [
+    (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), (2, 5, 4)),
+    (nn.Conv2d(2, 3, 3, stride=2, padding=2, padding_mode="replicate"), (2, 5, 6)),
+    (nn.Conv1d(2, 2, 4, padding="same", padding_mode="reflect"), (2, 7)),
+    (nn.Conv2d(2, 2, 3, stride=2, padding=1, padding_mode="circular"), (2, 5, 5)),
+    (nn.Conv3d(2, 2, 2, stride=(1, 2, 1), padding=1, padding_mode="replicate", groups=2), (2, 3, 4, 3)),
+    (nn.ConvTranspose1d(2, 4, 3, stride=1, padding=0, output_padding=1, dilation=2, groups=2), (2, 5)),
+    (nn.Conv2d(6, 2, 3, padding=1, groups=2), (6, 3, 3)),
+    (nn.Conv2d(1, 8, 3, stride=2, padding=1), (1, 6, 6)),
+]
+
+
+def _explicit(conv, shape):
+    return ref.conv_operator_matrix(ref.ConvSpec.from_module(conv, shape))
+
+
+@pytest.mark.parametrize("conv,shape", CONVS + GRID + DENSE_EXTRA,
+                         ids=lambda c: type(c).__name__ if isinstance(c, nn.Module) else str(c))
+def test_dense_gram_has_the_spectrum_of_the_explicit_operator(conv, shape):
+    """The Gram matrix assembled from the kernel's channel products, per group, has exactly
+    the squared singular values of the explicit operator matrix (all of them, not only the
+    top one), for every padding mode, stride, dilation, groups and transposed convs."""
+    torch.manual_seed(1)
+    conv = conv.double()
+    with torch.no_grad():
+        conv.weight.normal_()
+    sv = torch.linalg.svdvals(_explicit(conv, shape))
+    M, err = B.dense_operator_gram(conv, shape)
+    assert M.shape[0] == conv.groups and M.shape[1] * conv.groups == sv.numel()
+    lam = torch.linalg.eigvalsh(M).flatten().sort(descending=True).values
+    assert torch.allclose(lam, sv ** 2, rtol=0, atol=1e-9 * float(sv[0]) ** 2), (lam[:4], sv[:4] ** 2)
+    assert 0 < err < 1e-10 * float(sv[0]) ** 2 * 1e3
+
+
+@pytest.mark.parametrize("conv,shape", CONVS + GRID + DENSE_EXTRA,
+                         ids=lambda c: type(c).__name__ if isinstance(c, nn.Module) else str(c))
+def test_dense_bound_is_certified_and_within_rtol(conv, shape):
+    torch.manual_seed(2)
+    conv = conv.double()
+    with torch.no_grad():
+        conv.weight.normal_()
+    exact = torch.linalg.svdvals(_explicit(conv, shape))[0].item()
+    ub = B.conv_upper_bound(conv, shape, method="dense", rtol=1e-3)
+    assert exact <= ub <= exact * (1 + 1.01e-3), (exact, ub)
+    # a lower bound far short of the norm: the first Cholesky test fails, the slack grows
+    ub2 = B.dense_cholesky_bound(conv, shape, lower=exact * 0.9, rtol=1e-3)
+    assert exact <= ub2 <= exact * 1.2
+    # the auto bracket: tight where the circular conv is loose, any padding mode
+    lo, up, gap = B.operator_norm_bounds(conv, shape)
+    assert lo <= exact * (1 + 1e-9) and exact <= up and gap < 0.05, (lo, exact, up)
+
+
+def test_dense_certificate_is_what_tightens_small_images():
+    """On a border-heavy image the enlarged circular conv is far above the operator; the auto
+    bracket refines it with the Gram matrix, and without the refinement it would not be tight."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(4, 4, 3, padding=2, dilation=2).double()
+    shape = (4, 4, 4)
+    exact = torch.linalg.svdvals(_explicit(conv, shape))[0].item()
+    circular_only = B.conv_upper_bound(conv, shape, method="cholesky")
+    assert circular_only > exact * 1.05
+    lo, up, gap = B.operator_norm_bounds(conv, shape)
+    assert exact <= up <= exact * (1 + 1.01e-3) and gap < 2e-3
+    lo, up, gap = B.operator_norm_bounds(conv, shape, max_dim=8)  # Gram too large: circular only
+    assert up == pytest.approx(circular_only, rel=1e-12)
+
+
+def test_dense_bound_edge_cases():
+    conv = nn.Conv2d(2, 2, 3, padding=1, bias=False).double()
+    with torch.no_grad():
+        conv.weight.zero_()
+    assert B.conv_upper_bound(conv, (2, 4, 4), method="dense") == 0.0
+    with torch.no_grad():
+        conv.weight[0, 1, 1, 1] = -3.0  # one tap: the operator is 3 x a partial identity
+    assert 3.0 <= B.conv_upper_bound(conv, (2, 4, 4), method="dense") <= 3.0 * (1 + 1.01e-3)
+    with torch.no_grad():
+        conv.weight[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        B.conv_upper_bound(conv, (2, 4, 4), method="dense")
+    with pytest.raises(ValueError, match="rtol"):
+        B.dense_cholesky_bound(conv, (2, 4, 4), rtol=-1.0)

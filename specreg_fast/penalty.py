@@ -559,16 +559,17 @@ class SpectralPenalty(nn.Module):
             self._finalize()
         return {n: float(v) for (n, _), v in zip(self._layers, self.last_sigmas.tolist())}
 
-    def bounds(self, n_iter: int = 6) -> Dict[str, Tuple[float, float, float]]:
+    def bounds(self, n_iter: int = 6, max_dim: int = 4096) -> Dict[str, Tuple[float, float, float]]:
         """Name -> ``(lower, upper, rel_gap)``: a certified bracket of each layer's norm
-        (see :func:`specreg_fast.bounds.operator_norm_bounds`)."""
+        (see :func:`specreg_fast.bounds.operator_norm_bounds`; ``max_dim`` caps the convs'
+        dense Gram certificate)."""
         if not self._ready:
             self._finalize()
         out = {}
         for n, m in self._layers:
             shape = self._input_shapes.get(n) if isinstance(m, _CONV) and self.conv_norm != "matrix" else None
             out[n] = operator_norm_bounds(m if shape is not None else _dense.as_matrix(m.weight.detach()), shape,
-                                          n_iter=n_iter)
+                                          n_iter=n_iter, max_dim=max_dim)
         return out
 
     def extra_repr(self) -> str:
