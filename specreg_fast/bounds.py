@@ -501,7 +501,7 @@ def conv_upper_bound(m: nn.Module, input_shape: Sequence[int], n_iter: int = 8, 
                              f"padding map duplicates entries (no Fourier bound) and the operator's Gram matrix "
                              f"is above max_dim={max_dim} (raise it for the dense certificate)")
         return schur_conv_bound(m)
-    if lower is not None and ub > 0 and (ub - lower) / ub > refine_gap and small:
+    if lower is not None and ub > lower * (1 + refine_gap) and small:
         ub = min(ub, dense_cholesky_bound(m, input_shape, lower=lower, rtol=rtol, max_dim=max_dim))
     return ub
 
