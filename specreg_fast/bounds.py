@@ -351,7 +351,7 @@ def dense_operator_gram(m: nn.Module, input_shape: Sequence[int]):
         inner = co
     else:  # M = A A^T: pixel pairs (o, o') whose taps (t, t') read the same input pixel
         c, n = co, n_out
-        Kf = K.permute(0, 1, 2, 3).reshape(G, T * co, ci)
+        Kf = K.reshape(G, T * co, ci)
         Q = (Kf @ Kf.mT).view(G, T, co, T, co)  # K_t K_t'^T
         inner = ci
     M = torch.zeros(n * n, G, c, c, dtype=torch.float64)
