@@ -386,6 +386,7 @@ def dense_cholesky_bound(m: nn.Module, input_shape: Sequence[int], lower: Option
     one Cholesky factorization of the Gram's side ``D`` (about ``D^3 / 3`` flops: 2.3 s at
     ``D = 8192`` on this project's 2-core machine), so ``D`` is capped by ``max_dim``."""
     from .conv import conv_operator_norm
+    from .ops import _shifted_cholesky_info_reference
 
     if not isinstance(rtol, (int, float)) or not rtol > 0:
         raise ValueError(f"rtol must be a positive number, got {rtol!r}")
@@ -407,18 +408,11 @@ def dense_cholesky_bound(m: nn.Module, input_shape: Sequence[int], lower: Option
     # ||M||_F / sqrt(D) <= lambda_max keeps mu positive for a non-zero operator
     floor2 = float(torch.linalg.matrix_norm(M).max()) / math.sqrt(D)
     mu2 = max(lower ** 2, floor2, err) * (1 + rtol) ** 2
-    H = torch.empty_like(M[0])
     slack = (1 + rtol) ** 2
     for _ in range(64):
         eps = eps_chol + err / mu2
-        ok = True
-        for g in range(M.shape[0]):  # one group at a time: one D x D scratch
-            torch.neg(M[g], out=H)
-            H.diagonal().add_(mu2 * (1 - eps))
-            if int(torch.linalg.cholesky_ex(H).info) != 0:
-                ok = False
-                break
-        if ok:
+        shift = torch.full((M.shape[0],), mu2 * (1 - eps), dtype=M.dtype)
+        if not bool(_shifted_cholesky_info_reference(M, shift).any()):  # every group factored
             return math.sqrt(mu2) * _SAFETY
         # lower was short of the norm: widen the slack (squared each time, so few retries)
         mu2 *= slack
