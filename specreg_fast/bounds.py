@@ -3,7 +3,9 @@
 * lower: the power-iteration value ``<y, A x>`` with unit ``x, y`` (never above the norm).
 * upper, dense: Gram iteration (Delattre, Barthelemy, Araujo & Allauzen, ICML 2023):
   ``sigma_1(W)^(2^t) = sigma_1(G_t)`` for ``G_{t+1} = G_t^H G_t``, and
-  ``sigma_1(G_t) <= ||G_t||_F``; the rescaling is tracked in log space in float64.
+  ``sigma_1(G_t) <= ||G_t||_F``; the rescaling is tracked in log space in float64, and the
+  floating-point error of the normalizations and products is bounded
+  (:func:`gram_iteration_factor`), so the value is certified, not an estimate.
 * upper, circular conv (stride dividing the size): from its Fourier blocks
   (``fft.circular_blocks``, one per frequency of the half spectrum, batched), max over the
   blocks: by default one Cholesky factorization per block certifies ``P^H P <= mu^2 I`` at a
@@ -40,29 +42,104 @@ from . import reference as ref
 __all__ = ["gram_upper_bound", "circular_gram_bound", "circular_cholesky_bound", "conv_upper_bound",
            "dense_cholesky_bound", "dense_operator_gram", "schur_conv_bound", "operator_norm_bounds"]
 
-# float64 rounding of the SVD / Gram products: a relative margin far above it
-_SAFETY = 1 + 1e-9
+_U64, _U32 = 2.0 ** -53, 2.0 ** -24  # unit roundoffs of float64 and float32
+# Multiplying a float64 result by this covers the (at most two) roundings of the last sqrt /
+# addition that produced it, each by at most u, and the rounding of this product itself.
+_ROUND_UP = 1 + 4 * _U64
+
+
+def _gamma(k: int, u: float = _U64) -> float:
+    """Higham's gamma_k = k u / (1 - k u): a sum or inner product of k terms computed in
+    floating point is within gamma_k (sum of absolute values) of the exact one, in any order
+    (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., Lemma 3.1, eq. 3.4)."""
+    if not k * u < 1:
+        raise ValueError(f"gamma_{k} is undefined at unit roundoff {u}: {k} terms are too many")
+    return k * u / (1 - k * u)
+
+
+def gram_iteration_factor(shapes: Sequence[Tuple[int, int]], logs: Sequence[float], u: float = _U64,
+                          complex_: bool = False) -> float:
+    """The factor that makes :func:`gram_upper_bound`'s floating-point Gram iteration a
+    certified bound: ``sigma_1(W) <= factor x exp(sum_t log f_t / 2^t)``, for the shapes
+    ``(r_t, c)`` of the iterates ``G_0 .. G_n`` (``c`` the smaller side) and the computed
+    Frobenius norms ``f_t`` (their logs).
+
+    Derivation (standard model of floating point, Higham ch. 2-3; ``gamma_k`` as in
+    :func:`_gamma`). Step ``t``: ``f_t = fl(||G_t||_F)`` is a sum of ``N = r_t c`` squares and a
+    sqrt, so ``rho_t = ||G_t||_F / f_t <= 1 / (1 - gamma_{N+1})``; ``H_t = fl(G_t / f_t)`` has
+    entrywise relative error ``u``, so ``||H_t - G_t / f_t||_2 <= u rho_t``; ``G_{t+1} =
+    fl(H_t^T H_t)`` has ``|E_t| <= gamma_{r_t} |H_t|^T |H_t|`` entrywise, so ``||E_t||_2 <=
+    gamma_{r_t} ||H_t||_F^2 <= e_t = gamma_{r_t} ((1 + u) rho_t)^2``. The top singular value of
+    the normalized ``H_t`` is at least ``||H_t||_F / sqrt(c) >= l_t = (1 - u) / ((1 + gamma_{N+1})
+    sqrt(c))``, which turns both additive errors into relative ones:
+
+        sigma_1(G_t) / f_t <= sigma_1(H_t) (1 + u rho_t / l_t),
+        sigma_1(H_t)^2 = sigma_1(H_t^T H_t) <= sigma_1(G_{t+1}) + e_t
+                       => sigma_1(H_t)^2 <= sigma_1(G_{t+1}) / (1 - e_t / l_t^2).
+
+    So ``sigma_1(G_t) <= f_t a_t sigma_1(G_{t+1})^(1/2)`` with ``a_t = (1 + u rho_t / l_t) /
+    sqrt(1 - e_t / l_t^2)``, and unrolled down to ``sigma_1(G_n) <= ||G_n||_F <= f_n / (1 -
+    gamma_{N_n+1})``: ``sigma_1(W) <= prod_t (f_t a_t)^(1/2^t) x (f_n / (1 - gamma))^(1/2^n)``.
+    The factor is ``prod_t a_t^(1/2^t) / (1 - gamma)^(1/2^n)`` times ``exp(4 (n + 2) u (S +
+    1))``, ``S = sum_t |log f_t| / 2^t``, for the rounding of the logs, their scaled sum and the
+    final ``exp`` (each a few ulps of the values summed). To first order it is ``1 + (r_0 c +
+    c^2 / 2) u / 2``: 1.4e-9 for a 4096 x 4096 weight, 2e-13 for 64 x 64 (a fixed 1 + 1e-9 is
+    too small above about 3000 x 3000).
+
+    Complex iterates (``complex_``, the Fourier blocks of :func:`circular_gram_bound`): the
+    Frobenius norm sums ``2N`` real squares (``gamma_{2N+1}``), a complex inner product of
+    length ``r`` is within ``sqrt(2) gamma_{r+2} <= 2 gamma_{r+2}`` of the exact one (Higham
+    sec. 3.6), and dividing by the real ``f_t`` still errs by at most ``u |z|`` per entry."""
+    log_factor, S = 0.0, 0.0
+    n = len(shapes) - 1
+    for t, ((r, c), log_f) in enumerate(zip(shapes, logs)):
+        g = _gamma((2 if complex_ else 1) * r * c + 1, u)
+        S += abs(log_f) / 2 ** t
+        if t == n:
+            log_factor += -math.log1p(-g) / 2 ** t
+            break
+        rho = 1 / (1 - g)
+        low = (1 - u) / ((1 + g) * math.sqrt(c))
+        e = (2 * _gamma(r + 2, u) if complex_ else _gamma(r, u)) * ((1 + u) * rho) ** 2
+        if not e < low ** 2:
+            return math.inf  # the rounding could hide the whole top singular value: no finite bound
+        log_factor += (math.log1p(u * rho / low) - 0.5 * math.log1p(-e / low ** 2)) / 2 ** t
+    return math.exp(log_factor + 4 * (n + 2) * u * (S + 1))
 
 
 def gram_upper_bound(W: torch.Tensor, n_iter: int = 6) -> float:
-    """Certified upper bound on sigma_max of a 2-D matrix by ``n_iter`` Gram iterations."""
-    if W.dim() != 2:
-        raise ValueError(f"W must be 2-D, got shape {tuple(W.shape)}")
+    """Certified upper bound on sigma_max of a 2-D matrix by ``n_iter`` Gram iterations
+    (float64), with the floating-point error of the normalizations and products bounded by
+    :func:`gram_iteration_factor` (the weight is first scaled by a power of two, exactly, so
+    that tiny weights do not underflow to a zero norm)."""
+    if not isinstance(W, torch.Tensor) or W.dim() != 2:
+        raise ValueError(f"W must be a 2-D tensor, got {tuple(W.shape) if isinstance(W, torch.Tensor) else W!r}")
     G = W.detach().to(torch.float64)
+    if not bool(torch.isfinite(G).all()):
+        raise ValueError("W has non-finite entries: no bound")
+    if G.numel() == 0 or not bool((G != 0).any()):
+        return 0.0
     if G.shape[0] < G.shape[1]:
         G = G.t()
+    # an exact power-of-two scaling puts the largest entry in [0.5, 1): no underflow or overflow
+    # in the squares below
+    _, e = torch.frexp(G.abs().max())
+    scale_exp = int(e)
+    G = torch.ldexp(G, torch.tensor(-scale_exp, dtype=torch.int32))
     log_scale = 0.0
+    shapes, logs = [], []
     for _ in range(n_iter):
         f = torch.linalg.matrix_norm(G, "fro").item()
-        if f == 0.0:
-            return 0.0
+        shapes.append(tuple(G.shape))
+        logs.append(math.log(f))
         G = G / f
         log_scale = 2.0 * (log_scale + math.log(f))
         G = G.t() @ G
     f = torch.linalg.matrix_norm(G, "fro").item()
-    if f == 0.0:
-        return 0.0
-    return math.exp((log_scale + math.log(f)) / 2 ** n_iter) * _SAFETY
+    shapes.append(tuple(G.shape))
+    logs.append(math.log(f))
+    raw = math.exp((log_scale + math.log(f)) / 2 ** n_iter)
+    return math.ldexp(raw * gram_iteration_factor(shapes, logs), scale_exp) * _ROUND_UP
 
 
 def circular_gram_bound(weight: torch.Tensor, size: Sequence[int], stride=1, dilation=1, groups: int = 1,
@@ -76,32 +153,54 @@ def circular_gram_bound(weight: torch.Tensor, size: Sequence[int], stride=1, dil
     size c x c, ``||G_t||_F / sqrt(c) <= sigma_1(G_t) <= ||G_t||_F``, so each block has a
     certified interval for its sigma_1 at every step, and a block whose upper end is below the
     largest lower end (or below ``lower``) is out for good. Most frequencies go after one or
-    two iterations, which is what makes the bound affordable on large layers."""
+    two iterations, which is what makes the bound affordable on large layers.
+
+    Floating point: each step's value is multiplied by :func:`gram_iteration_factor` (complex
+    iterates) and the rounding error of the blocks themselves (:func:`block_rounding_error`)
+    is added; a block is dropped only when its inflated upper end is below a lower end."""
     from .fft import circular_blocks
 
-    P = circular_blocks(weight.detach().to(torch.float64), size, stride, dilation, groups)
+    w = weight.detach().to(torch.float64)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("weight has non-finite entries: no bound")
+    if w.numel() == 0 or not bool((w != 0).any()):
+        return 0.0
+    # an exact power-of-two scaling (undone at the end): no underflow of tiny weights' norms
+    _, e = torch.frexp(w.abs().max())
+    scale_exp = int(e)
+    w = torch.ldexp(w, torch.tensor(-scale_exp, dtype=torch.int32))
+    P = circular_blocks(w, size, stride, dilation, groups)
     if P.numel() == 0:
         return 0.0
+    delta = block_rounding_error(w, stride, dilation, _U64)  # sigma_1(exact block) <= sigma_1(computed) + delta
     tiny = torch.finfo(torch.float64).tiny
-    floor = math.log(lower) if lower is not None and lower > 0 else -math.inf
+    floor = math.log(math.ldexp(lower, -scale_exp) - delta) if lower is not None and \
+        math.ldexp(lower, -scale_exp) > delta else -math.inf
 
     def fro(X):  # (through the real view: matrix_norm on complex measured 3x slower)
         return torch.linalg.vector_norm(torch.view_as_real(X), dim=(1, 2, 3))
 
     G = P  # G_0; G_1 is the Gram of the smaller side, P P^H or P^H P
-    c = min(P.shape[1], P.shape[2])
+    c, k = min(P.shape[1], P.shape[2]), max(P.shape[1], P.shape[2])
     log_scale = torch.zeros(P.shape[0], dtype=torch.float64)
+    shapes, logs = [], []
     ub = math.inf
     for t in range(n_iter + 1):
         f = fro(G)
         log_f = torch.log(f)  # -inf for a zero block: its interval is [0, 0]
+        shapes.append((k, c) if t == 0 else (c, c))
+        logs.append(float(log_f[torch.isfinite(log_f)].abs().max()) if bool(torch.isfinite(log_f).any()) else 0.0)
+        # floating-point error of the iteration so far (relative) and of the blocks (absolute)
+        log_factor = math.log(gram_iteration_factor(shapes, logs, complex_=True))
         log_hi = (log_scale + log_f) / 2 ** t
         log_lo = (log_scale + log_f - 0.5 * math.log(c)) / 2 ** t
-        ub = min(ub, math.exp(float(log_hi.max())) * _SAFETY)
+        ub_t = math.ldexp((math.exp(float(log_hi.max()) + log_factor) + delta) * _ROUND_UP, scale_exp)
+        ub = min(ub, ub_t)
         best_lo = max(float(log_lo.max()), floor)
         if t == n_iter or (lower is not None and ub <= lower * (1 + rtol)):
             break
-        keep = log_hi >= best_lo - 1e-12
+        # a block goes only when even its rounding-inflated upper end is below a certified lower end
+        keep = log_hi + 2 * log_factor >= best_lo
         if not bool(keep.all()):  # (indexing copies every block: only when some go)
             G, log_scale, f = G[keep], log_scale[keep], f[keep]
         f = f.clamp_min(tiny)
@@ -112,14 +211,6 @@ def circular_gram_bound(weight: torch.Tensor, size: Sequence[int], stride=1, dil
         else:
             G = G.mH @ G
     return ub
-
-
-_U64, _U32 = 2.0 ** -53, 2.0 ** -24  # unit roundoffs
-
-
-def _gamma(k: int, u: float = _U64) -> float:
-    """Higham's gamma_k = k u / (1 - k u)."""
-    return k * u / (1 - k * u)
 
 
 def _gram(P: torch.Tensor) -> torch.Tensor:
@@ -136,6 +227,80 @@ def _cholesky_fails(H: torch.Tensor, mu2: float, eps: torch.Tensor) -> torch.Ten
     # the unblocked C++ test wins while a block's scratch fits in L2; LAPACK's blocked potrf beyond
     test = shifted_cholesky_info if H.shape[-1] <= 256 else _shifted_cholesky_info_reference
     return test(H, shift) != 0
+
+
+def cholesky_margin(n: int, u: float) -> float:
+    """Relative margin that a completed floating-point Cholesky factorization of an ``n x n``
+    Hermitian ``A`` with ``tr(A) <= n mu^2`` leaves: ``A >= -cholesky_margin(n, u) mu^2 I``.
+
+    Derivation (Demmel 1989; Higham Thm 10.5): the computed factor satisfies ``R^H R = A +
+    dA`` with ``|dA| <= g |R^H| |R|`` entrywise, ``g = gamma_{n+1}`` in real arithmetic; for
+    complex arithmetic we take ``g = 2 gamma_{n+2}`` (each complex multiply-add errs by at most
+    ``sqrt(2) gamma_2``, Higham sec. 3.6), which also covers the real case. Then ``||dA||_2 <=
+    g || |R| ||_2^2 <= g ||R||_F^2`` and ``||R||_F^2 = tr(A + dA) <= tr(A) + g ||R||_F^2``, so
+    ``||dA||_2 <= g tr(A) / (1 - g) <= g n mu^2 / (1 - g)``; ``R^H R >= 0`` gives ``A >= -dA``.
+    (Rump 2006 turns exactly this into a positive-definiteness test.)"""
+    g = 2 * _gamma(n + 2, u)
+    if not g < 1:
+        raise ValueError(f"no Cholesky margin for n={n} at unit roundoff {u}")
+    return g * n / (1 - g)
+
+
+def gram_rounding_coefficient(k: int, u: float) -> float:
+    """``||fl(P^H P) - P^H P||_2 <= gram_rounding_coefficient(k, u) ||P||_F^2`` for a complex
+    (or real) ``P`` whose Gram has inner dimension ``k``.
+
+    Derivation: each entry is an inner product of length ``k``, within ``sqrt(2) gamma_{k+2}
+    |p_i|^T |p_j|`` of the exact one in complex arithmetic (Higham sec. 3.6; ``gamma_k`` for
+    real), so ``|dH| <= 2 gamma_{k+2} |P|^H |P|`` entrywise and ``||dH||_2 <= 2 gamma_{k+2} ||
+    |P| ||_2^2 <= 2 gamma_{k+2} ||P||_F^2``."""
+    return 2 * _gamma(k + 2, u)
+
+
+def shift_margin(n: int, gram_error: float, mu2: float, u: float) -> float:
+    """The relative shift ``eps`` of the Cholesky test: a completed floating-point
+    factorization of ``fl(mu2 (1 - eps)) I - H_computed`` (``n x n``, computed at unit
+    roundoff ``u``, ``||H_computed - H||_2 <= gram_error``) proves ``H <= mu2 I``.
+
+    Derivation: write ``s = fl(mu2 (1 - eps))`` (``<= mu2 (1 - eps) (1 + 2u)``: the product and
+    the cast to the working precision) and ``A`` the matrix actually factored, ``s I - H_c``
+    with each diagonal entry rounded once (``<= u mu2``; a diagonal entry above ``s`` makes the
+    factorization fail). ``tr(A) <= n mu2``, so :func:`cholesky_margin` gives ``A >= -m mu2 I``,
+    ``m = cholesky_margin(n, u)``, hence ``H_c <= (s + u mu2 + m mu2) I`` and ``H <= (s + u
+    mu2 + m mu2 + gram_error) I <= mu2 (1 - eps + 3u + m + gram_error / mu2) I``. With ``eps =
+    m + gram_error / mu2 + 4u`` the right side is below ``mu2``."""
+    return cholesky_margin(n, u) + gram_error / mu2 + 4 * u
+
+
+def block_rounding_error(weight: torch.Tensor, stride=1, dilation=1, u: float = _U64) -> float:
+    """``delta`` with ``||P_computed(w) - P(w)||_2 <= delta`` for every Fourier block of
+    :func:`specreg_fast.fft.circular_blocks` (padding 0) built at unit roundoff ``u``
+    (``_U64``: float64 weight and GEMM; ``_U32``: weight and twiddles cast to float32, float32
+    GEMM).
+
+    Derivation: ``P(w)[o, (c, r)] = sum_t K[o, c, t] E[w, t]`` over the ``T`` taps, with
+    twiddles ``E = exp(2 pi i theta)``, ``theta = <w / m, a_t>`` computed in float64: ``d``
+    products and a sum (``gamma_{d+1} A`` turns, ``A = sum_i max_t |a_{t,i}| <= sum_i
+    dilation_i (k_i - 1) // stride_i``), reduced mod 1 (exact) and scaled by ``2 pi`` (``2u``
+    relative), then ``cos``/``sin`` (``u`` each): ``|E_computed - E| <= tau = 2 pi (gamma_{d+1}
+    A + 2u) + 2u`` (float64 ``u``). The real and imaginary GEMMs over the taps add
+    ``gamma_T sum_t (|Re E| + |Im E|) |K_t| <= sqrt(2) gamma_T sum_t |K_t|``; in float32 the
+    cast of ``E`` adds ``sqrt(2) u`` to ``tau`` and the cast of ``K`` ``u |K_t| |E|`` (``<=
+    2u |K_t|`` with the GEMM's own error folded in). So each entry errs by at most ``(sqrt(2)
+    (gamma_T + tau [+ u]) [+ 2u]) sum_t |K[o, c, t]|``, and ``sum_t |K_t| <= sqrt(T)
+    ||K[o, c, :]||``: over all entries ``||dP||_2 <= ||dP||_F <= coefficient x sqrt(T)
+    ||W||_F``."""
+    from .fft import _tup
+
+    d = weight.dim() - 2
+    ks = weight.shape[2:]
+    T = math.prod(ks)
+    s, dil = _tup(stride, d), _tup(dilation, d)
+    A = sum(dil[i] * (ks[i] - 1) // s[i] for i in range(d))
+    tau = 2 * math.pi * (_gamma(d + 1) * A + 2 * _U64) + 2 * _U64
+    cast = u > _U64  # the weight and the twiddles are rounded to the lower precision
+    coef = math.sqrt(2) * (_gamma(T, u) + tau + (u if cast else 0.0)) + (2 * u if cast else 0.0)
+    return coef * math.sqrt(T) * float(torch.linalg.vector_norm(weight.detach().double()))
 
 
 def circular_cholesky_bound(weight: torch.Tensor, size: Sequence[int], stride=1, dilation=1, groups: int = 1,
@@ -155,17 +320,18 @@ def circular_cholesky_bound(weight: torch.Tensor, size: Sequence[int], stride=1,
     ``guess_blocks`` is how many blocks get an exact eigenvalue for the guess (0: the guess is
     ``max ||P||_F / sqrt(c)``, too low, and the failures raise it: slower, same bound).
 
-    Why this is a certificate: a Cholesky factorization that completes in floating point is
-    the exact factorization of ``A + dA`` with ``||dA||_2 <= gamma_{c+1} tr(A) / (1 - c
-    gamma_{c+1})`` (Demmel 1989; Rump 2006 turns it into a positive-definiteness test), so
-    ``A = mu^2 (1 - eps) I - H`` is then >= -that. ``eps`` covers it (doubled for complex
-    arithmetic, with ``tr(A) <= c mu^2``), the rounding of ``H`` (``||dH||_2 <= 2
-    gamma_{k+2} ||P||_F^2``, k the inner dimension) and of the diagonal, each in the
-    precision used. The error of ``P`` itself (sums over the T taps, twiddles and, in
-    float32, the weight rounded once) is at most ``delta = 3 gamma_{T+8} sqrt(T) ||W||_F``
-    (plus ``u32 sqrt(T) ||W||_F`` in float32): float64 blocks are certified below ``mu``,
-    float32 ones below ``mu + delta64 - delta32``, and the bound is ``mu + delta64``.
-    ``rtol`` is the slack that lets the guess pass.
+    Why this is a certificate (each margin is its own function, with its derivation): a
+    Cholesky factorization of ``fl(mu^2 (1 - eps)) I - fl(H)`` that completes in floating point
+    proves ``H <= mu^2 I`` when ``eps`` = :func:`shift_margin` (Demmel's backward error of the
+    factorization, :func:`cholesky_margin`, with ``tr <= c mu^2``; the rounding of the Gram,
+    :func:`gram_rounding_coefficient` x ``||P||_F^2`` with the computed ``||P||_F^2`` rounded
+    up by ``1 / (1 - gamma_{4ck+4})``; the shift and the diagonal, ``4u``), each in the
+    precision used. The error of ``P`` itself is at most ``delta`` =
+    :func:`block_rounding_error` (``delta64`` for float64 blocks, ``delta32`` for float32
+    ones): float64 blocks are certified below ``mu``, float32 ones below ``mu + delta64 -
+    delta32``, so every exact block is below ``mu + delta64``, returned rounded up
+    (``_ROUND_UP``). The weight is first scaled by a power of two (exact), so tiny weights
+    cannot underflow. ``rtol`` is the slack that lets the guess pass.
 
     Cost: one batched Gram of the blocks and one batched Cholesky, mostly in complex64,
     against the Gram iteration's repeated float64 squarings (:func:`circular_gram_bound`);
@@ -181,20 +347,23 @@ def circular_cholesky_bound(weight: torch.Tensor, size: Sequence[int], stride=1,
     S = math.prod(stride) if isinstance(stride, (tuple, list)) else stride ** (w.dim() - 2)
     m, n = cout // groups, cin_g * S
     c, k = min(m, n), max(m, n)
-    T = int(math.prod(w.shape[2:]))
-    w_fro = float(torch.linalg.vector_norm(w))
-    if w.numel() == 0 or w_fro == 0.0:
+    if w.numel() == 0 or not bool((w != 0).any()):
         return 0.0
-    # error of the computed blocks (sums over the T taps, twiddles rounded once; in float32 also
-    # the cast of the weight): sigma_1(P_exact) <= sigma_1(P_computed) + delta
-    delta64 = 3 * _gamma(T + 8) * math.sqrt(T) * w_fro
-    delta32 = (3 * _gamma(T + 8, _U32) + _U32) * math.sqrt(T) * w_fro
+    # an exact power-of-two scaling (undone at the end): no underflow of tiny weights' norms
+    _, e = torch.frexp(w.abs().max())
+    scale_exp = int(e)
+    w = torch.ldexp(w, torch.tensor(-scale_exp, dtype=torch.int32))
+    lower = None if lower is None else math.ldexp(lower, -scale_exp)
+    # error of the computed blocks: sigma_1(P_exact) <= sigma_1(P_computed) + delta
+    delta64 = block_rounding_error(w, stride, dilation, _U64)
+    delta32 = block_rounding_error(w, stride, dilation, _U32)
     # the bulk in complex64 where its Cholesky margin stays small (it grows like c^2 u32)
-    eps32_chol = 2 * _gamma(c + 2, _U32) * c / (1 - c * _gamma(c + 2, _U32)) + 4 * _U32
-    use32 = c >= 16 and eps32_chol < 2e-2
+    use32 = c >= 16 and cholesky_margin(c, _U32) < 2e-2
     P = circular_blocks(w.float() if use32 else w, size, stride, dilation, groups)
     B = P.shape[0]
     fro2 = torch.linalg.vector_norm(torch.view_as_real(P), dim=(1, 2, 3)).double() ** 2  # ||P(w)||_F^2
+    # the computed ||P||_F^2 (2ck squares, a sqrt, a square) rounded up to a bound on the true one
+    fro2_up = fro2 / (1 - _gamma(4 * c * k + 4, _U32 if use32 else _U64))
     H = _gram(P)
 
     def blocks64(idx: torch.Tensor) -> torch.Tensor:  # the float64 blocks of these indices
@@ -218,18 +387,18 @@ def circular_cholesky_bound(weight: torch.Tensor, size: Sequence[int], stride=1,
     # --- the certificate: every block is shown to have sigma_1(P_exact) <= sqrt(mu2) + delta64
     if use32:
         mu32 = math.sqrt(mu2) + delta64 - delta32  # certify the float32 blocks below this
-        eps32 = eps32_chol + 2 * _gamma(k + 2, _U32) * fro2 / mu32 ** 2
+        eps32 = shift_margin(c, gram_rounding_coefficient(k, _U32) * fro2_up, mu32 ** 2, _U32)
         pending = torch.nonzero(_cholesky_fails(H, mu32 ** 2, eps32)).flatten() if mu32 > 0 else torch.arange(B)
         P64 = blocks64(pending)
         H64 = _gram(P64)
-        fro2_64 = torch.linalg.vector_norm(torch.view_as_real(P64), dim=(1, 2, 3)) ** 2
+        fro2_64 = torch.linalg.vector_norm(torch.view_as_real(P64), dim=(1, 2, 3)) ** 2 / (1 - _gamma(4 * c * k + 4))
     else:
-        pending, H64, fro2_64 = torch.arange(B), H, fro2
+        pending, H64, fro2_64 = torch.arange(B), H, fro2_up
     slack = (1 + rtol) ** 2
     for _ in range(64):
         if pending.numel() == 0:
             break
-        eps64 = 2 * _gamma(c + 2) * c / (1 - c * _gamma(c + 2)) + 2 * _gamma(k + 2) * fro2_64 / mu2 + 4 * _U64
+        eps64 = shift_margin(c, gram_rounding_coefficient(k, _U64) * fro2_64, mu2, _U64)
         bad = _cholesky_fails(H64, mu2, eps64)
         if not bool(bad.any()):
             break
@@ -239,7 +408,7 @@ def circular_cholesky_bound(weight: torch.Tensor, size: Sequence[int], stride=1,
         slack *= slack
     else:  # pragma: no cover - unreachable: the slack doubles in the exponent every round
         raise RuntimeError("Cholesky certificate did not converge")
-    return (math.sqrt(mu2) + delta64) * _SAFETY
+    return math.ldexp((math.sqrt(mu2) + delta64) * _ROUND_UP, scale_exp)
 
 
 def _operator_geometry(m: nn.Module, input_shape: Sequence[int]):
@@ -321,9 +490,14 @@ def dense_operator_gram(m: nn.Module, input_shape: Sequence[int]):
     against 1.1 TFLOP for ``A^T A`` from the explicit 8192 x 8192 matrix.
 
     Rounding: every entry is a sum of at most ``k + n`` products of weights (``k`` the GEMM's
-    inner dimension, ``n`` the pixel-pair terms added), so ``|fl(M) - M| <= gamma_{k+n}
-    |A|^T |A|`` entrywise with ``|A| <= sum_t E_t (x) |K_t|``, and ``|| |A| ||_2^2`` is at most
-    its largest row sum times its largest column sum (Schur)."""
+    inner dimension, ``n`` the pixel-pair terms added: the count over all entries, an upper
+    bound on any one entry's), so ``|fl(M) - M| <= gamma_{k+n} |A|^T |A|`` entrywise (Higham
+    Lemma 3.1: the products carry ``gamma_k``, the additions of the ``T^2`` channel products
+    into an entry ``gamma`` of their count) with ``|A| <= sum_t E_t (x) |K_t|``, and ``|| |A|
+    ||_2^2`` is at most its largest row sum times its largest column sum (Schur), each a sum of
+    at most ``T C_in`` / ``T C_out`` non-negative float64 terms, so within ``gamma_{T C_in + 1}``
+    / ``gamma_{T C_out + 1}`` of the exact sums: ``err`` divides the product by ``1 -
+    gamma_{T (C_in + C_out) + 4}`` (the two sums, their product and this division)."""
     out_sp, in_sp, lo, mode = _operator_geometry(m, input_shape)
     w = m.weight.detach().to(torch.float64).cpu()
     G = m.groups
@@ -342,7 +516,7 @@ def dense_operator_gram(m: nn.Module, input_shape: Sequence[int]):
         sel = table[:, t][table[:, t] >= 0]
         hits[t].index_add_(0, sel, torch.ones(sel.numel(), dtype=torch.float64))
     cols = torch.einsum("ti,gtc->gic", hits, absK.sum(2))
-    abs_norm2 = float(rows.amax()) * float(cols.amax()) * (1 + 1e-9)
+    abs_norm2 = float(rows.amax()) * float(cols.amax()) / (1 - _gamma(T * (ci + co) + 4))
     input_side = ci * n_in <= co * n_out
     if input_side:  # M = A^T A: pixel pairs (i, i') read by taps (t, t') of one output pixel
         c, n = ci, n_in
@@ -402,18 +576,16 @@ def dense_cholesky_bound(m: nn.Module, input_shape: Sequence[int], lower: Option
     if lower is None:
         lower = float(conv_operator_norm(m, tuple(input_shape), tol=1e-7).detach())
     D = M.shape[-1]
-    # Demmel's bound for the factorization (tr <= D mu^2), doubled as for complex blocks, and
-    # the rounding of the shifted diagonal
-    eps_chol = 2 * _gamma(D + 2) * D / (1 - D * _gamma(D + 2)) + 4 * _U64
     # ||M||_F / sqrt(D) <= lambda_max keeps mu positive for a non-zero operator
     floor2 = float(torch.linalg.matrix_norm(M).max()) / math.sqrt(D)
     mu2 = max(lower ** 2, floor2, err) * (1 + rtol) ** 2
     slack = (1 + rtol) ** 2
     for _ in range(64):
-        eps = eps_chol + err / mu2
+        # Demmel's margin for the factorization, the Gram's rounding and the shifted diagonal
+        eps = shift_margin(D, err, mu2, _U64)
         shift = torch.full((M.shape[0],), mu2 * (1 - eps), dtype=M.dtype)
         if not bool(_shifted_cholesky_info_reference(M, shift).any()):  # every group factored
-            return math.sqrt(mu2) * _SAFETY
+            return math.sqrt(mu2) * _ROUND_UP
         # lower was short of the norm: widen the slack (squared each time, so few retries)
         mu2 *= slack
         slack *= slack
@@ -439,7 +611,10 @@ def schur_conv_bound(m: nn.Module) -> Optional[float]:
     # (With groups > 1 the second sum also runs over other groups' channels: larger, still a bound.)
     a = m.weight.detach().abs().double()
     s0, s1 = a.flatten(1).sum(1).max(), a.transpose(0, 1).flatten(1).sum(1).max()
-    return float(torch.sqrt(s0 * s1)) * _SAFETY
+    # float64 sums of n0 and n1 non-negative terms are within gamma_n of the exact ones; their
+    # product, the sqrt and the division each round once
+    n0, n1 = a[0].numel(), a[:, 0].numel()
+    return float(torch.sqrt(s0 * s1)) / (1 - _gamma(n0 + n1 + 4))
 
 
 def _pads(m: nn.Module, spatial: Sequence[int]):
@@ -553,6 +728,9 @@ def operator_norm_bounds(layer: Union[nn.Module, torch.Tensor], input_shape: Opt
         W = layer.weight if isinstance(layer, nn.Linear) else layer
         if not isinstance(W, torch.Tensor) or W.dim() != 2:
             raise TypeError("layer must be an nn.Linear, a conv module or a 2-D tensor")
+        if not bool(torch.isfinite(W.detach()).all()):
+            name = "the nn.Linear's weight" if isinstance(layer, nn.Linear) else "the 2-D weight"
+            raise ValueError(f"{name} has non-finite entries (NaN or inf): no bound")
         lower = float(spectral_norm(W.detach(), tol=power_tol))
         upper = gram_upper_bound(W, n_iter)
     gap = (upper - lower) / upper if upper > 0 else 0.0
