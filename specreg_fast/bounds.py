@@ -81,10 +81,11 @@ def gram_iteration_factor(shapes: Sequence[Tuple[int, int]], logs: Sequence[floa
     sqrt(1 - e_t / l_t^2)``, and unrolled down to ``sigma_1(G_n) <= ||G_n||_F <= f_n / (1 -
     gamma_{N_n+1})``: ``sigma_1(W) <= prod_t (f_t a_t)^(1/2^t) x (f_n / (1 - gamma))^(1/2^n)``.
     The factor is ``prod_t a_t^(1/2^t) / (1 - gamma)^(1/2^n)`` times ``exp(4 (n + 2) u (S +
-    1))``, ``S = sum_t |log f_t| / 2^t``, for the rounding of the logs, their scaled sum and the
-    final ``exp`` (each a few ulps of the values summed). To first order it is ``1 + (r_0 c +
-    c^2 / 2) u / 2``: 1.4e-9 for a 4096 x 4096 weight, 2e-13 for 64 x 64 (a fixed 1 + 1e-9 is
-    too small above about 3000 x 3000).
+    1) + 3u)``, ``S = sum_t |log f_t| / 2^t``: the first term for the rounding of the logs and
+    their scaled sum (each a few ulps of the values summed), ``3u`` for the final ``exp``, its
+    product with this factor and the rounding of the factor itself. To first order it is ``1 + (r_0 c +
+    c^2) u / 2``: 1.9e-9 for a 4096 x 4096 weight, 5e-13 for 64 x 64 (a fixed 1 + 1e-9 is too
+    small above about 3000 x 3000).
 
     Complex iterates (``complex_``, the Fourier blocks of :func:`circular_gram_bound`): the
     Frobenius norm sums ``2N`` real squares (``gamma_{2N+1}``), a complex inner product of
@@ -104,7 +105,7 @@ def gram_iteration_factor(shapes: Sequence[Tuple[int, int]], logs: Sequence[floa
         if not e < low ** 2:
             return math.inf  # the rounding could hide the whole top singular value: no finite bound
         log_factor += (math.log1p(u * rho / low) - 0.5 * math.log1p(-e / low ** 2)) / 2 ** t
-    return math.exp(log_factor + 4 * (n + 2) * u * (S + 1))
+    return math.exp(log_factor + 4 * (n + 2) * u * (S + 1) + 3 * u)
 
 
 def gram_upper_bound(W: torch.Tensor, n_iter: int = 6) -> float:
@@ -139,7 +140,7 @@ def gram_upper_bound(W: torch.Tensor, n_iter: int = 6) -> float:
     shapes.append(tuple(G.shape))
     logs.append(math.log(f))
     raw = math.exp((log_scale + math.log(f)) / 2 ** n_iter)
-    return math.ldexp(raw * gram_iteration_factor(shapes, logs), scale_exp) * _ROUND_UP
+    return math.ldexp(raw * gram_iteration_factor(shapes, logs), scale_exp)
 
 
 def circular_gram_bound(weight: torch.Tensor, size: Sequence[int], stride=1, dilation=1, groups: int = 1,
