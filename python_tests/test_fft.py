@@ -84,12 +84,15 @@ def test_per_frequency_estimates_match_the_block_power_iteration(d, cin, cout, k
     # the step's conv pads dilation*(k-1)//2 in front: the same phases as these blocks
     P = ref.circular_transfer_blocks(spec.weight, spec.input_shape[1:], stride, dilation, dilation * (k - 1) // 2,
                                      groups)
-    P = P.reshape(-1, cout, (cin // groups) * stride ** d) if groups == 1 else None
+    # (freq..., groups, C_out/g, C_in/g * phases) -> per frequency the block-diagonal matrix over
+    # the groups: group g maps input channels [g C_in/g, (g+1) C_in/g) (channel-major with their
+    # phases, as V below) to output channels [g C_out/g, (g+1) C_out/g)
+    P = P.reshape(-1, groups, cout // groups, (cin // groups) * stride ** d)
+    P = torch.stack([torch.block_diag(*blocks) for blocks in P])
+    assert P.shape[1:] == (cout, cin * stride ** d)
     for t in (1, 3):
         x = x0.clone()
         est, _, _ = ops.circular_power_step_([spec.weight], [x], fft.circular_params(spec), t)
-        if P is None:
-            continue
         # explicit blocks: v(w) from the polyphase DFT of x0 in the block's (channel, phase) order
         X = torch.fft.fftn(ops._polyphase_split(x0, [stride] * d), dim=list(range(1, d + 1)), norm="ortho")
         V = X.reshape(X.shape[0], -1).t()  # (freq, C_in * phases), channel-major
