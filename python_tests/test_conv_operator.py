@@ -24,8 +24,9 @@ def _module(dim, cin, cout, k, transposed=False, **kw):
     return cls(cin, cout, k, bias=False, **kw)
 
 
-def _spec(dim, *, stride=1, padding=0, dilation=1, groups=1, mode="zeros", transposed=False, output_padding=0,
-          cin=4, cout=4, k=3, seed=0, dtype=torch.float64, sizes=None):
+def _built(dim, *, stride=1, padding=0, dilation=1, groups=1, mode="zeros", transposed=False, output_padding=0,
+           cin=4, cout=4, k=3, seed=0, dtype=torch.float64, sizes=None):
+    """The torch module of a case and its input shape (C_in, *spatial)."""
     torch.manual_seed(seed)
     kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     if transposed:
@@ -33,14 +34,34 @@ def _spec(dim, *, stride=1, padding=0, dilation=1, groups=1, mode="zeros", trans
     else:
         kw["padding_mode"] = mode
     m = _module(dim, cin, cout, k, transposed, **kw).to(dtype)
-    return ConvSpec.from_module(m, (cin,) + (sizes or SIZES[dim]), weight=m.weight.detach())
+    return m, (cin,) + (sizes or SIZES[dim])
 
 
-def _valid(spec):
+def _spec(dim, **case):
+    m, shape = _built(dim, **case)
+    return ConvSpec.from_module(m, shape, weight=m.weight.detach())
+
+
+def _torch_output_shape(case):
+    """PyTorch's own verdict on a case's geometry, independent of this package: the module's
+    output shape on a zero input, or None where PyTorch rejects the geometry."""
+    m, shape = _built(**case)
     try:
-        conv._output_shape(spec, "case")
-    except ValueError:
+        with torch.no_grad():
+            return tuple(m(torch.zeros((1,) + shape, dtype=m.weight.dtype)).shape[1:])
+    except RuntimeError:
+        return None
+
+
+def _assert_rejected_if_invalid(case, spec) -> bool:
+    """True (after checking that the package raises a ValueError naming the layer, for the
+    state and the power step alike) where PyTorch rejects the geometry; False where it is valid."""
+    if _torch_output_shape(case) is not None:
         return False
+    with pytest.raises(ValueError, match="case"):
+        conv._output_shape(spec, "case")
+    with pytest.raises(ValueError):
+        conv.init_conv_state([spec])
     return True
 
 
@@ -107,8 +128,8 @@ def _gap(sv):
 
 def _check_converged(case):
     spec = _spec(**case)
-    if not _valid(spec):
-        pytest.skip("geometry invalid for this input size")
+    if _assert_rejected_if_invalid(case, spec):
+        return
     sv = torch.linalg.svdvals(ref.conv_operator_matrix(spec))
     if sv[0] == 0 or _gap(sv) < 1e-3:
         pytest.skip("top two distinct singular values within 0.1%")
@@ -129,8 +150,37 @@ def test_converges_to_svd_subset(case, conv_kernel):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ALL_CASES, ids=_ident)
-def test_converges_to_svd_full_grid(case):
+def test_converges_to_svd_full_grid(case, conv_kernel):
     _check_converged(case)
+
+
+def _check_validity_like_pytorch(cases):
+    """The package accepts exactly the geometries PyTorch's own conv accepts, with its output
+    shape, and rejects the others with a ValueError naming the layer."""
+    invalid = 0
+    for case in cases:
+        m, shape = _built(**case)
+        spec = ConvSpec.from_module(m, shape, weight=m.weight.detach())
+        try:
+            with torch.no_grad():
+                expect = tuple(m(torch.zeros((1,) + shape, dtype=m.weight.dtype)).shape[1:])
+        except RuntimeError:  # PyTorch rejects the geometry
+            invalid += 1
+            with pytest.raises(ValueError, match="layer 3"):
+                conv._output_shape(spec, "layer 3")
+            continue
+        assert tuple(conv._output_shape(spec, "layer 3")) == expect, case
+    assert 0 < invalid < len(cases)  # the cases hold both kinds
+
+
+def test_geometry_validity_and_output_shape_are_pytorchs():
+    """A quarter of the full grid and every other case list (no SVD: about a second)."""
+    _check_validity_like_pytorch(ALL_CASES[::4] + SUBSET + ADJ_CASES + DIRECT_CASES)
+
+
+@pytest.mark.slow
+def test_geometry_validity_and_output_shape_are_pytorchs_full_grid():
+    _check_validity_like_pytorch(ALL_CASES)
 
 
 def test_subset_covers_every_mode_dim_and_transposed():
@@ -145,8 +195,8 @@ def test_subset_covers_every_mode_dim_and_transposed():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_one_step_matches_reference(case, dtype, conv_kernel):
     spec = _spec(**case, dtype=dtype)
-    if not _valid(spec):
-        pytest.skip("geometry invalid")
+    if _assert_rejected_if_invalid(case, spec):
+        return
     st = conv.init_conv_state([spec], generator=torch.Generator().manual_seed(3))
     x0 = st.xs[0].clone()
     s_ref, y_ref, x_ref = ref.conv_power_iteration(spec, x0, 1)
@@ -261,8 +311,8 @@ def test_adjoint_is_exact(case):
     """The op's own A^T (the one the power step uses): <A x, y> = <x, A^T y> for random x, y,
     and A^T equals the transpose of the explicit operator matrix."""
     spec = _spec(**case)
-    if not _valid(spec):
-        pytest.skip("geometry invalid")
+    if _assert_rejected_if_invalid(case, spec):
+        return
     g = torch.Generator().manual_seed(5)
     x = torch.randn(spec.input_shape, dtype=torch.float64, generator=g)
     Ax = ref.conv_apply(spec, x[None])[0]
