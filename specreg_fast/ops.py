@@ -499,9 +499,7 @@ def _conv_output_shape(op: str, l: int, g: dict, W, in_shape) -> list:
         if g["transposed"]:
             o = (n - 1) * s - g["lo"][i] - g["hi"][i] + dl * (k - 1) + g["output_padding"][i] + 1
         else:
-            span = n + g["lo"][i] + g["hi"][i] - dl * (k - 1) - 1
-            _require(span >= 0, lambda: f"{op}: layer {l}: input {tuple(in_shape)} too small for the kernel")
-            o = span // s + 1
+            o = (n + g["lo"][i] + g["hi"][i] - dl * (k - 1) - 1) // s + 1  # floor: < 1 when k does not fit
         _require(o >= 1, lambda: f"{op}: layer {l}: input {tuple(in_shape)} too small for the kernel")
         out.append(o)
     return out
