@@ -174,10 +174,11 @@ def _tol_arg(op: str, tol, finite: bool) -> float:
 
 def _params_arg(op: str, params) -> List[int]:
     params = list(params)
-    for i, p in enumerate(params):
-        if type(p) is not int or not -_INT64_MAX - 1 <= p <= _INT64_MAX:
-            params[i] = _int_arg(op, f"params[{i}]", p, -_INT64_MAX - 1)
-    return params
+    # (C-level passes first: the penalty hands a conv net's whole packing every step)
+    if set(map(type, params)) <= {int} and -_INT64_MAX - 1 <= min(params, default=0) \
+            and max(params, default=0) <= _INT64_MAX:
+        return params
+    return [_int_arg(op, f"params[{i}]", p, -_INT64_MAX - 1) for i, p in enumerate(params)]
 
 
 def _modes_arg(op: str, modes) -> List[str]:
