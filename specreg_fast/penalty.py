@@ -585,7 +585,8 @@ class SpectralNormalize(nn.Module):
 
     sigma is clamped at ``sqrt(finfo.tiny)`` of its dtype (1.1e-19 in float32): a zero weight
     (sigma 0) maps to zero instead of 0/0 = NaN, with a finite gradient ``1/floor`` times the
-    incoming one; a low-precision weight is divided in sigma's dtype, where that floor exists."""
+    incoming one (float32/float64/bfloat16 weights; a float16 gradient cannot hold it); a
+    low-precision weight is divided in sigma's dtype, where that floor exists."""
 
     def __init__(self, module: nn.Module, input_shape: Optional[Sequence[int]] = None, n_iter: int = 1,
                  n_iter_init: int = 15, seed: int = 0):
