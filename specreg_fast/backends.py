@@ -19,18 +19,24 @@ Triton kernels are registered for the CUDA dispatch key (:func:`register_triton_
 the reference sits under CompositeExplicitAutograd for everything else.
 
 An explicitly requested backend that cannot run raises ``ValueError`` (no silent fallback).
+Where the Triton kernels (``"auto"`` on CUDA without the compiled CUDA kernels, or
+``"triton"``) hand part of a call to the reference because they have no kernel for it
+(float64 weights, float64/complex128 blocks), :func:`warn_reference_fallback` warns once per
+(op, reason).
 """
 from __future__ import annotations
 
 import functools
 import os
-from typing import List, Sequence
+import warnings
+from typing import List, Sequence, Set, Tuple
 
 import torch
 
 from . import ops
 
-__all__ = ["BACKENDS", "available", "resolve", "power_step_", "sigma", "has_triton", "register_triton_for_cuda"]
+__all__ = ["BACKENDS", "available", "resolve", "power_step_", "has_triton", "register_triton_for_cuda",
+           "warn_reference_fallback"]
 
 BACKENDS = ("auto", "cpp", "cuda", "triton", "reference")
 
@@ -112,20 +118,18 @@ def power_step_(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[to
     return ops.power_step_(weights, us, vs, n_iter, tol)
 
 
-def sigma(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor], *,
-          backend: str = "auto") -> torch.Tensor:
-    """``u^T W v`` per layer by the chosen backend, detached (the differentiable form is
-    ``specreg_fast.ops.sigma``, which goes through the dispatcher)."""
-    b = resolve(backend, _device(weights))
-    weights, us, vs = list(weights), list(us), list(vs)
-    with torch.no_grad():
-        if b == "reference":
-            return ops._sigma_reference(weights, us, vs)
-        if b == "triton":
-            from .triton import _sigma_cuda
+_FALLBACKS_WARNED: Set[Tuple[str, str]] = set()
 
-            return _sigma_cuda(weights, us, vs)
-        return ops.sigma(weights, us, vs)
+
+def warn_reference_fallback(op: str, reason: str) -> None:
+    """Warn, once per ``(op, reason)`` in a process, that ``specreg_fast::<op>`` runs (part of)
+    a call on the plain-PyTorch reference kernel instead of the fast one, and why: a training
+    loop repeats the same call, so one warning says it all."""
+    if (op, reason) in _FALLBACKS_WARNED:
+        return
+    _FALLBACKS_WARNED.add((op, reason))
+    warnings.warn(f"specreg_fast::{op}: {reason}; running the plain-PyTorch reference kernel instead (slower). "
+                  f"Warned once per op and reason.", RuntimeWarning, stacklevel=3)
 
 
 def register_triton_for_cuda() -> List[str]:

@@ -11,7 +11,6 @@ The functions below are the package's public conv API, backed by the grouped cus
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
@@ -93,6 +92,8 @@ def _validate(specs: Sequence[ConvSpec], state: ConvState, names=None) -> None:
         out_shape = _output_shape(spec, name)
         if tuple(y.shape) != out_shape:
             raise ValueError(f"{name}: state y must have the output shape {out_shape}, got {tuple(y.shape)}")
+    ops.check_disjoint_state((f"{names[l] if names is not None else f'specs[{l}]'}: state {what}", vec)
+                             for what, vecs in (("x", state.xs), ("y", state.ys)) for l, vec in enumerate(vecs))
 
 
 def _output_shape(spec: ConvSpec, name: str):
@@ -160,12 +161,11 @@ def conv_operator_norms(specs: Sequence[ConvSpec], state: ConvState, n_iter: int
     and low-precision weights are upcast to float32 inside the op.
     """
     specs = list(specs)
-    if n_iter < 0:
-        raise ValueError(f"n_iter must be >= 0, got {n_iter}")
-    if tol is not None and not (tol >= 0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol}")
-    if max_iter is not None and max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    n_iter = ops._int_arg("conv_operator_norms", "n_iter", n_iter)
+    if tol is not None:
+        tol = ops._tol_arg("conv_operator_norms", tol, finite=True)
+    if max_iter is not None:
+        max_iter = ops._int_arg("conv_operator_norms", "max_iter", max_iter, minimum=1)
     _validate(specs, state, names)
     if not specs:
         return torch.zeros(0)

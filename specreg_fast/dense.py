@@ -77,6 +77,8 @@ def _validate(weights: Sequence[torch.Tensor], state: PowerState, names: Optiona
                 raise ValueError(f"{name}: state {what} is on {vec.device} but the weight is on {W.device}")
             if not vec.is_contiguous():
                 raise ValueError(f"{name}: state {what} must be contiguous")
+    ops.check_disjoint_state((f"{names[l] if names is not None else f'weights[{l}]'}: state {what}", vec)
+                             for what, vecs in (("u", state.us), ("v", state.vs)) for l, vec in enumerate(vecs))
 
 
 def spectral_norms(weights: Sequence[torch.Tensor], state: PowerState, n_iter: int = 1, tol: Optional[float] = None,
@@ -98,12 +100,11 @@ def spectral_norms(weights: Sequence[torch.Tensor], state: PowerState, n_iter: i
     Invalid input raises before anything is modified.
     """
     weights = list(weights)
-    if n_iter < 0:
-        raise ValueError(f"n_iter must be >= 0, got {n_iter}")
-    if tol is not None and not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
-    if max_iter is not None and max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    n_iter = ops._int_arg("spectral_norms", "n_iter", n_iter)
+    if tol is not None:
+        tol = ops._tol_arg("spectral_norms", tol, finite=False)
+    if max_iter is not None:
+        max_iter = ops._int_arg("spectral_norms", "max_iter", max_iter, minimum=1)
     _validate(weights, state, names)
     if backend != "auto":
         backends.resolve(backend, weights[0].device if weights else torch.device("cpu"))  # bad name: raise now

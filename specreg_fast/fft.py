@@ -92,6 +92,10 @@ def _check_circular(spec: ConvSpec, name: str, assume_circular: bool) -> None:
     if not 1 <= d <= 3 or len(spec.input_shape) != d + 1:
         raise ValueError(f"{name}: expected a 1-D to 3-D conv with input_shape (C_in, *spatial), got weight "
                          f"{tuple(spec.weight.shape)} and input_shape {tuple(spec.input_shape)}")
+    if 0 in tuple(spec.weight.shape) or 0 in tuple(spec.input_shape):
+        # (no Fourier blocks to take the norm of; the FFT libraries reject empty transforms)
+        raise ValueError(f"{name}: the circular norm needs a non-empty conv, got weight {tuple(spec.weight.shape)} "
+                         f"and input_shape {tuple(spec.input_shape)}")
     if spec.input_shape[0] != spec.weight.shape[1] * spec.groups or spec.weight.shape[0] % spec.groups:
         raise ValueError(f"{name}: input_shape has {spec.input_shape[0]} channels; the weight "
                          f"{tuple(spec.weight.shape)} with groups={spec.groups} takes "
@@ -149,8 +153,7 @@ def circular_conv_norms(specs: Sequence[ConvSpec], state: Optional[CircularState
     (float64 if any weight is float64).
     """
     specs = list(specs)
-    if not isinstance(n_iter, int) or n_iter < 0:
-        raise ValueError(f"n_iter must be an int >= 0, got {n_iter!r}")
+    n_iter = ops._int_arg("circular_conv_norms", "n_iter", n_iter)
     if not specs:
         return torch.zeros(0)
     dt = torch.float64 if any(s.weight.dtype == torch.float64 for s in specs) else torch.float32
@@ -187,6 +190,8 @@ def circular_power_pairs(specs: Sequence[ConvSpec], state: CircularState, n_iter
             raise ValueError(f"{name}: state vector must be a contiguous {acc} tensor of the input shape "
                              f"{tuple(spec.input_shape)} on {spec.weight.device}, got "
                              f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    ops.check_disjoint_state((f"{names[l] if names is not None else f'specs[{l}]'}: state vector", x)
+                             for l, x in enumerate(state.xs))
     params: List[int] = []
     for spec in specs:
         params += circular_params(spec)
@@ -222,6 +227,9 @@ def circular_blocks(weight: torch.Tensor, input_size: Sequence[int], stride: Uni
     N = tuple(int(n) for n in input_size)
     if len(N) != d or any(N[i] % s[i] for i in range(d)):
         raise ValueError(f"input_size {N} must have {d} entries, each divisible by the stride {s}")
+    if 0 in N or 0 in tuple(weight.shape):
+        raise ValueError(f"the circular blocks need a non-empty conv, got weight {tuple(weight.shape)} and "
+                         f"input_size {N}")
     m = [N[i] // s[i] for i in range(d)]
     half = m[:-1] + [m[-1] // 2 + 1]
     cout, cin_g = weight.shape[0], weight.shape[1]
@@ -299,20 +307,28 @@ def circular_block_norms(specs: Sequence[ConvSpec], state: CircularBlockState, n
     and small layers. Differentiable: sigma = |P(w*) v| with ``P(w*)`` rebuilt for the top
     block only (its gradient is the closed form ``Re(u^H dP(w*) v)``)."""
     specs = list(specs)
-    if not isinstance(n_iter, int) or n_iter < 0:
-        raise ValueError(f"n_iter must be an int >= 0, got {n_iter!r}")
+    n_iter = ops._int_arg("circular_block_norms", "n_iter", n_iter)
     if len(state) != len(specs) or len(state.us) != len(specs):
         raise ValueError(f"state: expected {len(specs)} (u, v) pairs, one per conv, got {len(state)}")
-    out = []
+    # every layer is checked before the first one's vectors move
     for l, spec in enumerate(specs):
         name = names[l] if names is not None else f"specs[{l}]"
         _check_circular(spec, name, assume_circular)
         B, rows, cols = _block_geometry(spec)
         u, v = state.us[l], state.vs[l]
         cplx = torch.complex128 if spec.weight.dtype == torch.float64 else torch.complex64
-        if tuple(v.shape) != (B, cols) or tuple(u.shape) != (B, rows) or v.dtype != cplx or u.dtype != cplx:
-            raise ValueError(f"{name}: state u/v must be {cplx} of shapes ({B}, {rows}) / ({B}, {cols}), got "
-                             f"{u.dtype} {tuple(u.shape)} / {v.dtype} {tuple(v.shape)}")
+        if not (isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor)) or tuple(v.shape) != (B, cols) \
+                or tuple(u.shape) != (B, rows) or v.dtype != cplx or u.dtype != cplx:
+            raise ValueError(f"{name}: state u/v must be {cplx} tensors of shapes ({B}, {rows}) / ({B}, {cols}), got "
+                             f"{getattr(u, 'dtype', type(u).__name__)} {tuple(getattr(u, 'shape', ()))} / "
+                             f"{getattr(v, 'dtype', type(v).__name__)} {tuple(getattr(v, 'shape', ()))}")
+        if not (u.device == v.device == spec.weight.device and u.is_contiguous() and v.is_contiguous()):
+            raise ValueError(f"{name}: state u/v must be contiguous and on {spec.weight.device}")
+    ops.check_disjoint_state((f"{names[l] if names is not None else f'specs[{l}]'}: state {what}", vec)
+                             for what, vecs in (("u", state.us), ("v", state.vs)) for l, vec in enumerate(vecs))
+    out = []
+    for l, spec in enumerate(specs):
+        u, v = state.us[l], state.vs[l]
         w = spec.weight
         with torch.no_grad():
             P = circular_blocks(w.detach(), spec.input_shape[1:], spec.stride, spec.dilation, spec.groups)

@@ -10,6 +10,7 @@ schemas are defined here and only the reference runs (``HAS_CPP_EXT = False``).
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import List, Sequence
 
@@ -62,12 +63,175 @@ def _out_dtype(weights: Sequence[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
 
 
+# ----------------------------------------------------------------------------- argument checks
+# The checks of the compiled kernels (csrc/power_step_checks.h, csrc/conv_geometry.h,
+# csrc/cpu/circular_conv_cpu.cpp, batched_power_cpu.cpp, shifted_cholesky_cpu.cpp), one checker
+# per op family, run by the fakes and the reference kernels. The fakes need them: a fake wins
+# dispatch whenever one argument is a meta (or fake) tensor, so without them a call mixing meta
+# and CPU tensors returned uninitialized memory and an all-meta call accepted any shape, params
+# and n_iter. On top of the kernels' own checks, every tensor argument of one call must be on
+# one device. Errors are ValueError/TypeError like the C++ checks (TORCH_CHECK_VALUE/_TYPE).
+_WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_INT64_MAX = 2 ** 63 - 1
+
+
+def _require(cond, message, error=ValueError) -> None:
+    """Raise ``error(message())`` unless ``cond``: a plain bool is tested in Python (what Dynamo
+    traces in the typed wrappers), a symbolic one (dynamic shapes in a fake) by torch._check_with."""
+    if isinstance(cond, bool):
+        if not cond:
+            raise error(message())
+    else:
+        torch._check_with(error, cond, message)
+
+
+def _each(name: str, value):
+    """``(label, tensor)`` for an argument that is a tensor or a list of tensors."""
+    if isinstance(value, (list, tuple)):
+        return ((f"{name}[{i}]", t) for i, t in enumerate(value))
+    return ((name, value),)
+
+
+def _check_one_device(op: str, named) -> None:
+    """``named``: ``(name, tensor or list of tensors)`` pairs; all on the first one's device."""
+    first = None
+    for name, value in named:
+        for where, t in _each(name, value):
+            if first is None:
+                first = (where, t.device)
+            elif t.device != first[1]:
+                raise ValueError(f"{op}: every tensor argument must be on one device: {where} is on {t.device}, "
+                                 f"{first[0]} on {first[1]}")
+
+
+def _check_n_iter(op: str, n_iter) -> None:
+    _require(n_iter >= 0, lambda: f"{op}: n_iter must be >= 0, got {n_iter}")
+
+
+def _check_dense_args(op: str, weights, us, vs) -> None:
+    """Checks of ``power_step_`` / ``sigma`` / ``sigma_from_step`` (csrc/power_step_checks.h)."""
+    _require(len(us) == len(weights) and len(vs) == len(weights),
+             lambda: f"{op}: expected as many u and v vectors as weights, got {len(weights)} weights, "
+                     f"{len(us)} u, {len(vs)} v")
+    _check_one_device(op, (("weights", weights), ("us", us), ("vs", vs)))
+    for l, W in enumerate(weights):
+        u, v = us[l], vs[l]
+        _require(W.dim() == 2, lambda: f"{op}: weights[{l}] must be 2-D, got shape {tuple(W.shape)}")
+        _require(W.dtype in _WEIGHT_DTYPES,
+                 lambda: f"{op}: weights[{l}] must be float32/float64/bfloat16/float16, got {W.dtype}", TypeError)
+        _require(u.dim() == 1 and u.shape[0] == W.shape[0],
+                 lambda: f"{op}: us[{l}] must have shape ({W.shape[0]},), got {tuple(u.shape)}")
+        _require(v.dim() == 1 and v.shape[0] == W.shape[1],
+                 lambda: f"{op}: vs[{l}] must have shape ({W.shape[1]},), got {tuple(v.shape)}")
+        acc = _acc_dtype(W.dtype)
+        _require(u.dtype == acc and v.dtype == acc,
+                 lambda: f"{op}: us[{l}] and vs[{l}] must be {acc} for a {W.dtype} weight, got {u.dtype} "
+                         f"and {v.dtype}", TypeError)
+        _require(u.is_contiguous() and v.is_contiguous(),
+                 lambda: f"{op}: us[{l}]/vs[{l}] must be contiguous")
+
+
+def _check_power_step_args(op: str, weights, us, vs, n_iter, tol) -> None:
+    _check_dense_args(op, weights, us, vs)
+    _check_n_iter(op, n_iter)
+    _require(tol >= 0, lambda: f"{op}: tol must be >= 0, got {tol}")
+
+
+def _check_est(op: str, est, weights) -> None:
+    _require(est.dim() == 1 and est.shape[0] == len(weights),
+             lambda: f"{op}: est must be a 1-D tensor with one entry per weight ({len(weights)}), got "
+                     f"shape {tuple(est.shape)}")
+    if weights:
+        _check_one_device(op, (("weights", weights[0]), ("est", est)))
+
+
+# The typed wrappers below check their plain arguments before the call, so that a bad one is a
+# ValueError/TypeError naming it, not the binding's cast error (n_iter=2**63) or an internal
+# assert (a conjugate view written in place).
+def _int_arg(op: str, name: str, value, minimum: int = 0):
+    """``value`` as a Python int in ``[minimum, 2**63 - 1]`` (the schema's int64)."""
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if not minimum <= value <= _INT64_MAX:
+        raise ValueError(f"{op}: {name} must be an int in [{minimum}, 2**63 - 1], got {value}")
+    return value
+
+
+def _tol_arg(op: str, tol, finite: bool) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
+        raise TypeError(f"{op}: tol must be a real number, got {type(tol).__name__}")
+    try:
+        value = float(tol)
+    except OverflowError:  # an int beyond float's range
+        value = math.copysign(math.inf, tol)
+    if not (value >= 0 and (math.isfinite(value) or not finite)):
+        raise ValueError(f"{op}: tol must be {'finite and ' if finite else ''}>= 0, got {tol}")
+    return value
+
+
+def _params_arg(op: str, params) -> List[int]:
+    params = list(params)
+    # (C-level passes first: the penalty hands a conv net's whole packing every step)
+    if set(map(type, params)) <= {int} and -_INT64_MAX - 1 <= min(params, default=0) \
+            and max(params, default=0) <= _INT64_MAX:
+        return params
+    return [_int_arg(op, f"params[{i}]", p, -_INT64_MAX - 1) for i, p in enumerate(params)]
+
+
+def _modes_arg(op: str, modes) -> List[str]:
+    modes = list(modes)
+    for i, m in enumerate(modes):
+        if not isinstance(m, str):
+            raise TypeError(f"{op}: padding_modes[{i}] must be a str, got {type(m).__name__}")
+    return modes
+
+
+def _check_writable(op: str, name: str, value) -> None:
+    """Arguments written in place must own their values: a conjugate or negative view (``z.conj()``,
+    ``z.conj().imag``) would be written through a temporary copy (PyTorch asserts)."""
+    tensors = value if isinstance(value, (list, tuple)) else (value,)
+    if torch.compiler.is_compiling() or not any(isinstance(t, torch.Tensor) and (t.is_conj() or t.is_neg())
+                                                for t in tensors):
+        return
+    for where, t in _each(name, value):
+        if isinstance(t, torch.Tensor) and (t.is_conj() or t.is_neg()):
+            raise ValueError(f"{op}: {where} is a conjugate or negative view (z.conj(), z.conj().imag) and is "
+                             f"written in place; pass a tensor that owns its values (.resolve_conj() copies)")
+
+
+def check_disjoint_state(named) -> None:
+    """Raise ``ValueError`` naming the entries when two persistent vectors of one call share
+    memory (the same tensor as a layer's u and v, one tensor in two layers, overlapping views):
+    each is written in place, so one would overwrite the other. ``named``: ``(label, tensor)``
+    pairs. Eager only (memory is not visible while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        return
+    by_storage: dict = {}
+    for label, t in named:
+        n = t.numel()
+        if n == 0:
+            continue
+        span = n if t.is_contiguous() else sum((k - 1) * st for k, st in zip(t.shape, t.stride())) + 1
+        lo = t.storage_offset() * t.element_size()
+        hi = lo + span * t.element_size()
+        spans = by_storage.setdefault((t.device, t.untyped_storage()._cdata), [])
+        for other, olo, ohi in spans:
+            if lo < ohi and olo < hi:
+                raise ValueError(f"{label} shares memory with {other}: every persistent vector must be its own "
+                                 f"tensor (each is written in place)")
+        spans.append((label, lo, hi))
+
+
 # ----------------------------------------------------------------------------- reference kernels
 def _power_step_reference(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor], n_iter: int,
                           tol: float) -> torch.Tensor:
     """Reference kernel of ``power_step_`` for any device: the per-layer loop of the PyTorch
     reference, with the op's conventions (zero W keeps the vectors, non-finite W rolls them
     back) expressed with ``torch.where`` so no host synchronization is needed."""
+    _check_power_step_args("specreg_fast::power_step_", weights, us, vs, n_iter, tol)
     out = torch.zeros(len(weights), dtype=_out_dtype(weights),
                       device=weights[0].device if weights else "cpu")
     with torch.no_grad():
@@ -98,6 +262,7 @@ def _power_step_reference(weights: List[torch.Tensor], us: List[torch.Tensor], v
 
 
 def _sigma_reference(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor]) -> torch.Tensor:
+    _check_dense_args("specreg_fast::sigma", weights, us, vs)
     dt = _out_dtype(weights)
     if not weights:
         return torch.zeros(0, dtype=dt)
@@ -107,7 +272,7 @@ def _sigma_reference(weights: List[torch.Tensor], us: List[torch.Tensor], vs: Li
 # ----------------------------------------------------------------------------- registration
 @torch.library.register_fake("specreg_fast::power_step_")
 def _power_step_fake(weights, us, vs, n_iter, tol):
-    torch._check(len(us) == len(weights) and len(vs) == len(weights))
+    _check_power_step_args("specreg_fast::power_step_", weights, us, vs, n_iter, tol)
     dev = weights[0].device if weights else torch.device("cpu")
     return weights[0].new_empty(len(weights), dtype=_out_dtype(weights)) if weights else torch.empty(
         0, dtype=torch.float32, device=dev)
@@ -115,7 +280,7 @@ def _power_step_fake(weights, us, vs, n_iter, tol):
 
 @torch.library.register_fake("specreg_fast::sigma")
 def _sigma_fake(weights, us, vs):
-    torch._check(len(us) == len(weights) and len(vs) == len(weights))
+    _check_dense_args("specreg_fast::sigma", weights, us, vs)
     if not weights:
         return torch.empty(0, dtype=torch.float32)
     return weights[0].new_empty(len(weights), dtype=_out_dtype(weights))
@@ -157,7 +322,8 @@ torch.library.register_autograd("specreg_fast::sigma", _sigma_backward, setup_co
 # backward that of sigma. One implementation for every device.
 @torch.library.register_fake("specreg_fast::sigma_from_step")
 def _sigma_from_step_fake(weights, us, vs, est):
-    torch._check(len(us) == len(weights) and len(vs) == len(weights) and est.dim() == 1)
+    _check_dense_args("specreg_fast::sigma_from_step", weights, us, vs)
+    _check_est("specreg_fast::sigma_from_step", est, weights)
     return torch.empty_like(est)
 
 
@@ -225,7 +391,12 @@ def power_step_(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[to
                 tol: float = 0.0) -> torch.Tensor:
     """Run ``n_iter`` grouped power-iteration steps in place on ``us``/``vs``; returns the
     detached estimates ``u^T W v`` at the new vectors. See ``csrc/specreg_fast.cpp``."""
-    return torch.ops.specreg_fast.power_step_(list(weights), list(us), list(vs), int(n_iter), float(tol))
+    op = "specreg_fast::power_step_"
+    us, vs = list(us), list(vs)
+    _check_writable(op, "us", us)
+    _check_writable(op, "vs", vs)
+    return torch.ops.specreg_fast.power_step_(list(weights), us, vs, _int_arg(op, "n_iter", n_iter),
+                                              _tol_arg(op, tol, finite=False))
 
 
 def sigma(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor]) -> torch.Tensor:
@@ -283,16 +454,145 @@ def pack_conv_params(specs) -> "tuple[List[int], List[str]]":
     return params, modes
 
 
-def _unpack_conv_params(weights, params, modes):
+def _conv_geometry(op: str, weights, params, modes) -> List[dict]:
+    """Decode ``params``/``modes`` per layer, with the checks of ``decode`` in
+    csrc/conv_geometry.h (the conv and circular families' shared first step)."""
+    _require(len(modes) == len(weights),
+             lambda: f"{op}: padding_modes must have one entry per layer ({len(weights)}), got {len(modes)}")
     out, off = [], 0
-    for W, mode in zip(weights, modes):
+    for l, (W, mode) in enumerate(zip(weights, modes)):
         d = W.dim() - 2
-        p = list(params[off:off + 2 + 5 * d])
-        off += 2 + 5 * d
-        out.append(dict(transposed=bool(p[0]), groups=p[1], stride=p[2:2 + d], dilation=p[2 + d:2 + 2 * d],
-                        lo=p[2 + 2 * d:2 + 3 * d], hi=p[2 + 3 * d:2 + 4 * d], output_padding=p[2 + 4 * d:2 + 5 * d],
-                        mode=mode, d=d))
+        _require(1 <= d <= 3, lambda: f"{op}: weights[{l}] must be 3-D to 5-D (a 1-D to 3-D conv), got "
+                                                f"shape {tuple(W.shape)}")
+        need = 2 + 5 * d
+        _require(off + need <= len(params), lambda: f"{op}: params too short for layer {l} (need {need} "
+                                                              f"entries from offset {off}, have {len(params)})")
+        p = list(params[off:off + need])
+        off += need
+        g = dict(transposed=p[0] != 0, groups=p[1], stride=p[2:2 + d], dilation=p[2 + d:2 + 2 * d],
+                 lo=p[2 + 2 * d:2 + 3 * d], hi=p[2 + 3 * d:2 + 4 * d], output_padding=p[2 + 4 * d:2 + 5 * d],
+                 mode=mode, d=d)
+        _require(g["groups"] >= 1, lambda: f"{op}: layer {l}: groups must be >= 1, got {g['groups']}")
+        _require(all(v >= 1 for v in g["stride"] + g["dilation"]),
+                 lambda: f"{op}: layer {l}: stride and dilation must be >= 1")
+        _require(all(v >= 0 for v in g["lo"] + g["hi"] + g["output_padding"]),
+                 lambda: f"{op}: layer {l}: padding and output_padding must be >= 0")
+        _require(mode in ("zeros", "circular", "reflect", "replicate"),
+                 lambda: f"{op}: layer {l}: padding mode must be zeros/circular/reflect/replicate, got "
+                         f"{mode!r}")
+        if g["transposed"]:
+            _require(mode == "zeros" and g["lo"] == g["hi"],
+                     lambda: f"{op}: layer {l}: a transposed conv takes symmetric zero padding only")
+        else:
+            _require(all(v == 0 for v in g["output_padding"]),
+                     lambda: f"{op}: layer {l}: output_padding must be 0 for a conv")
+        out.append(g)
+    _require(off == len(params), lambda: f"{op}: params has {len(params)} entries, the layers use {off}")
     return out
+
+
+def _conv_output_shape(op: str, l: int, g: dict, W, in_shape) -> list:
+    """The layer's output shape ``(C_out, *spatial)`` for an input ``(C_in, *spatial)``, with
+    floor division (a kernel larger than the padded input is an error, not an output of 1)."""
+    out = [W.shape[1] * g["groups"] if g["transposed"] else W.shape[0]]
+    for i in range(g["d"]):
+        n, k, s, dl = in_shape[1 + i], W.shape[2 + i], g["stride"][i], g["dilation"][i]
+        if g["transposed"]:
+            o = (n - 1) * s - g["lo"][i] - g["hi"][i] + dl * (k - 1) + g["output_padding"][i] + 1
+        else:
+            o = (n + g["lo"][i] + g["hi"][i] - dl * (k - 1) - 1) // s + 1  # floor: < 1 when k does not fit
+        _require(o >= 1, lambda: f"{op}: layer {l}: input {tuple(in_shape)} too small for the kernel")
+        out.append(o)
+    return out
+
+
+def _check_conv_args(op: str, weights, xs, ys, params, modes, need_contiguous: bool) -> List[dict]:
+    """Checks of the conv-operator ops (``decode`` and ``validate`` of csrc/conv_geometry.h);
+    returns the decoded geometry."""
+    _require(len(xs) == len(weights) and len(ys) == len(weights),
+             lambda: f"{op}: weights, xs and ys must have the same length, got {len(weights)}, {len(xs)}, "
+                     f"{len(ys)}")
+    _check_one_device(op, (("weights", weights), ("xs", xs), ("ys", ys)))
+    geo = _conv_geometry(op, weights, params, modes)
+    for l, (W, x, y, g) in enumerate(zip(weights, xs, ys, geo)):
+        _require(W.dtype in _WEIGHT_DTYPES,
+                 lambda: f"{op}: weights[{l}] must be float32/float64/bfloat16/float16, got {W.dtype}", TypeError)
+        _require(x.dim() == g["d"] + 1, lambda: f"{op}: xs[{l}] must be (C_in, *spatial) with {g['d']} "
+                                                          f"spatial dims, got {tuple(x.shape)}")
+        cin = W.shape[0] if g["transposed"] else W.shape[1] * g["groups"]
+        cout = W.shape[1] * g["groups"] if g["transposed"] else W.shape[0]
+        _require(x.shape[0] == cin, lambda: f"{op}: xs[{l}] has {x.shape[0]} channels, the layer takes {cin}")
+        _require(cout % g["groups"] == 0 and cin % g["groups"] == 0,
+                 lambda: f"{op}: layer {l}: channels ({cin}, {cout}) not divisible by groups={g['groups']}")
+        for i in range(g["d"]):
+            n, lo, hi = x.shape[1 + i], g["lo"][i], g["hi"][i]
+            if g["mode"] == "reflect":
+                _require(lo < n and hi < n, lambda: f"{op}: layer {l}: reflect padding must be < the input "
+                                                              f"size")
+            if g["mode"] == "circular":
+                _require(lo <= n and hi <= n, lambda: f"{op}: layer {l}: circular padding must be <= the "
+                                                                f"input size")
+            if g["transposed"]:
+                _require(g["output_padding"][i] < max(g["stride"][i], g["dilation"][i]),
+                         lambda: f"{op}: layer {l}: output_padding must be smaller than stride or dilation")
+        oshape = _conv_output_shape(op, l, g, W, x.shape)
+        _require(tuple(y.shape) == tuple(oshape),
+                 lambda: f"{op}: ys[{l}] must have the output shape {tuple(oshape)}, got {tuple(y.shape)}")
+        acc = _acc_dtype(W.dtype)
+        _require(x.dtype == acc and y.dtype == acc,
+                 lambda: f"{op}: xs[{l}]/ys[{l}] must be {acc} for a {W.dtype} weight, got {x.dtype}/{y.dtype}",
+                 TypeError)
+        if need_contiguous:
+            _require(x.is_contiguous() and y.is_contiguous(),
+                     lambda: f"{op}: xs[{l}]/ys[{l}] must be contiguous")
+    return geo
+
+
+def _check_conv_power_step_args(op: str, weights, xs, ys, params, modes, n_iter, tol) -> List[dict]:
+    _check_n_iter(op, n_iter)
+    _require(tol >= 0 and math.isfinite(tol), lambda: f"{op}: tol must be finite and >= 0, got {tol}")
+    return _check_conv_args(op, weights, xs, ys, params, modes, need_contiguous=True)
+
+
+def _check_circular_args(op: str, weights, xs, x_tops, y_tops, params, n_iter) -> List[dict]:
+    """Checks of ``circular_power_step_`` (csrc/cpu/circular_conv_cpu.cpp); returns the geometry."""
+    _require(len(xs) == len(weights) and len(x_tops) == len(weights) and len(y_tops) == len(weights),
+             lambda: f"{op}: weights, xs, x_tops and y_tops must have the same length, got {len(weights)}, "
+                     f"{len(xs)}, {len(x_tops)}, {len(y_tops)}")
+    _check_n_iter(op, n_iter)
+    _check_one_device(op, (("weights", weights), ("xs", xs), ("x_tops", x_tops), ("y_tops", y_tops)))
+    geo = _conv_geometry(op, weights, params, ["circular"] * len(weights))
+    for l, (W, x, g) in enumerate(zip(weights, xs, geo)):
+        _require(W.dtype in _WEIGHT_DTYPES,
+                 lambda: f"{op}: weights[{l}] must be float32/float64/bfloat16/float16, got {W.dtype}", TypeError)
+        _require(not g["transposed"],
+                 lambda: f"{op}: layer {l}: a circular conv norm needs a ConvNd, not a transposed conv")
+        _require(x.dim() == g["d"] + 1, lambda: f"{op}: xs[{l}] must be (C_in, *spatial) with {g['d']} "
+                                                          f"spatial dims, got {tuple(x.shape)}")
+        _require(x.shape[0] == W.shape[1] * g["groups"],
+                 lambda: f"{op}: xs[{l}] has {x.shape[0]} channels, the layer takes "
+                         f"{W.shape[1] * g['groups']}")
+        _require(W.shape[0] % g["groups"] == 0,
+                 lambda: f"{op}: layer {l}: C_out={W.shape[0]} not divisible by groups={g['groups']}")
+        acc = _acc_dtype(W.dtype)
+        _require(x.dtype == acc, lambda: f"{op}: xs[{l}] must be {acc} for a {W.dtype} weight, got {x.dtype}",
+                 TypeError)
+        _require(x.is_contiguous(), lambda: f"{op}: xs[{l}] must be contiguous")
+        for i in range(g["d"]):
+            n = x.shape[1 + i]
+            _require(n % g["stride"][i] == 0, lambda: f"{op}: layer {l}: stride {g['stride'][i]} must "
+                                                                f"divide the input size {n} (spatial dim {i})")
+            _require(g["lo"][i] <= n and g["hi"][i] <= n,
+                     lambda: f"{op}: layer {l}: circular padding must be <= the input size")
+        oshape = _conv_output_shape(op, l, g, W, x.shape)
+        _require(all(oshape[1 + i] == x.shape[1 + i] // g["stride"][i] for i in range(g["d"])),
+                 lambda: f"{op}: layer {l}: padding must give the full wrap-around output size (total "
+                         f"padding dilation*(kernel-1)), got output {tuple(oshape)}")
+        _require(tuple(x_tops[l].shape) == tuple(x.shape) and x_tops[l].dtype == x.dtype,
+                 lambda: f"{op}: x_tops[{l}] must be like xs[{l}]")
+        _require(tuple(y_tops[l].shape) == tuple(oshape) and y_tops[l].dtype == x.dtype,
+                 lambda: f"{op}: y_tops[{l}] must have the output shape {tuple(oshape)} and xs[{l}]'s dtype")
+    return geo
 
 
 def _conv_pad_vec(g):
@@ -331,7 +631,8 @@ def _conv_adjoint_ref(g, W, y, x_like):
 def _conv_power_step_reference(weights, xs, ys, params, padding_modes, n_iter, tol):
     """Reference kernel of ``conv_power_step_`` (any device): the same step and conventions
     as the C++ loop, with ``torch.where`` instead of host branches."""
-    geo = _unpack_conv_params(weights, params, padding_modes)
+    geo = _check_conv_power_step_args("specreg_fast::conv_power_step_", weights, xs, ys, params, padding_modes,
+                                      n_iter, tol)
     out = torch.zeros(len(weights), dtype=_out_dtype(weights), device=weights[0].device if weights else "cpu")
     with torch.no_grad():
         for l, (W, x1, y1, g) in enumerate(zip(weights, xs, ys, geo)):
@@ -361,7 +662,7 @@ def _conv_power_step_reference(weights, xs, ys, params, padding_modes, n_iter, t
 
 
 def _conv_sigma_reference(weights, xs, ys, params, padding_modes):
-    geo = _unpack_conv_params(weights, params, padding_modes)
+    geo = _check_conv_args("specreg_fast::conv_sigma", weights, xs, ys, params, padding_modes, need_contiguous=False)
     dt = _out_dtype(weights)
     if not weights:
         return torch.zeros(0, dtype=dt)
@@ -370,14 +671,15 @@ def _conv_sigma_reference(weights, xs, ys, params, padding_modes):
 
 
 def _conv_adjoint_reference(weights, xs, ys, params, padding_modes):
-    geo = _unpack_conv_params(weights, params, padding_modes)
+    geo = _check_conv_args("specreg_fast::conv_adjoint", weights, xs, ys, params, padding_modes,
+                           need_contiguous=False)
     return [_conv_adjoint_ref(g, W.to(y.dtype), y[None], x[None])[0].contiguous()
             for W, x, y, g in zip(weights, xs, ys, geo)]
 
 
 @torch.library.register_fake("specreg_fast::conv_power_step_")
 def _conv_power_step_fake(weights, xs, ys, params, padding_modes, n_iter, tol):
-    torch._check(len(xs) == len(weights) and len(ys) == len(weights))
+    _check_conv_power_step_args("specreg_fast::conv_power_step_", weights, xs, ys, params, padding_modes, n_iter, tol)
     if not weights:
         return torch.empty(0, dtype=torch.float32)
     return weights[0].new_empty(len(weights), dtype=_out_dtype(weights))
@@ -385,7 +687,7 @@ def _conv_power_step_fake(weights, xs, ys, params, padding_modes, n_iter, tol):
 
 @torch.library.register_fake("specreg_fast::conv_sigma")
 def _conv_sigma_fake(weights, xs, ys, params, padding_modes):
-    torch._check(len(xs) == len(weights) and len(ys) == len(weights))
+    _check_conv_args("specreg_fast::conv_sigma", weights, xs, ys, params, padding_modes, need_contiguous=False)
     if not weights:
         return torch.empty(0, dtype=torch.float32)
     return weights[0].new_empty(len(weights), dtype=_out_dtype(weights))
@@ -393,6 +695,7 @@ def _conv_sigma_fake(weights, xs, ys, params, padding_modes):
 
 @torch.library.register_fake("specreg_fast::conv_adjoint")
 def _conv_adjoint_fake(weights, xs, ys, params, padding_modes):
+    _check_conv_args("specreg_fast::conv_adjoint", weights, xs, ys, params, padding_modes, need_contiguous=False)
     return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
 
 
@@ -411,7 +714,8 @@ def _conv_sigma_setup_context(ctx, inputs, output):
 def _conv_weight_grad_reference(weights, xs, ys, params, padding_modes):
     # d<y, A(W) x>/dW with x, y held fixed is the conv weight-gradient with input pad(x) and
     # output-gradient y: one aten.convolution_backward per layer, no autograd graph.
-    geo = _unpack_conv_params(weights, params, padding_modes)
+    geo = _check_conv_args("specreg_fast::conv_weight_grad", weights, xs, ys, params, padding_modes,
+                           need_contiguous=False)
     grads = []
     for l, g in enumerate(geo):
         W, x, y = weights[l], xs[l], ys[l]
@@ -426,27 +730,35 @@ def _conv_weight_grad_reference(weights, xs, ys, params, padding_modes):
 
 @torch.library.register_fake("specreg_fast::conv_weight_grad")
 def _conv_weight_grad_fake(weights, xs, ys, params, padding_modes):
-    torch._check(len(xs) == len(weights) and len(ys) == len(weights))
+    _check_conv_args("specreg_fast::conv_weight_grad", weights, xs, ys, params, padding_modes, need_contiguous=False)
     return [torch.empty(W.shape, dtype=_acc_dtype(W.dtype), device=W.device) for W in weights]
 
 
 torch.library.impl("specreg_fast::conv_weight_grad", "CompositeExplicitAutograd")(_conv_weight_grad_reference)
 
 
+def _check_conv_weight_grad_add_args(grads, weights, xs, ys, params, padding_modes) -> None:
+    op = "specreg_fast::conv_weight_grad_add_"
+    _require(len(grads) == len(weights), lambda: f"{op}: grads, weights, xs and ys must have the same "
+                                                           f"length, got {len(grads)}, {len(weights)}, {len(xs)}, "
+                                                           f"{len(ys)}")
+    _check_conv_args(op, weights, xs, ys, params, padding_modes, need_contiguous=False)
+    _check_one_device(op, (("weights", weights), ("grads", grads)))
+    for l, (G, W) in enumerate(zip(grads, weights)):
+        _require(tuple(G.shape) == tuple(W.shape), lambda: f"{op}: grads[{l}] must have the weight's shape "
+                                                                     f"{tuple(W.shape)}, got {tuple(G.shape)}")
+        _require(G.dtype.is_floating_point,
+                 lambda: f"{op}: grads[{l}] must be a floating-point tensor, got {G.dtype}", TypeError)
+
+
 @torch.library.register_fake("specreg_fast::conv_weight_grad_add_")
 def _conv_weight_grad_add_fake(grads, weights, xs, ys, params, padding_modes):
-    torch._check(len(grads) == len(weights) and len(xs) == len(weights) and len(ys) == len(weights))
+    _check_conv_weight_grad_add_args(grads, weights, xs, ys, params, padding_modes)
     return None
 
 
 def _conv_weight_grad_add_reference(grads, weights, xs, ys, params, padding_modes):
-    if not (len(grads) == len(weights) == len(xs) == len(ys)):
-        raise ValueError(f"specreg_fast::conv_weight_grad_add_: grads, weights, xs and ys must have the same length, "
-                         f"got {len(grads)}, {len(weights)}, {len(xs)}, {len(ys)}")
-    for G, W in zip(grads, weights):
-        if G.shape != W.shape:
-            raise ValueError(f"specreg_fast::conv_weight_grad_add_: grads must have the weights' shapes, got "
-                             f"{tuple(G.shape)} for a weight of shape {tuple(W.shape)}")
+    _check_conv_weight_grad_add_args(grads, weights, xs, ys, params, padding_modes)
     gws = _conv_weight_grad_reference(weights, xs, ys, params, padding_modes)
     with torch.no_grad():
         for G, gw in zip(grads, gws):
@@ -476,7 +788,9 @@ torch.library.register_autograd("specreg_fast::conv_sigma", _conv_sigma_backward
 # backward that of conv_sigma. One implementation for every device.
 @torch.library.register_fake("specreg_fast::conv_sigma_from_step")
 def _conv_sigma_from_step_fake(weights, xs, ys, params, padding_modes, est):
-    torch._check(len(xs) == len(weights) and len(ys) == len(weights) and est.dim() == 1)
+    _check_conv_args("specreg_fast::conv_sigma_from_step", weights, xs, ys, params, padding_modes,
+                     need_contiguous=False)
+    _check_est("specreg_fast::conv_sigma_from_step", est, weights)
     return torch.empty_like(est)
 
 
@@ -513,36 +827,49 @@ def conv_power_step_(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: Li
                      padding_modes: List[str], n_iter: int = 1, tol: float = 0.0) -> torch.Tensor:
     """``n_iter`` grouped power steps on conv operators, in place on ``xs``/``ys``; returns
     the detached estimates ``<y, A x>``. ``params``/``padding_modes``: :func:`pack_conv_params`."""
-    return torch.ops.specreg_fast.conv_power_step_(list(weights), list(xs), list(ys), list(params),
-                                                   list(padding_modes), int(n_iter), float(tol))
+    op = "specreg_fast::conv_power_step_"
+    xs, ys = list(xs), list(ys)
+    _check_writable(op, "xs", xs)
+    _check_writable(op, "ys", ys)
+    return torch.ops.specreg_fast.conv_power_step_(list(weights), xs, ys, _params_arg(op, params),
+                                                   _modes_arg(op, padding_modes), _int_arg(op, "n_iter", n_iter),
+                                                   _tol_arg(op, tol, finite=True))
 
 
 def conv_sigma(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: List[torch.Tensor], params: List[int],
                padding_modes: List[str]) -> torch.Tensor:
     """``<y_l, A(W_l) x_l>`` per layer, differentiable in the weights."""
-    return torch.ops.specreg_fast.conv_sigma(list(weights), list(xs), list(ys), list(params), list(padding_modes))
+    op = "specreg_fast::conv_sigma"
+    return torch.ops.specreg_fast.conv_sigma(list(weights), list(xs), list(ys), _params_arg(op, params),
+                                             _modes_arg(op, padding_modes))
 
 
 def conv_weight_grad(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: List[torch.Tensor], params: List[int],
                      padding_modes: List[str]) -> List[torch.Tensor]:
     """``d<y_l, A(W_l) x_l>/dW_l`` per layer (the conv weight-gradient of input ``x_l`` and
     output-gradient ``y_l``), float32 (float64 for a float64 weight), without autograd."""
-    return torch.ops.specreg_fast.conv_weight_grad(list(weights), list(xs), list(ys), list(params),
-                                                   list(padding_modes))
+    op = "specreg_fast::conv_weight_grad"
+    return torch.ops.specreg_fast.conv_weight_grad(list(weights), list(xs), list(ys), _params_arg(op, params),
+                                                   _modes_arg(op, padding_modes))
 
 
 def conv_weight_grad_add_(grads: List[torch.Tensor], weights: List[torch.Tensor], xs: List[torch.Tensor],
                           ys: List[torch.Tensor], params: List[int], padding_modes: List[str]) -> None:
     """``grads[l] += conv_weight_grad(...)[l]`` in place (any float dtype of ``grads[l]``;
     scale ``ys`` to scale the addition). Checks every argument before writing."""
-    torch.ops.specreg_fast.conv_weight_grad_add_(list(grads), list(weights), list(xs), list(ys), list(params),
-                                                 list(padding_modes))
+    op = "specreg_fast::conv_weight_grad_add_"
+    grads = list(grads)
+    _check_writable(op, "grads", grads)
+    torch.ops.specreg_fast.conv_weight_grad_add_(grads, list(weights), list(xs), list(ys), _params_arg(op, params),
+                                                 _modes_arg(op, padding_modes))
 
 
 def conv_adjoint(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: List[torch.Tensor], params: List[int],
                  padding_modes: List[str]) -> List[torch.Tensor]:
     """``A(W_l)^T y_l`` per layer (``xs`` give the input shapes)."""
-    return torch.ops.specreg_fast.conv_adjoint(list(weights), list(xs), list(ys), list(params), list(padding_modes))
+    op = "specreg_fast::conv_adjoint"
+    return torch.ops.specreg_fast.conv_adjoint(list(weights), list(xs), list(ys), _params_arg(op, params),
+                                               _modes_arg(op, padding_modes))
 
 
 
@@ -569,7 +896,7 @@ def _polyphase_merge(z, s, like):
 
 
 def _circular_power_step_reference(weights, xs, x_tops_out, y_tops_out, params, n_iter):
-    geo = _unpack_conv_params(weights, params, ["circular"] * len(weights))
+    geo = _check_circular_args("specreg_fast::circular_power_step_", weights, xs, x_tops_out, y_tops_out, params, n_iter)
     out = torch.zeros(len(weights), dtype=_out_dtype(weights), device=weights[0].device if weights else "cpu")
     with torch.no_grad():
         for l, (W, x_state, g) in enumerate(zip(weights, xs, geo)):
@@ -621,7 +948,7 @@ def _circular_power_step_reference(weights, xs, x_tops_out, y_tops_out, params, 
 
 @torch.library.register_fake("specreg_fast::circular_power_step_")
 def _circular_power_step_fake(weights, xs, x_tops, y_tops, params, n_iter):
-    torch._check(len(xs) == len(weights) and len(x_tops) == len(weights) and len(y_tops) == len(weights))
+    _check_circular_args("specreg_fast::circular_power_step_", weights, xs, x_tops, y_tops, params, n_iter)
     if not weights:
         return torch.empty(0, dtype=torch.float32)
     return weights[0].new_empty(len(weights), dtype=_out_dtype(weights))
@@ -632,7 +959,13 @@ torch.library.impl("specreg_fast::circular_power_step_", "CompositeExplicitAutog
 
 def circular_output_shapes(weights: List[torch.Tensor], xs: List[torch.Tensor], params: List[int]):
     """The output shape ``(C_out, *(N / stride))`` of each full wrap-around conv."""
-    geo = _unpack_conv_params(weights, params, ["circular"] * len(weights))
+    op = "specreg_fast::circular_power_step_"
+    _require(len(xs) == len(weights), lambda: f"{op}: weights and xs must have the same length, got "
+                                                        f"{len(weights)}, {len(xs)}")
+    geo = _conv_geometry(op, weights, params, ["circular"] * len(weights))
+    for l, (x, g) in enumerate(zip(xs, geo)):
+        _require(x.dim() == g["d"] + 1, lambda: f"{op}: xs[{l}] must be (C_in, *spatial) with {g['d']} "
+                                                          f"spatial dims, got {tuple(x.shape)}")
     return [(W.shape[0], *[x.shape[1 + i] // g["stride"][i] for i in range(g["d"])])
             for W, x, g in zip(weights, xs, geo)]
 
@@ -641,16 +974,38 @@ def circular_power_step_(weights: List[torch.Tensor], xs: List[torch.Tensor], pa
     """``n_iter`` matrix-free batched per-frequency power steps of circular convs, in place on
     ``xs``; returns ``(estimates, x_tops, y_tops)``, the top-frequency pairs in fresh buffers
     (see ``csrc/specreg_fast.cpp``)."""
-    weights, xs = list(weights), list(xs)
+    op = "specreg_fast::circular_power_step_"
+    weights, xs, params = list(weights), list(xs), _params_arg(op, params)
+    n_iter = _int_arg(op, "n_iter", n_iter)
+    _check_writable(op, "xs", xs)
     x_tops = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
     y_tops = [x.new_empty(shape) for x, shape in zip(xs, circular_output_shapes(weights, xs, params))]
-    est = torch.ops.specreg_fast.circular_power_step_(weights, xs, x_tops, y_tops, list(params), int(n_iter))
+    est = torch.ops.specreg_fast.circular_power_step_(weights, xs, x_tops, y_tops, params, n_iter)
     return est, x_tops, y_tops
 
 
 # ----------------------------------------------------------------------------- explicit-block power iteration
+def _check_batched_args(blocks, us, vs, n_iter) -> None:
+    """Checks of ``batched_power_step_`` (csrc/cpu/batched_power_cpu.cpp)."""
+    op = "specreg_fast::batched_power_step_"
+    _require(blocks.dim() == 3, lambda: f"{op}: blocks must be a (B, m, n) stack, got shape "
+                                                  f"{tuple(blocks.shape)}")
+    _require(blocks.dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128),
+             lambda: f"{op}: blocks must be float32/float64/complex64/complex128, got {blocks.dtype}", TypeError)
+    B, m, n = blocks.shape
+    _require(tuple(us.shape) == (B, m) and tuple(vs.shape) == (B, n),
+             lambda: f"{op}: us must be ({B}, {m}) and vs ({B}, {n}), got {tuple(us.shape)} and "
+                     f"{tuple(vs.shape)}")
+    _require(us.dtype == blocks.dtype and vs.dtype == blocks.dtype,
+             lambda: f"{op}: us/vs must have the blocks' dtype {blocks.dtype}, got {us.dtype}/{vs.dtype}", TypeError)
+    _require(us.is_contiguous() and vs.is_contiguous(), lambda: f"{op}: us/vs must be contiguous")
+    _check_one_device(op, (("blocks", blocks), ("us", us), ("vs", vs)))
+    _check_n_iter(op, n_iter)
+
+
 def _batched_power_step_reference(blocks, us, vs, n_iter):
     """Reference kernel of ``batched_power_step_`` (any device), in place on us/vs."""
+    _check_batched_args(blocks, us, vs, n_iter)
     with torch.no_grad():
         for _ in range(n_iter):
             t = torch.einsum("bmn,bn->bm", blocks, vs)
@@ -665,7 +1020,7 @@ def _batched_power_step_reference(blocks, us, vs, n_iter):
 
 @torch.library.register_fake("specreg_fast::batched_power_step_")
 def _batched_power_step_fake(blocks, us, vs, n_iter):
-    torch._check(blocks.dim() == 3)
+    _check_batched_args(blocks, us, vs, n_iter)
     return blocks.new_empty(blocks.shape[0], dtype=blocks.real.dtype if blocks.is_complex() else blocks.dtype)
 
 
@@ -675,12 +1030,32 @@ torch.library.impl("specreg_fast::batched_power_step_", "CompositeExplicitAutogr
 def batched_power_step_(blocks: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, n_iter: int = 1) -> torch.Tensor:
     """``n_iter`` power steps on every block of ``blocks`` (B, m, n), in place on ``us``
     (B, m) / ``vs`` (B, n); returns ``|P_b v_b|`` per block (see ``csrc/specreg_fast.cpp``)."""
-    return torch.ops.specreg_fast.batched_power_step_(blocks, us, vs, int(n_iter))
+    op = "specreg_fast::batched_power_step_"
+    _check_writable(op, "us", us)
+    _check_writable(op, "vs", vs)
+    return torch.ops.specreg_fast.batched_power_step_(blocks, us, vs, _int_arg(op, "n_iter", n_iter))
 
 
 # ----------------------------------------------------------------------------- Cholesky test (certified bounds)
+def _check_cholesky_args(H, shift, allow_real: bool = False) -> None:
+    """Checks of ``shifted_cholesky_info`` (csrc/cpu/shifted_cholesky_cpu.cpp); ``allow_real``
+    for the reference kernel, which bounds.py also runs on real float64 stacks."""
+    op = "specreg_fast::shifted_cholesky_info"
+    _require(H.dim() == 3 and H.shape[1] == H.shape[2],
+             lambda: f"{op}: H must be a (B, c, c) stack, got shape {tuple(H.shape)}")
+    dtypes = (torch.complex64, torch.complex128) + ((torch.float32, torch.float64) if allow_real else ())
+    _require(H.dtype in dtypes, lambda: f"{op}: H must be complex64/complex128, got {H.dtype}", TypeError)
+    real = H.real.dtype
+    _require(shift.dim() == 1 and shift.shape[0] == H.shape[0],
+             lambda: f"{op}: shift must have shape ({H.shape[0]},), got {tuple(shift.shape)}")
+    _require(shift.dtype == real, lambda: f"{op}: shift must be {real} (the real dtype of H), got "
+                                                   f"{shift.dtype}", TypeError)
+    _check_one_device(op, (("H", H), ("shift", shift)))
+
+
 def _shifted_cholesky_info_reference(H, shift):
     """Reference kernel of ``shifted_cholesky_info`` (any device): LAPACK/cuSOLVER's info."""
+    _check_cholesky_args(H, shift, allow_real=True)
     with torch.no_grad():
         A = torch.neg(H)
         A.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
@@ -689,7 +1064,7 @@ def _shifted_cholesky_info_reference(H, shift):
 
 @torch.library.register_fake("specreg_fast::shifted_cholesky_info")
 def _shifted_cholesky_info_fake(H, shift):
-    torch._check(H.dim() == 3)
+    _check_cholesky_args(H, shift)
     return H.new_empty(H.shape[0], dtype=torch.int32)
 
 

@@ -581,7 +581,12 @@ class SpectralPenalty(nn.Module):
 class SpectralNormalize(nn.Module):
     """Parametrization ``W -> W / sigma(W)`` with the fast ops: a drop-in for
     ``torch.nn.utils.parametrizations.spectral_norm`` that, for convs, divides by the true
-    operator norm at ``input_shape`` instead of the reshaped-kernel matrix norm."""
+    operator norm at ``input_shape`` instead of the reshaped-kernel matrix norm.
+
+    sigma is clamped at ``sqrt(finfo.tiny)`` of its dtype (1.1e-19 in float32): a zero weight
+    (sigma 0) maps to zero instead of 0/0 = NaN, with a finite gradient ``1/floor`` times the
+    incoming one (float32/float64/bfloat16 weights; a float16 gradient cannot hold it); a
+    low-precision weight is divided in sigma's dtype, where that floor exists."""
 
     def __init__(self, module: nn.Module, input_shape: Optional[Sequence[int]] = None, n_iter: int = 1,
                  n_iter_init: int = 15, seed: int = 0):
@@ -612,7 +617,8 @@ class SpectralNormalize(nn.Module):
         else:
             s = _dense.spectral_norms([_dense.as_matrix(W)], _dense.PowerState([self.u], [self.v]),
                                       n_iter=self.n_iter, update=upd)[0]
-        return W / s.to(W.dtype)
+        s = s.clamp_min(torch.finfo(s.dtype).tiny ** 0.5)
+        return W / s if W.dtype == s.dtype else (W.to(s.dtype) / s).to(W.dtype)
 
 
 def spectral_constraint(module: nn.Module, input_shape: Optional[Sequence[int]] = None, n_iter: int = 1,
