@@ -188,3 +188,111 @@ def test_spectral_constraint_gradient_survives_a_second_forward(kind):
         s = (b1.double()[None] * F.conv2d(a1.double()[None], W, padding=1)).sum()
     (want,) = torch.autograd.grad(((W / s) * G.double()).sum(), W)
     torch.testing.assert_close(g.double(), want, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- item: compile from step 0
+def _compile_case(kind):
+    """(model, penalty, input shape) for the compiled-training tests."""
+    if kind == "dense":
+        model, shape = mlp(), (4, 20)
+    else:
+        model, shape = cnn(), (3, 2, 8, 8)
+        if kind == "fft":
+            sf.to_circular_padding(model)
+    pen = sf.SpectralPenalty(model, gamma=1.0, conv_norm="fft" if kind == "fft" else "operator", start_step=2,
+                             every=2, n_iter_init=5)
+    return model, pen, shape
+
+
+def _loss(model, pen, x):
+    return model(x).square().mean() + pen()
+
+
+def _train_side_by_side(kind, backend, rtol, steps=6, warm_start=False):
+    """A compiled (fullgraph, from step 0) and an eager training run from the same prepared
+    state; compares the loss, every gradient and every penalty buffer after each step."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model, pen, shape = _compile_case(kind)
+    pen.prepare(torch.randn(shape), warm_start=warm_start)
+    model_e, pen_e = copy.deepcopy((model, pen))
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(_loss, backend=counter, fullgraph=True)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, model_e)]
+    torch.manual_seed(1)
+    for step in range(steps):
+        x = torch.randn(shape)
+        losses = []
+        for f, m, p, opt in ((compiled, model, pen, opts[0]), (_loss, model_e, pen_e, opts[1])):
+            loss = f(m, p, x)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()  # the weights move: a warm start at the wrong step would see other weights
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[0], losses[1], rtol=rtol, atol=0, msg=lambda m: f"loss at step {step}: {m}")
+        for (name, a), b in [*zip(pen.named_buffers(), pen_e.buffers()), *zip(model.named_parameters(),
+                                                                                model_e.parameters())]:
+            if a.dtype.is_floating_point:  # relative to the tensor's scale: vectors have entries near 0
+                torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item(),
+                                           msg=f"{name} at step {step}")
+            else:
+                assert torch.equal(a, b), f"{name} at step {step}"
+    assert counter.frame_count == 1  # one graph for the whole run: the schedule is data, not guards
+    return pen
+
+
+# dense and conv-operator steps split exactly (a + b steps = a steps, then b: the same loop),
+# so aot_eager gives eager's bits; the circular step re-enters the Fourier domain at each
+# call, which moves the vectors by float rounding when the warm start is split in two.
+@pytest.mark.parametrize("kind,rtol", [("dense", 0.0), ("operator", 0.0), ("fft", 1e-6)])
+def test_compiled_training_from_step_zero_matches_eager(kind, rtol):
+    """start_step=2, every=2, n_iter_init=5: no power steps on steps 0, 1, 3, 5; the warm
+    start (5 steps) on step 2, at the weights of step 2; one step on step 4."""
+    pen = _train_side_by_side(kind, "aot_eager", rtol=rtol)
+    assert pen.step_count.item() == 6 and bool(pen.initialized)
+
+
+def test_compiled_training_after_an_eager_warm_start_matches_eager():
+    """prepare(warm_start=True): the warm start runs at prepare time, and the compiled graph
+    carries no warm-start steps."""
+    _train_side_by_side("dense", "aot_eager", rtol=0.0, steps=4, warm_start=True)
+
+
+@pytest.mark.slow
+def test_compiled_training_from_step_zero_matches_eager_inductor():
+    _train_side_by_side("dense", "inductor", rtol=1e-5)
+
+
+def test_first_call_inside_fullgraph_asks_for_prepare():
+    model, pen, shape = _compile_case("dense")
+    compiled = torch.compile(_loss, backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match=r"penalty\.prepare\(example_input\)"):
+        compiled(model, pen, torch.randn(shape))
+
+
+def test_first_call_inside_compile_without_fullgraph_finalizes_by_itself():
+    """Without fullgraph the state is created eagerly at a graph break on the first call;
+    the run then matches an eager run from the same construction."""
+    runs = []
+    for f in (torch.compile(_loss, backend="aot_eager"), _loss):
+        model, pen, shape = _compile_case("dense")
+        torch.manual_seed(1)
+        runs.append([f(model, pen, torch.randn(shape)).detach() for _ in range(4)] + [pen.get_buffer("v_0").clone()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+def test_prepare_runs_the_model_without_side_effects():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
+                          nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    model[3].eval()  # a mixed-mode model: each module's own mode comes back
+    before = copy.deepcopy(model.state_dict())
+    pen = sf.SpectralPenalty(model).prepare(torch.randn(2, 2, 5, 5))
+    assert pen.layer_names == ["0"]
+    assert [m.training for m in model.modules()] == [True, True, True, True, False, True, True]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # BatchNorm statistics untouched
+    assert pen.step_count.item() == 0 and not bool(pen.initialized)
+    assert sf.SpectralPenalty(mlp(), scope="all").prepare().layer_names == ["0", "2", "4"]  # no forward needed
