@@ -436,9 +436,9 @@ class SpectralPenalty(nn.Module):
             step = torch.compile(train_step, fullgraph=True)
 
         ``warm_start=True`` also runs the ``n_iter_init`` warm-start steps now, at the current
-        weights, instead of on the first penalized step: a compiled graph then needs no
-        warm-start branch (see :meth:`_compiled_sigmas`). Nothing else changes: the schedule
-        counter and the penalty's value are untouched."""
+        weights, instead of on the first penalized step: compiled calls then skip the
+        warm-start steps that they otherwise run, masked, while a warm start is pending. The
+        schedule counter and ``last_sigmas`` are untouched."""
         if example_args or example_kwargs:
             model = self._model[0]
             modes = [(m, m.training) for m in model.modules()]
