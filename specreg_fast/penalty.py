@@ -458,6 +458,11 @@ class SpectralPenalty(nn.Module):
         self._warm_start_done = bool(self.initialized)
         return self
 
+    # Under torch.compile a graph break: the state cannot be created inside a graph (a
+    # torch.Generator seeds it); with fullgraph=True the reason below is the error.
+    @torch.compiler.disable(reason="SpectralPenalty creates its state on the first call, which cannot happen inside "
+                                   "a compiled graph: call penalty.prepare(example_input) before compiling with "
+                                   "fullgraph=True")
     def _finalize_autocast_off(self):
         with torch.autocast(device_type=self._candidates[0][1].weight.device.type, enabled=False):
             self._finalize()
@@ -472,10 +477,7 @@ class SpectralPenalty(nn.Module):
         the vectors take ``n_iter`` power steps first; ``penalty.eval()`` or
         ``update=False`` evaluates at the current vectors."""
         if not self._ready:
-            if torch.compiler.is_compiling():
-                _finalize_outside_the_graph(self)
-            else:
-                self._finalize_autocast_off()
+            self._finalize_autocast_off()
         upd = self.training and self.update if update is None else bool(update)
         eig = self._eig_terms
         self._eig_terms = []
@@ -508,19 +510,19 @@ class SpectralPenalty(nn.Module):
         Eager mode reads the step counter and ``initialized`` on the host: no work before
         ``start_step`` or on skipped ``every`` steps, ``max(n_iter, n_iter_init)`` steps on the
         first penalized call. A compiled graph has no data-dependent branch (a host read of a
-        mask is a graph break, or a device sync on every step) and ``torch.cond`` cannot take
-        the in-place power-step ops, so the graph always does the work and masks its result:
-        the vectors are snapshotted; the warm start's extra ``n_iter_init - n_iter`` steps run
-        and are kept only while not ``initialized``; the ``n_iter`` steps of every call run;
-        then all of it is kept only where ``active`` (``torch.where(mask, new, old)`` into the
-        buffers); the value is masked by the caller. The ops' ``a + b`` steps are ``a`` steps then
-        ``b`` (the same loop), so this gives eager's vectors and values: bit for bit for dense
-        and conv-operator layers; the circular step re-enters the Fourier domain at each call,
-        so a split warm start differs there by float rounding. The cost:
-        an inactive compiled call does a normal call's steps, and while a warm start may still
-        be pending (``_warm_start_done`` False when traced), every compiled call runs
-        ``max(n_iter, n_iter_init)`` steps; ``prepare(..., warm_start=True)`` before compiling
-        (or one eager call) removes that branch."""
+        mask is a graph break, or a device sync on every step) and ``torch.cond`` rejects the
+        in-place power-step ops (torch 2.14), so the graph always does the work and masks its
+        result: the vectors are snapshotted; the warm start's extra ``n_iter_init - n_iter``
+        steps run and are kept only while not ``initialized``; the ``n_iter`` steps of every
+        call run; then all of it is kept only where ``active`` (``torch.where(mask, new, old)``
+        into the buffers); the caller masks the value. The ops' ``a + b`` steps are ``a``
+        steps then ``b`` (the same loop), so this gives eager's vectors and values: bit for bit
+        for dense and conv-operator layers; the circular step re-enters the Fourier domain at
+        each call, so there a split warm start differs by float rounding. The cost: an
+        inactive compiled call does a normal call's steps, and while a warm start may be
+        pending (``_warm_start_done`` False when traced) every compiled call also runs the
+        extra steps; ``prepare(..., warm_start=True)`` before compiling (or one eager call)
+        removes them from the graph."""
         if not update:
             return self._sigmas(False, self.n_iter)
         b = self._buffers
@@ -661,14 +663,6 @@ class SpectralPenalty(nn.Module):
     def extra_repr(self) -> str:
         return (f"scope={self._scope!r}, conv_norm={self.conv_norm!r}, n_iter={self.n_iter}, "
                 f"start_step={self.start_step}, every={self.every}, eig_ub={self.eig_ub}")
-
-
-# (a module-level function: torch.compiler.disable on a bound method would wrap it per call)
-@torch.compiler.disable(reason="SpectralPenalty creates its state on the first call, which cannot happen inside a "
-                               "compiled graph: call penalty.prepare(example_input) before compiling with "
-                               "fullgraph=True")
-def _finalize_outside_the_graph(penalty: SpectralPenalty) -> None:
-    penalty._finalize_autocast_off()
 
 
 # ---------------------------------------------------------------------- constraint mode
