@@ -210,7 +210,8 @@ def _loss(model, pen, x):
 
 def _train_side_by_side(kind, backend, rtol, steps=6, warm_start=False):
     """A compiled (fullgraph, from step 0) and an eager training run from the same prepared
-    state; compares the loss, every gradient and every penalty buffer after each step."""
+    state; compares after each step the loss, the weights after the SGD step (so every
+    gradient) and every penalty buffer. Returns the penalty and the compile counter."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
@@ -239,7 +240,7 @@ def _train_side_by_side(kind, backend, rtol, steps=6, warm_start=False):
             else:
                 assert torch.equal(a, b), f"{name} at step {step}"
     assert counter.frame_count == 1  # one graph for the whole run: the schedule is data, not guards
-    return pen
+    return pen, counter
 
 
 # dense and conv-operator steps split exactly (a + b steps = a steps, then b: the same loop),
@@ -249,14 +250,16 @@ def _train_side_by_side(kind, backend, rtol, steps=6, warm_start=False):
 def test_compiled_training_from_step_zero_matches_eager(kind, rtol):
     """start_step=2, every=2, n_iter_init=5: no power steps on steps 0, 1, 3, 5; the warm
     start (5 steps) on step 2, at the weights of step 2; one step on step 4."""
-    pen = _train_side_by_side(kind, "aot_eager", rtol=rtol)
+    pen, _ = _train_side_by_side(kind, "aot_eager", rtol=rtol)
     assert pen.step_count.item() == 6 and bool(pen.initialized)
 
 
 def test_compiled_training_after_an_eager_warm_start_matches_eager():
     """prepare(warm_start=True): the warm start runs at prepare time, and the compiled graph
     carries no warm-start steps."""
-    _train_side_by_side("dense", "aot_eager", rtol=0.0, steps=4, warm_start=True)
+    _, pending = _train_side_by_side("dense", "aot_eager", rtol=0.0, steps=1)
+    _, done = _train_side_by_side("dense", "aot_eager", rtol=0.0, steps=4, warm_start=True)
+    assert done.op_count < pending.op_count
 
 
 @pytest.mark.slow  # inductor compiles C++: about a minute per case on 2 cores
