@@ -354,13 +354,42 @@ def test_constraint_mode_normalizes_by_operator_norm():
         sf.spectral_constraint(nn.Conv1d(1, 1, 3))
 
 
-def test_averaged_model_does_not_average_vectors():
-    model = mlp()
-    pen = sf.SpectralPenalty(model)
-    model(torch.randn(1, 20))
-    pen()
-    ema = torch.optim.swa_utils.AveragedModel(model)
-    assert not any(k.split(".")[-1].startswith(("u_", "v_")) for k in ema.state_dict())
+@pytest.mark.parametrize("average", ["swa", "ema"])
+def test_averaged_model_leaves_the_penalty_alone(average):
+    """An SWA / EMA copy of the model (buffers averaged too) over training steps: the penalty's
+    vectors and values are those of the same run without it, and the averaged model's state
+    holds the model's own entries only (the vectors live on the penalty, not the model)."""
+    swa = torch.optim.swa_utils
+
+    def run(with_average):
+        model = mlp()
+        pen = sf.SpectralPenalty(model, gamma=0.1, n_iter_init=2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        averaged, sigmas = None, []
+        torch.manual_seed(1)
+        for step in range(6):
+            x = torch.randn(8, 20)
+            loss = model(x).square().mean() + pen()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sigmas.append(pen.last_sigmas.clone())
+            if with_average and averaged is None:  # after the first call: the penalty's state exists
+                averaged = swa.AveragedModel(model, use_buffers=True, multi_avg_fn=(
+                    swa.get_ema_multi_avg_fn(0.9) if average == "ema" else None))
+            elif with_average:
+                averaged.update_parameters(model)
+                averaged(x)  # evaluated, as for a validation loss
+        return model, pen, averaged, sigmas
+
+    model, pen, averaged, sigmas = run(True)
+    _, pen_plain, _, sigmas_plain = run(False)
+    for (name, a), b in zip(pen.named_buffers(), pen_plain.buffers()):
+        assert torch.equal(a, b), name
+    for a, b in zip(sigmas, sigmas_plain):
+        assert torch.equal(a, b)
+    assert set(averaged.module.state_dict()) == set(mlp().state_dict())
+    assert not any(torch.equal(p, q) for p, q in zip(averaged.module.parameters(), model.parameters()))
 
 
 def test_torch_compile_training_step_matches_eager():

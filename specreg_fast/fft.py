@@ -340,7 +340,8 @@ def circular_block_norms(specs: Sequence[ConvSpec], state: CircularBlockState, n
         f, g = divmod(top, spec.groups)
         Pf = circular_blocks(w, spec.input_shape[1:], spec.stride, spec.dilation, spec.groups,
                              freqs=torch.tensor([f]))[g]
-        out.append(torch.linalg.vector_norm(Pf @ v[top]))
+        # a copy of v*: autograd saves it for the backward, and the next step rewrites v in place
+        out.append(torch.linalg.vector_norm(Pf @ v[top].clone()))
     if not out:
         return torch.zeros(0)
     dt = torch.float64 if any(s.weight.dtype == torch.float64 for s in specs) else torch.float32

@@ -292,7 +292,11 @@ torch.library.impl("specreg_fast::sigma", "CompositeExplicitAutograd")(_sigma_re
 
 def _sigma_setup_context(ctx, inputs, output):
     weights, us, vs = inputs
-    ctx.save_for_backward(*us, *vs)
+    # Copies, not the vectors: they are persistent state that the next power step rewrites in
+    # place (without a version bump), so a second call before backward() (summed micro-batch
+    # losses, a logging call) would hand this backward the later vectors. As torch's own
+    # spectral_norm does; the vectors are small next to the u v^T the backward writes.
+    ctx.save_for_backward(*[u.clone() for u in us], *[v.clone() for v in vs])
     ctx.n = len(weights)
     ctx.w_meta = [(w.dtype, w.shape) for w in weights]
 
@@ -706,7 +710,8 @@ torch.library.impl("specreg_fast::conv_adjoint", "CompositeExplicitAutograd")(_c
 
 def _conv_sigma_setup_context(ctx, inputs, output):
     weights, xs, ys, params, padding_modes = inputs
-    ctx.save_for_backward(*weights, *xs, *ys)
+    # copies of the persistent (x, y), for the reason given in _sigma_setup_context
+    ctx.save_for_backward(*weights, *[x.clone() for x in xs], *[y.clone() for y in ys])
     ctx.n = len(weights)
     ctx.params, ctx.modes = list(params), list(padding_modes)
 

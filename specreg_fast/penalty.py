@@ -292,6 +292,7 @@ class SpectralPenalty(nn.Module):
             state_dict = {k: v for k, v in state_dict.items()
                           if not (k.startswith(prefix) and k[len(prefix):] in self._pending_state)}
         state_dict.pop(prefix + "_conv_input_shapes", None)
+        self._warm_start_done = False  # the loaded `initialized` may be False
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -314,6 +315,7 @@ class SpectralPenalty(nn.Module):
                 del self._buffers[k]
         self.step_count.zero_()
         self.initialized.fill_(False)
+        self._warm_start_done = False
         self._ready = False
         self._plan = None
         self._pending_state = {}
@@ -422,13 +424,60 @@ class SpectralPenalty(nn.Module):
             parts.insert(0, sig.float())
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
+    def prepare(self, *example_args, warm_start: bool = False, **example_kwargs) -> "SpectralPenalty":
+        """Find the layers and create the state now, outside any compiled region; returns the
+        penalty. With example arguments, first runs the model once on them (``no_grad``, every
+        module in eval mode for that pass, so no BatchNorm statistics move) for the discovery
+        that otherwise needs a forward pass before the first call. Call it before compiling a
+        training step that contains the penalty from step 0 (``torch.compile(fullgraph=True)``
+        cannot create the state inside the graph)::
+
+            penalty = sf.SpectralPenalty(model, gamma=1e-2).prepare(x_example)
+            step = torch.compile(train_step, fullgraph=True)
+
+        ``warm_start=True`` also runs the ``n_iter_init`` warm-start steps now, at the current
+        weights, instead of on the first penalized step: compiled calls then skip the
+        warm-start steps that they otherwise run, masked, while a warm start is pending. The
+        schedule counter and ``last_sigmas`` are untouched."""
+        if example_args or example_kwargs:
+            model = self._model[0]
+            modes = [(m, m.training) for m in model.modules()]
+            model.eval()
+            try:
+                with torch.no_grad():
+                    model(*example_args, **example_kwargs)
+            finally:
+                for m, mode in modes:
+                    m.training = mode
+        if not self._ready:
+            self._finalize_autocast_off()
+        if warm_start and not bool(self.initialized):
+            with torch.no_grad():
+                self._sigmas(True, max(self.n_iter, self.n_iter_init))
+            self.initialized.fill_(True)
+        self._warm_start_done = bool(self.initialized)
+        return self
+
+    # Under torch.compile a graph break: the state cannot be created inside a graph (a
+    # torch.Generator seeds it); with fullgraph=True the reason below is the error.
+    @torch.compiler.disable(reason="SpectralPenalty creates its state on the first call, which cannot happen inside "
+                                   "a compiled graph: call penalty.prepare(example_input) before compiling with "
+                                   "fullgraph=True")
+    def _finalize_autocast_off(self):
+        with torch.autocast(device_type=self._candidates[0][1].weight.device.type, enabled=False):
+            self._finalize()
+
+    # Whether the host knows that the warm start has happened (``initialized`` is True): set
+    # by the eager calls and prepare(), cleared by reset() and load_state_dict(). A compiled
+    # graph traced while it is False carries the masked warm-start steps (_compiled_sigmas).
+    _warm_start_done = False
+
     def forward(self, update: Optional[bool] = None) -> torch.Tensor:
         """The penalty (a differentiable scalar). In training mode (and ``update`` not False)
         the vectors take ``n_iter`` power steps first; ``penalty.eval()`` or
         ``update=False`` evaluates at the current vectors."""
         if not self._ready:
-            with torch.autocast(device_type=self._candidates[0][1].weight.device.type, enabled=False):
-                self._finalize()
+            self._finalize_autocast_off()
         upd = self.training and self.update if update is None else bool(update)
         eig = self._eig_terms
         self._eig_terms = []
@@ -436,23 +485,61 @@ class SpectralPenalty(nn.Module):
         active = self._active(compiling)
         if self.training and self.auto_step:
             self.step_count.add_(1)
-        if not compiling and not active:
-            # burn-in / skipped step: no work at all (under torch.compile the mask below
-            # plays this role without a graph break)
+        if compiling:
+            sig = self._compiled_sigmas(upd, active)
+        elif not active:
+            # burn-in / skipped step: no work at all
             return self.gammas.new_zeros(())
-        n_iter = self.n_iter
-        if upd and not compiling and not bool(self.initialized):
-            n_iter = max(self.n_iter, self.n_iter_init)
-        sig = self._sigmas_or_roll_back(upd, n_iter, None)
-        if upd:
-            self.initialized.fill_(True)
+        else:
+            n_iter = max(self.n_iter, self.n_iter_init) if upd and not bool(self.initialized) else self.n_iter
+            sig = self._sigmas_or_roll_back(upd, n_iter, None)
+            if upd:
+                self.initialized.fill_(True)
+                self._warm_start_done = True
         with torch.no_grad():
-            self.last_sigmas.copy_(sig.detach())
+            self.last_sigmas.copy_(torch.where(active, sig.detach(), self.last_sigmas) if compiling else sig.detach())
         total = (self.gammas * sig.pow(2)).sum()
         if self.eig_ub and eig:
             g = self.gammas.max() if self.gammas.numel() else 0.0
             total = total + g * torch.stack(eig).sum()
         return torch.where(active, total, torch.zeros_like(total)) if compiling else total
+
+    def _compiled_sigmas(self, update: bool, active: torch.Tensor) -> torch.Tensor:
+        """``_sigmas`` under torch.compile, with eager's schedule as device-side masks.
+
+        Eager mode reads the step counter and ``initialized`` on the host: no work before
+        ``start_step`` or on skipped ``every`` steps, ``max(n_iter, n_iter_init)`` steps on the
+        first penalized call. A compiled graph has no data-dependent branch (a host read of a
+        mask is a graph break, or a device sync on every step) and ``torch.cond`` rejects the
+        in-place power-step ops (torch 2.14), so the graph always does the work and masks its
+        result: the vectors are snapshotted; the warm start's extra ``n_iter_init - n_iter``
+        steps run and are kept only while not ``initialized``; the ``n_iter`` steps of every
+        call run; then all of it is kept only where ``active`` (``torch.where(mask, new, old)``
+        into the buffers); the caller masks the value. The ops' ``a + b`` steps are ``a``
+        steps then ``b`` (the same loop), so this gives eager's vectors and values: bit for bit
+        for dense and conv-operator layers; the circular step re-enters the Fourier domain at
+        each call, so there a split warm start differs by float rounding. The cost: an
+        inactive compiled call does a normal call's steps, and while a warm start may be
+        pending (``_warm_start_done`` False when traced) every compiled call also runs the
+        extra steps; ``prepare(..., warm_start=True)`` before compiling (or one eager call)
+        removes them from the graph."""
+        if not update:
+            return self._sigmas(False, self.n_iter)
+        b = self._buffers
+        vectors = [b[k] for k in b if k.split("_")[0] in ("u", "v", "x", "y")]
+        old = [t.clone() for t in vectors]
+        extra = self.n_iter_init - self.n_iter
+        if extra > 0 and not self._warm_start_done:
+            with torch.no_grad():
+                self._sigmas(True, extra)  # only the steps: the estimates are not used
+                for t, o in zip(vectors, old):  # (on an inactive call, undone with the rest below)
+                    t.copy_(torch.where(self.initialized, o, t))
+        sig = self._sigmas(True, self.n_iter)
+        with torch.no_grad():
+            for t, o in zip(vectors, old):
+                t.copy_(torch.where(active, t, o))
+            self.initialized.logical_or_(active)
+        return sig
 
     def _active(self, compiling: bool):
         """Whether this step is penalized (before the counter advances): a bool in eager mode
@@ -506,6 +593,7 @@ class SpectralPenalty(nn.Module):
             sig = self._sigmas_or_roll_back(upd, n_iter, conv_pairs)
         if upd:
             self.initialized.fill_(True)
+            self._warm_start_done = True
         with torch.no_grad():
             self.last_sigmas.copy_(sig)
             # 2 gamma sigma scale per layer: Python floats on the CPU (one read for all layers);
