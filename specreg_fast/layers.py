@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["LinearMap", "ADAPTERS", "CONV_TYPES", "discover", "forward_order", "nonoverlapping_patches",
-           "patch_maps", "is_within", "describe"]
+           "patch_maps", "is_within", "describe", "holds_weight_matrix"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _QKV = ("q", "k", "v")
@@ -173,7 +173,8 @@ def _mha(name: str, m: nn.Module, opts: dict) -> Optional[List[LinearMap]]:
 ADAPTERS: List[Callable[[str, nn.Module, dict], Optional[List[LinearMap]]]] = [_mha, _hf_conv1d, _linear, _conv]
 
 
-def _holds_matrix(m: nn.Module) -> bool:
+def holds_weight_matrix(m: nn.Module) -> bool:
+    """Whether ``m`` itself (not its children) holds a parameter with >= 2 dims."""
     return any(p.dim() >= 2 for p in m.parameters(recurse=False))
 
 
@@ -213,7 +214,7 @@ def discover(root: nn.Module, conv_norm: str = "operator", split: Optional[Dict[
             if found is not None:
                 break
         if found is None:
-            if _holds_matrix(m):
+            if holds_weight_matrix(m):
                 unsupported.append((n, m))
             continue
         claimed.append(n)

@@ -156,8 +156,9 @@ class SpectralPenalty(nn.Module):
                           f"after the first forward")
         unsupported = [(n, m) for n, m in unsupported if not _layers.is_within(n, self._exclude)]
         if unsupported:
-            warnings.warn(f"SpectralPenalty: not regularized, not a layer kind it knows: {_layers.describe(unsupported)};"
-                          f" pass extra={{name: callable returning the weight matrix}} for a custom linear map")
+            warnings.warn(f"SpectralPenalty: not regularized, not a layer kind it knows: "
+                          f"{_layers.describe(unsupported)}; pass extra={{name: callable returning the weight "
+                          f"matrix}} for a custom linear map")
         if not self._maps:
             raise ValueError("model has no supported layers (Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, "
                              "MultiheadAttention, transformers Conv1D, extra=)")
@@ -177,7 +178,8 @@ class SpectralPenalty(nn.Module):
         self._readout_arg = readout
         # forward order of every module that holds a weight matrix (the readout rule)
         self._supported_owners = {mp.owner for mp in self._maps}
-        self._weight_owners = [n for n, m in by_name.items() if n in self._supported_owners or _layers._holds_matrix(m)]
+        self._weight_owners = [n for n, m in by_name.items()
+                               if n in self._supported_owners or _layers.holds_weight_matrix(m)]
         self._starts: Dict[str, int] = {}
         self._ends: Dict[str, int] = {}
 
@@ -194,7 +196,7 @@ class SpectralPenalty(nn.Module):
                 if isinstance(m, acts):
                     m.register_forward_hook(self._make_eig_hook(m))
         self._ready = False
-        self._layers: List[Tuple[str, nn.Module]] = []
+        self._layers: List[_layers.LinearMap] = []
         self._plan: Optional[_HotPlan] = None
         self._block_layers: Optional[List[int]] = None
 
