@@ -331,3 +331,21 @@ def test_patch_conv_view_is_not_a_copy():
     assert [b.weight().data_ptr() for b in blocks] == [m.weight[2 * i].data_ptr() for i in range(4)]
     assert blocks[1].grad_view(torch.zeros_like(m.weight)) is not None
     assert blocks[1].grad_view(torch.zeros_like(m.weight).to(memory_format=torch.channels_last)) is None
+
+
+def test_accumulate_grad_into_a_grad_without_a_matching_view():
+    """A 2x2 stride-2 conv (patches do not overlap: a dense map on the reshaped kernel) with a
+    channels_last weight and .grad: the reshape copies, so accumulate_grad adds the view's
+    adjoint instead; it equals the autograd route."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 2, stride=2), nn.Flatten(), nn.Linear(6 * 4, 2))
+    model[0].to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 4, 4)
+    pen, g_auto, g_acc = _both_routes(model, x, readout="2")
+    assert not pen._layers[0].conv
+    _assert_same_grads(g_auto, g_acc)
+    model.zero_grad()
+    model[0].weight.grad = torch.zeros_like(model[0].weight)  # an existing channels_last .grad
+    assert pen._layers[0].grad_view(model[0].weight.grad) is None
+    pen.accumulate_grad()
+    torch.testing.assert_close(model[0].weight.grad, g_auto["0.weight"], rtol=1e-5, atol=1e-7)

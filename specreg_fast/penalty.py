@@ -76,8 +76,9 @@ class SpectralPenalty(nn.Module):
 
     Args:
         model: the network (a DDP/DataParallel/compiled wrapper is unwrapped).
-        gamma: float, ``{layer_name: gamma}`` (missing names get 0 and are left out) or a
-            callable ``(name, module) -> gamma``.
+        gamma: float, ``{name: gamma}`` (a map's name, else its layer's or module's, as in
+            ``layer_names``; missing names get 0 and are left out) or a callable
+            ``(map name, module) -> gamma``.
         scope: ``"hidden"`` (default, the paper): every supported layer except the readout;
             ``"all"``: every layer (the end-to-end baseline); a module name or list of names:
             exactly the supported layers inside those modules (e.g. ``"features"``).
