@@ -6,7 +6,7 @@ operator norm of convolutions), as torch custom ops with custom backwards, for t
 """
 import torch as _torch
 
-from . import bounds, conv, fft, ops, reference
+from . import bounds, conv, fft, layers, ops, reference
 from .bounds import operator_norm_bounds
 from .conv import ConvSpec, ConvState, conv_operator_norm, conv_operator_norms, init_conv_state
 from .fft import CircularState, circular_conv_norms, init_circular_state, to_circular_padding
@@ -38,6 +38,7 @@ __all__ = [
     "fft",
     "init_circular_state",
     "init_conv_state",
+    "layers",
     "to_circular_padding",
     "HAS_CPP_EXT",
     "HAS_CUDA_EXT",

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from . import ops
 from . import reference as ref
-from .reference import ConvSpec
+from .geometry import ConvSpec
 
 __all__ = ["ConvSpec", "ConvState", "init_conv_state", "conv_operator_norms", "conv_operator_norm"]
 

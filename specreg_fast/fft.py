@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from . import ops
 from . import reference as ref
-from .reference import ConvSpec
+from .geometry import ConvSpec
 
 __all__ = ["CircularState", "init_circular_state", "circular_conv_norms", "circular_params", "to_circular_padding",
            "circular_blocks", "CircularBlockState", "init_circular_block_state", "circular_block_norms"]

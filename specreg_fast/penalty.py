@@ -21,13 +21,14 @@ from .bounds import operator_norm_bounds
 from .conv import ConvSpec, ConvState, conv_operator_norms, init_conv_state
 from .conv import _validate as _validate_convs
 from .fft import CircularState, circular_conv_norms, circular_params, circular_power_pairs, init_circular_state
+from . import layers as _layers
 from . import ops as _ops
 
 __all__ = ["SpectralPenalty", "spectral_constraint", "SpectralNormalize"]
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONV = _layers.CONV_TYPES
 _SUPPORTED = (nn.Linear,) + _CONV
-_SKIP_WARN = (nn.MultiheadAttention, nn.Embedding, nn.EmbeddingBag, nn.RNNBase, nn.Bilinear)
+_AUTO = "auto"
 _CONV_NORMS = ("operator", "fft", "matrix")
 
 
@@ -75,13 +76,25 @@ class SpectralPenalty(nn.Module):
 
     Args:
         model: the network (a DDP/DataParallel/compiled wrapper is unwrapped).
-        gamma: float, ``{layer_name: gamma}`` (missing names get 0 and are left out) or a
-            callable ``(name, module) -> gamma``.
-        scope: ``"hidden"`` (default, the paper): every supported layer except the readout,
-            the last one in forward order, found from the first forward pass; ``"all"``: every
-            layer (the end-to-end baseline); a module name or list of names: exactly the
-            supported layers inside those modules (e.g. ``"features"``).
+        gamma: float, ``{name: gamma}`` (a map's name, else its layer's or module's, as in
+            ``layer_names``; missing names get 0 and are left out) or a callable
+            ``(map name, module) -> gamma``.
+        scope: ``"hidden"`` (default, the paper): every supported layer except the readout;
+            ``"all"``: every layer (the end-to-end baseline); a module name or list of names:
+            exactly the supported layers inside those modules (e.g. ``"features"``).
+        readout: with ``scope="hidden"``, the module left free: its name (recommended), or
+            None for a model without a readout (every layer is hidden). By default
+            (``"auto"``) it is the last layer in forward order, seen on the first forward
+            pass, among all layers that hold a weight matrix (excluded ones included; a
+            layer whose weight is used without calling it, like an attention's
+            ``out_proj``, takes its place in the caller): if that layer is not one the
+            penalty supports (a custom head), no layer is taken as the readout. Both cases
+            warn, naming the layer.
         exclude: names of modules (and their children) to leave out.
+        split / attention / extra: which maps an attention block and fused q/k/v layers give
+            (``split={name: 3}``, ``attention="qkv"`` or ``"v"``), and custom linear maps
+            (``extra={name: fn}``, ``fn()`` returning the 2-D weight matrix); see
+            :mod:`specreg_fast.layers` for every layer kind and its default.
         conv_norm: ``"operator"`` (the true operator norm with the layer's own padding at the
             input size it sees; default), ``"fft"`` (the paper's circular-padding norm, for
             models converted with :func:`specreg_fast.to_circular_padding`) or ``"matrix"``
@@ -101,13 +114,20 @@ class SpectralPenalty(nn.Module):
 
     Persistent vectors are buffers of this module (not of the model), so an EMA/SWA copy of
     the model never averages them: average ``model``, keep the penalty as it is.
+
+    The penalty is per linear map (:mod:`specreg_fast.layers`): an attention block gives its
+    q, k, v and output maps, each its own term; the groups of a conv with non-overlapping
+    patches are blocks of one operator, whose term is ``gamma * max_g sigma_g^2``.
+    ``sigmas()`` and ``layer_names`` list the maps.
     """
 
     def __init__(self, model: nn.Module, gamma: Union[float, Dict[str, float], Callable] = 1e-2,
                  scope: Union[str, Sequence[str]] = "hidden", exclude: Iterable[str] = (),
                  conv_norm: str = "operator", n_iter: int = 1, n_iter_init: int = 20, start_step: int = 0,
                  every: int = 1, auto_step: bool = True, eig_ub: bool = False,
-                 input_shapes: Optional[Dict[str, Sequence[int]]] = None, seed: int = 0):
+                 input_shapes: Optional[Dict[str, Sequence[int]]] = None, seed: int = 0,
+                 readout: Optional[str] = _AUTO, split: Optional[Dict[str, int]] = None, attention: str = "qkv",
+                 extra: Optional[Dict[str, Callable[[], torch.Tensor]]] = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -130,63 +150,74 @@ class SpectralPenalty(nn.Module):
 
         root = self._model[0]
         names = {m: n for n, m in root.named_modules()}  # dedupes shared modules: counted once
-        self._candidates: List[Tuple[str, nn.Module]] = []
-        seen_weights = set()
-        for m, n in names.items():
-            if isinstance(m, _SUPPORTED):
-                if any(n == e or n.startswith(e + ".") for e in self._exclude):
-                    continue
-                w = m.weight
-                if isinstance(w, nn.parameter.UninitializedParameter):
-                    warnings.warn(f"SpectralPenalty: skipping {n} ({type(m).__name__}): lazy module not materialized "
-                                  f"yet; construct the penalty after the first forward")
-                    continue
-                if id(w) in seen_weights:  # tied weights
-                    continue
-                seen_weights.add(id(w))
-                self._candidates.append((n, m))
-            elif isinstance(m, _SKIP_WARN):
-                warnings.warn(f"SpectralPenalty: skipping {n or '<root>'} ({type(m).__name__}): its weights are not "
-                              f"regularized")
-        if not self._candidates:
-            raise ValueError("model has no supported layers (Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d)")
+        by_name = dict(root.named_modules())
+        self._maps, unsupported, lazy = _layers.discover(root, conv_norm, split, attention, extra)
+        for n in lazy:
+            warnings.warn(f"SpectralPenalty: skipping {n}: lazy module not materialized yet; construct the penalty "
+                          f"after the first forward")
+        unsupported = [(n, m) for n, m in unsupported if not _layers.is_within(n, self._exclude)]
+        if unsupported:
+            warnings.warn(f"SpectralPenalty: not regularized, not a layer kind it knows: "
+                          f"{_layers.describe(unsupported)}; pass extra={{name: callable returning the weight "
+                          f"matrix}} for a custom linear map")
+        if not self._maps:
+            raise ValueError("model has no supported layers (Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, "
+                             "MultiheadAttention, transformers Conv1D, extra=)")
         if not isinstance(scope, str) or scope not in ("hidden", "all"):
             wanted = [scope] if isinstance(scope, str) else list(scope)
             for s in wanted:
-                if s not in dict(root.named_modules()):
+                if s not in by_name:
                     raise ValueError(f"scope: no module named {s!r} in the model")
         for e in self._exclude:
-            if e not in dict(root.named_modules()):
+            if e not in by_name:
                 raise ValueError(f"exclude: no module named {e!r} in the model")
+        if readout != _AUTO:
+            if scope != "hidden":
+                raise ValueError(f"readout: applies to scope='hidden', got scope={scope!r}")
+            if readout is not None and readout not in by_name and readout not in {mp.owner for mp in self._maps}:
+                raise ValueError(f"readout: no module named {readout!r} in the model")
+        self._readout_arg = readout
+        # forward order of every module that holds a weight matrix (the readout rule)
+        self._supported_owners = {mp.owner for mp in self._maps}
+        self._weight_owners = [n for n, m in by_name.items()
+                               if n in self._supported_owners or _layers.holds_weight_matrix(m)]
+        self._starts: Dict[str, int] = {}
+        self._ends: Dict[str, int] = {}
 
         self._input_shapes: Dict[str, Tuple[int, ...]] = {k: tuple(v) for k, v in (input_shapes or {}).items()}
         self._order: List[str] = []
         self._hooks = []
         self._eig_terms: List[torch.Tensor] = []
-        for n, m in self._candidates:
-            self._hooks.append(m.register_forward_pre_hook(self._make_record_hook(n)))
+        for n, m in by_name.items():
+            self._hooks.append(m.register_forward_pre_hook(self._make_record_hook(n, m)))
+            self._hooks.append(m.register_forward_hook(self._make_end_hook(n)))
         if eig_ub:
             acts = (nn.GELU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Softplus)
             for m in names:
                 if isinstance(m, acts):
                     m.register_forward_hook(self._make_eig_hook(m))
         self._ready = False
-        self._layers: List[Tuple[str, nn.Module]] = []
+        self._layers: List[_layers.LinearMap] = []
         self._plan: Optional[_HotPlan] = None
+        self._block_layers: Optional[List[int]] = None
 
     # ------------------------------------------------------------------ discovery
-    def _make_record_hook(self, name):
+    def _make_record_hook(self, name, module):
+        conv = isinstance(module, _CONV) and name in self._supported_owners
+
         def hook(mod, args):
-            if not args or not isinstance(args[0], torch.Tensor):
-                return
-            if name not in self._order:
-                self._order.append(name)
-            if isinstance(mod, _CONV):
+            self._starts.setdefault(name, len(self._starts) + len(self._ends))
+            if conv and args and isinstance(args[0], torch.Tensor):
                 shp = tuple(args[0].shape[1:]) if args[0].dim() == mod.weight.dim() else tuple(args[0].shape)
                 old = self._input_shapes.get(name)
                 # several sizes: the largest (its zero-padding norm is the largest)
                 if old is None or math.prod(shp) > math.prod(old):
                     self._input_shapes[name] = shp
+        return hook
+
+    def _make_end_hook(self, name):
+        def hook(mod, args, out):
+            self._ends.setdefault(name, len(self._starts) + len(self._ends))
         return hook
 
     def _make_eig_hook(self, act):
@@ -202,58 +233,91 @@ class SpectralPenalty(nn.Module):
         wanted = [scope] if isinstance(scope, str) else list(scope)
         return any(name == s or name.startswith(s + ".") for s in wanted)
 
-    def _gamma_of(self, name, m) -> float:
-        g = self._gamma_arg
+    def _gamma_of(self, mp: _layers.LinearMap) -> float:
+        g, name = self._gamma_arg, mp.name
         if callable(g):
-            val = float(g(name, m))
-        elif isinstance(g, dict):
-            val = float(g.get(name, 0.0))
+            val = float(g(name, mp.module))
+        elif isinstance(g, dict):  # the map's own name, else its layer's or module's
+            val = float(g.get(name, g.get(mp.layer, g.get(mp.owner, 0.0))))
         else:
             val = float(g)
         if val < 0 or not math.isfinite(val):
             raise ValueError(f"gamma for {name}: must be a finite number >= 0, got {val}")
         return val
 
+    def _forward_order(self) -> List[str]:
+        """The modules that hold a weight matrix, in forward order (recorded by the hooks, or
+        loaded from a checkpoint before any forward)."""
+        if self._starts:
+            self._order = _layers.forward_order(self._weight_owners, self._starts, self._ends)
+        return self._order
+
+    def _readout(self) -> Optional[str]:
+        """The module left free by ``scope="hidden"`` (see the ``readout`` argument)."""
+        if self._readout_arg != _AUTO:
+            return self._readout_arg
+        order = self._forward_order()
+        if not order:
+            raise RuntimeError("SpectralPenalty(scope='hidden') finds the readout from the forward order: run one "
+                               "forward pass of the model before the first penalty() call, or pass readout=")
+        last = order[-1]
+        kind = type(self._model[0].get_submodule(last)).__name__
+        if last not in self._supported_owners:
+            warnings.warn(f"SpectralPenalty: the last layer with a weight in forward order, {last} ({kind}), is not a "
+                          f"layer the penalty supports: no layer is taken as the readout, every supported layer is "
+                          f"regularized; pass readout='name' (or readout=None) to say so")
+            return None
+        warnings.warn(f"SpectralPenalty: readout taken to be {last} ({kind}), the last layer in forward order, and "
+                      f"left free; pass readout={last!r} (or another name, or None) to say so")
+        return last
+
     def _finalize(self):
         """Select the layers and create the persistent vectors (first call)."""
-        layers = [(n, m) for n, m in self._candidates if self._in_scope(n)]
+        maps = [mp for mp in self._maps if self._in_scope(mp.owner) and not _layers.is_within(mp.owner, self._exclude)]
         if self._scope == "hidden":
-            if not self._order:
-                raise RuntimeError("SpectralPenalty(scope='hidden') finds the readout from the forward order: run one "
-                                   "forward pass of the model before the first penalty() call")
-            readout = self._order[-1]
-            layers = [(n, m) for n, m in layers if n != readout]
-        gammas = {n: self._gamma_of(n, m) for n, m in layers}
-        layers = [(n, m) for n, m in layers if gammas[n] > 0]
-        if not layers:
+            readout = self._readout()
+            if readout is not None:
+                maps = [mp for mp in maps if not _layers.is_within(mp.owner, [readout])]
+        gammas = {mp.name: self._gamma_of(mp) for mp in maps}
+        maps = [mp for mp in maps if gammas[mp.name] > 0]
+        if not maps:
             raise ValueError(f"scope={self._scope!r} with exclude={self._exclude} and this gamma selects no layer")
-        dev = layers[0][1].weight.device
+        dev = maps[0].weight().device
         g = torch.Generator().manual_seed(self.seed)
         self._dense, self._convs = [], []
-        for n, m in layers:
-            if isinstance(m, _CONV) and self.conv_norm != "matrix":
-                if n not in self._input_shapes:
-                    raise RuntimeError(f"input size of {n} is unknown: run one forward pass of the model first, or "
-                                       f"pass input_shapes={{'{n}': (C_in, *spatial)}}")
-                self._convs.append((n, m))
+        for mp in maps:
+            if mp.conv:
+                if mp.owner not in self._input_shapes:
+                    raise RuntimeError(f"input size of {mp.owner} is unknown: run one forward pass of the model "
+                                       f"first, or pass input_shapes={{'{mp.owner}': (C_in, *spatial)}}")
+                blocks = (_layers.patch_maps(mp, self._input_shapes[mp.owner]) if self.conv_norm == "operator"
+                          else None)
+                if blocks is None:
+                    self._convs.append(mp)
+                    continue
+                gammas.update({b.name: gammas[mp.name] for b in blocks})
+                self._dense += blocks  # non-overlapping patches: the dense norm of each group's kernel
             else:
-                self._dense.append((n, m))
+                self._dense.append(mp)
         self._layers = self._dense + self._convs
-        dst = _dense.init_power_state([_dense.as_matrix(m.weight.detach()) for _, m in self._dense], generator=g)
-        for i, (n, m) in enumerate(self._dense):
-            self._set_buf(f"u_{i}", dst.us[i].to(dev), n)
-            self._set_buf(f"v_{i}", dst.vs[i].to(dev), n)
+        # maps that are blocks of one operator (a grouped patch conv): index of their layer
+        owners = [mp.layer for mp in self._layers]
+        self._block_layers = ([owners.index(o) for o in owners] if len(set(owners)) < len(owners) else None)
+        dst = _dense.init_power_state([mp.weight().detach() for mp in self._dense], generator=g)
+        for i, mp in enumerate(self._dense):
+            self._set_buf(f"u_{i}", dst.us[i].to(dev), mp.name)
+            self._set_buf(f"v_{i}", dst.vs[i].to(dev), mp.name)
         specs = self._conv_specs()
         if self.conv_norm == "operator":
             cst = init_conv_state(specs, generator=g)
             for i in range(len(specs)):
-                self._set_buf(f"x_{i}", cst.xs[i], self._convs[i][0])
-                self._set_buf(f"y_{i}", cst.ys[i], self._convs[i][0])
+                self._set_buf(f"x_{i}", cst.xs[i], self._convs[i].name)
+                self._set_buf(f"y_{i}", cst.ys[i], self._convs[i].name)
         elif self.conv_norm == "fft":
             cst = init_circular_state(specs, generator=g)
             for i in range(len(specs)):
-                self._set_buf(f"x_{i}", cst.xs[i], self._convs[i][0])
-        self.register_buffer("gammas", torch.tensor([gammas[n] for n, _ in self._layers], dtype=torch.float32,
+                self._set_buf(f"x_{i}", cst.xs[i], self._convs[i].name)
+        self.register_buffer("gammas", torch.tensor([gammas[mp.name] for mp in self._layers], dtype=torch.float32,
                                                     device=dev))
         self.register_buffer("last_sigmas", torch.zeros(len(self._layers), dtype=torch.float32, device=dev))
         self._ready = True
@@ -272,7 +336,7 @@ class SpectralPenalty(nn.Module):
         self.register_buffer(key, value.contiguous())
 
     def _conv_specs(self) -> List[ConvSpec]:
-        return [ConvSpec.from_module(m, self._input_shapes[n]) for n, m in self._convs]
+        return [ConvSpec.from_module(mp.module, self._input_shapes[mp.owner]) for mp in self._convs]
 
     # ------------------------------------------------------------------ state
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -297,7 +361,7 @@ class SpectralPenalty(nn.Module):
                                       error_msgs)
 
     def get_extra_state(self):
-        return {"conv_input_shapes": dict(self._input_shapes), "order": list(self._order)}
+        return {"conv_input_shapes": dict(self._input_shapes), "order": list(self._forward_order())}
 
     def set_extra_state(self, state):
         self._input_shapes.update({k: tuple(v) for k, v in state.get("conv_input_shapes", {}).items()})
@@ -324,7 +388,7 @@ class SpectralPenalty(nn.Module):
     def layer_names(self) -> List[str]:
         if not self._ready:
             self._finalize()
-        return [n for n, _ in self._layers]
+        return [mp.name for mp in self._layers]
 
     # ------------------------------------------------------------------ compute
     def _sigmas_or_roll_back(self, update: bool, n_iter: int, conv_pairs: Optional[list]) -> torch.Tensor:
@@ -344,7 +408,7 @@ class SpectralPenalty(nn.Module):
         b = self._buffers
         return (tuple((w.shape, w.dtype, w.device) for w in dense_ws + conv_ws),
                 tuple((m.stride, m.padding, m.dilation, m.groups, m.padding_mode, m.output_padding,
-                       self._input_shapes[n]) for n, m in self._convs),
+                       self._input_shapes[mp.owner]) for mp in self._convs for m in [mp.module]),
                 tuple(id(t) for t in b.values()))
 
     def _hot_plan(self, dense_ws, conv_ws) -> "_HotPlan":
@@ -364,11 +428,11 @@ class SpectralPenalty(nn.Module):
         us, vs = [b[f"u_{i}"] for i in range(nd)], [b[f"v_{i}"] for i in range(nd)]
         xs = [b[f"x_{i}"] for i in range(nc)]
         ys = [b[f"y_{i}"] for i in range(nc)] if self.conv_norm == "operator" else []
-        _dense._validate(dense_ws, _dense.PowerState(us, vs), [n for n, _ in self._dense])
+        _dense._validate(dense_ws, _dense.PowerState(us, vs), [mp.name for mp in self._dense])
         params, modes, layer_params = [], [], []
         if nc and self.conv_norm == "operator":
             specs = self._conv_specs()
-            _validate_convs(specs, ConvState(xs, ys), [n for n, _ in self._convs])
+            _validate_convs(specs, ConvState(xs, ys), [mp.name for mp in self._convs])
             params, modes = _ops.pack_conv_params(specs)
             layer_params = [_ops.pack_conv_params([sp])[0] for sp in specs]
         plan = _HotPlan(key, us, vs, xs, ys, params, modes, layer_params)
@@ -385,8 +449,8 @@ class SpectralPenalty(nn.Module):
         ``accumulate_grad``), and the values are the steps' estimates, with no differentiable
         wrapper. Only custom ops run here (autocast does not touch them) except on the FFT
         norm's path, which runs with autocast off."""
-        dense_ws = [_dense.as_matrix(m.weight) for _, m in self._dense]
-        conv_ws = [m.weight for _, m in self._convs]
+        dense_ws = [mp.weight() for mp in self._dense]
+        conv_ws = [mp.weight() for mp in self._convs]
         plan = self._hot_plan(dense_ws, conv_ws)
         grad = conv_pairs is None and torch.is_grad_enabled()
         parts = []
@@ -402,7 +466,7 @@ class SpectralPenalty(nn.Module):
             if conv_pairs is not None:
                 conv_pairs.extend(zip(plan.xs, plan.ys, plan.layer_params, plan.modes))
         elif conv_ws:
-            specs, names = self._conv_specs(), [n for n, _ in self._convs]
+            specs, names = self._conv_specs(), [mp.name for mp in self._convs]
             st = CircularState(plan.xs)
             with torch.autocast(device_type=self.gammas.device.type, enabled=False):
                 if conv_pairs is None:
@@ -464,7 +528,7 @@ class SpectralPenalty(nn.Module):
                                    "a compiled graph: call penalty.prepare(example_input) before compiling with "
                                    "fullgraph=True")
     def _finalize_autocast_off(self):
-        with torch.autocast(device_type=self._candidates[0][1].weight.device.type, enabled=False):
+        with torch.autocast(device_type=self._maps[0].weight().device.type, enabled=False):
             self._finalize()
 
     # Whether the host knows that the warm start has happened (``initialized`` is True): set
@@ -498,7 +562,7 @@ class SpectralPenalty(nn.Module):
                 self._warm_start_done = True
         with torch.no_grad():
             self.last_sigmas.copy_(torch.where(active, sig.detach(), self.last_sigmas) if compiling else sig.detach())
-        total = (self.gammas * sig.pow(2)).sum()
+        total = (self._term_gammas(sig) * sig.pow(2)).sum()
         if self.eig_ub and eig:
             g = self.gammas.max() if self.gammas.numel() else 0.0
             total = total + g * torch.stack(eig).sum()
@@ -541,6 +605,19 @@ class SpectralPenalty(nn.Module):
             self.initialized.logical_or_(active)
         return sig
 
+    def _term_gammas(self, sig: torch.Tensor) -> torch.Tensor:
+        """Each map's gamma in the penalty: ``gammas``, except that the blocks of one operator
+        (a grouped patch conv) share one term, ``gamma * max_g sigma_g^2``: a block's gamma
+        counts where its sigma is its layer's max (split evenly among ties), 0 elsewhere."""
+        if self._block_layers is None:
+            return self.gammas
+        idx = torch.tensor(self._block_layers, device=sig.device)
+        s = sig.detach()
+        top = torch.zeros_like(s).scatter_reduce(0, idx, s, "amax", include_self=False)
+        at_max = (s == top[idx]).to(s.dtype)
+        ties = torch.zeros_like(s).scatter_add(0, idx, at_max)
+        return self.gammas * (at_max / ties[idx]).to(self.gammas.dtype)
+
     def _active(self, compiling: bool):
         """Whether this step is penalized (before the counter advances): a bool in eager mode
         (one read of the counter), a 0-d bool tensor under torch.compile (a mask instead of
@@ -575,7 +652,7 @@ class SpectralPenalty(nn.Module):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
         if not self._ready:
             self._finalize()
-        nonleaf = [n for n, m in self._layers if not m.weight.is_leaf]
+        nonleaf = [mp.name for mp in self._layers if mp.attr is not None and not mp.param().is_leaf]
         if nonleaf:
             raise ValueError(f"accumulate_grad() writes .grad of leaf weights; {', '.join(nonleaf)} have computed "
                              f"weights (parametrize): add penalty() to the loss instead")
@@ -598,12 +675,19 @@ class SpectralPenalty(nn.Module):
             self.last_sigmas.copy_(sig)
             # 2 gamma sigma scale per layer: Python floats on the CPU (one read for all layers);
             # on a device, 0-d tensors folded into a vector, so nothing waits for the device
-            coefs = (2.0 * float(scale)) * self.gammas * sig
+            coefs = (2.0 * float(scale)) * self._term_gammas(sig) * sig
             host = coefs.device.type == "cpu"
             if host:
                 coefs = coefs.tolist()
-            for i, (_, m) in enumerate(self._dense):
-                W = m.weight
+            for i, mp in enumerate(self._dense):
+                W = mp.param()
+                if W is None:  # an extra= map: its gradient reaches its parameters through autograd
+                    with torch.enable_grad():
+                        Wx = mp.weight()
+                        if Wx.requires_grad:
+                            Wx.backward(torch.outer(self._buffers[f"u_{i}"], self._buffers[f"v_{i}"]).to(Wx.dtype)
+                                        * coefs[i])
+                    continue
                 if not W.requires_grad:  # a frozen layer gets no gradient, as on the autograd route
                     continue
                 if W.grad is None:
@@ -613,12 +697,15 @@ class SpectralPenalty(nn.Module):
                 c = coefs[i]
                 if not host:
                     u, c = u * c.to(G.dtype), 1.0
-                Gm = G if G.dim() == 2 else G.view(G.shape[0], -1) if G.is_contiguous() else None
+                Gm = mp.grad_view(G)  # the map's block of .grad (a transposed view, a row block...)
                 if Gm is not None:
                     Gm.addr_(u, v, alpha=c)
-                else:  # a non-contiguous .grad (e.g. channels_last): no 2-D view of it
-                    G.add_(torch.outer(u, v).reshape(G.shape), alpha=c)
-            train = [j for j, (_, m) in enumerate(self._convs) if m.weight.requires_grad]
+                else:  # the view had to copy (e.g. a channels_last .grad): its adjoint, through autograd
+                    with torch.enable_grad():
+                        Wd = W.detach().requires_grad_()
+                        (gW,) = torch.autograd.grad(mp.view(Wd), Wd, torch.outer(u, v))
+                    G.add_(gW, alpha=c)
+            train = [j for j, mp in enumerate(self._convs) if mp.param().requires_grad]
             if train:
                 # dsigma/dW of each conv: the conv weight-gradient of its pair, times 2 gamma
                 # sigma scale, as the autograd route's backward computes it (the coefficient
@@ -626,10 +713,10 @@ class SpectralPenalty(nn.Module):
                 # the layers with a .grad, added in place (conv_weight_grad_add_: no
                 # weight-sized temporary where the direct kernels run), one for those without.
                 for fresh in (False, True):
-                    js = [j for j in train if (self._convs[j][1].weight.grad is None) == fresh]
+                    js = [j for j in train if (self._convs[j].param().grad is None) == fresh]
                     if not js:
                         continue
-                    ws = [self._convs[j][1].weight for j in js]
+                    ws = [self._convs[j].param() for j in js]
                     args = ([W.detach() for W in ws], [conv_pairs[j][0] for j in js],
                             [conv_pairs[j][1] * coefs[nd + j] for j in js], [q for j in js for q in conv_pairs[j][2]],
                             [conv_pairs[j][3] for j in js])
@@ -638,14 +725,14 @@ class SpectralPenalty(nn.Module):
                             W.grad = gW.to(W.dtype)
                     else:
                         _ops.conv_weight_grad_add_([W.grad for W in ws], *args)
-        return (self.gammas * sig.pow(2)).sum()
+        return (self._term_gammas(sig) * sig.pow(2)).sum()
 
     @torch.no_grad()
     def sigmas(self) -> Dict[str, float]:
         """Name -> sigma of the last call (for logging; no computation)."""
         if not self._ready:
             self._finalize()
-        return {n: float(v) for (n, _), v in zip(self._layers, self.last_sigmas.tolist())}
+        return {mp.name: float(v) for mp, v in zip(self._layers, self.last_sigmas.tolist())}
 
     def bounds(self, n_iter: int = 6, max_dim: int = 4096) -> Dict[str, Tuple[float, float, float]]:
         """Name -> ``(lower, upper, rel_gap)``: a certified bracket of each layer's norm
@@ -654,10 +741,10 @@ class SpectralPenalty(nn.Module):
         if not self._ready:
             self._finalize()
         out = {}
-        for n, m in self._layers:
-            shape = self._input_shapes.get(n) if isinstance(m, _CONV) and self.conv_norm != "matrix" else None
-            out[n] = operator_norm_bounds(m if shape is not None else _dense.as_matrix(m.weight.detach()), shape,
-                                          n_iter=n_iter, max_dim=max_dim)
+        for mp in self._layers:
+            shape = self._input_shapes[mp.owner] if mp.conv else None
+            out[mp.name] = operator_norm_bounds(mp.module if mp.conv else mp.weight().detach(), shape,
+                                                n_iter=n_iter, max_dim=max_dim)
         return out
 
     def extra_repr(self) -> str:

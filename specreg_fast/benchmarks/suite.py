@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .. import conv, fft, ops
 from ..dense import init_power_state, spectral_norm
-from ..reference import ConvSpec
+from ..geometry import ConvSpec
 from .timing import fmt_time, interleaved, machine, paired_overhead, read_bandwidth
 
 __all__ = ["SIZES", "run", "print_table", "plot", "to_json"]
