@@ -21,6 +21,7 @@ from .bounds import operator_norm_bounds
 from .conv import ConvSpec, ConvState, conv_operator_norms, init_conv_state
 from .conv import _validate as _validate_convs
 from .fft import CircularState, circular_conv_norms, circular_params, circular_power_pairs, init_circular_state
+from . import distributed as _distributed
 from . import ops as _ops
 
 __all__ = ["SpectralPenalty", "spectral_constraint", "SpectralNormalize"]
@@ -329,11 +330,23 @@ class SpectralPenalty(nn.Module):
         """``_sigmas``; if it raises, the step counter this call advanced goes back (the ops
         themselves leave their vectors as they were on a failed step)."""
         try:
+            sharded = self._sharded()
+            if sharded is not None:  # DTensor (FSDP2) weights: on the local shards, specreg_fast/distributed.py
+                return _distributed.penalty_sigmas(*sharded, update, n_iter)
             return self._sigmas(update, n_iter, conv_pairs)
         except Exception:
             if self.training and self.auto_step and not torch.compiler.is_compiling():
                 self.step_count.sub_(1)
             raise
+
+    def _sharded(self):
+        """``(weights, us, vs, names)`` when a regularized weight is a DTensor (FSDP2), else None."""
+        ws = _distributed.regularized_weights(self._model[0], [m for _, m in self._layers])
+        if ws is None:
+            return None
+        nd = len(self._dense)
+        return (ws, [self._buffers[f"u_{i}"] for i in range(nd)], [self._buffers[f"v_{i}"] for i in range(nd)],
+                [n for n, _ in self._layers])
 
     def _plan_key(self, dense_ws, conv_ws) -> tuple:
         """What the hot plan depends on: every weight's shape/dtype/device, each conv's
@@ -514,6 +527,10 @@ class SpectralPenalty(nn.Module):
             host = coefs.device.type == "cpu"
             if host:
                 coefs = coefs.tolist()
+            sharded = self._sharded()
+            if sharded is not None:  # each rank adds its rows into the local shard of the DTensor .grad
+                _distributed.add_grads(sharded[0], sharded[1], sharded[2], coefs)
+                return (self.gammas * sig.pow(2)).sum()
             for i, (_, m) in enumerate(self._dense):
                 W = m.weight
                 if not W.requires_grad:  # a frozen layer gets no gradient, as on the autograd route

@@ -1,0 +1,200 @@
+"""SpectralPenalty on FSDP2-sharded weights (specreg_fast/distributed.py): gloo ranks on CPU,
+compared with the single-process run on the full weights.
+
+Spawning a process group costs seconds, so one spawned group runs a list of scenarios and
+the test process checks each against its own single-process run."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+STEPS = 20
+BATCH = 4  # per rank
+
+
+def _mlp():
+    torch.manual_seed(0)
+    # 9 and 7 rows: uneven shards at 2 ranks (5/4, 4/3), and an empty rank for 9 rows at 4 (3/3/3/0)
+    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def _batches(world):
+    """Per step, one batch per rank; the single-process run takes their concatenation."""
+    g = torch.Generator().manual_seed(5)
+    return [[torch.randn(BATCH, 6, generator=g) for _ in range(world)] for _ in range(STEPS)]
+
+
+# scenario: (name, fully_shard on "layers" (each Linear, then the root) or "root" only,
+#            reshard_after_forward, "loss" (penalty() added) or "accumulate_grad", penalty kwargs)
+SCENARIOS = {
+    "layers_reshard_loss": ("layers", True, "loss", {}),
+    "layers_noreshard_acc": ("layers", False, "accumulate_grad", {}),
+    "root_loss": ("root", True, "loss", {}),
+    "schedule": ("layers", True, "loss", {"start_step": 2, "every": 3}),
+    "schedule_acc": ("layers", False, "accumulate_grad", {"start_step": 3, "every": 2, "n_iter_init": 4}),
+}
+
+
+def _train(model, pen, batches, mode, rank=None):
+    """Training steps; returns the per-step (data loss, penalty) and the first step's grads."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    hist, first_grads = [], None
+    for xs in batches:
+        x = xs[rank] if rank is not None else torch.cat(xs)
+        opt.zero_grad()
+        data = model(x).square().mean()
+        if mode == "loss":
+            p = pen()
+            (data + p).backward()
+        else:
+            data.backward()
+            p = pen.accumulate_grad()
+        hist.append((float(data.detach()), float(p.detach())))
+        if first_grads is None:
+            first_grads = [q.grad.detach().clone() for q in model.parameters()]
+        opt.step()
+    return hist, first_grads
+
+
+def _shard_rows(t):
+    """(local tensor, global row offset) of a DTensor or a plain tensor."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(t, DTensor):
+        return t.detach().clone(), 0
+    _, off = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return t.to_local().detach().clone(), off[0]
+
+
+def _run_scenario(name, world):
+    import specreg_fast as sf
+    from torch.distributed.fsdp import fully_shard
+
+    where, reshard, mode, kw = SCENARIOS[name]
+    model = _mlp()
+    pen = sf.SpectralPenalty(model, gamma=0.05, seed=11, **kw)
+    if where == "layers":
+        for m in model:
+            if isinstance(m, nn.Linear):
+                fully_shard(m, reshard_after_forward=reshard)
+    fully_shard(model, reshard_after_forward=reshard)
+    hist, first_grads = _train(model, pen, _batches(world), mode, dist.get_rank())
+    # data losses differ per rank: the single-process loss is their mean
+    data = torch.tensor([h[0] for h in hist], dtype=torch.float64)
+    dist.all_reduce(data)
+    return {"data": (data / world).tolist(), "pen": [h[1] for h in hist],
+            "grads": [_shard_rows(g) for g in first_grads],
+            "weights": [_shard_rows(p) for p in model.parameters()],
+            "buffers": {k: b.clone() for k, b in pen.state_dict().items() if isinstance(b, torch.Tensor)},
+            "sigmas": pen.sigmas()}
+
+
+def _count_collectives():
+    """Collectives of one penalty call with the weights in each FSDP2 state."""
+    import specreg_fast as sf
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    out = {}
+    for reshard in (True, False):
+        model = _mlp()
+        for m in model:
+            if isinstance(m, nn.Linear):
+                fully_shard(m, reshard_after_forward=reshard)
+        fully_shard(model, reshard_after_forward=reshard)
+        pen = sf.SpectralPenalty(model, gamma=0.05, n_iter=2, n_iter_init=3)
+        x = torch.randn(BATCH, 6)
+        y = model(x).square().mean()  # between forward and backward
+        for call in ("first", "between"):
+            with CommDebugMode() as comm:
+                p = pen()
+            out[(reshard, call)] = {str(k): v for k, v in comm.get_comm_counts().items()}
+        (y + p).backward()
+        with CommDebugMode() as comm:
+            pen.accumulate_grad()
+        out[(reshard, "after")] = {str(k): v for k, v in comm.get_comm_counts().items()}
+    return out
+
+
+def _worker(rank, world, out_dir, names):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
+    try:
+        res = {n: _run_scenario(n, world) for n in names}
+        res["comm"] = _count_collectives()
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    # as in test_penalty_ddp.py: leave without C++ static destructors (gloo threads winding down)
+    os._exit(0)
+
+
+def _single(name, world):
+    import specreg_fast as sf
+
+    _, _, mode, kw = SCENARIOS[name]
+    model = _mlp()
+    pen = sf.SpectralPenalty(model, gamma=0.05, seed=11, **kw)
+    hist, first_grads = _train(model, pen, _batches(world), mode)
+    return {"hist": hist, "grads": first_grads, "weights": [p.detach() for p in model.parameters()],
+            "buffers": pen.state_dict(), "sigmas": pen.sigmas()}
+
+
+def _close(a, b, what, rel=1e-5):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    err = (a - b).abs().max() if a.numel() else torch.zeros(())
+    assert a.shape == b.shape and err <= rel * max(b.abs().max() if b.numel() else 0.0, 1e-12), \
+        f"{what}: max abs error {float(err):.3g} (shapes {tuple(a.shape)} / {tuple(b.shape)})"
+
+
+def _check_against_single(results, world, names):
+    for name in names:
+        ref = _single(name, world)
+        for rank, res in enumerate(results):
+            r = res[name]
+            ref_loss = [d + p for d, p in ref["hist"]]
+            _close([d + p for d, p in zip(r["data"], r["pen"])], ref_loss, f"{name} rank {rank} losses")
+            _close(r["pen"], [p for _, p in ref["hist"]], f"{name} rank {rank} penalties")
+            for j, ((g, off), G) in enumerate(zip(r["grads"], ref["grads"])):
+                _close(g, G[off:off + g.shape[0]], f"{name} rank {rank} first-step grad of param {j} (rows {off}+)")
+            for j, ((w, off), W) in enumerate(zip(r["weights"], ref["weights"])):
+                _close(w, W[off:off + w.shape[0]], f"{name} rank {rank} weights of param {j} after {STEPS} steps")
+            assert r["sigmas"].keys() == ref["sigmas"].keys()
+            _close(list(r["sigmas"].values()), list(ref["sigmas"].values()), f"{name} rank {rank} sigmas")
+            for k, b in ref["buffers"].items():
+                if isinstance(b, torch.Tensor) and b.is_floating_point():
+                    _close(r["buffers"][k], b, f"{name} rank {rank} buffer {k}")
+        # the persistent vectors are the same tensors on every rank
+        for k in results[0][name]["buffers"]:
+            assert all(torch.equal(res[name]["buffers"][k], results[0][name]["buffers"][k]) for res in results), k
+
+
+def _spawn(tmp_path, world, names):
+    mp.spawn(_worker, args=(world, str(tmp_path), names), nprocs=world, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _check_comm(comm, n_init=3, n_iter=2):
+    ar = "c10d.allreduce_"
+    for reshard in (True, False):
+        first, between, after = (comm[(reshard, c)] for c in ("first", "between", "after"))
+        # one all-reduce per power iteration for all layers, nothing else (no gather)
+        assert first == {ar: n_init}, (reshard, first)
+        assert between == {ar: n_iter}, (reshard, between)
+        assert after == {ar: n_iter}, (reshard, after)
+
+
+def test_fsdp2_two_ranks_match_single_process(tmp_path):
+    names = list(SCENARIOS)
+    results = _spawn(tmp_path, 2, names)
+    _check_against_single(results, 2, names)
+    _check_comm(results[0]["comm"])
