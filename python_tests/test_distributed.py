@@ -30,23 +30,30 @@ def _batches(world):
     return [[torch.randn(BATCH, 6, generator=g) for _ in range(world)] for _ in range(STEPS)]
 
 
-# scenario: (name, fully_shard on "layers" (each Linear, then the root) or "root" only,
-#            reshard_after_forward, "loss" (penalty() added) or "accumulate_grad", penalty kwargs)
+# scenario -> (how the model is sharded, reshard_after_forward, "loss" (penalty() added) or
+# "accumulate_grad", penalty kwargs). Sharding: "layers" (fully_shard on each Linear, then the
+# root), "root" (the root only), "hsdp" (per layer and root on a (replicate, shard) mesh),
+# "tp" (ColwiseParallel on the first Linear: Shard(0) weight; the other layers stay plain;
+# every rank sees the same batch).
 SCENARIOS = {
     "layers_reshard_loss": ("layers", True, "loss", {}),
     "layers_noreshard_acc": ("layers", False, "accumulate_grad", {}),
     "root_loss": ("root", True, "loss", {}),
     "schedule": ("layers", True, "loss", {"start_step": 2, "every": 3}),
     "schedule_acc": ("layers", False, "accumulate_grad", {"start_step": 3, "every": 2, "n_iter_init": 4}),
+    "tp_colwise": ("tp", True, "loss", {}),
+    "hsdp": ("hsdp", True, "loss", {}),
 }
 
 
 def _train(model, pen, batches, mode, rank=None):
-    """Training steps; returns the per-step (data loss, penalty) and the first step's grads."""
+    """Training steps; returns the per-step (data loss, penalty) and the first step's grads.
+    ``rank``: this rank's batch; None: the concatenation (the single-process run); -1: the
+    first batch (the same on every rank)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     hist, first_grads = [], None
     for xs in batches:
-        x = xs[rank] if rank is not None else torch.cat(xs)
+        x = torch.cat(xs) if rank is None else xs[max(rank, 0)]
         opt.zero_grad()
         data = model(x).square().mean()
         if mode == "loss":
@@ -75,18 +82,28 @@ def _shard_rows(t):
 
 def _run_scenario(name, world):
     import specreg_fast as sf
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate
 
     where, reshard, mode, kw = SCENARIOS[name]
     model = _mlp()
     pen = sf.SpectralPenalty(model, gamma=0.05, seed=11, **kw)
-    if where == "layers":
-        for m in model:
-            if isinstance(m, nn.Linear):
-                fully_shard(m, reshard_after_forward=reshard)
-    fully_shard(model, reshard_after_forward=reshard)
-    hist, first_grads = _train(model, pen, _batches(world), mode, dist.get_rank())
-    # data losses differ per rank: the single-process loss is their mean
+    if where == "tp":
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+        mesh = init_device_mesh("cpu", (world,))
+        parallelize_module(model, mesh, {"0": ColwiseParallel(output_layouts=Replicate())})
+        hist, first_grads = _train(model, pen, _batches(world), mode, -1)
+    else:
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")) if where == "hsdp" else None
+        if where in ("layers", "hsdp"):
+            for m in model:
+                if isinstance(m, nn.Linear):
+                    fully_shard(m, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        hist, first_grads = _train(model, pen, _batches(world), mode, dist.get_rank())
+    # the single-process data loss is the mean of the ranks' (on their own batches; tp: all the same)
     data = torch.tensor([h[0] for h in hist], dtype=torch.float64)
     dist.all_reduce(data)
     return {"data": (data / world).tolist(), "pen": [h[1] for h in hist],
@@ -123,13 +140,35 @@ def _count_collectives():
     return out
 
 
-def _worker(rank, world, out_dir, names):
+def _rejects_rowwise(world):
+    """A Shard(1) weight (RowwiseParallel) is refused with a clear error, nothing updated."""
+    import specreg_fast as sf
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
+    model = _mlp()
+    parallelize_module(model, init_device_mesh("cpu", (world,)), {"2": RowwiseParallel()})
+    pen = sf.SpectralPenalty(model, gamma=0.05, scope="all")  # "all": the readout "2" is regularized
+    pen.layer_names  # vectors created
+    before = {k: b.clone() for k, b in pen.state_dict().items() if isinstance(b, torch.Tensor)}
+    try:
+        pen()
+        msg = None
+    except ValueError as e:
+        msg = str(e)
+    same = all(torch.equal(pen.state_dict()[k], b) for k, b in before.items())
+    return msg, same
+
+
+def _worker(rank, world, out_dir, names, extra):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
     try:
         res = {n: _run_scenario(n, world) for n in names}
-        res["comm"] = _count_collectives()
+        if extra:
+            res["comm"] = _count_collectives()
+            res["rowwise"] = _rejects_rowwise(world)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -141,10 +180,10 @@ def _worker(rank, world, out_dir, names):
 def _single(name, world):
     import specreg_fast as sf
 
-    _, _, mode, kw = SCENARIOS[name]
+    where, _, mode, kw = SCENARIOS[name]
     model = _mlp()
     pen = sf.SpectralPenalty(model, gamma=0.05, seed=11, **kw)
-    hist, first_grads = _train(model, pen, _batches(world), mode)
+    hist, first_grads = _train(model, pen, _batches(world), mode, -1 if where == "tp" else None)
     return {"hist": hist, "grads": first_grads, "weights": [p.detach() for p in model.parameters()],
             "buffers": pen.state_dict(), "sigmas": pen.sigmas()}
 
@@ -178,8 +217,8 @@ def _check_against_single(results, world, names):
             assert all(torch.equal(res[name]["buffers"][k], results[0][name]["buffers"][k]) for res in results), k
 
 
-def _spawn(tmp_path, world, names):
-    mp.spawn(_worker, args=(world, str(tmp_path), names), nprocs=world, join=True)
+def _spawn(tmp_path, world, names, extra):
+    mp.spawn(_worker, args=(world, str(tmp_path), names, extra), nprocs=world, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -193,8 +232,19 @@ def _check_comm(comm, n_init=3, n_iter=2):
         assert after == {ar: n_iter}, (reshard, after)
 
 
+TWO_RANKS = ["layers_reshard_loss", "layers_noreshard_acc", "root_loss", "schedule", "schedule_acc", "tp_colwise"]
+
+
 def test_fsdp2_two_ranks_match_single_process(tmp_path):
-    names = list(SCENARIOS)
-    results = _spawn(tmp_path, 2, names)
-    _check_against_single(results, 2, names)
+    results = _spawn(tmp_path, 2, TWO_RANKS, extra=True)
+    _check_against_single(results, 2, TWO_RANKS)
     _check_comm(results[0]["comm"])
+    msg, unchanged = results[0]["rowwise"]
+    assert msg is not None and msg.startswith("2: ") and "Shard(dim=1)" in msg, msg
+    assert unchanged
+
+
+def test_fsdp2_four_ranks_empty_shard_and_hsdp(tmp_path):
+    # 9 rows at 4 ranks: shards of 3, 3, 3 and 0 rows; HSDP on a 2x2 (replicate, shard) mesh
+    names = ["layers_reshard_loss", "hsdp"]
+    _check_against_single(_spawn(tmp_path, 4, names, extra=False), 4, names)

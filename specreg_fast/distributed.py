@@ -102,7 +102,8 @@ def _layout(W: torch.Tensor, name: str) -> _Layout:
     bad = [p for p in W.placements if not isinstance(p, Replicate) and not (type(p) is Shard and p.dim == 0)]
     if bad or len(shard_dims) > 1:
         raise ValueError(f"{name}: the penalty supports weights sharded on dim 0 over one mesh dimension (FSDP2 "
-                         f"fully_shard, HSDP, ColwiseParallel) or replicated; got placements {tuple(W.placements)}")
+                         f"fully_shard, HSDP, ColwiseParallel) or replicated, not RowwiseParallel (Shard(1)) nor "
+                         f"partial sums; got the weight's placements {tuple(W.placements)}")
     local = W.detach().to_local()
     if not shard_dims:
         return _Layout(local.reshape(m, n), m, n, 0, None)
