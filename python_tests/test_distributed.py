@@ -24,10 +24,23 @@ def _mlp():
     return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 3))
 
 
-def _batches(world):
+def _cnn():
+    torch.manual_seed(0)
+    # operator norms: zero and circular padding, stride, groups=2 (3 channels a group: the
+    # 2-rank shards 3/3 fall on the group boundary), 5 channels (uneven 3/2 shards)
+    return nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.Tanh(),
+                         nn.Conv2d(5, 6, 3, stride=2, padding=1, padding_mode="circular"), nn.Tanh(),
+                         nn.Conv2d(6, 6, 3, padding=1, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(6 * 3 * 3, 3))
+
+
+MODELS = {"mlp": (_mlp, (6,)), "cnn": (_cnn, (2, 5, 5))}
+
+
+def _batches(world, model="mlp"):
     """Per step, one batch per rank; the single-process run takes their concatenation."""
     g = torch.Generator().manual_seed(5)
-    return [[torch.randn(BATCH, 6, generator=g) for _ in range(world)] for _ in range(STEPS)]
+    shape = MODELS[model][1]
+    return [[torch.randn(BATCH, *shape, generator=g) for _ in range(world)] for _ in range(STEPS)]
 
 
 # scenario -> (how the model is sharded, reshard_after_forward, "loss" (penalty() added) or
@@ -43,7 +56,13 @@ SCENARIOS = {
     "schedule_acc": ("layers", False, "accumulate_grad", {"start_step": 3, "every": 2, "n_iter_init": 4}),
     "tp_colwise": ("tp", True, "loss", {}),
     "hsdp": ("hsdp", True, "loss", {}),
+    "cnn_loss": ("layers", True, "loss", {}),
+    "cnn_acc": ("layers", False, "accumulate_grad", {}),
 }
+
+
+def _model_of(name):
+    return "cnn" if name.startswith("cnn") else "mlp"
 
 
 def _train(model, pen, batches, mode, rank=None):
@@ -87,22 +106,23 @@ def _run_scenario(name, world):
     from torch.distributed.tensor import Replicate
 
     where, reshard, mode, kw = SCENARIOS[name]
-    model = _mlp()
+    model = MODELS[_model_of(name)][0]()
     pen = sf.SpectralPenalty(model, gamma=0.05, seed=11, **kw)
+    batches = _batches(world, _model_of(name))
     if where == "tp":
         from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
         mesh = init_device_mesh("cpu", (world,))
         parallelize_module(model, mesh, {"0": ColwiseParallel(output_layouts=Replicate())})
-        hist, first_grads = _train(model, pen, _batches(world), mode, -1)
+        hist, first_grads = _train(model, pen, batches, mode, -1)
     else:
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")) if where == "hsdp" else None
         if where in ("layers", "hsdp"):
             for m in model:
-                if isinstance(m, nn.Linear):
+                if isinstance(m, (nn.Linear, nn.Conv2d)):
                     fully_shard(m, mesh=mesh, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
-        hist, first_grads = _train(model, pen, _batches(world), mode, dist.get_rank())
+        hist, first_grads = _train(model, pen, batches, mode, dist.get_rank())
     # the single-process data loss is the mean of the ranks' (on their own batches; tp: all the same)
     data = torch.tensor([h[0] for h in hist], dtype=torch.float64)
     dist.all_reduce(data)
@@ -140,24 +160,40 @@ def _count_collectives():
     return out
 
 
-def _rejects_rowwise(world):
-    """A Shard(1) weight (RowwiseParallel) is refused with a clear error, nothing updated."""
+def _rejections(world):
+    """Placements the penalty refuses, each with a clear error and nothing updated: a
+    Shard(1) weight (RowwiseParallel), a sharded ConvTranspose (dim 0 = input channels), a
+    grouped conv whose shards split a group. Returns ``{case: (message, state unchanged)}``."""
     import specreg_fast as sf
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
 
-    model = _mlp()
-    parallelize_module(model, init_device_mesh("cpu", (world,)), {"2": RowwiseParallel()})
-    pen = sf.SpectralPenalty(model, gamma=0.05, scope="all")  # "all": the readout "2" is regularized
-    pen.layer_names  # vectors created
-    before = {k: b.clone() for k, b in pen.state_dict().items() if isinstance(b, torch.Tensor)}
-    try:
-        pen()
-        msg = None
-    except ValueError as e:
-        msg = str(e)
-    same = all(torch.equal(pen.state_dict()[k], b) for k, b in before.items())
-    return msg, same
+    torch.manual_seed(0)
+    rowwise = _mlp()
+    parallelize_module(rowwise, init_device_mesh("cpu", (world,)), {"2": RowwiseParallel()})
+    # 6 output channels in groups of 2 at 2 ranks: shards [0, 3) and [3, 6) cut group 1
+    grouped = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, groups=3), nn.Tanh(), nn.Conv2d(6, 2, 1))
+    transposed = nn.Sequential(nn.ConvTranspose2d(4, 2, 3), nn.Tanh(), nn.Conv2d(2, 2, 1))
+    # (no forward of the Rowwise model: it expects its input sharded)
+    cases = {"rowwise": (rowwise, None), "grouped": (grouped, torch.randn(2, 6, 4, 4)),
+             "transposed": (transposed, torch.randn(2, 4, 4, 4))}
+    out = {}
+    for case, (model, x) in cases.items():
+        if case != "rowwise":
+            fully_shard(model[0])
+            fully_shard(model)
+        pen = sf.SpectralPenalty(model, gamma=0.05, scope="all")  # "all": the readout is regularized
+        if x is not None:
+            model(x)  # the convs' input size
+        before = {k: b.clone() for k, b in pen.state_dict().items() if isinstance(b, torch.Tensor)}
+        try:
+            pen()  # (the convs fail when their vectors are created, the dense layer at its first step)
+            msg = None
+        except ValueError as e:
+            msg = str(e)
+        out[case] = (msg, all(torch.equal(pen.state_dict()[k], b) for k, b in before.items()))
+    return out
 
 
 def _worker(rank, world, out_dir, names, extra):
@@ -168,7 +204,7 @@ def _worker(rank, world, out_dir, names, extra):
         res = {n: _run_scenario(n, world) for n in names}
         if extra:
             res["comm"] = _count_collectives()
-            res["rowwise"] = _rejects_rowwise(world)
+            res["rejected"] = _rejections(world)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -181,9 +217,9 @@ def _single(name, world):
     import specreg_fast as sf
 
     where, _, mode, kw = SCENARIOS[name]
-    model = _mlp()
+    model = MODELS[_model_of(name)][0]()
     pen = sf.SpectralPenalty(model, gamma=0.05, seed=11, **kw)
-    hist, first_grads = _train(model, pen, _batches(world), mode, -1 if where == "tp" else None)
+    hist, first_grads = _train(model, pen, _batches(world, _model_of(name)), mode, -1 if where == "tp" else None)
     return {"hist": hist, "grads": first_grads, "weights": [p.detach() for p in model.parameters()],
             "buffers": pen.state_dict(), "sigmas": pen.sigmas()}
 
@@ -232,16 +268,20 @@ def _check_comm(comm, n_init=3, n_iter=2):
         assert after == {ar: n_iter}, (reshard, after)
 
 
-TWO_RANKS = ["layers_reshard_loss", "layers_noreshard_acc", "root_loss", "schedule", "schedule_acc", "tp_colwise"]
+TWO_RANKS = ["layers_reshard_loss", "layers_noreshard_acc", "root_loss", "schedule", "schedule_acc", "tp_colwise",
+             "cnn_loss", "cnn_acc"]
 
 
 def test_fsdp2_two_ranks_match_single_process(tmp_path):
     results = _spawn(tmp_path, 2, TWO_RANKS, extra=True)
     _check_against_single(results, 2, TWO_RANKS)
     _check_comm(results[0]["comm"])
-    msg, unchanged = results[0]["rowwise"]
-    assert msg is not None and msg.startswith("2: ") and "Shard(dim=1)" in msg, msg
-    assert unchanged
+    rejected = results[0]["rejected"]
+    for case, (start, words) in {"rowwise": ("2: ", "Shard(dim=1)"), "grouped": ("0: ", "splits a group"),
+                                 "transposed": ("0: ", "ConvTranspose")}.items():
+        msg, unchanged = rejected[case]
+        assert msg is not None and msg.startswith(start) and words in msg, (case, msg)
+        assert unchanged, case
 
 
 def test_fsdp2_four_ranks_empty_shard_and_hsdp(tmp_path):

@@ -246,7 +246,7 @@ class SpectralPenalty(nn.Module):
             self._set_buf(f"v_{i}", dst.vs[i].to(dev), n)
         specs = self._conv_specs()
         if self.conv_norm == "operator":
-            cst = init_conv_state(specs, generator=g)
+            cst = _distributed.init_conv_state(specs, g, [n for n, _ in self._convs])  # DTensor weights: on shards
             for i in range(len(specs)):
                 self._set_buf(f"x_{i}", cst.xs[i], self._convs[i][0])
                 self._set_buf(f"y_{i}", cst.ys[i], self._convs[i][0])
@@ -340,13 +340,18 @@ class SpectralPenalty(nn.Module):
             raise
 
     def _sharded(self):
-        """``(weights, us, vs, names)`` when a regularized weight is a DTensor (FSDP2), else None."""
+        """``(weights, us + ys, vs + xs, names, conv specs)`` for specreg_fast/distributed.py
+        when a regularized weight is a DTensor (FSDP2), else None."""
         ws = _distributed.regularized_weights(self._model[0], [m for _, m in self._layers])
         if ws is None:
             return None
-        nd = len(self._dense)
-        return (ws, [self._buffers[f"u_{i}"] for i in range(nd)], [self._buffers[f"v_{i}"] for i in range(nd)],
-                [n for n, _ in self._layers])
+        if self._convs and self.conv_norm != "operator":
+            raise ValueError(f"conv_norm={self.conv_norm!r} on sharded (DTensor) weights is not supported; use "
+                             f"'operator' or 'matrix'")
+        b, nd, nc = self._buffers, len(self._dense), len(self._convs)
+        return (ws, [b[f"u_{i}"] for i in range(nd)] + [b[f"y_{i}"] for i in range(nc)],
+                [b[f"v_{i}"] for i in range(nd)] + [b[f"x_{i}"] for i in range(nc)], [n for n, _ in self._layers],
+                self._conv_specs() if nc else [])
 
     def _plan_key(self, dense_ws, conv_ws) -> tuple:
         """What the hot plan depends on: every weight's shape/dtype/device, each conv's
@@ -529,7 +534,7 @@ class SpectralPenalty(nn.Module):
                 coefs = coefs.tolist()
             sharded = self._sharded()
             if sharded is not None:  # each rank adds its rows into the local shard of the DTensor .grad
-                _distributed.add_grads(sharded[0], sharded[1], sharded[2], coefs)
+                _distributed.add_grads(*sharded[:3], coefs, *sharded[3:])
                 return (self.gammas * sig.pow(2)).sum()
             for i, (_, m) in enumerate(self._dense):
                 W = m.weight
