@@ -196,7 +196,58 @@ def _rejections(world):
     return out
 
 
-def _worker(rank, world, out_dir, names, extra):
+def _dcp_model():
+    """The MLP, FSDP2 per layer at the current world size, and its penalty."""
+    import specreg_fast as sf
+    from torch.distributed.fsdp import fully_shard
+
+    model = _mlp()
+    for m in model:
+        if isinstance(m, nn.Linear):
+            fully_shard(m)
+    fully_shard(model)
+    return model, sf.SpectralPenalty(model, gamma=0.05, seed=11)
+
+
+def _dcp_save(ckpt):
+    """3 steps at this world size, then a DCP checkpoint of the model and the penalty."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    model, pen = _dcp_model()
+    _train(model, pen, _batches(dist.get_world_size())[:3], "loss", dist.get_rank())
+    dcp.save({"model": get_model_state_dict(model), "penalty": pen.state_dict()}, checkpoint_id=ckpt)
+    return {k: b.clone() for k, b in pen.state_dict().items() if isinstance(b, torch.Tensor)}
+
+
+def _dcp_load_and_step(ckpt, distributed=True):
+    """Load the checkpoint (FSDP2 at this world size, or a plain model with no process
+    group), then one evaluation and one update of the penalty: (buffers after loading,
+    sigmas at the loaded vectors, sigmas after one step)."""
+    import specreg_fast as sf
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    if distributed:
+        model, pen = _dcp_model()
+    else:
+        model = _mlp()
+        pen = sf.SpectralPenalty(model, gamma=0.05, seed=11)
+    model(torch.zeros(1, 6))  # the forward order (readout) before the vectors are created
+    pen.layer_names
+    state = {"model": get_model_state_dict(model), "penalty": pen.state_dict()}
+    dcp.load(state, checkpoint_id=ckpt)
+    set_model_state_dict(model, state["model"])
+    pen.load_state_dict(state["penalty"])
+    loaded = {k: b.clone() for k, b in pen.state_dict().items() if isinstance(b, torch.Tensor)}
+    pen.eval()
+    at_loaded = pen().detach().clone()
+    pen.train()
+    pen()
+    return loaded, at_loaded, pen.last_sigmas.clone()
+
+
+def _worker(rank, world, out_dir, names, extra, ckpt=None):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
@@ -205,6 +256,9 @@ def _worker(rank, world, out_dir, names, extra):
         if extra:
             res["comm"] = _count_collectives()
             res["rejected"] = _rejections(world)
+            res["dcp_saved"] = _dcp_save(ckpt)
+        elif ckpt is not None:
+            res["dcp_loaded"] = _dcp_load_and_step(ckpt)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -253,8 +307,8 @@ def _check_against_single(results, world, names):
             assert all(torch.equal(res[name]["buffers"][k], results[0][name]["buffers"][k]) for res in results), k
 
 
-def _spawn(tmp_path, world, names, extra):
-    mp.spawn(_worker, args=(world, str(tmp_path), names, extra), nprocs=world, join=True)
+def _spawn(tmp_path, world, names, extra, ckpt=None):
+    mp.spawn(_worker, args=(world, str(tmp_path), names, extra, ckpt), nprocs=world, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -272,8 +326,16 @@ TWO_RANKS = ["layers_reshard_loss", "layers_noreshard_acc", "root_loss", "schedu
              "cnn_loss", "cnn_acc"]
 
 
-def test_fsdp2_two_ranks_match_single_process(tmp_path):
-    results = _spawn(tmp_path, 2, TWO_RANKS, extra=True)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The 2-rank group's results and its DCP checkpoint (saved at 2 ranks)."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    ckpt = str(out / "ckpt")
+    return _spawn(out, 2, TWO_RANKS, extra=True, ckpt=ckpt), ckpt
+
+
+def test_fsdp2_two_ranks_match_single_process(two_ranks):
+    results, _ = two_ranks
     _check_against_single(results, 2, TWO_RANKS)
     _check_comm(results[0]["comm"])
     rejected = results[0]["rejected"]
@@ -284,7 +346,19 @@ def test_fsdp2_two_ranks_match_single_process(tmp_path):
         assert unchanged, case
 
 
-def test_fsdp2_four_ranks_empty_shard_and_hsdp(tmp_path):
-    # 9 rows at 4 ranks: shards of 3, 3, 3 and 0 rows; HSDP on a 2x2 (replicate, shard) mesh
+def test_fsdp2_four_ranks_empty_shard_hsdp_and_dcp(tmp_path, two_ranks):
+    # 9 rows at 4 ranks: shards of 3, 3, 3 and 0 rows; HSDP on a 2x2 (replicate, shard) mesh;
+    # the checkpoint saved at 2 ranks loaded at 4 and at 1 (no process group)
+    results2, ckpt = two_ranks
     names = ["layers_reshard_loss", "hsdp"]
-    _check_against_single(_spawn(tmp_path, 4, names, extra=False), 4, names)
+    results = _spawn(tmp_path, 4, names, extra=False, ckpt=ckpt)
+    _check_against_single(results, 4, names)
+    saved = results2[0]["dcp_saved"]
+    single = _dcp_load_and_step(ckpt, distributed=False)
+    for where, (loaded, at_loaded, stepped) in [("1 process", single)] + [
+            (f"rank {r} of 4", res["dcp_loaded"]) for r, res in enumerate(results)]:
+        assert loaded.keys() == saved.keys()
+        for k in saved:  # the penalty's buffers come back exactly
+            assert torch.equal(loaded[k], saved[k]), (where, k)
+        _close(at_loaded, single[1], f"{where}: penalty at the loaded vectors")
+        _close(stepped, single[2], f"{where}: sigmas one step after loading")
