@@ -247,6 +247,22 @@ def _dcp_load_and_step(ckpt, distributed=True):
     return loaded, at_loaded, pen.last_sigmas.clone()
 
 
+def _nonfinite_rolls_back():
+    """A NaN in one rank's shard of layer 0: on every rank that layer's estimate is NaN and
+    its vectors stay as they were, while layer 2 takes its step."""
+    model, pen = _dcp_model()
+    model(torch.zeros(1, 6))
+    pen.layer_names
+    before = {k: b.clone() for k, b in pen.state_dict().items() if isinstance(b, torch.Tensor)}
+    if dist.get_rank() == dist.get_world_size() - 1:
+        with torch.no_grad():
+            model[0].weight.to_local()[-1, 2] = float("nan")
+    with torch.no_grad():
+        pen()
+    after = pen.state_dict()
+    return (pen.last_sigmas.clone(), [torch.equal(after[k], before[k]) for k in ("u_0", "v_0", "u_1", "v_1")])
+
+
 def _worker(rank, world, out_dir, names, extra, ckpt=None):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
@@ -256,6 +272,7 @@ def _worker(rank, world, out_dir, names, extra, ckpt=None):
         if extra:
             res["comm"] = _count_collectives()
             res["rejected"] = _rejections(world)
+            res["nonfinite"] = _nonfinite_rolls_back()
             res["dcp_saved"] = _dcp_save(ckpt)
         elif ckpt is not None:
             res["dcp_loaded"] = _dcp_load_and_step(ckpt)
@@ -344,6 +361,10 @@ def test_fsdp2_two_ranks_match_single_process(two_ranks):
         msg, unchanged = rejected[case]
         assert msg is not None and msg.startswith(start) and words in msg, (case, msg)
         assert unchanged, case
+    for res in results:
+        sig, unchanged = res["nonfinite"]
+        assert torch.isnan(sig[0]) and torch.isfinite(sig[1]), sig
+        assert unchanged == [True, True, False, False], unchanged
 
 
 def test_fsdp2_four_ranks_empty_shard_hsdp_and_dcp(tmp_path, two_ranks):
