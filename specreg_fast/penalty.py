@@ -21,6 +21,7 @@ from .bounds import operator_norm_bounds
 from .conv import ConvSpec, ConvState, conv_operator_norms, init_conv_state
 from .conv import _validate as _validate_convs
 from .fft import CircularState, circular_conv_norms, circular_params, circular_power_pairs, init_circular_state
+from . import distributed as _distributed
 from . import layers as _layers
 from . import ops as _ops
 
@@ -309,7 +310,7 @@ class SpectralPenalty(nn.Module):
             self._set_buf(f"v_{i}", dst.vs[i].to(dev), mp.name)
         specs = self._conv_specs()
         if self.conv_norm == "operator":
-            cst = init_conv_state(specs, generator=g)
+            cst = _distributed.init_conv_state(specs, g, [mp.name for mp in self._convs])  # DTensor weights: on shards
             for i in range(len(specs)):
                 self._set_buf(f"x_{i}", cst.xs[i], self._convs[i].name)
                 self._set_buf(f"y_{i}", cst.ys[i], self._convs[i].name)
@@ -395,11 +396,36 @@ class SpectralPenalty(nn.Module):
         """``_sigmas``; if it raises, the step counter this call advanced goes back (the ops
         themselves leave their vectors as they were on a failed step)."""
         try:
+            sharded = self._sharded()
+            if sharded is not None:  # DTensor (FSDP2) weights: on the local shards, specreg_fast/distributed.py
+                return _distributed.penalty_sigmas(*sharded, update, n_iter)
             return self._sigmas(update, n_iter, conv_pairs)
         except Exception:
             if self.training and self.auto_step and not torch.compiler.is_compiling():
                 self.step_count.sub_(1)
             raise
+
+    def _sharded(self):
+        """``(weights, us + ys, vs + xs, names, conv specs)`` for specreg_fast/distributed.py
+        when a regularized weight is a DTensor (FSDP2), else None."""
+        ws = _distributed.regularized_weights(self._model[0], [mp.module for mp in self._layers])
+        if ws is None:
+            return None
+        # distributed.py shards whole weights (a Linear's, a conv's, or a conv kernel as its
+        # reshaped matrix); views of part of a parameter (attention q/k/v, a transposed HF
+        # Conv1D, a grouped patch conv's blocks) and extra= maps are not sharded there
+        partial = [mp.name for mp in self._layers if mp.attr != "weight" or mp.layer != mp.name
+                   or mp.view not in (_layers._identity, _layers._reshaped)]
+        if partial:
+            raise ValueError(f"sharded (DTensor) weights: {', '.join(partial)} regularize part of a parameter or a "
+                             f"computed weight, which the sharded path does not support; exclude them")
+        if self._convs and self.conv_norm != "operator":
+            raise ValueError(f"conv_norm={self.conv_norm!r} on sharded (DTensor) weights is not supported; use "
+                             f"'operator' or 'matrix'")
+        b, nd, nc = self._buffers, len(self._dense), len(self._convs)
+        return (ws, [b[f"u_{i}"] for i in range(nd)] + [b[f"y_{i}"] for i in range(nc)],
+                [b[f"v_{i}"] for i in range(nd)] + [b[f"x_{i}"] for i in range(nc)], [mp.name for mp in self._layers],
+                self._conv_specs() if nc else [])
 
     def _plan_key(self, dense_ws, conv_ws) -> tuple:
         """What the hot plan depends on: every weight's shape/dtype/device, each conv's
@@ -679,6 +705,10 @@ class SpectralPenalty(nn.Module):
             host = coefs.device.type == "cpu"
             if host:
                 coefs = coefs.tolist()
+            sharded = self._sharded()
+            if sharded is not None:  # each rank adds its rows into the local shard of the DTensor .grad
+                _distributed.add_grads(*sharded[:3], coefs, *sharded[3:])
+                return (self._term_gammas(sig) * sig.pow(2)).sum()
             for i, mp in enumerate(self._dense):
                 W = mp.param()
                 if W is None:  # an extra= map: its gradient reaches its parameters through autograd

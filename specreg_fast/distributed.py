@@ -1,0 +1,422 @@
+"""The penalty on sharded weights (FSDP2 ``fully_shard`` / DTensor), with no weight gather.
+
+Every collective of the package is in this module. A weight sharded on dim 0 (``Shard(0)``:
+FSDP2, ``ColwiseParallel``) holds rows ``W_r`` on rank ``r``. One power step of the
+single-process op (``t = W v``, ``u = t/|t|``, ``a = W^T t``, ``v = a/|a|``, estimate
+``|a|/|t|``) is, on the shards,
+
+    t = sum_r [0, .., W_r v, .., 0]      (each rank writes its rows into a zero m-vector)
+    a = sum_r W_r^T (W_r v)               (an n-vector partial per rank)
+
+so ONE sum all-reduce of a flat buffer holding ``[t | a | nonfinite flag]`` of every sharded
+layer gives every rank the full ``t`` and ``a`` of every layer: one collective per power
+iteration for the whole model (per process group: normally one), never one per layer, and
+no ``full_tensor()`` of a weight. ``u`` and ``v`` stay plain tensors, identical on every
+rank, so the penalty's state is plain replicated buffers (checkpoints need no resharding).
+Weights whose placements shard nothing (``Replicate``, plain tensors) take the
+single-process op on their local copy, with no collective.
+
+The gradient stays local: ``d sigma / dW = u v^T`` restricted to the shard is
+``u[rows of r] v^T``, computed on the rank and returned as a DTensor with the weight's
+placements (:class:`_ShardedSigma`), or added into the local shard of the DTensor ``.grad``
+(:func:`add_grads`).
+
+The local partial products ``W_r v`` and ``W_r^T (W_r v)`` are two plain ``torch.mv`` calls:
+the fused ``specreg_fast::power_step_`` normalizes inside its step and cannot return the
+unnormalized partials that the sum needs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from . import ops as _ops
+
+__all__ = ["regularized_weights", "power_step_", "sigma", "sigma_from_step", "add_grads"]
+
+
+def _dtensor_types():
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+    return DTensor, Partial, Replicate, Shard
+
+
+def _is_dtensor(w) -> bool:
+    return dist.is_available() and isinstance(w, _dtensor_types()[0])
+
+
+def _fsdp_sharded_weights(root: nn.Module) -> Dict[int, nn.Parameter]:
+    """``id(module) -> FSDP2's sharded (DTensor) weight`` for every module whose ``weight``
+    an FSDP2 ``fully_shard`` manages. Between forward and backward FSDP2 may leave the
+    module's attribute on the unsharded (gathered, plain) parameter (``reshard_after_forward
+    =False``, or the root module, which never reshards after forward); the sharded
+    parameter is the one that persists, that the optimizer updates and whose ``.grad`` FSDP2
+    fills, so the penalty always works on it. (FSDP2's per-parameter records are private
+    attributes: ``_fsdp_param_groups`` of the module's state, ``_module_info``.)"""
+    from torch.distributed.fsdp import FSDPModule
+
+    out = {}
+    for mod in root.modules():
+        if isinstance(mod, FSDPModule):
+            for group in mod._get_fsdp_state()._fsdp_param_groups:
+                for p in group.fsdp_params:
+                    if p._module_info.param_name == "weight":
+                        out[id(p._module_info.module)] = p.sharded_param
+    return out
+
+
+def regularized_weights(root: nn.Module, modules: Sequence[nn.Module]) -> Optional[List[torch.Tensor]]:
+    """The weights of ``modules`` as the penalty must see them when any is a DTensor (FSDP2's
+    sharded parameter where FSDP2 manages the module), else None: the single-process path
+    (also under DistributedDataParallel), at the cost of one ``is_initialized`` check."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    fsdp = _fsdp_sharded_weights(root)
+    ws = [fsdp.get(id(m), m.weight) for m in modules]
+    return ws if any(_is_dtensor(w) for w in ws) else None
+
+
+class _Shard:
+    """One layer's part on this rank, as a linear map between flat vectors: it reads
+    ``x[in_lo:in_hi]`` of the (replicated) input vector and produces ``(A x)[out_lo:out_hi]``
+    of the output vector, exactly (no other rank's weights enter those output entries).
+    ``group``: the process group its rows are split over; None when the rank holds the
+    whole weight (plain tensor, Replicate)."""
+
+    def __init__(self, W: torch.Tensor, name: str, out_vec: torch.Tensor, in_vec: torch.Tensor, geometry=None):
+        shape = tuple(W.shape)
+        if len(shape) < 2:
+            raise ValueError(f"{name}: a weight needs at least 2 dims, got shape {shape}")
+        self.name, self.shape, self.geometry = name, shape, geometry
+        self.m, self.n = out_vec.numel(), in_vec.numel()
+        want = (shape[0], math.prod(shape[1:])) if geometry is None else None
+        if want is not None and (tuple(out_vec.shape), tuple(in_vec.shape)) != ((want[0],), (want[1],)):
+            raise ValueError(f"{name}: state u, v must have shapes ({want[0]},), ({want[1]},) for a weight of shape "
+                             f"{shape}, got {tuple(out_vec.shape)}, {tuple(in_vec.shape)}")
+        if geometry is not None and not geometry["transposed"] and (
+                out_vec.shape[0] != shape[0] or in_vec.shape[0] != shape[1] * geometry["groups"]):
+            raise ValueError(f"{name}: state y, x must have {shape[0]} and {shape[1] * geometry['groups']} channels "
+                             f"for a conv weight of shape {shape}, got {tuple(out_vec.shape)}, {tuple(in_vec.shape)}")
+        self.group, row0, self.local = None, 0, W.detach()
+        if _is_dtensor(W):
+            self.local, row0, self.group = self._split(W, name)
+        rows = self.local.shape[0]
+        if geometry is None:  # dense: the rank's rows of the (out, -1) matrix, the whole input
+            self.local2d = self.local.reshape(rows, self.n)
+            self.out_lo, self.out_hi, self.in_lo, self.in_hi = row0, row0 + rows, 0, self.n
+            return
+        self.out_spatial = tuple(out_vec.shape[1:])
+        self.in_shape, self.local_geometry = tuple(in_vec.shape), geometry
+        self.out_lo, self.out_hi, self.in_lo, self.in_hi = 0, self.m, 0, self.n
+        if self.group is None:  # the whole conv on this rank
+            return
+        if geometry["transposed"]:
+            raise ValueError(f"{name}: a sharded ConvTranspose weight (dim 0 = input channels) is not supported: the "
+                             f"shards' outputs overlap, which would take a second collective per power step")
+        # output channels [row0, row0 + rows) of the groups they cover, which read the input
+        # channels of those groups only
+        groups, c_out, c_in_group = geometry["groups"], shape[0], shape[1]
+        per_group = c_out // groups
+        if groups > 1 and (row0 % per_group or rows % per_group):
+            raise ValueError(f"{name}: the shard of output channels [{row0}, {row0 + rows}) splits a group of "
+                             f"{per_group} channels (groups={groups}); it needs shards on group boundaries")
+        out_sp, in_sp = self.m // c_out, self.n // in_vec.shape[0]
+        g0, local_groups = (row0 // per_group, rows // per_group) if groups > 1 else (0, 1)
+        c_lo, c_hi = (g0 * c_in_group, (g0 + local_groups) * c_in_group) if groups > 1 else (0, c_in_group)
+        self.in_shape = (c_hi - c_lo,) + tuple(in_vec.shape[1:])
+        self.out_lo, self.out_hi, self.in_lo, self.in_hi = row0 * out_sp, (row0 + rows) * out_sp, c_lo * in_sp, c_hi * in_sp
+        self.local_geometry = dict(geometry, groups=max(local_groups, 1))
+
+    @staticmethod
+    def _split(W, name):
+        """(local tensor, global row offset, process group) of a DTensor weight."""
+        DTensor, Partial, Replicate, Shard = _dtensor_types()
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shard_dims = [i for i, p in enumerate(W.placements) if not isinstance(p, Replicate)]
+        bad = [p for p in W.placements if not isinstance(p, Replicate) and not (type(p) is Shard and p.dim == 0)]
+        if bad or len(shard_dims) > 1:
+            raise ValueError(f"{name}: the penalty supports weights sharded on dim 0 over one mesh dimension (FSDP2 "
+                             f"fully_shard, HSDP, ColwiseParallel) or replicated, not RowwiseParallel (Shard(1)) nor "
+                             f"partial sums; got the weight's placements {tuple(W.placements)}")
+        local = W.detach().to_local()
+        if not shard_dims:
+            return local, 0, None
+        _, offset = compute_local_shape_and_global_offset(W.shape, W.device_mesh, W.placements)
+        return local, offset[0] if local.shape[0] else 0, W.device_mesh.get_group(shard_dims[0])
+
+    def apply(self, Wf, x):
+        """This rank's output entries ``(A x)[out_lo:out_hi]`` from its input slice (flat)."""
+        if self.geometry is None:
+            return torch.mv(Wf, x)
+        if self.out_hi == self.out_lo:
+            return x.new_zeros(0)
+        return _ops._conv_apply_ref(self.local_geometry, Wf, x.view(1, *self.in_shape)).reshape(-1)
+
+    def adjoint(self, Wf, t):
+        """``A_r^T t_r`` on this rank's input slice (flat), ``t_r`` its output entries."""
+        if self.geometry is None:
+            return torch.mv(Wf.t(), t)
+        if self.out_hi == self.out_lo:
+            return t.new_zeros(self.in_hi - self.in_lo)
+        return _ops._conv_adjoint_ref(self.local_geometry, Wf, t.view(1, -1, *self.out_spatial),
+                                      t.new_empty((1,) + self.in_shape)).reshape(-1)
+
+    def weight(self, dtype):
+        """The local weight in the vectors' dtype, as the operator reads it."""
+        return (self.local2d if self.geometry is None else self.local).to(dtype)
+
+    def weight_grad(self, out_vec, in_vec, scale):
+        """``d <out, A in> / dW`` restricted to this rank's shard, times ``scale``, in the
+        local shard's shape (no communication)."""
+        u = out_vec.reshape(-1)[self.out_lo:self.out_hi]
+        x = in_vec.reshape(-1)[self.in_lo:self.in_hi]
+        if self.geometry is None:
+            return torch.outer(u * scale, x).reshape(self.local.shape)
+        if self.out_hi == self.out_lo:
+            return self.local.new_zeros(self.local.shape, dtype=u.dtype)
+        params, modes = _pack_geometry(self.local_geometry)
+        y = (u * scale).view(-1, *self.out_spatial)
+        return _ops.conv_weight_grad([self.local.to(u.dtype)], [x.view(self.in_shape)], [y], params, modes)[0]
+
+
+def _pack_geometry(g):
+    """A geometry dict of ``ops._conv_geometry`` packed back for the conv ops."""
+    return ([int(g["transposed"]), int(g["groups"]), *g["stride"], *g["dilation"], *g["lo"], *g["hi"],
+             *g["output_padding"]], [g["mode"]])
+
+
+def _conv_geometries(specs) -> list:
+    if not specs:
+        return []
+    params, modes = _ops.pack_conv_params(specs)
+    return _ops._conv_geometry("SpectralPenalty", [sp.weight for sp in specs], params, modes)
+
+
+def _shards(weights, outs, ins, names, geometries) -> List[_Shard]:
+    if len(outs) != len(weights) or len(ins) != len(weights):
+        raise ValueError(f"state: expected {len(weights)} vector pairs, one per weight, got {len(outs)} and {len(ins)}")
+    nd = len(weights) - len(geometries)
+    return [_Shard(W, nm, o, i, None if l < nd else geometries[l - nd])
+            for l, (W, o, i, nm) in enumerate(zip(weights, outs, ins, names))]
+
+
+def _groups(shards: Sequence[_Shard]) -> List[List[int]]:
+    """Indices of the sharded layers per process group, groups in the order of their first
+    layer (the same on every rank, so every rank issues the same collectives in order)."""
+    by_group: Dict[int, List[int]] = {}
+    for l, sh in enumerate(shards):
+        if sh.group is not None:
+            by_group.setdefault(id(sh.group), []).append(l)
+    return list(by_group.values())
+
+
+def _names(names, k):
+    return list(names) if names is not None else [f"weights[{l}]" for l in range(k)]
+
+
+def power_step_(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor], n_iter: int = 1,
+                names: Optional[Sequence[str]] = None, conv_specs: Sequence = ()) -> torch.Tensor:
+    """``n_iter`` power steps on (possibly sharded) weights, in place on the replicated
+    vectors, with the conventions of ``ops.power_step_`` / ``ops.conv_power_step_`` (a zero
+    weight keeps its vectors, a non-finite one rolls them back and gets a NaN estimate);
+    returns the estimates (identical on every rank). The last ``len(conv_specs)`` weights
+    are convs (``us``: their output-shaped ``y``, ``vs``: their input-shaped ``x``). One
+    all-reduce per step per process group; layers that are not sharded take no collective
+    (dense ones the single-process fused op)."""
+    names = _names(names, len(weights))
+    shards = _shards(weights, us, vs, names, _conv_geometries(conv_specs))
+    est = torch.zeros(len(shards), dtype=_ops._out_dtype([sh.local for sh in shards]),
+                      device=us[0].device if us else torch.device("cpu"))
+    fused = [l for l, sh in enumerate(shards) if sh.group is None and sh.geometry is None]
+    if fused:
+        e = _ops.power_step_([shards[l].local2d for l in fused], [us[l] for l in fused], [vs[l] for l in fused],
+                             n_iter, 0.0)
+        est[fused] = e.to(est.dtype)
+    with torch.no_grad():
+        groups = _groups(shards) + [[l] for l, sh in enumerate(shards) if sh.group is None and sh.geometry is not None]
+        for ids in groups:
+            group = shards[ids[0]].group
+            buf_dtype = torch.float64 if any(us[l].dtype == torch.float64 for l in ids) else torch.float32
+            offs = [0]
+            for l in ids:
+                offs.append(offs[-1] + shards[l].m + shards[l].n + 1)
+            ws = [shards[l].weight(us[l].dtype) for l in ids]
+            # a float64 sum is non-finite iff an entry is (float32/bf16 weights cannot overflow
+            # it): one read of the shard, with no bool temporary (isfinite().all() took 3x the
+            # two mv of a 512x1024 shard here)
+            nonfinite = [(~torch.isfinite(w.sum(dtype=torch.float64))).to(buf_dtype) for w in ws]
+            saved = [(us[l].clone(), vs[l].clone()) for l in ids]
+            buf = None
+            for _ in range(n_iter):
+                buf = torch.zeros(offs[-1], dtype=buf_dtype, device=us[ids[0]].device)
+                for j, l in enumerate(ids):
+                    sh, o = shards[l], offs[j]
+                    t_r = sh.apply(ws[j], vs[l].reshape(-1)[sh.in_lo:sh.in_hi])
+                    buf[o + sh.out_lo:o + sh.out_hi] = t_r
+                    buf[o + sh.m + sh.in_lo:o + sh.m + sh.in_hi] = sh.adjoint(ws[j], t_r)
+                    buf[o + sh.m + sh.n] = nonfinite[j]
+                if group is not None:
+                    dist.all_reduce(buf, group=group)
+                for j, l in enumerate(ids):
+                    sh, o = shards[l], offs[j]
+                    t = buf[o:o + sh.m].to(us[l].dtype)
+                    a = buf[o + sh.m:o + sh.m + sh.n].to(us[l].dtype)
+                    tn, an = torch.linalg.vector_norm(t), torch.linalg.vector_norm(a)
+                    ok = (tn > 0) & (an > 0)
+                    us[l].copy_(torch.where(ok, t / tn, us[l].reshape(-1)).view(us[l].shape))
+                    vs[l].copy_(torch.where(ok, a / an, vs[l].reshape(-1)).view(vs[l].shape))
+                    est[l] = torch.where(ok, an / tn, torch.zeros_like(an)).to(est.dtype)
+            if buf is None:  # n_iter == 0: the estimate at the current vectors
+                est[ids] = _local_sigmas([shards[l] for l in ids], [us[l] for l in ids],
+                                         [vs[l] for l in ids]).to(est.dtype)
+                continue
+            for j, l in enumerate(ids):
+                if bool(buf[offs[j + 1] - 1] > 0):  # some rank's shard is not finite
+                    us[l].copy_(saved[j][0])
+                    vs[l].copy_(saved[j][1])
+                    est[l] = math.nan
+    return est
+
+
+def _local_sigmas(shards: Sequence[_Shard], us, vs) -> torch.Tensor:
+    """``<u, A v>`` of every layer, detached, identical on every rank: one all-reduce of the
+    per-rank partials ``<u_r, A_r v>`` per process group."""
+    out = torch.zeros(len(shards), dtype=_ops._out_dtype([sh.local for sh in shards]),
+                      device=us[0].device if us else torch.device("cpu"))
+    with torch.no_grad():
+        part = torch.stack([us[l].reshape(-1)[sh.out_lo:sh.out_hi].double()
+                            @ sh.apply(sh.weight(us[l].dtype), vs[l].reshape(-1)[sh.in_lo:sh.in_hi]).double()
+                            for l, sh in enumerate(shards)]) if shards else out.double()
+        for ids in _groups(shards):
+            p = part[ids]
+            dist.all_reduce(p, group=shards[ids[0]].group)
+            part[ids] = p
+        out.copy_(part)
+    return out
+
+
+class _ShardedSigma(torch.autograd.Function):
+    """Value: the given sigmas. Backward: ``grad_l d<u_l, A_l v_l>/dW_l`` restricted to each
+    weight's local shard (``u v^T`` rows for a dense layer, the conv weight-gradient of its
+    output-channel slice for a conv), returned with the weight's placements (a DTensor for a
+    DTensor weight), so autograd accumulates it into the sharded parameter's ``.grad`` with
+    no communication."""
+
+    @staticmethod
+    def forward(ctx, est, shards, us, vs, *weights):
+        ctx.save_for_backward(*us, *vs)
+        ctx.shards = shards
+        ctx.meta = [(W.dtype, W.stride(), getattr(W, "device_mesh", None), getattr(W, "placements", None))
+                    for W in weights]
+        return est.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        k = len(ctx.meta)
+        saved = ctx.saved_tensors
+        grads = []
+        for l, ((dtype, stride, mesh, placements), sh) in enumerate(zip(ctx.meta, ctx.shards)):
+            u, v = saved[l], saved[k + l]
+            g = sh.weight_grad(u, v, grad[l].to(u.dtype)).to(dtype)
+            if mesh is None:
+                grads.append(g)
+            else:
+                grads.append(_dtensor_types()[0].from_local(g, mesh, placements, run_check=False,
+                                                            shape=torch.Size(sh.shape), stride=stride))
+        return (None, None, None, None, *grads)
+
+
+def _with_grad(weights, shards, us, vs, est):
+    if torch.is_grad_enabled() and any(W.requires_grad for W in weights):
+        return _ShardedSigma.apply(est, shards, list(us), list(vs), *weights)
+    return est.clone()
+
+
+def sigma_from_step(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor],
+                    est: torch.Tensor, names: Optional[Sequence[str]] = None, conv_specs: Sequence = ()) -> torch.Tensor:
+    """``<u, A v>`` with the value ``est`` of the :func:`power_step_` that left ``us``/``vs``
+    as they are (no second pass over W, no collective), differentiable in the weights."""
+    shards = _shards(weights, us, vs, _names(names, len(weights)), _conv_geometries(conv_specs))
+    return _with_grad(weights, shards, us, vs, est)
+
+
+def sigma(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor],
+          names: Optional[Sequence[str]] = None, conv_specs: Sequence = ()) -> torch.Tensor:
+    """``<u, A v>`` of every (possibly sharded) weight at the current vectors,
+    differentiable in the weights; one all-reduce per process group."""
+    shards = _shards(weights, us, vs, _names(names, len(weights)), _conv_geometries(conv_specs))
+    return _with_grad(weights, shards, us, vs, _local_sigmas(shards, us, vs))
+
+
+@torch.no_grad()
+def add_grads(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor],
+              coefs, names: Optional[Sequence[str]] = None, conv_specs: Sequence = ()) -> None:
+    """``W.grad += coef d<u, A v>/dW`` on each rank's shard only (the local shard of a
+    DTensor ``.grad``), for the weights that require grad; ``coefs`` are Python floats or
+    0-d tensors. No communication."""
+    shards = _shards(weights, us, vs, _names(names, len(weights)), _conv_geometries(conv_specs))
+    for l, (W, sh) in enumerate(zip(weights, shards)):
+        if not W.requires_grad:
+            continue
+        if W.grad is None:
+            W.grad = torch.zeros_like(W)
+        G = W.grad.to_local() if _is_dtensor(W.grad) else W.grad
+        c = coefs[l]
+        if sh.geometry is None and isinstance(c, float):
+            u = us[l][sh.out_lo:sh.out_hi].to(G.dtype)
+            if G.is_contiguous():  # one in-place rank-1 update, no weight-sized temporary
+                G.view(G.shape[0], -1).addr_(u, vs[l].to(G.dtype), alpha=c)
+                continue
+        G.add_(sh.weight_grad(us[l], vs[l], c if isinstance(c, float) else c.to(us[l].dtype)).to(G.dtype))
+
+
+def penalty_sigmas(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor],
+                   names: Sequence[str], conv_specs: Sequence, update: bool, n_iter: int) -> torch.Tensor:
+    """The sigmas of ``SpectralPenalty`` on sharded weights (dense layers, then the convs of
+    ``conv_specs``): ``n_iter`` steps then ``<u, A v>`` from the last step's estimate, or at
+    the current vectors (``update=False``); differentiable in the weights."""
+    if update:
+        est = power_step_(weights, us, vs, n_iter, names, conv_specs)
+        return sigma_from_step(weights, us, vs, est, names, conv_specs)
+    return sigma(weights, us, vs, names, conv_specs)
+
+
+def init_conv_state(specs, generator: Optional[torch.Generator] = None, names: Optional[Sequence[str]] = None):
+    """``conv.init_conv_state`` for convs whose weight may be a DTensor: the same random
+    ``x`` (the same draws from ``generator``), ``y = A x / |A x|`` from the shards with one
+    all-reduce (the single-process function where no weight is a DTensor)."""
+    from .conv import ConvState
+    from .conv import init_conv_state as _single
+
+    if not any(_is_dtensor(sp.weight) for sp in specs):
+        return _single(specs, generator=generator)
+    xs, ys = [], []
+    for sp in specs:
+        acc = _ops._acc_dtype(sp.weight.dtype)
+        x = torch.randn(tuple(sp.input_shape), dtype=acc, generator=generator).to(sp.weight.device)
+        xs.append(x / torch.linalg.vector_norm(x))
+    geos = _conv_geometries(specs)
+    with torch.no_grad():
+        for sp, x, g in zip(specs, xs, geos):  # output shapes from the meta device: no data, no collective
+            meta = _ops._conv_apply_ref(g, torch.empty(sp.weight.shape, device="meta", dtype=x.dtype),
+                                        x.to("meta")[None])
+            ys.append(torch.zeros(meta.shape[1:], dtype=x.dtype, device=x.device))
+        shards = _shards([sp.weight for sp in specs], ys, xs, _names(names, len(specs)), geos)
+        for ids in _groups(shards) + [[l] for l, sh in enumerate(shards) if sh.group is None]:
+            parts = []
+            for l in ids:
+                sh = shards[l]
+                y = torch.zeros(sh.m, dtype=torch.float64, device=xs[l].device)
+                y[sh.out_lo:sh.out_hi] = sh.apply(sh.weight(xs[l].dtype), xs[l].reshape(-1)[sh.in_lo:sh.in_hi])
+                parts.append(y)
+            buf = torch.cat(parts)
+            if shards[ids[0]].group is not None:
+                dist.all_reduce(buf, group=shards[ids[0]].group)
+            for y, l in zip(buf.split([shards[l].m for l in ids]), ids):
+                y = y.to(ys[l].dtype)
+                ys[l].copy_((y / torch.linalg.vector_norm(y).clamp_min(torch.finfo(y.dtype).tiny)).view(ys[l].shape))
+    return ConvState(xs, ys)
