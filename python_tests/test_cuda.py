@@ -254,6 +254,21 @@ def test_every_backend_on_the_same_inputs(dtype):
         _close(vecs, ref[2], dtype, f"{b} vectors")
 
 
+@needs_gpu
+def test_bench_gpu_rows_report_bandwidth_and_ratio():
+    from specreg_fast.benchmarks import suite
+
+    rows = suite.gpu_rows([(512, 384)], repeats=3)
+    got = {r["backend"]: r for r in rows}
+    assert set(got) == {"reference loop", *backends.available(torch.device("cuda"))}
+    for r in rows:
+        assert r["min_s"] <= r["median_s"] <= r["max_s"] and r["gbps"] > 0
+        assert r["ratio_vs_reference"] == pytest.approx(got["reference loop"]["median_s"] / r["median_s"])
+    peak = suite.gpu_peak_bandwidth(torch.cuda.get_device_name())
+    if peak is not None:
+        assert all(r["frac_read_bw"] == pytest.approx(r["gbps"] * 1e9 / peak) for r in rows)
+
+
 # ----------------------------------------------------------------------------- training steps
 def _mlp():
     return nn.Sequential(nn.Linear(784, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 10)), (784,)
