@@ -127,6 +127,7 @@ class SpectralPenalty(nn.Module):
         self.update = True
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._initialized_seen = False  # host copy of `initialized` once it reads True (see _needs_warm_start)
 
         root = self._model[0]
         names = {m: n for n, m in root.named_modules()}  # dedupes shared modules: counted once
@@ -277,6 +278,7 @@ class SpectralPenalty(nn.Module):
     # ------------------------------------------------------------------ state
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        self._initialized_seen = False  # the checkpoint's `initialized` is read again
         # Vectors are created on the first call; a checkpoint loaded before that is kept
         # aside and used when they are created.
         if not self._ready:
@@ -314,6 +316,7 @@ class SpectralPenalty(nn.Module):
                 del self._buffers[k]
         self.step_count.zero_()
         self.initialized.fill_(False)
+        self._initialized_seen = False
         self._ready = False
         self._plan = None
         self._pending_state = {}
@@ -441,7 +444,7 @@ class SpectralPenalty(nn.Module):
             # plays this role without a graph break)
             return self.gammas.new_zeros(())
         n_iter = self.n_iter
-        if upd and not compiling and not bool(self.initialized):
+        if upd and not compiling and self._needs_warm_start():
             n_iter = max(self.n_iter, self.n_iter_init)
         sig = self._sigmas_or_roll_back(upd, n_iter, None)
         if upd:
@@ -461,8 +464,17 @@ class SpectralPenalty(nn.Module):
         if compiling:
             s = self.step_count - self.start_step
             return (s >= 0) & (torch.remainder(s.clamp_min(0), self.every) == 0)
+        if self.start_step == 0 and self.every == 1:
+            return True  # the default schedule: no read of the counter (a host sync on a GPU)
         s = int(self.step_count) - self.start_step
         return s >= 0 and s % self.every == 0
+
+    def _needs_warm_start(self) -> bool:
+        """Whether this call takes the ``n_iter_init`` warm-start steps: the ``initialized``
+        buffer is read (a host sync on a GPU) only until it is seen set."""
+        if not self._initialized_seen:
+            self._initialized_seen = bool(self.initialized)
+        return not self._initialized_seen
 
     def accumulate_grad(self, scale: float = 1.0) -> torch.Tensor:
         """The penalty's gradient added in place into each regularized weight's ``.grad``,
@@ -499,7 +511,7 @@ class SpectralPenalty(nn.Module):
             self.step_count.add_(1)
         if not active:
             return self.gammas.new_zeros(())
-        n_iter = max(self.n_iter, self.n_iter_init) if upd and not bool(self.initialized) else self.n_iter
+        n_iter = max(self.n_iter, self.n_iter_init) if upd and self._needs_warm_start() else self.n_iter
         nd = len(self._dense)
         conv_pairs: list = []
         with torch.no_grad():
