@@ -15,7 +15,7 @@ FORCE_CUDA ?= $(if $(NVCC),1,0)
 export FORCE_CUDA
 PYTEST_ARGS ?=
 
-.PHONY: all venv build test test-all demo bench clean
+.PHONY: all venv build test test-all demo bench clean gpu-check test-compat
 
 all: test
 
@@ -62,6 +62,26 @@ demo: build $(REPRO)
 # The whole suite in one table (the per-op scripts in bench/ give more detail).
 bench: build $(REPRO)
 	$(VENV)/bin/specreg-fast bench --json bench_results.json --plot bench_results.png
+
+# On a GPU machine (no venv, no network): build for the visible GPU, run the CUDA tests and the
+# CUDA benchmarks, report into $(or $(OUT),gpu_check_out)/ (scripts/gpu_check.sh). Without a GPU
+# it checks the build and says so.
+gpu-check:
+	PYTHON=$(PYTHON) bash scripts/gpu_check.sh
+
+# The CPU tests against another torch (make test-compat TORCH=2.11.0; not part of CI): a side
+# venv with that torch and the pinned test deps, the tree copied into it (so the extension
+# built against that torch does not replace the one of .venv), built and tested there.
+TORCH  ?= 2.11.0
+COMPAT := .venv-compat-$(TORCH)
+test-compat:
+	test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install -q torch==$(TORCH) $$(grep -v -e '^torch==' -e '^#' requirements-dev.txt)
+	rm -rf $(COMPAT)/src && mkdir -p $(COMPAT)/src
+	git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C $(COMPAT)/src
+	cd $(COMPAT)/src && ../bin/python setup.py -q build_ext --inplace
+	cd $(COMPAT)/src && ../bin/python -m pytest python_tests -m "not slow" --ignore=$(TRITON_INTERP_TESTS) $(PYTEST_ARGS)
+	cd $(COMPAT)/src && TRITON_INTERPRET=1 ../bin/python -m pytest $(TRITON_INTERP_TESTS) -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info specreg_fast/*.so

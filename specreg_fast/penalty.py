@@ -581,7 +581,7 @@ class SpectralPenalty(nn.Module):
             # burn-in / skipped step: no work at all
             return self.gammas.new_zeros(())
         else:
-            n_iter = max(self.n_iter, self.n_iter_init) if upd and not bool(self.initialized) else self.n_iter
+            n_iter = max(self.n_iter, self.n_iter_init) if upd and self._needs_warm_start() else self.n_iter
             sig = self._sigmas_or_roll_back(upd, n_iter, None)
             if upd:
                 self.initialized.fill_(True)
@@ -651,8 +651,17 @@ class SpectralPenalty(nn.Module):
         if compiling:
             s = self.step_count - self.start_step
             return (s >= 0) & (torch.remainder(s.clamp_min(0), self.every) == 0)
+        if self.start_step == 0 and self.every == 1:
+            return True  # the default schedule: no read of the counter (a host sync on a GPU)
         s = int(self.step_count) - self.start_step
         return s >= 0 and s % self.every == 0
+
+    def _needs_warm_start(self) -> bool:
+        """Whether this call takes the ``n_iter_init`` warm-start steps: the ``initialized``
+        buffer is read (a host sync on a GPU) only until it is seen set."""
+        if not self._warm_start_done:
+            self._warm_start_done = bool(self.initialized)
+        return not self._warm_start_done
 
     def accumulate_grad(self, scale: float = 1.0) -> torch.Tensor:
         """The penalty's gradient added in place into each regularized weight's ``.grad``,
@@ -689,7 +698,7 @@ class SpectralPenalty(nn.Module):
             self.step_count.add_(1)
         if not active:
             return self.gammas.new_zeros(())
-        n_iter = max(self.n_iter, self.n_iter_init) if upd and not bool(self.initialized) else self.n_iter
+        n_iter = max(self.n_iter, self.n_iter_init) if upd and self._needs_warm_start() else self.n_iter
         nd = len(self._dense)
         conv_pairs: list = []
         with torch.no_grad():

@@ -26,6 +26,8 @@ import argparse
 import json
 
 BW = {"H100": 3.35e12, "A100": 2.0e12}
+#: Nominal peaks of other GPUs (the bench's GPU rows give their share of it), not used in the estimates.
+PEAK_BW = {**BW, "H200": 4.8e12}
 ESIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
 SMS = {"H100": 132, "A100": 108}
 

@@ -19,6 +19,9 @@ Groups and rows:
   * training step overhead (forward, backward, SGD; batch 128): no penalty, the reference
     penalty, ``SpectralPenalty`` added to the loss, and ``SpectralPenalty.accumulate_grad()``
     after the backward (the gradient written in place).
+  * GPU (``--device cuda``, first): the dense step on 4096x4096 and 8192x8192 float32 per
+    backend (CUDA C++, Triton, the reference kernel) and the plain reference loop (the ratio's
+    base), timed with CUDA events; GB/s and its share of the GPU's nominal peak HBM bandwidth.
 Relative error: the row's sigma after its timing runs (hundreds of warm steps) against the
 exact value: ``matrix_norm`` (float64) for dense shapes up to 2048 x 2048, otherwise the
 float64 power iteration run to a relative change below 1e-9; for the circular norm, the SVD
@@ -392,33 +395,56 @@ def training_rows(repeats, device) -> List[dict]:
 
 
 # ----------------------------------------------------------------------------- GPU backends
+#: Dense shapes of the GPU rows: W (64 MB and 256 MB in float32) far larger than the L2 cache, so
+#: every step reads it from HBM.
+GPU_DENSE = [(4096, 4096), (8192, 8192)]
+
+
+def gpu_peak_bandwidth(name: str) -> Optional[float]:
+    """Nominal peak HBM bandwidth (bytes/s) of a GPU by its name, where known."""
+    from .roofline import PEAK_BW
+
+    return next((bw for gpu, bw in PEAK_BW.items() if gpu in name), None)
+
+
 def gpu_rows(shapes, repeats) -> List[dict]:
-    """Dense step per backend on CUDA, timed with CUDA events (only where a GPU exists)."""
+    """Dense step per backend on CUDA (and the plain reference loop, the ratio's base), timed
+    with CUDA events (only where a GPU exists). GB/s: W's bytes per step over the time; its
+    share of the GPU's nominal peak HBM bandwidth where the GPU is known."""
     from .. import backends
 
     rows = []
     dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(dev)
+    peak = gpu_peak_bandwidth(name)
     for m, n in shapes:
         W = [torch.randn(m, n, device=dev)]
         times = {}
-        for b in backends.available(dev):
+        for b in ["reference loop"] + backends.available(dev):
             st = init_power_state(W)
+            if b == "reference loop":
+                def step(st=st):
+                    dense_reference_step(W, st.us, st.vs)
+            else:
+                def step(st=st, b=b):
+                    backends.power_step_(W, st.us, st.vs, 1, 0.0, backend=b)
             for _ in range(3):
-                backends.power_step_(W, st.us, st.vs, 1, 0.0, backend=b)
+                step()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             samples = []
             for _ in range(repeats):
                 start.record()
                 for _ in range(10):
-                    backends.power_step_(W, st.us, st.vs, 1, 0.0, backend=b)
+                    step()
                 end.record()
                 torch.cuda.synchronize()
                 samples.append(start.elapsed_time(end) / 10 / 1e3)
             samples.sort()
             times[b] = {"median": samples[len(samples) // 2], "min": samples[0], "max": samples[-1]}
+        note = f"share of the {name}'s nominal {peak / 1e12:.2f} TB/s" if peak else "GPU peak bandwidth unknown"
         for b, t in times.items():
-            rows.append(_row("gpu", "power step (CUDA events)", f"{m}x{n}", b, t, times["reference"],
-                             nbytes=W[0].numel() * 4))
+            rows.append(_row("gpu", "power step (CUDA events)", f"{m}x{n}", b, t, times["reference loop"],
+                             nbytes=W[0].numel() * 4, bw=peak, note=note))
     return rows
 
 
@@ -436,6 +462,9 @@ def run(size: str = "full", device: str = "cpu", progress: Optional[Callable[[st
     say("measuring read bandwidth")
     bw = read_bandwidth() if device == "cpu" else None
     rows: List[dict] = []
+    if device == "cuda":  # first: the rows a short GPU session is for
+        say("GPU backends (CUDA events)")
+        rows += gpu_rows(GPU_DENSE, cfg["repeats"])
     say("dense power step")
     rows += dense_rows(cfg["dense"], cfg["mlp"], cfg["repeats"], bw, device)
     say("conv operator step")
@@ -446,10 +475,7 @@ def run(size: str = "full", device: str = "cpu", progress: Optional[Callable[[st
         say("training-step overhead")
         rows += training_rows(cfg["repeats"], device)
     roof = None
-    if device == "cuda":
-        say("GPU backends")
-        rows += gpu_rows(cfg["dense"], cfg["repeats"])
-    else:
+    if device != "cuda":
         import contextlib
         import io
 
