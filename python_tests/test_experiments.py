@@ -129,3 +129,18 @@ def test_sweep_gamma_cli_rejects_a_single_gamma(tmp_path):
     from specreg_fast import cli
 
     assert cli.main(["reproduce", "--sweep-gamma", "--gamma", "0.1", "--out", str(tmp_path)]) == 2
+
+
+def test_equilibrium_check_reads_the_drift_over_the_last_tenth_of_the_penalized_steps():
+    def traj(values, start=100):
+        # logged every 10 steps; the penalized phase runs from `start` to the last point
+        return [{"step": start + 10 * i, "sigmas": {"a": v, "b": 1.0}} for i, v in enumerate(values)]
+
+    settled = E._equilibrium(traj([2.0] * 5 + [1.0] * 6), ["a", "b"], start_step=100)
+    assert settled["reached"] and settled["drift"] == 0.0
+    # the last 10% of 100 penalized steps is the last 10 steps: 1.05 -> 1.0 is a 5% drift
+    moving = E._equilibrium(traj([2.0, 1.5, 1.3, 1.2, 1.15, 1.12, 1.1, 1.08, 1.06, 1.05, 1.0]), ["a", "b"], 100)
+    assert not moving["reached"] and moving["layer"] == "a" and moving["drift"] == pytest.approx(0.05)
+    # layers that are not penalized do not count
+    assert E._equilibrium(traj([2.0, 1.5, 1.3, 1.2, 1.15, 1.12, 1.1, 1.08, 1.06, 1.05, 1.0]), ["b"], 100)["reached"]
+    assert not E._equilibrium(traj([1.0]), ["a"], 100)["reached"]  # one point: nothing to judge
