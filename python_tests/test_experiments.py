@@ -1,6 +1,7 @@
 """A 1-epoch smoke run of every case of the reproduction, end to end (data, three arms,
 probe, attacks, bounds, table, JSON, plots)."""
 import json
+import math
 import os
 
 import pytest
@@ -10,23 +11,33 @@ pytest.importorskip("foolbox")
 pytest.importorskip("torchattacks")
 pytest.importorskip("matplotlib")
 
+import torch  # noqa: E402
+
 from specreg_fast import experiments as E  # noqa: E402
 
 
 def test_every_case_runs_and_writes_outputs(tmp_path, capsys):
     cfg = E.Config(cases=("toy-xor", "toy-sine", "mnist-mlp", "mnist-cnn", "mnist-cnn-circular", "transfer"), mlp_width=32,
                    mlp_epochs=1, cnn_epochs=1, toy_epochs=2, attack_points=3, pgd_points=6, attack_steps=1,
-                   hsj_max_evals=20, pgd_eps_linf=(0.05,),
-                   pgd_eps_l2=(1.0,), burn_in=0.0, out_dir=str(tmp_path), progress=False)
+                   hsj_max_evals=20, pgd_eps_linf=(0.05,), attacks=("hsj", "deepfool"), trajectory_points=4, toy_eig_ub=True,
+                   pgd_eps_l2=(1.0,), burn_in=0.5, seeds=(0, 1), cnn_seeds=(0,), out_dir=str(tmp_path), progress=False)
     out = E.reproduce(cfg)
     table = capsys.readouterr().out
     for arm in E.ARMS:
         assert arm in table
     res = json.loads((tmp_path / "results.json").read_text())
     assert {r["case"] for r in res["summary"]} == set(cfg.cases)
-    for f in ("robust_accuracy.png", "sigma_over_training.png", "toy_decision_boundaries.png"):
+    for f in ("robust_accuracy.png", "trajectories.png", "toy_decision_boundaries.png"):
         assert os.path.getsize(tmp_path / f) > 1000
+    # the paired comparisons: rep - ll and rep - vanilla for every case and metric, Holm over all
+    t = res["paired"]["t_holm"]
+    assert len(t) == 2 * len(E._PAIRED_METRICS) * len(cfg.cases)
+    assert all(c["p_adj"] >= c["p"] for c in t)
+    assert {(b["case"], b["seed"]) for b in res["paired"]["bootstrap_min_l2"]} == {
+        (c, s) for c in cfg.cases for s in E.case_seeds(c, cfg)}
+    assert "paired differences" in table
     for case in cfg.cases:
+        assert set(out["runs"][case]) == set(E.case_seeds(case, cfg))
         runs = out["runs"][case][0]
         # the penalized arms really regularized (their penalty ran) and vanilla did not
         assert runs["vanilla"]["penalty_time_s"] == 0
@@ -36,6 +47,20 @@ def test_every_case_runs_and_writes_outputs(tmp_path, capsys):
             assert 0.0 <= r["probe_acc"] <= 1.0
             if "certified_le_measured" in r:
                 assert r["certified_le_measured"]
+                chk = r["lemma1_check"]
+                assert chk["violations"] == 0 and chk["points"] == sum(math.isfinite(d) for d in r["points"]["upper"])
+            # the step budget: the penalty ran from the end of the burn-in to the last step
+            assert r["penalized_steps"] == (r["steps"] - r["start_step"] if arm != "vanilla" else 0)
+            assert r["steps"] == r["trajectory"][-1]["step"] and r["trajectory"][0]["step"] == 0
+            # every layer logged, the readout included; each point's bracket is the best attack
+            names = [n for n, m in E.mlp(2, 8, 2, depth=3).named_modules() if isinstance(m, torch.nn.Linear)]
+            if case in E.TOY_CASES:
+                assert list(r["trajectory"][-1]["sigmas"]) == names
+            pts = r["points"]
+            assert pts["upper"] == [min(ds) for ds in zip(*pts["by_method"].values())]
+            assert set(pts["by_method"]) == set(cfg.attacks)
+        pen_layers = runs["rep-spectral"]["penalized_layers"]
+        assert len(runs["ll-spectral"]["penalized_layers"]) == len(pen_layers) + 1  # the readout
 
 
 def _tiny_datasets(tmp_path):
@@ -82,5 +107,40 @@ def test_cli_data_dir_errors(tmp_path, capsys):
 
 
 def test_full_config_estimate_is_printed_and_fits_an_hour():
-    assert E.estimate_minutes(E.full_config()) < 60
+    assert E.estimate_minutes(E.full_config()) < 120
     assert len(E.full_config().seeds) >= 3 and E.full_config().attack_steps == 40
+
+
+def test_gamma_sweep_runs_each_gamma_in_its_own_folder(tmp_path):
+    cfg = E.Config(cases=("mnist-mlp",), mlp_width=16, mlp_epochs=1, attack_points=2, pgd_points=4, attack_steps=1,
+                   hsj_max_evals=10, pgd_eps_linf=(0.05,), pgd_eps_l2=(1.0,), burn_in=0.0, trajectory_points=2,
+                   out_dir=str(tmp_path), progress=False)
+    res = E.sweep_gamma(cfg, gammas=(1e-3, 1.0))
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert set(sweep) == {"0.001", "1"}
+    for g in ("0.001", "1"):
+        assert (tmp_path / f"gamma_{g}" / "results.json").exists()
+    for g, r in res.items():  # each folder's penalized arms trained with its gamma
+        runs = r["runs"]["mnist-mlp"][0]
+        assert runs["rep-spectral"]["gamma"] == runs["ll-spectral"]["gamma"] == g and runs["vanilla"]["gamma"] == 0
+
+
+def test_sweep_gamma_cli_rejects_a_single_gamma(tmp_path):
+    from specreg_fast import cli
+
+    assert cli.main(["reproduce", "--sweep-gamma", "--gamma", "0.1", "--out", str(tmp_path)]) == 2
+
+
+def test_equilibrium_check_reads_the_drift_over_the_last_tenth_of_the_penalized_steps():
+    def traj(values, start=100):
+        # logged every 10 steps; the penalized phase runs from `start` to the last point
+        return [{"step": start + 10 * i, "sigmas": {"a": v, "b": 1.0}} for i, v in enumerate(values)]
+
+    settled = E._equilibrium(traj([2.0] * 5 + [1.0] * 6), ["a", "b"], start_step=100)
+    assert settled["reached"] and settled["drift"] == 0.0
+    # the last 10% of 100 penalized steps is the last 10 steps: 1.05 -> 1.0 is a 5% drift
+    moving = E._equilibrium(traj([2.0, 1.5, 1.3, 1.2, 1.15, 1.12, 1.1, 1.08, 1.06, 1.05, 1.0]), ["a", "b"], 100)
+    assert not moving["reached"] and moving["layer"] == "a" and moving["drift"] == pytest.approx(0.05)
+    # layers that are not penalized do not count
+    assert E._equilibrium(traj([2.0, 1.5, 1.3, 1.2, 1.15, 1.12, 1.1, 1.08, 1.06, 1.05, 1.0]), ["b"], 100)["reached"]
+    assert not E._equilibrium(traj([1.0]), ["a"], 100)["reached"]  # one point: nothing to judge

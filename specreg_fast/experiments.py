@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from . import data as D
 from . import robust as R
+from . import stats
 from .bounds import conv_upper_bound
 from .fft import to_circular_padding
 from .penalty import SpectralPenalty
@@ -49,7 +50,14 @@ class Config:
     pgd_eps_linf: Sequence[float] = (0.02, 0.05, 0.1)
     pgd_eps_l2: Sequence[float] = (0.5, 1.0, 2.0)
     batch_size: int = 1024
+    mlp_batch_size: Optional[int] = None  # MNIST MLPs (None: batch_size); the budget is in optimizer steps
     lr: float = 0.1
+    toy_lr: Sequence[float] = (0.1, 0.1)  # (XOR, sine); the authors use (1.0, 0.05)
+    toy_burn_in: Optional[float] = None   # None: burn_in (the authors' toys: 10500 of 15000 epochs, 0.7)
+    toy_eig_ub: bool = False              # the authors' toy runs add the activation-aware term (eig_ub)
+    cnn_seeds: Optional[Sequence[int]] = None  # seeds of the CNN and transfer cases (None: seeds)
+    attacks: Sequence[str] = ("hsj",)     # minimal-distance attacks; a point's distance is the min over them
+    trajectory_points: int = 60           # logged points per training run (sigmas, feature scale, loss)
     out_dir: str = "demo_out"
     progress: bool = True
     data_dir: Optional[str] = None  # folder with full MNIST idx / CIFAR-10 pickle files (cases mnist-full-mlp, cifar-cnn)
@@ -64,26 +72,54 @@ DATA_DIR_CASES = ("mnist-full-mlp", "cifar-cnn")
 
 
 def full_config(out_dir: str = "reproduce_out") -> Config:
-    """The authors' recipe where it fits a 2-core CPU in under an hour: 3 seeds, every
-    packaged-data case (the small CNN with both conv norms), PGD on 1000 points, HopSkipJump
-    with the authors' 40 iterations on 40 points per arm and seed with at most 200
-    gradient-estimation queries per iteration (the authors attack 1000 points with up to 1000
-    queries: about 80x this attack budget, days on this machine), 60 MLP epochs of MNIST-5k
-    (the authors run 200 on full MNIST), gamma 1e-2 (their sweep over 1e-3 / 1e-2 / 1e-1 is
-    ``--gamma``, one run per value)."""
-    return Config(seeds=(0, 1, 2), cases=CASES[:6], mlp_epochs=60, cnn_epochs=20, toy_epochs=5000,
-                  attack_points=40, pgd_points=1000, attack_steps=40, hsj_max_evals=200, out_dir=out_dir)
+    """The authors' recipe where it fits a 2-core CPU in under two hours, budgeted by
+    optimizer steps: the MNIST-5k MLP at batch 128 for 320 epochs (10,240 steps, 2,048 of them
+    penalized after the 80% burn-in; the authors' full-MNIST run has about 2,360), 5 seeds for
+    the MLP and the toys, 3 for the CNNs and transfer; the toys as the authors ran them
+    ([8, 8, 8] GELU, lr 1 XOR / 0.05 sine, 15,000 epochs with burn-in 10,500, gamma 1e-3,
+    the eig_ub variant); each attacked point's distance bracketed by the minimum over
+    HopSkipJump (the authors' 40 iterations, at most 200 queries per gradient estimate),
+    FAB and DeepFool above and the certified Lemma-1 bound below; PGD on 1000 points."""
+    return Config(seeds=(0, 1, 2, 3, 4), cnn_seeds=(0, 1, 2), cases=CASES[:6], mlp_epochs=320, mlp_batch_size=128,
+                  cnn_epochs=20, toy_epochs=15000, toy_lr=(1.0, 0.05), toy_burn_in=0.7, toy_eig_ub=True,
+                  attack_points=40, pgd_points=1000, attack_steps=40, hsj_max_evals=200,
+                  attacks=("hsj", "fab", "deepfool"), trajectory_points=100, out_dir=out_dir)
+
+
+def sweep_gamma_config(out_dir: str = "sweep_out") -> Config:
+    """The authors' gamma sweep (1e-3, 1e-2, 1e-1, one run of this config per value) on the
+    MNIST-5k MLP at the full config's step budget."""
+    cfg = full_config(out_dir)
+    cfg.cases = ("mnist-mlp",)
+    return cfg
+
+
+SWEEP_GAMMAS = (1e-3, 1e-2, 1e-1)
+
+
+def case_seeds(case: str, cfg: Config) -> Sequence[int]:
+    """The seeds a case runs: ``cfg.seeds`` for the MLPs and toys, ``cfg.cnn_seeds`` (when
+    set) for the CNNs and transfer."""
+    if cfg.cnn_seeds is not None and case in ("mnist-cnn", "mnist-cnn-circular", "cifar-cnn", "transfer"):
+        return cfg.cnn_seeds
+    return cfg.seeds
 
 
 # Seconds measured on this project's 2-core machine with the compact Config (2026-11-25):
-# training per epoch and evaluation per arm (probe, PGD, HopSkipJump) for each case.
+# training per epoch (batch 1024) and evaluation per arm (probe, PGD, HopSkipJump) for each case.
 _TRAIN_S_PER_EPOCH = {"toy-xor": 0.00055, "toy-sine": 0.00055, "mnist-mlp": 0.15, "mnist-cnn": 1.1, "mnist-cnn-circular": 2.1,
                       "transfer": 0.075, "mnist-full-mlp": 2.3, "cifar-cnn": 18.0}
+# Each optimizer step beyond an epoch's steps at batch 1024 (smaller batches): the MNIST MLP
+# at batch 128 took 7.4 ms per unpenalized and 10.4 ms per penalized step (2026-11-30), i.e.
+# 0.256 s per 32-step epoch at the 80/20 mix against 0.15 s per 4-step epoch at batch 1024.
+_STEP_OVERHEAD_S = (0.256 - 0.15) / (32 - 4)
 _EVAL_S = {"toy-xor": 0.5, "toy-sine": 0.5, "mnist-mlp": 6.4, "mnist-cnn": 5.8, "mnist-cnn-circular": 7.5, "transfer": 3.5,
            "mnist-full-mlp": 8.0, "cifar-cnn": 10.0}
 # PGD (L-inf and L2, three eps each) per attacked point, per arm
 _PGD_S_PER_POINT = {"toy-xor": 0.001, "toy-sine": 0.001, "mnist-mlp": 0.0045, "mnist-cnn": 0.015, "mnist-cnn-circular": 0.02,
                     "transfer": 0.0045, "mnist-full-mlp": 0.0045, "cifar-cnn": 0.05}
+# The white-box attacks of the bracket, seconds per attacked point (batches of 40)
+_ATTACK_S_PER_POINT = {"fab": {}, "deepfool": {}}
 _TEST_POINTS = {"toy-xor": 100, "toy-sine": 100, "transfer": 500}  # smaller test sets cap the PGD points
 
 
@@ -93,20 +129,28 @@ def _hsj_queries(steps: int, max_evals: int) -> float:
 
 
 def estimate_minutes(cfg: Config) -> float:
-    """Wall-clock estimate of :func:`reproduce` on a 2-core CPU, scaled from the compact run
-    measured here (training linear in epochs, HopSkipJump linear in its queries, PGD in its
-    points)."""
+    """Wall-clock estimate of :func:`reproduce` on a 2-core CPU, scaled from runs measured
+    here: training linear in epochs plus a per-step overhead for batches below 1024,
+    HopSkipJump linear in its queries, PGD and the white-box attacks in their points."""
     base = Config()
-    attack_x = (cfg.attack_points * _hsj_queries(cfg.attack_steps, cfg.hsj_max_evals)) / (
+    hsj_x = (cfg.attack_points * _hsj_queries(cfg.attack_steps, cfg.hsj_max_evals)) / (
         base.attack_points * _hsj_queries(base.attack_steps, base.hsj_max_evals))
-    epochs = {"toy-xor": cfg.toy_epochs, "toy-sine": cfg.toy_epochs, "mnist-cnn": cfg.cnn_epochs, "mnist-cnn-circular": cfg.cnn_epochs,
-              "cifar-cnn": cfg.cnn_epochs}
     total = 0.0
     for case in cfg.cases:
-        ep = epochs.get(case, cfg.mlp_epochs)
+        if case in TOY_CASES:
+            ep, bs = cfg.toy_epochs, cfg.batch_size
+        elif case in ("mnist-cnn", "mnist-cnn-circular", "cifar-cnn"):
+            ep, bs = cfg.cnn_epochs, cfg.batch_size
+        else:
+            ep, bs = cfg.mlp_epochs, cfg.mlp_batch_size or cfg.batch_size
+        n_train = {"toy-xor": 400, "toy-sine": 400, "mnist-full-mlp": 60000, "cifar-cnn": 50000}.get(case, 4000)
+        extra_steps = max(0, math.ceil(n_train / bs) - math.ceil(n_train / base.batch_size))
+        train_s = ep * (_TRAIN_S_PER_EPOCH[case] + extra_steps * _STEP_OVERHEAD_S)
         pgd = max(0, min(cfg.pgd_points, _TEST_POINTS.get(case, 10 ** 9)) - base.pgd_points)
-        total += len(ARMS) * (_TRAIN_S_PER_EPOCH[case] * ep + _EVAL_S[case] * attack_x + _PGD_S_PER_POINT[case] * pgd)
-    return total * len(cfg.seeds) / 60
+        attacks = sum(_ATTACK_S_PER_POINT[a].get(case, 0.0) * cfg.attack_points for a in cfg.attacks if a != "hsj")
+        hsj = _EVAL_S[case] * hsj_x if "hsj" in cfg.attacks else _EVAL_S[case]
+        total += len(ARMS) * len(case_seeds(case, cfg)) * (train_s + hsj + _PGD_S_PER_POINT[case] * pgd + attacks)
+    return total / 60
 
 
 # ----------------------------------------------------------------------------- models
@@ -141,47 +185,100 @@ def small_cnn(in_ch: int, n_classes: int, size: int = 28, circular: bool = False
 
 
 # ----------------------------------------------------------------------------- training
+def _equilibrium(trajectory: List[Dict[str, object]], layers: Sequence[str], start_step: int,
+                 tail: float = 0.1) -> Dict[str, object]:
+    """Has the penalty settled by the end of training? The largest relative change of a
+    penalized layer's sigma over the last ``tail`` of the penalized steps (``drift``), and the
+    layer it belongs to; ``reached`` when it is below 1%."""
+    pts = [p for p in trajectory if p["step"] >= start_step]
+    if len(pts) < 2 or not layers:
+        return {"drift": float("nan"), "layer": None, "reached": False, "logged_points": len(pts)}
+    last = pts[-1]
+    cut = last["step"] - tail * (last["step"] - start_step)
+    ref = min(pts, key=lambda p: abs(p["step"] - cut))
+    drifts = {n: abs(last["sigmas"][n] - ref["sigmas"][n]) / max(abs(last["sigmas"][n]), 1e-12) for n in layers}
+    worst = max(drifts, key=drifts.get)
+    return {"drift": drifts[worst], "layer": worst, "reached": drifts[worst] < 0.01, "logged_points": len(pts)}
+
+
 def train(model: nn.Sequential, ds: D.Dataset, arm: str, epochs: int, gamma: float, cfg: Config, seed: int,
-          lr: Optional[float] = None, conv_norm: str = "operator", desc: str = "") -> Dict[str, object]:
-    """SGD with momentum 0.9; the penalty (if any) from ``burn_in * epochs`` on."""
+          lr: Optional[float] = None, conv_norm: str = "operator", desc: str = "", batch_size: Optional[int] = None,
+          burn_in: Optional[float] = None, eig_ub: bool = False) -> Dict[str, object]:
+    """SGD with momentum 0.9; the penalty (if any) from ``burn_in * epochs`` on.
+
+    Logs ``cfg.trajectory_points`` points over training (every arm, the readout included):
+    every layer's sigma (the penalty's own notion: operator or circular norm for convs; a
+    separate tracker with its own persistent vectors, stepped only at the log points), the
+    mean feature norm on a fixed batch of 256 training inputs, and the mean cross-entropy
+    since the previous point."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr or cfg.lr, momentum=0.9)
     crit = nn.CrossEntropyLoss()
     n = len(ds.x_train)
-    bs = min(cfg.batch_size, n)
+    bs = min(batch_size or cfg.batch_size, n)
     steps_per_epoch = math.ceil(n / bs)
+    total_steps = epochs * steps_per_epoch
+    start_step = int((cfg.burn_in if burn_in is None else burn_in) * epochs) * steps_per_epoch
     pen = None
     if arm != "vanilla":
-        model(ds.x_train[:2])  # one forward: finds the readout and the conv input sizes
         pen = SpectralPenalty(model, gamma=gamma, scope="all" if arm == "ll-spectral" else "hidden",
-                              conv_norm=conv_norm, start_step=int(cfg.burn_in * epochs) * steps_per_epoch, seed=seed)
-    history = []
+                              conv_norm=conv_norm, start_step=start_step, seed=seed, eig_ub=eig_ub)
+    # the trajectories' sigmas: every layer, the penalty's conv norm, its own vectors
+    tracker = SpectralPenalty(model, gamma=1.0, scope="all", conv_norm=conv_norm, n_iter=2, n_iter_init=50,
+                              seed=seed + 1).eval()
+    x_fixed = ds.x_train[:256]
+    with torch.no_grad():
+        model(x_fixed[:2])  # one forward: the penalties find the readout and the conv input sizes
+    log_every = max(1, total_steps // max(1, cfg.trajectory_points))
+    trajectory: List[Dict[str, object]] = []
+    loss_sum, loss_n = 0.0, 0
+
+    def log(step):
+        with torch.no_grad():
+            tracker(update=True)
+            feat = float(model[0](x_fixed).flatten(1).norm(dim=1).mean())
+        trajectory.append({"step": step, "sigmas": tracker.sigmas(), "feature_norm": feat,
+                           "loss": loss_sum / loss_n if loss_n else float("nan")})
+
     g = torch.Generator().manual_seed(seed)
     t_pen = 0.0
     t0 = time.perf_counter()
+    step = 0
+    log(0)
     bar = tqdm(range(epochs), desc=desc, leave=False, disable=not cfg.progress)
     for ep in bar:
         model.train()
         perm = torch.randperm(n, generator=g)
         for i in range(steps_per_epoch):
             idx = perm[i * bs:(i + 1) * bs]
-            loss = crit(model(ds.x_train[idx]), ds.y_train[idx])
+            ce = crit(model(ds.x_train[idx]), ds.y_train[idx])
+            loss = ce
             if pen is not None:
                 tp = time.perf_counter()
-                p = pen()
-                loss = loss + p
+                loss = loss + pen()
                 t_pen += time.perf_counter() - tp
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        if pen is not None and pen.step_count.item() > pen.start_step:
-            history.append({"epoch": ep, **pen.sigmas()})
+            step += 1
+            loss_sum += float(ce.detach())
+            loss_n += 1
+            if step % log_every == 0 or step == total_steps:
+                model.eval()
+                log(step)
+                model.train()
+                loss_sum, loss_n = 0.0, 0
         bar.set_postfix(loss=f"{loss.item():.3f}")
     total = time.perf_counter() - t0
     sig = _layer_sigmas(model)
-    return {"train_time_s": total, "penalty_time_s": t_pen, "sigma_history": history, "sigmas": sig}
+    penalized = pen.layer_names if pen is not None else []
+    return {"train_time_s": total, "penalty_time_s": t_pen, "gamma": gamma if pen is not None else 0.0,
+            "steps": total_steps, "batch_size": bs,
+            "penalized_steps": max(0, total_steps - start_step) if pen is not None else 0,
+            "start_step": start_step, "penalized_layers": penalized, "trajectory": trajectory,
+            "equilibrium": _equilibrium(trajectory, penalized, start_step), "sigmas": sig}
 
 
 @torch.no_grad()
@@ -223,7 +320,9 @@ def evaluate(model: nn.Sequential, ds: D.Dataset, cfg: Config, seed: int, probe_
              ) -> Dict[str, object]:
     """Clean accuracy, then on the probed classifier (fresh readout on frozen features):
     PGD accuracies, minimal L2 adversarial distance (HopSkipJump, decision-based) and the
-    Lemma-1 lower bounds (empirical and certified) on the attacked points."""
+    Lemma-1 lower bounds (empirical and certified) on the attacked points: per point, the
+    minimal distance is bracketed by the certified bound below and the shortest adversarial
+    perturbation any of ``cfg.attacks`` found above."""
     model.eval()
     feats, _ = model[0], model[1]
     target = probe_data or ds
@@ -235,23 +334,51 @@ def evaluate(model: nn.Sequential, ds: D.Dataset, cfg: Config, seed: int, probe_
                              norm="Linf", bounds=target.bounds, seed=seed)
     pgd_l2 = R.pgd_accuracy(clf, x[:cfg.pgd_points], y[:cfg.pgd_points], cfg.pgd_eps_l2, norm="L2",
                             bounds=target.bounds, seed=seed)
-    res = R.minimal_l2_distance(clf, x, y, method="hsj", n_points=cfg.attack_points, bounds=target.bounds,
-                                steps=cfg.attack_steps, max_gradient_eval_steps=cfg.hsj_max_evals,
-                                starting_pool=target.x_train[:2000], seed=seed)
-    xa, ya = x[res.index], y[res.index]
+    # every attack finds an adversarial point, so each gives an upper bound on a point's
+    # minimal distance: the bracket's upper end is the minimum over the attacks (on the same
+    # points: the first attack_points correctly classified ones), its lower end the certified
+    # Lemma-1 bound
+    by_method = {}
+    for method in cfg.attacks:
+        kw = dict(steps=cfg.attack_steps, max_gradient_eval_steps=cfg.hsj_max_evals,
+                  starting_pool=target.x_train[:2000]) if method == "hsj" else {}
+        by_method[method] = R.minimal_l2_distance(clf, x, y, method=method, n_points=cfg.attack_points,
+                                                  bounds=target.bounds, seed=seed, **kw)
+    first = next(iter(by_method.values()))
+    upper = torch.stack([r.distance for r in by_method.values()]).min(dim=0).values
+    xa, ya = x[first.index], y[first.index]
     lip = R.feature_lipschitz_bound(feats, layer_bound=_certified_layer_bound(feats, target.x_test[:1]))
     lb = R.lemma1_bounds(feats, clf.readout, xa, ya, lipschitz=lip)
-    dist = res.distance[res.success]
+    broken = torch.isfinite(upper)
     out = {"clean_acc": clean, "probe_acc": probe_acc, "pgd_linf": {str(k): v for k, v in pgd_inf.items()},
-           "pgd_l2": {str(k): v for k, v in pgd_l2.items()}, "min_l2": res.summary(),
-           "lemma1_empirical_mean": float(lb["empirical"][res.success].mean()) if len(dist) else float("nan"),
+           "pgd_l2": {str(k): v for k, v in pgd_l2.items()},
+           "min_l2": _distance_summary(upper),
+           "min_l2_by_method": {m: _distance_summary(r.distance) for m, r in by_method.items()},
+           "points": {"index": first.index.tolist(), "upper": upper.tolist(),
+                      "by_method": {m: r.distance.tolist() for m, r in by_method.items()},
+                      "lemma1_empirical": lb["empirical"].tolist()},
+           "lemma1_empirical_mean": float(lb["empirical"][broken].mean()) if broken.any() else float("nan"),
            "lipschitz_bound": lip}
     if "certified" in lb:
-        cert = lb["certified"][res.success]
-        out["lemma1_certified_mean"] = float(cert.mean()) if len(cert) else float("nan")
+        cert = lb["certified"]
+        out["points"]["lemma1_certified"] = cert.tolist()
+        out["lemma1_certified_mean"] = float(cert[broken].mean()) if broken.any() else float("nan")
+        out["lemma1_certified_median"] = float(cert.median()) if len(cert) else float("nan")
         # a certified lower bound can never exceed a distance at which the class really changes
-        out["certified_le_measured"] = bool((cert <= dist * (1 + 1e-6)).all()) if len(dist) else True
+        ok = cert[broken] <= upper[broken] * (1 + 1e-6)
+        out["lemma1_check"] = {"points": int(broken.sum()), "violations": int((~ok).sum()),
+                               "min_gap": float((upper[broken] - cert[broken]).min()) if broken.any() else float("nan")}
+        out["certified_le_measured"] = bool(ok.all())
     return out
+
+
+def _distance_summary(d: torch.Tensor) -> Dict[str, float]:
+    """Mean and median of the finite distances (points an attack broke) and the share broken."""
+    f = d[torch.isfinite(d)]
+    n = len(d)
+    return {"n_points": n, "success_rate": float(len(f) / n) if n else float("nan"),
+            "mean": float(f.mean()) if len(f) else float("nan"),
+            "median": float(f.median()) if len(f) else float("nan")}
 
 
 # ----------------------------------------------------------------------------- cases
@@ -284,8 +411,12 @@ def run_case(case: str, cfg: Config, seed: int) -> Dict[str, Dict[str, object]]:
     for arm in ARMS:
         torch.manual_seed(seed)
         if case in TOY_CASES:
+            # [8, 8, 8] GELU; the eig_ub variant is the authors' rep-spectral on the toys (their
+            # ll-spectral baseline is the plain sum over all layers)
             model = mlp(2, 8, ds.n_classes, depth=3, init_std=None)
-            tr = train(model, ds, arm, cfg.toy_epochs, cfg.gamma_toy, cfg, seed, lr=0.1, desc=f"{case}/{arm}")
+            tr = train(model, ds, arm, cfg.toy_epochs, cfg.gamma_toy, cfg, seed,
+                       lr=cfg.toy_lr[0 if case == "toy-xor" else 1], burn_in=cfg.toy_burn_in,
+                       eig_ub=cfg.toy_eig_ub and arm == "rep-spectral", desc=f"{case}/{arm}")
         elif case in ("mnist-cnn", "mnist-cnn-circular", "cifar-cnn"):
             # the circular case uses the paper's FFT norm on a model with wrap-around padding;
             # the other CNNs the true operator norm of their zero padding
@@ -295,7 +426,8 @@ def run_case(case: str, cfg: Config, seed: int) -> Dict[str, Dict[str, object]]:
                        conv_norm="fft" if circ else "operator", desc=f"{case}/{arm}")
         else:
             model = mlp(ds.input_shape[0], cfg.mlp_width, ds.n_classes)
-            tr = train(model, ds, arm, cfg.mlp_epochs, cfg.gamma_mlp, cfg, seed, desc=f"{case}/{arm}")
+            tr = train(model, ds, arm, cfg.mlp_epochs, cfg.gamma_mlp, cfg, seed, batch_size=cfg.mlp_batch_size,
+                       desc=f"{case}/{arm}")
         t_ev = time.perf_counter()
         ev = evaluate(model, ds, cfg, seed, probe)
         out[arm] = {**tr, **ev, "eval_time_s": time.perf_counter() - t_ev}
@@ -312,16 +444,29 @@ def _mean_std(vals):
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
+# the table's paired comparisons: (metric, per-seed value); each arm against the others
+_PAIRED_METRICS = (("min_l2_median", lambda r: r["min_l2"]["median"]),
+                   ("probe_acc", lambda r: r["probe_acc"]),
+                   ("lemma1_cert_median", lambda r: r.get("lemma1_certified_median", float("nan"))))
+_PAIRS = (("rep-spectral", "ll-spectral"), ("rep-spectral", "vanilla"))
+
+
 def summarize(all_runs: Dict[str, Dict[int, Dict[str, Dict[str, object]]]], cfg: Config) -> List[Dict[str, object]]:
+    """One row per case and arm: mean and standard deviation over seeds (``min_l2`` is each
+    seed's median of the per-point bracket's upper end), the step budget and whether the
+    penalty had settled by the end of training in every seed."""
     rows = []
     for case, by_seed in all_runs.items():
         for arm in ARMS:
             runs = [by_seed[s][arm] for s in by_seed]
-            row = {"case": case, "arm": arm}
+            row = {"case": case, "arm": arm, "seeds": len(runs), "steps": runs[0]["steps"],
+                   "penalized_steps": runs[0]["penalized_steps"], "batch_size": runs[0]["batch_size"],
+                   "equilibrium_reached": all(r["equilibrium"]["reached"] for r in runs) if arm != "vanilla" else None,
+                   "max_drift": max((r["equilibrium"]["drift"] for r in runs), default=float("nan"))}
             for key, get in (("probe_acc", lambda r: r["probe_acc"]),
                              ("clean_acc", lambda r: r["clean_acc"]),
-                             ("min_l2", lambda r: r["min_l2"]["mean"]),
-                             ("lemma1_cert", lambda r: r.get("lemma1_certified_mean", float("nan"))),
+                             ("min_l2", lambda r: r["min_l2"]["median"]),
+                             ("lemma1_cert", lambda r: r.get("lemma1_certified_median", float("nan"))),
                              ("lemma1_emp", lambda r: r["lemma1_empirical_mean"]),
                              ("train_s", lambda r: r["train_time_s"]),
                              ("penalty_s", lambda r: r["penalty_time_s"])):
@@ -334,10 +479,30 @@ def summarize(all_runs: Dict[str, Dict[int, Dict[str, Dict[str, object]]]], cfg:
     return rows
 
 
+def paired_comparisons(all_runs: Dict[str, Dict[int, Dict[str, Dict[str, object]]]]) -> Dict[str, object]:
+    """rep - ll and rep - vanilla, seed by seed, for every case and metric of
+    ``_PAIRED_METRICS``: t-intervals with a Holm correction across the whole table
+    (:func:`specreg_fast.stats.compare_arms`), and per seed a bootstrap interval of the
+    difference of median distances over the attacked points (a second view)."""
+    per_seed, comparisons, boot = {}, [], []
+    for case, by_seed in all_runs.items():
+        seeds = list(by_seed)
+        for metric, get in _PAIRED_METRICS:
+            key = f"{case}/{metric}"
+            per_seed[key] = {arm: [get(by_seed[s][arm]) for s in seeds] for arm in ARMS}
+            comparisons += [(key, a, b) for a, b in _PAIRS]
+        for s in seeds:
+            for a, b in _PAIRS:
+                up = {arm: torch.tensor(by_seed[s][arm]["points"]["upper"], dtype=torch.float64) for arm in (a, b)}
+                boot.append({"case": case, "seed": s, "a": a, "b": b,
+                             **stats.bootstrap_median_difference(up[a], up[b], seed=s)})
+    return {"t_holm": stats.compare_arms(per_seed, comparisons), "bootstrap_min_l2": boot}
+
+
 def print_table(rows, cfg: Config) -> None:
     eps_cols = [f"pgd_linf_{e}" for e in cfg.pgd_eps_linf] + [f"pgd_l2_{e}" for e in cfg.pgd_eps_l2]
-    head = (f"{'case':<20}{'arm':<14}{'probe acc':>11}{'min L2 (HSJ)':>15}{'cert. LB':>10}"
-            + "".join(f"{c.replace('pgd_', ''):>11}" for c in eps_cols) + f"{'pen. time':>11}")
+    head = (f"{'case':<20}{'arm':<14}{'steps (pen.)':>14}{'probe acc':>11}{'min L2':>15}{'cert. LB':>10}"
+            + "".join(f"{c.replace('pgd_', ''):>11}" for c in eps_cols) + f"{'pen. time':>11}  settled")
     print(head)
     print("-" * len(head))
 
@@ -348,10 +513,22 @@ def print_table(rows, cfg: Config) -> None:
         return f"{100 * m:.1f}±{100 * s:.1f}" if pct else f"{m:.3f}±{s:.3f}"
 
     for r in rows:
-        line = (f"{r['case']:<20}{r['arm']:<14}{f(r['probe_acc'], True):>11}{f(r['min_l2']):>16}"
-                f"{f(r['lemma1_cert']):>16}" + "".join(f"{f(r[c], True):>11}" for c in eps_cols)
-                + f"{r['penalty_s'][0]:>10.2f}s")
+        settled = ("-" if r["equilibrium_reached"] is None else "yes" if r["equilibrium_reached"]
+                   else f"no ({100 * r['max_drift']:.1f}% drift)")
+        line = (f"{r['case']:<20}{r['arm']:<14}{r['steps']:>8} ({r['penalized_steps']:>4}){f(r['probe_acc'], True):>11}"
+                f"{f(r['min_l2']):>16}{f(r['lemma1_cert']):>16}" + "".join(f"{f(r[c], True):>11}" for c in eps_cols)
+                + f"{r['penalty_s'][0]:>10.2f}s  {settled}")
         print(line)
+    print(f"min L2: per seed the median over the attacked points of the shortest adversarial perturbation found by "
+          f"{'/'.join(cfg.attacks)}; cert. LB: median certified Lemma-1 lower bound; settled: every penalized "
+          f"layer's sigma moved < 1% over the last 10% of the penalized steps")
+
+
+def print_paired(paired: Dict[str, object]) -> None:
+    print("\npaired differences (a - b, seed by seed): mean, 95% t-interval, Holm-corrected interval over the table")
+    for c in paired["t_holm"]:
+        print(f"  {c['metric']:<36}{c['a']} - {c['b']:<14}{c['mean']:>9.4f}  [{c['lo']:.4f}, {c['hi']:.4f}]  "
+              f"Holm [{c['lo_holm']:.4f}, {c['hi_holm']:.4f}]  p_adj {c['p_adj']:.3f}  {c['verdict']}")
 
 
 def _save(fig, cfg: Config, name: str) -> str:
@@ -384,19 +561,7 @@ def plots(all_runs, rows, cfg: Config) -> List[str]:
         ax.legend(fontsize=8)
     files.append(_save(fig, cfg, "robust_accuracy.png"))
 
-    fig, axes = plt.subplots(1, len(cases), figsize=(4.5 * len(cases), 3.6), squeeze=False)
-    for ax, case in zip(axes[0], cases):
-        seed0 = next(iter(all_runs[case]))
-        for arm in ARMS[1:]:
-            hist = all_runs[case][seed0][arm]["sigma_history"]
-            if not hist:
-                continue
-            for layer in [k for k in hist[0] if k != "epoch"]:
-                ax.plot([h["epoch"] for h in hist], [h[layer] for h in hist], label=f"{arm} {layer}")
-        ax.set_title(f"{case}: sigma per penalized layer")
-        ax.set_xlabel("epoch")
-        ax.legend(fontsize=6)
-    files.append(_save(fig, cfg, "sigma_over_training.png"))
+    files.append(trajectory_plot(all_runs, cfg))
 
     toys = [c for c in TOY_CASES if c in all_runs]
     if toys:
@@ -418,24 +583,86 @@ def plots(all_runs, rows, cfg: Config) -> List[str]:
     return files
 
 
+_ARM_COLORS = {"vanilla": "tab:gray", "ll-spectral": "tab:blue", "rep-spectral": "tab:red"}
+
+
+def trajectory_plot(all_runs, cfg: Config, name: str = "trajectories.png") -> str:
+    """One row per case: every layer's sigma (readout included; line style per layer),
+    the mean feature norm and the training loss against the optimizer step, arms overlaid
+    (colour), every seed drawn; the dashed line marks the end of the burn-in."""
+    import matplotlib.pyplot as plt
+
+    styles = ("-", "--", ":", "-.")
+    cases = list(all_runs)
+    fig, axes = plt.subplots(len(cases), 3, figsize=(15, 3.4 * len(cases)), squeeze=False)
+    for row, case in zip(axes, cases):
+        start = None
+        for s, by_arm in all_runs[case].items():
+            for arm in ARMS:
+                tr = by_arm[arm]["trajectory"]
+                steps = [p["step"] for p in tr]
+                for k, layer in enumerate(tr[0]["sigmas"]):
+                    row[0].plot(steps, [p["sigmas"][layer] for p in tr], styles[k % len(styles)],
+                                color=_ARM_COLORS[arm], lw=0.9, alpha=0.7,
+                                label=f"{arm} {layer}" if s == next(iter(all_runs[case])) else None)
+                row[1].plot(steps, [p["feature_norm"] for p in tr], color=_ARM_COLORS[arm], lw=0.9, alpha=0.7,
+                            label=arm if s == next(iter(all_runs[case])) else None)
+                row[2].plot(steps, [p["loss"] for p in tr], color=_ARM_COLORS[arm], lw=0.9, alpha=0.7)
+                if arm != "vanilla":
+                    start = by_arm[arm]["start_step"]
+        for ax, title in zip(row, ("sigma per layer", "mean feature norm", "training cross-entropy")):
+            if start is not None:
+                ax.axvline(start, color="k", ls="--", lw=0.8)
+            ax.set_title(f"{case}: {title}")
+            ax.set_xlabel("optimizer step")
+        row[0].set_yscale("log")
+        row[0].legend(fontsize=5, ncol=2)
+        row[1].legend(fontsize=7)
+    return _save(fig, cfg, name)
+
+
 def reproduce(cfg: Config) -> Dict[str, object]:
     os.makedirs(cfg.out_dir, exist_ok=True)
     all_runs: Dict[str, Dict[int, Dict[str, Dict[str, object]]]] = {}
     t0 = time.perf_counter()
     for case in cfg.cases:
         all_runs[case] = {}
-        for seed in cfg.seeds:
+        for seed in case_seeds(case, cfg):
             all_runs[case][seed] = run_case(case, cfg, seed)
     rows = summarize(all_runs, cfg)
+    paired = paired_comparisons(all_runs)
     print()
     print_table(rows, cfg)
+    print_paired(paired)
     files = plots(all_runs, rows, cfg)
     clean = {c: {s: {a: {k: v for k, v in r.items() if not k.startswith("_")} for a, r in by_arm.items()}
                  for s, by_arm in by_seed.items()} for c, by_seed in all_runs.items()}
     out = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
-           "summary": rows, "runs": clean, "wall_time_s": time.perf_counter() - t0}
+           "summary": rows, "paired": paired, "runs": clean, "wall_time_s": time.perf_counter() - t0}
     path = os.path.join(cfg.out_dir, "results.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1, default=str)
     print(f"\nwrote {path} and {', '.join(files)} ({out['wall_time_s']:.0f} s)")
     return out
+
+
+def sweep_gamma(cfg: Config, gammas: Sequence[float] = SWEEP_GAMMAS) -> Dict[float, Dict[str, object]]:
+    """:func:`reproduce` once per gamma of the MLP/CNN cases, each in ``out_dir/gamma_<g>``,
+    then one table of every gamma's rows and paired verdicts (``sweep.json``)."""
+    base = cfg.out_dir
+    results = {}
+    for g in gammas:
+        sub = Config(**{**asdict(cfg), "gamma_mlp": g, "gamma_cnn": g, "out_dir": os.path.join(base, f"gamma_{g:g}")})
+        results[g] = reproduce(sub)
+    summary = {f"{g:g}": {"summary": r["summary"], "paired": r["paired"]["t_holm"]} for g, r in results.items()}
+    os.makedirs(base, exist_ok=True)
+    with open(os.path.join(base, "sweep.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    print(f"\ngamma sweep ({', '.join(f'{g:g}' for g in gammas)}):")
+    for g, r in results.items():
+        for row in r["summary"]:
+            print(f"  gamma {g:<7g}{row['case']:<20}{row['arm']:<14}probe {100 * row['probe_acc'][0]:5.1f}%  "
+                  f"min L2 {row['min_l2'][0]:.3f}±{row['min_l2'][1]:.3f}")
+    print(f"wrote {os.path.join(base, 'sweep.json')}")
+    return results
+
