@@ -349,3 +349,19 @@ def test_accumulate_grad_into_a_grad_without_a_matching_view():
     assert pen._layers[0].grad_view(model[0].weight.grad) is None
     pen.accumulate_grad()
     torch.testing.assert_close(model[0].weight.grad, g_auto["0.weight"], rtol=1e-5, atol=1e-7)
+
+
+def test_a_copy_of_the_model_made_before_the_first_call_leaves_discovery_alone():
+    # an AveragedModel deep-copies the model with the penalty's discovery hooks; its forward at
+    # another input size (and in another order) must not reach the penalty
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    pen = sf.SpectralPenalty(model, readout="6")
+    ema = torch.optim.swa_utils.AveragedModel(model)
+    model(torch.randn(2, 2, 8, 8))
+    ema(torch.randn(2, 2, 16, 16))
+    pen()
+    assert pen._input_shapes == {"0": (2, 8, 8), "2": (4, 8, 8)}
+    ema(torch.randn(2, 2, 16, 16))
+    pen()  # the state keeps the sizes the model itself saw

@@ -191,7 +191,7 @@ class SpectralPenalty(nn.Module):
         self._eig_terms: List[torch.Tensor] = []
         for n, m in by_name.items():
             self._hooks.append(m.register_forward_pre_hook(self._make_record_hook(n, m)))
-            self._hooks.append(m.register_forward_hook(self._make_end_hook(n)))
+            self._hooks.append(m.register_forward_hook(self._make_end_hook(n, m)))
         if eig_ub:
             acts = (nn.GELU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Softplus)
             for m in names:
@@ -203,10 +203,15 @@ class SpectralPenalty(nn.Module):
         self._block_layers: Optional[List[int]] = None
 
     # ------------------------------------------------------------------ discovery
+    # The hooks act only on the module they were registered on: a deep copy of the model (an
+    # EMA/SWA AveragedModel made before the first penalty call) carries copies of them, whose
+    # forwards at other input sizes must not change this penalty's discovery.
     def _make_record_hook(self, name, module):
         conv = isinstance(module, _CONV) and name in self._supported_owners
 
         def hook(mod, args):
+            if mod is not module:
+                return
             self._starts.setdefault(name, len(self._starts) + len(self._ends))
             if conv and args and isinstance(args[0], torch.Tensor):
                 shp = tuple(args[0].shape[1:]) if args[0].dim() == mod.weight.dim() else tuple(args[0].shape)
@@ -216,14 +221,16 @@ class SpectralPenalty(nn.Module):
                     self._input_shapes[name] = shp
         return hook
 
-    def _make_end_hook(self, name):
+    def _make_end_hook(self, name, module):
         def hook(mod, args, out):
+            if mod is not module:
+                return
             self._ends.setdefault(name, len(self._starts) + len(self._ends))
         return hook
 
     def _make_eig_hook(self, act):
         def hook(mod, args, out):
-            if self.training and torch.is_grad_enabled():
+            if mod is act and self.training and torch.is_grad_enabled():
                 self._eig_terms.append(_act_slope_sq_max(act, args[0]))
         return hook
 
