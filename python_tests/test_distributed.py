@@ -130,7 +130,15 @@ def _run_scenario(name, world):
             "grads": [_shard_rows(g) for g in first_grads],
             "weights": [_shard_rows(p) for p in model.parameters()],
             "buffers": {k: b.clone() for k, b in pen.state_dict().items() if isinstance(b, torch.Tensor)},
-            "sigmas": pen.sigmas()}
+            "sigmas": pen.sigmas(), "eval": _eval_value(pen)}
+
+
+def _eval_value(pen):
+    """The penalty at the current vectors (no step: the u^T W v all-reduce of the shards)."""
+    pen.eval()
+    value = float(pen().detach())
+    pen.train()
+    return value
 
 
 def _count_collectives():
@@ -292,7 +300,8 @@ def _single(name, world):
     pen = sf.SpectralPenalty(model, gamma=0.05, seed=11, **kw)
     hist, first_grads = _train(model, pen, _batches(world, _model_of(name)), mode, -1 if where == "tp" else None)
     return {"hist": hist, "grads": first_grads, "weights": [p.detach() for p in model.parameters()],
-            "buffers": pen.state_dict(), "sigmas": pen.sigmas()}
+            "buffers": {k: b.clone() for k, b in pen.state_dict().items() if isinstance(b, torch.Tensor)},
+            "sigmas": pen.sigmas(), "eval": _eval_value(pen)}
 
 
 def _close(a, b, what, rel=1e-5):
@@ -316,6 +325,7 @@ def _check_against_single(results, world, names):
                 _close(w, W[off:off + w.shape[0]], f"{name} rank {rank} weights of param {j} after {STEPS} steps")
             assert r["sigmas"].keys() == ref["sigmas"].keys()
             _close(list(r["sigmas"].values()), list(ref["sigmas"].values()), f"{name} rank {rank} sigmas")
+            _close(r["eval"], ref["eval"], f"{name} rank {rank} penalty at the final vectors")
             for k, b in ref["buffers"].items():
                 if isinstance(b, torch.Tensor) and b.is_floating_point():
                     _close(r["buffers"][k], b, f"{name} rank {rank} buffer {k}")
