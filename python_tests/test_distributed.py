@@ -116,7 +116,8 @@ def _run_scenario(name, world):
         parallelize_module(model, mesh, {"0": ColwiseParallel(output_layouts=Replicate())})
         hist, first_grads = _train(model, pen, batches, mode, -1)
     else:
-        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")) if where == "hsdp" else None
+        mesh = (init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+                if where == "hsdp" else None)
         if where in ("layers", "hsdp"):
             for m in model:
                 if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -393,3 +394,21 @@ def test_fsdp2_four_ranks_empty_shard_hsdp_and_dcp(tmp_path, two_ranks):
             assert torch.equal(loaded[k], saved[k]), (where, k)
         _close(at_loaded, single[1], f"{where}: penalty at the loaded vectors")
         _close(stepped, single[2], f"{where}: sigmas one step after loading")
+
+
+@pytest.mark.slow
+def test_fsdp2_example_runs_under_torchrun():
+    import shutil
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    example = os.path.join(root, "examples", "fsdp2_cpu.py")
+    out = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", example], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("step ") == 5 and "sigmas {'0':" in out.stdout, out.stdout
