@@ -116,7 +116,8 @@ def _run_scenario(name, world):
         parallelize_module(model, mesh, {"0": ColwiseParallel(output_layouts=Replicate())})
         hist, first_grads = _train(model, pen, batches, mode, -1)
     else:
-        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")) if where == "hsdp" else None
+        mesh = (init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+                if where == "hsdp" else None)
         if where in ("layers", "hsdp"):
             for m in model:
                 if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -130,7 +131,15 @@ def _run_scenario(name, world):
             "grads": [_shard_rows(g) for g in first_grads],
             "weights": [_shard_rows(p) for p in model.parameters()],
             "buffers": {k: b.clone() for k, b in pen.state_dict().items() if isinstance(b, torch.Tensor)},
-            "sigmas": pen.sigmas()}
+            "sigmas": pen.sigmas(), "eval": _eval_value(pen)}
+
+
+def _eval_value(pen):
+    """The penalty at the current vectors (no step: the u^T W v all-reduce of the shards)."""
+    pen.eval()
+    value = float(pen().detach())
+    pen.train()
+    return value
 
 
 def _count_collectives():
@@ -292,7 +301,8 @@ def _single(name, world):
     pen = sf.SpectralPenalty(model, gamma=0.05, seed=11, **kw)
     hist, first_grads = _train(model, pen, _batches(world, _model_of(name)), mode, -1 if where == "tp" else None)
     return {"hist": hist, "grads": first_grads, "weights": [p.detach() for p in model.parameters()],
-            "buffers": pen.state_dict(), "sigmas": pen.sigmas()}
+            "buffers": {k: b.clone() for k, b in pen.state_dict().items() if isinstance(b, torch.Tensor)},
+            "sigmas": pen.sigmas(), "eval": _eval_value(pen)}
 
 
 def _close(a, b, what, rel=1e-5):
@@ -316,6 +326,7 @@ def _check_against_single(results, world, names):
                 _close(w, W[off:off + w.shape[0]], f"{name} rank {rank} weights of param {j} after {STEPS} steps")
             assert r["sigmas"].keys() == ref["sigmas"].keys()
             _close(list(r["sigmas"].values()), list(ref["sigmas"].values()), f"{name} rank {rank} sigmas")
+            _close(r["eval"], ref["eval"], f"{name} rank {rank} penalty at the final vectors")
             for k, b in ref["buffers"].items():
                 if isinstance(b, torch.Tensor) and b.is_floating_point():
                     _close(r["buffers"][k], b, f"{name} rank {rank} buffer {k}")
@@ -383,3 +394,21 @@ def test_fsdp2_four_ranks_empty_shard_hsdp_and_dcp(tmp_path, two_ranks):
             assert torch.equal(loaded[k], saved[k]), (where, k)
         _close(at_loaded, single[1], f"{where}: penalty at the loaded vectors")
         _close(stepped, single[2], f"{where}: sigmas one step after loading")
+
+
+@pytest.mark.slow
+def test_fsdp2_example_runs_under_torchrun():
+    import shutil
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    example = os.path.join(root, "examples", "fsdp2_cpu.py")
+    out = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", example], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("step ") == 5 and "sigmas {'0':" in out.stdout, out.stdout

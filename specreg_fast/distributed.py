@@ -28,7 +28,7 @@ unnormalized partials that the sum needs.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -40,8 +40,8 @@ __all__ = ["regularized_weights", "power_step_", "sigma", "sigma_from_step", "ad
 
 
 def _dtensor_types():
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
-    return DTensor, Partial, Replicate, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    return DTensor, Replicate, Shard
 
 
 def _is_dtensor(w) -> bool:
@@ -127,13 +127,14 @@ class _Shard:
         g0, local_groups = (row0 // per_group, rows // per_group) if groups > 1 else (0, 1)
         c_lo, c_hi = (g0 * c_in_group, (g0 + local_groups) * c_in_group) if groups > 1 else (0, c_in_group)
         self.in_shape = (c_hi - c_lo,) + tuple(in_vec.shape[1:])
-        self.out_lo, self.out_hi, self.in_lo, self.in_hi = row0 * out_sp, (row0 + rows) * out_sp, c_lo * in_sp, c_hi * in_sp
+        self.out_lo, self.out_hi = row0 * out_sp, (row0 + rows) * out_sp
+        self.in_lo, self.in_hi = c_lo * in_sp, c_hi * in_sp
         self.local_geometry = dict(geometry, groups=max(local_groups, 1))
 
     @staticmethod
     def _split(W, name):
         """(local tensor, global row offset, process group) of a DTensor weight."""
-        DTensor, Partial, Replicate, Shard = _dtensor_types()
+        _, Replicate, Shard = _dtensor_types()
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         shard_dims = [i for i, p in enumerate(W.placements) if not isinstance(p, Replicate)]
@@ -337,7 +338,8 @@ def _with_grad(weights, shards, us, vs, est):
 
 
 def sigma_from_step(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor],
-                    est: torch.Tensor, names: Optional[Sequence[str]] = None, conv_specs: Sequence = ()) -> torch.Tensor:
+                    est: torch.Tensor, names: Optional[Sequence[str]] = None,
+                    conv_specs: Sequence = ()) -> torch.Tensor:
     """``<u, A v>`` with the value ``est`` of the :func:`power_step_` that left ``us``/``vs``
     as they are (no second pass over W, no collective), differentiable in the weights."""
     shards = _shards(weights, us, vs, _names(names, len(weights)), _conv_geometries(conv_specs))
