@@ -47,10 +47,11 @@ def test_every_case_runs_and_writes_outputs(tmp_path, capsys):
 def test_lemma1_check_counts_points_violations_and_min_ratio():
     import torch
 
-    cert = torch.tensor([0.1, 0.5, 0.0, 0.3, 0.2])
-    measured = torch.tensor([1.0, 0.4, 2.0, 0.3, 0.2 * (1 + 1e-7)])
-    # 0.5 > 0.4 is a violation; 0.3 vs 0.3 and 0.2 vs 0.2(1 + 1e-7) are within 1e-6: not
-    assert E.lemma1_check(cert, measured) == {"lemma1_points_checked": 5, "lemma1_points_violated": 1,
+    cert = torch.tensor([0.1, 0.5, 0.0, 0.3, 0.2, 0.3], dtype=torch.float64)
+    measured = torch.tensor([1.0, 0.4, 2.0, 0.3, 0.2 * (1 + 1e-7), 0.2999], dtype=torch.float64)
+    # 0.5 > 0.4 and 0.3 > 0.2999 are violations; 0.3 vs 0.3 and 0.2 vs 0.2 (1 + 1e-7) are within
+    # the 1e-6 rounding allowance; the zero bound has no ratio
+    assert E.lemma1_check(cert, measured) == {"lemma1_points_checked": 6, "lemma1_points_violated": 2,
                                               "lemma1_min_ratio": pytest.approx(0.8)}
     empty = E.lemma1_check(torch.zeros(0), torch.zeros(0))
     assert empty["lemma1_points_checked"] == 0 and empty["lemma1_points_violated"] == 0
