@@ -47,8 +47,8 @@ def test_every_case_runs_and_writes_outputs(tmp_path, capsys):
             assert 0.0 <= r["probe_acc"] <= 1.0
             if "certified_le_measured" in r:
                 assert r["certified_le_measured"]
-                chk = r["lemma1_check"]
-                assert chk["violations"] == 0 and chk["points"] == sum(math.isfinite(d) for d in r["points"]["upper"])
+                assert r["lemma1_points_violated"] == 0
+                assert r["lemma1_points_checked"] == sum(math.isfinite(d) for d in r["points"]["upper"])
             # the step budget: the penalty ran from the end of the burn-in to the last step
             assert r["penalized_steps"] == (r["steps"] - r["start_step"] if arm != "vanilla" else 0)
             assert r["steps"] == r["trajectory"][-1]["step"] and r["trajectory"][0]["step"] == 0
@@ -61,6 +61,49 @@ def test_every_case_runs_and_writes_outputs(tmp_path, capsys):
             assert set(pts["by_method"]) == set(cfg.attacks)
         pen_layers = runs["rep-spectral"]["penalized_layers"]
         assert len(runs["ll-spectral"]["penalized_layers"]) == len(pen_layers) + 1  # the readout
+    # the saved summary carries the per-point Lemma-1 check of every case and arm
+    for row in res["summary"]:
+        r = out["runs"][row["case"]][0][row["arm"]]
+        assert row["lemma1_points_checked"] == r.get("lemma1_points_checked", 0)
+        assert row["lemma1_points_violated"] == 0
+    assert sum(row["lemma1_points_checked"] for row in res["summary"]) > 0
+
+
+def test_lemma1_check_counts_points_violations_and_min_ratio():
+    import torch
+
+    cert = torch.tensor([0.1, 0.5, 0.0, 0.3, 0.2, 0.3], dtype=torch.float64)
+    measured = torch.tensor([1.0, 0.4, 2.0, 0.3, 0.2 * (1 + 1e-7), 0.2999], dtype=torch.float64)
+    # 0.5 > 0.4 and 0.3 > 0.2999 are violations; 0.3 vs 0.3 and 0.2 vs 0.2 (1 + 1e-7) are within
+    # the 1e-6 rounding allowance; the zero bound has no ratio
+    assert E.lemma1_check(cert, measured) == {"lemma1_points_checked": 6, "lemma1_points_violated": 2,
+                                              "lemma1_min_ratio": pytest.approx(0.8)}
+    empty = E.lemma1_check(torch.zeros(0), torch.zeros(0))
+    assert empty["lemma1_points_checked"] == 0 and empty["lemma1_points_violated"] == 0
+    assert empty["lemma1_min_ratio"] != empty["lemma1_min_ratio"]  # nan: nothing to compare
+    with pytest.raises(ValueError, match="same length"):
+        E.lemma1_check(cert, measured[:3])
+
+
+def _fake_run(checked, violated, min_ratio):
+    run = {"probe_acc": 0.9, "clean_acc": 0.9, "min_l2": {"mean": 1.0, "median": 1.0}, "lemma1_empirical_mean": 0.5,
+           "train_time_s": 1.0, "penalty_time_s": 0.1, "pgd_linf": {"0.05": 0.5}, "pgd_l2": {"1.0": 0.4},
+           "steps": 10, "penalized_steps": 2, "batch_size": 4,
+           "equilibrium": {"drift": 0.0, "layer": None, "reached": True, "logged_points": 2}}
+    if checked is not None:
+        run.update(lemma1_points_checked=checked, lemma1_points_violated=violated, lemma1_min_ratio=min_ratio)
+    return run
+
+
+def test_summary_sums_the_lemma1_check_over_seeds():
+    cfg = E.Config(pgd_eps_linf=(0.05,), pgd_eps_l2=(1.0,))
+    runs = {"toy-xor": {0: {a: _fake_run(20, 0, 3.5) for a in E.ARMS}, 1: {a: _fake_run(18, 1, 0.9) for a in E.ARMS}}}
+    runs["toy-xor"][1]["vanilla"] = _fake_run(None, None, None)  # no certified bound in that run
+    rows = {r["arm"]: r for r in E.summarize(runs, cfg)}
+    assert (rows["rep-spectral"]["lemma1_points_checked"], rows["rep-spectral"]["lemma1_points_violated"],
+            rows["rep-spectral"]["lemma1_min_ratio"]) == (38, 1, 0.9)
+    assert (rows["vanilla"]["lemma1_points_checked"], rows["vanilla"]["lemma1_points_violated"],
+            rows["vanilla"]["lemma1_min_ratio"]) == (20, 0, 3.5)
 
 
 def _tiny_datasets(tmp_path):
