@@ -105,11 +105,12 @@ if [ $HAVE_GPU = 0 ]; then
 fi
 
 # ---------------------------------------------------------------------------- tests
-# The CUDA tests, and the GPU tests of test_cuda_build.py except those meant for the CPU
-# machine: the host emulation of the kernels (CPU time) and the sm_80/sm_90 cubin check (this
-# build targets the visible GPU's arch only).
+# The GPU tests of test_cuda_build.py, then the CUDA tests (whose last one, the CUDA graph,
+# may leave the context unusable if a kernel is not capture-safe), except the tests meant for
+# the CPU machine: the host emulation of the kernels (CPU time) and the sm_80/sm_90 cubin check
+# (this build targets the visible GPU's arch only). -v: a cut-off log names the test it was in.
 run_stage tests "${GPU_CHECK_TEST_TIMEOUT:-120}" "$OUT/pytest.log" \
-    "$PY" -m pytest python_tests/test_cuda.py python_tests/test_cuda_build.py -q -ra -p no:cacheprovider \
+    "$PY" -m pytest python_tests/test_cuda_build.py python_tests/test_cuda.py -v -ra -p no:cacheprovider \
     -k "not emulated and not cubins" --junitxml="$OUT/pytest_cuda.xml"
 tail -n 1 "$OUT/pytest.log" | sed 's/^/    /' | tee -a "$SUMMARY"
 
