@@ -15,7 +15,7 @@ FORCE_CUDA ?= $(if $(NVCC),1,0)
 export FORCE_CUDA
 PYTEST_ARGS ?=
 
-.PHONY: all venv build test test-all demo bench clean
+.PHONY: all venv build test test-all demo bench sanitize clean
 
 all: test
 
@@ -62,6 +62,21 @@ demo: build $(REPRO)
 # The whole suite in one table (the per-op scripts in bench/ give more detail).
 bench: build $(REPRO)
 	$(VENV)/bin/specreg-fast bench --json bench_results.json --plot bench_results.png
+
+# The extension built with -fsanitize=address,undefined into a copy of the package under
+# build/sanitize (the regular build is left alone), then the op tests against it. libasan
+# must be the first library loaded into python; leak checks are off (the interpreter's own
+# allocations would swamp them), a UBSan report aborts the test that triggered it.
+SAN_DIR   := build/sanitize
+SAN_TESTS := test_native_crashes.py test_fuzz.py test_dense.py test_conv_operator.py test_fft.py
+sanitize: $(DEPS)
+	rm -rf $(SAN_DIR)/specreg_fast $(SAN_DIR)/python_tests
+	mkdir -p $(SAN_DIR) && cp -r specreg_fast python_tests pyproject.toml $(SAN_DIR)/
+	rm -f $(SAN_DIR)/specreg_fast/_C*.so
+	SPECREG_FAST_SANITIZE=1 $(VPY) setup.py -q build_ext --build-lib $(SAN_DIR) --build-temp $(SAN_DIR)/obj
+	cd $(SAN_DIR) && LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(abspath $(VPY)) -m pytest $(addprefix python_tests/,$(SAN_TESTS)) -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info specreg_fast/*.so
