@@ -175,6 +175,8 @@ def _fuzz_test(strategy_index, batch, examples, derandomize, kernels, mixed=Fals
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
     @given(st.lists(strategy, min_size=batch, max_size=batch))
     def run(cases):
+        # (hypothesis's first example is the minimal one, every case alike: run it once)
+        cases = list({json.dumps(c, sort_keys=True): c for c in cases}.values())
         if mixed:  # one meta tensor among CPU ones
             for c in cases:
                 c["perturb"] = "meta_u" if c["kind"] == "dense" else "meta_x"
@@ -186,22 +188,22 @@ def _fuzz_test(strategy_index, batch, examples, derandomize, kernels, mixed=Fals
 
 
 def test_fuzz_dense():
-    _fuzz_test(0, batch=80, examples=1, derandomize=True, kernels=("auto",))
+    _fuzz_test(0, batch=60, examples=3, derandomize=True, kernels=("auto",))
 
 
 def test_fuzz_conv_both_kernels():
-    _fuzz_test(1, batch=100, examples=1, derandomize=True, kernels=("direct", "aten"))
+    _fuzz_test(1, batch=80, examples=3, derandomize=True, kernels=("direct", "aten"))
 
 
 def test_fuzz_circular():
-    _fuzz_test(2, batch=40, examples=1, derandomize=True, kernels=("auto",))
+    _fuzz_test(2, batch=30, examples=3, derandomize=True, kernels=("auto",))
 
 
 @pytest.mark.xfail(strict=True, reason="issue 15 item 9 (mixed meta/CPU inputs return uninitialized memory) is "
                    "fixed on branch h8-native2: remove this mark once it is merged")
 def test_fuzz_mixed_meta_and_cpu_inputs_are_rejected():
-    _fuzz_test(0, batch=15, examples=1, derandomize=True, kernels=("auto",), mixed=True)
-    _fuzz_test(1, batch=15, examples=1, derandomize=True, kernels=("auto",), mixed=True)
+    _fuzz_test(0, batch=15, examples=2, derandomize=True, kernels=("auto",), mixed=True)
+    _fuzz_test(1, batch=15, examples=2, derandomize=True, kernels=("auto",), mixed=True)
 
 
 @pytest.mark.slow
