@@ -15,7 +15,7 @@ FORCE_CUDA ?= $(if $(NVCC),1,0)
 export FORCE_CUDA
 PYTEST_ARGS ?=
 
-.PHONY: all venv build test test-all demo bench clean gpu-check test-compat
+.PHONY: all venv build test test-all demo bench sanitize clean gpu-check test-compat
 
 all: test
 
@@ -82,6 +82,21 @@ test-compat:
 	cd $(COMPAT)/src && ../bin/python setup.py -q build_ext --inplace
 	cd $(COMPAT)/src && ../bin/python -m pytest python_tests -m "not slow" --ignore=$(TRITON_INTERP_TESTS) $(PYTEST_ARGS)
 	cd $(COMPAT)/src && TRITON_INTERPRET=1 ../bin/python -m pytest $(TRITON_INTERP_TESTS) -m "not slow" $(PYTEST_ARGS)
+
+# The extension built with -fsanitize=address,undefined into a copy of the package under
+# build/sanitize (the regular build is left alone), then the op tests against it. libasan
+# must be the first library loaded into python; leak checks are off (the interpreter's own
+# allocations would swamp them), a UBSan report aborts the test that triggered it.
+SAN_DIR   := build/sanitize
+SAN_TESTS := test_native_crashes.py test_fuzz.py test_dense.py test_conv_operator.py test_fft.py
+sanitize: $(DEPS)
+	rm -rf $(SAN_DIR)/specreg_fast $(SAN_DIR)/python_tests
+	mkdir -p $(SAN_DIR) && cp -r specreg_fast python_tests pyproject.toml $(SAN_DIR)/
+	rm -f $(SAN_DIR)/specreg_fast/_C*.so
+	SPECREG_FAST_SANITIZE=1 $(VPY) setup.py -q build_ext --build-lib $(SAN_DIR) --build-temp $(SAN_DIR)/obj
+	cd $(SAN_DIR) && LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(abspath $(VPY)) -m pytest $(addprefix python_tests/,$(SAN_TESTS)) -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info specreg_fast/*.so

@@ -9,6 +9,8 @@ Switches (environment variables):
   FORCE_CUDA=1      build the CUDA sources even without a visible GPU
   FORCE_ONLY_CPU=1  never build CUDA sources
   DEBUG=1           -O0 -g instead of -O3
+  SPECREG_FAST_SANITIZE=1  AddressSanitizer + UBSan (-O1 -g, CPU only; `make sanitize`,
+                    which builds into build/sanitize and preloads libasan into python)
   MAX_JOBS=N        parallel compile jobs (ninja)
 """
 import glob
@@ -58,7 +60,8 @@ def _nvidia_wheel_includes():
 
 def get_extensions():
     debug = _flag("DEBUG")
-    with_cuda = _want_cuda()
+    sanitize = _flag("SPECREG_FAST_SANITIZE")
+    with_cuda = _want_cuda() and not sanitize
     sources = [os.path.join("csrc", "specreg_fast.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     opt = ["-O0", "-g"] if debug else ["-O3"]
@@ -67,6 +70,10 @@ def get_extensions():
     cxx = opt + ["-fopenmp", "-fopenmp-simd", "-std=c++20"]  # torch adds -DPy_LIMITED_API itself
     define_macros = []
     extra_link = ["-fopenmp"]
+    if sanitize:
+        san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+        cxx = ["-O1", "-g"] + cxx[len(opt):] + san
+        extra_link += san
     ext_cls = CppExtension
     kwargs = {}
     if with_cuda:

@@ -14,6 +14,22 @@
 namespace specreg_fast {
 namespace conv_detail {
 
+// a * b and a + b of packed params and sizes, with a ValueError naming `what` where the
+// int64 result would wrap: a wrapped size (dilation 2^62 times kernel - 1 is 0 mod 2^64)
+// passes every later check and sends the direct kernels' indices outside their buffers.
+inline int64_t checked_mul(const char* op, size_t l, const char* what, int64_t a, int64_t b) {
+  int64_t r = 0;
+  TORCH_CHECK_VALUE(!__builtin_mul_overflow(a, b, &r), op, ": layer ", l, ": ", what, " (", a, " * ", b,
+                    ") overflows int64");
+  return r;
+}
+inline int64_t checked_add(const char* op, size_t l, const char* what, int64_t a, int64_t b) {
+  int64_t r = 0;
+  TORCH_CHECK_VALUE(!__builtin_add_overflow(a, b, &r), op, ": layer ", l, ": ", what, " (", a, " + ", b,
+                    ") overflows int64");
+  return r;
+}
+
 enum class PadMode { Zeros, Circular, Reflect, Replicate };
 
 struct ConvGeom {
@@ -21,6 +37,7 @@ struct ConvGeom {
   bool transposed = false;
   int64_t groups = 1;
   std::vector<int64_t> stride, dilation, lo, hi, outpad;
+  std::vector<int64_t> extent;  // dilation * (kernel - 1) + 1 per spatial dim (overflow-checked)
   PadMode mode = PadMode::Zeros;
   std::string mode_name;
   // Pad explicitly (at::pad) and convolve with zero padding: non-zero modes and asymmetric pads.
@@ -47,6 +64,9 @@ inline std::vector<ConvGeom> decode(const char* op, at::TensorList weights, at::
     g.transposed = p[0] != 0;
     g.groups = p[1];
     TORCH_CHECK_VALUE(g.groups >= 1, op, ": layer ", l, ": groups must be >= 1, got ", g.groups);
+    // The grouped channel count (C_in of a conv, C_out of a transposed conv); checked once
+    // here, so later products of it are plain.
+    (void)checked_mul(op, l, "groups * weight.size(1)", g.groups, weights[l].size(1));
     for (int64_t i = 0; i < g.d; ++i) {
       g.stride.push_back(p[2 + i]);
       g.dilation.push_back(p[2 + g.d + i]);
@@ -57,6 +77,11 @@ inline std::vector<ConvGeom> decode(const char* op, at::TensorList weights, at::
                         ": stride and dilation must be >= 1");
       TORCH_CHECK_VALUE(g.lo.back() >= 0 && g.hi.back() >= 0 && g.outpad.back() >= 0, op, ": layer ", l,
                         ": padding and output_padding must be >= 0");
+      const int64_t k = weights[l].size(2 + i);
+      TORCH_CHECK_VALUE(k >= 1, op, ": weights[", l, "] has kernel size 0 in spatial dim ", i, ": ",
+                        weights[l].sizes());
+      g.extent.push_back(checked_mul(op, l, "dilation * (kernel_size - 1)", g.dilation.back(), k - 1) + 1);
+      (void)checked_add(op, l, "padding_lo + padding_hi", g.lo.back(), g.hi.back());
     }
     off += need;
     const std::string m(modes[l]);
@@ -186,6 +211,13 @@ inline at::Tensor op_adjoint(const ConvGeom& g, const at::Tensor& W, const at::T
   return pad_adjoint(g, gp, x_like);
 }
 
+// A layer whose input or output has no entries (a zero-size spatial input that padding makes
+// non-empty, zero channels) is the zero map: every op treats it as such (norm 0, vectors
+// kept, weight-gradient 0, adjoint 0) before any kernel runs, as torch.linalg.matrix_norm
+// gives 0 for an empty matrix. ATen's padding and conv kernels reject most of these shapes,
+// the direct ones would index an empty buffer, so neither path sees them.
+inline bool zero_map(const at::Tensor& x, const at::Tensor& y) { return x.numel() == 0 || y.numel() == 0; }
+
 inline at::ScalarType acc_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline at::ScalarType out_type(at::TensorList weights) {
@@ -194,15 +226,33 @@ inline at::ScalarType out_type(at::TensorList weights) {
   return at::kFloat;
 }
 
-inline std::vector<int64_t> output_shape(const ConvGeom& g, const at::Tensor& W, at::IntArrayRef in) {
+// (C_out, *out) for an input (C_in, *in). Floor semantics with every sum and product
+// checked: a dilated kernel larger than the padded input is a ValueError (the same on every
+// kernel path), never a negative size rounded up to 1 by truncating division.
+inline std::vector<int64_t> output_shape(const char* op, size_t l, const ConvGeom& g, const at::Tensor& W,
+                                         at::IntArrayRef in) {
   std::vector<int64_t> out;
   out.push_back(g.transposed ? W.size(1) * g.groups : W.size(0));
   for (int64_t i = 0; i < g.d; ++i) {
-    const int64_t n = in[1 + i], k = W.size(2 + i), s = g.stride[i], dl = g.dilation[i];
-    if (g.transposed)
-      out.push_back((n - 1) * s - g.lo[i] - g.hi[i] + dl * (k - 1) + g.outpad[i] + 1);
-    else
-      out.push_back((n + g.lo[i] + g.hi[i] - dl * (k - 1) - 1) / s + 1);
+    const int64_t n = in[1 + i], s = g.stride[i], e = g.extent[i];
+    int64_t o;
+    if (g.transposed) {
+      // (n - 1) s + extent + output_padding - lo - hi (lo + hi checked in decode)
+      const char* what = "the transposed conv's output size";
+      o = checked_mul(op, l, "(input size - 1) * stride", n - 1, s);
+      o = checked_add(op, l, what, o, e);
+      o = checked_add(op, l, what, o, g.outpad[i]);
+      o = checked_add(op, l, what, o, -(g.lo[i] + g.hi[i]));
+      TORCH_CHECK_VALUE(o >= 1, op, ": layer ", l, ": input ", in, " too small for the kernel: the transposed conv's "
+                        "output size in spatial dim ", i, " would be ", o);
+    } else {
+      const int64_t padded = checked_add(op, l, "input size + padding", n, g.lo[i] + g.hi[i]);
+      TORCH_CHECK_VALUE(padded >= e, op, ": layer ", l, ": input ", in, " too small for the kernel: spatial dim ", i,
+                        " is ", padded, " with padding, the dilated kernel spans dilation * (kernel_size - 1) + 1 = ",
+                        e);
+      o = (padded - e) / s + 1;  // padded - e >= 0: truncation is floor
+    }
+    out.push_back(o);
   }
   return out;
 }
@@ -236,8 +286,7 @@ inline void validate(const char* op, at::TensorList weights, at::TensorList xs, 
         TORCH_CHECK_VALUE(g.outpad[i] < std::max(g.stride[i], g.dilation[i]), op, ": layer ", l,
                           ": output_padding must be smaller than stride or dilation");
     }
-    auto oshape = output_shape(g, W, x.sizes());
-    for (auto v : oshape) TORCH_CHECK_VALUE(v >= 1, op, ": layer ", l, ": input ", x.sizes(), " too small for the kernel");
+    auto oshape = output_shape(op, l, g, W, x.sizes());
     TORCH_CHECK_VALUE(y.sizes() == at::IntArrayRef(oshape), op, ": ys[", l, "] must have the output shape ", oshape,
                       ", got ", y.sizes());
     TORCH_CHECK_TYPE(x.scalar_type() == acc && y.scalar_type() == acc, op, ": xs[", l, "]/ys[", l, "] must be ", acc,

@@ -327,7 +327,7 @@ at::Tensor circular_power_step_impl(at::TensorList weights, at::TensorList xs, a
       TORCH_CHECK_VALUE(g.lo[i] <= n && g.hi[i] <= n, op, ": layer ", l,
                         ": circular padding must be <= the input size");
     }
-    auto oshape = output_shape(g, W, x.sizes());
+    auto oshape = output_shape(op, l, g, W, x.sizes());
     for (int64_t i = 0; i < g.d; ++i)
       TORCH_CHECK_VALUE(oshape[1 + i] == x.size(1 + i) / g.stride[i], op, ": layer ", l,
                         ": padding must give the full wrap-around output size ", x.size(1 + i) / g.stride[i],
@@ -341,6 +341,12 @@ at::Tensor circular_power_step_impl(at::TensorList weights, at::TensorList xs, a
   }
   cpu::check_conv_kernel_override();  // before any layer is written
   for (size_t l = 0; l < weights.size(); ++l) {
+    if (zero_map(xs[l], y_tops[l])) {
+      // zero channels: the zero map (conv_geometry.h), estimate 0 with the pair (0, 0)
+      x_tops[l].zero_();
+      y_tops[l].zero_();
+      continue;
+    }
     const auto& g = geo[l];
     const auto acc = acc_type(weights[l].scalar_type());
     const at::Tensor W = weights[l].to(acc).contiguous();
@@ -367,7 +373,7 @@ at::Tensor circular_power_step_impl(at::TensorList weights, at::TensorList xs, a
     for (int64_t it = 0; it < steps; ++it) {
       at::Tensor t, a_direct;
       if (direct) {
-        t = at::empty(output_shape(g, W, x_state.sizes()), W.options());
+        t = at::empty(y_tops[l].sizes(), W.options());
         a_direct = at::empty_like(x_state);
         at::Tensor t4 = t.unsqueeze(0), a4 = a_direct.unsqueeze(0);
         cpu::conv_gemm_step(g, W, xh.contiguous().unsqueeze(0), t4, a4, work);

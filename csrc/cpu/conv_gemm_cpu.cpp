@@ -84,7 +84,8 @@ Geo3 make_geo3(const ConvGeom& g, const at::Tensor& W, const at::Tensor& x) {
     q.s[j] = g.stride[i];
     q.dl[j] = g.dilation[i];
     q.lo[j] = g.lo[i];
-    q.out[j] = (q.in[j] + g.lo[i] + g.hi[i] - q.dl[j] * (q.k[j] - 1) - 1) / q.s[j] + 1;
+    // validated (conv_geometry.h output_shape): in + lo + hi >= extent, nothing overflows
+    q.out[j] = (q.in[j] + g.lo[i] + g.hi[i] - g.extent[i]) / q.s[j] + 1;
   }
   for (int64_t j = 0; j < 3; ++j) {
     q.kvol *= q.k[j];
@@ -108,7 +109,8 @@ Geo3 make_geo3(const ConvGeom& g, const at::Tensor& W, const at::Tensor& x) {
   for (int64_t kk = 0; kk < q.k[2]; ++kk) {
     // 0 <= o s + kk dl - lo < in  <=>  o in [ceil((lo - kk dl) / s), floor((in - 1 + lo - kk dl) / s)]
     const int64_t base = kk * q.dl[2] - q.lo[2];
-    const int64_t first = base >= 0 ? 0 : (-base + q.s[2] - 1) / q.s[2];
+    // (ceil of -base / s without forming -base + s - 1, which can pass 2^63 for huge strides)
+    const int64_t first = base >= 0 ? 0 : -base / q.s[2] + (-base % q.s[2] != 0);
     const int64_t last = q.in[2] - 1 - base < 0 ? -1 : (q.in[2] - 1 - base) / q.s[2];
     const int64_t a = std::min(first, q.out[2]);
     q.run_lo[kk] = a;
@@ -130,7 +132,8 @@ void im2col(const Geo3& q, const T* x, T* cols) {
       const int64_t* sh = q.src[1].data() + kh * q.out[1];
       const int64_t* sw = q.src[2].data() + kw * q.out[2];
       const int64_t a = q.run_lo[kw], b = q.run_hi[kw], st = q.s[2];
-      const int64_t first = a * st + kw * q.dl[2] - q.lo[2];  // input index of ow = a
+      // input index of ow = a (only for a non-empty run: a = out could overflow a * st)
+      const int64_t first = b > a ? a * st + kw * q.dl[2] - q.lo[2] : 0;
       for (int64_t od = 0; od < q.out[0]; ++od) {
         for (int64_t oh = 0; oh < q.out[1]; ++oh) {
           T* d = dst + (od * q.out[1] + oh) * q.out[2];
@@ -171,7 +174,7 @@ void col2im(const Geo3& q, const T* gcols, T* a) {
         const int64_t* sh = q.src[1].data() + kh * q.out[1];
         const int64_t* sw = q.src[2].data() + kw * q.out[2];
         const int64_t a = q.run_lo[kw], b = q.run_hi[kw], st = q.s[2];
-        const int64_t first = a * st + kw * q.dl[2] - q.lo[2];
+        const int64_t first = b > a ? a * st + kw * q.dl[2] - q.lo[2] : 0;
         for (int64_t od = 0; od < q.out[0]; ++od) {
           if (sd[od] < 0) continue;
           for (int64_t oh = 0; oh < q.out[1]; ++oh) {
@@ -440,6 +443,9 @@ bool conv_gemm_supported(const ConvGeom& g, const at::Tensor& W, const at::Tenso
   if (!W.device().is_cpu() || g.transposed) return false;
   if (W.scalar_type() != at::kFloat && W.scalar_type() != at::kDouble) return false;
   if (!W.is_contiguous() || !x.is_contiguous() || x.size(0) != 1) return false;
+  // A zero-size operator is the zero map, handled by the callers (and an empty input dim
+  // would make the circular wrap a modulo by 0).
+  if (W.numel() == 0 || x.numel() == 0) return false;
   return true;
 }
 

@@ -25,6 +25,11 @@
 // pad_lo/pad_hi are the padding before/after each spatial dim (asymmetric for 'same' with an
 // even receptive field). `padding_modes` (str[]) holds one of zeros/circular/reflect/replicate
 // per layer. specreg_fast/ops.py:pack_conv_params builds both from ConvSpec objects.
+//
+// Bad geometry is a ValueError before anything is written (conv_geometry.h): a dilated kernel
+// larger than the padded input, an int64 overflow in any size, kernel size 0. A layer with an
+// empty input or output (e.g. a zero-size input made non-empty by padding) is the zero map:
+// norm 0, vectors kept, weight-gradient 0, on every kernel path.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -59,6 +64,7 @@ at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::T
                              at::TensorOptions().dtype(odt).device(weights.empty() ? at::kCPU : weights[0].device()));
   if (weights.empty()) return out;
   for (size_t l = 0; l < weights.size(); ++l) {
+    if (zero_map(xs[l], ys[l])) continue;  // estimate 0, vectors kept (conv_geometry.h)
     const auto& g = geo[l];
     const auto acc = acc_type(weights[l].scalar_type());
     const at::Tensor W = weights[l].to(acc).contiguous();
@@ -174,6 +180,7 @@ at::Tensor conv_sigma_impl(at::TensorList weights, at::TensorList xs, at::Tensor
   at::Tensor out = at::zeros({static_cast<int64_t>(weights.size())},
                              at::TensorOptions().dtype(odt).device(weights.empty() ? at::kCPU : weights[0].device()));
   for (size_t l = 0; l < weights.size(); ++l) {
+    if (zero_map(xs[l], ys[l])) continue;
     const auto acc = acc_type(weights[l].scalar_type());
     const at::Tensor W = weights[l].to(acc);
     out.select(0, l).copy_((ys[l].unsqueeze(0) * op_apply(geo[l], W, xs[l].unsqueeze(0))).sum());
@@ -212,6 +219,10 @@ std::vector<at::Tensor> conv_weight_grad_impl(at::TensorList weights, at::Tensor
   for (size_t l = 0; l < weights.size(); ++l) {
     const auto& g = geo[l];
     const at::Tensor W = weights[l].to(acc_type(weights[l].scalar_type())).contiguous();
+    if (zero_map(xs[l], ys[l])) {
+      res.push_back(at::zeros_like(W));
+      continue;
+    }
     const at::Tensor x = xs[l].contiguous().unsqueeze(0), y = ys[l].contiguous().unsqueeze(0);
     res.push_back(layer_weight_grad(g, W, x, y));
   }
@@ -241,6 +252,7 @@ void conv_weight_grad_add_impl(at::TensorList grads, at::TensorList weights, at:
   }
   cpu::check_conv_kernel_override();
   for (size_t l = 0; l < weights.size(); ++l) {
+    if (zero_map(xs[l], ys[l])) continue;  // adds 0
     const auto& g = geo[l];
     const auto acc = acc_type(weights[l].scalar_type());
     const at::Tensor W = weights[l].to(acc).contiguous();
@@ -265,6 +277,10 @@ std::vector<at::Tensor> conv_adjoint_impl(at::TensorList weights, at::TensorList
   validate(op, weights, xs, ys, geo, /*need_contiguous=*/false);
   std::vector<at::Tensor> res;
   for (size_t l = 0; l < weights.size(); ++l) {
+    if (zero_map(xs[l], ys[l])) {
+      res.push_back(at::zeros_like(xs[l], at::MemoryFormat::Contiguous));
+      continue;
+    }
     const at::Tensor W = weights[l].to(acc_type(weights[l].scalar_type()));
     res.push_back(op_adjoint(geo[l], W, ys[l].unsqueeze(0), xs[l].unsqueeze(0)).squeeze(0).contiguous());
   }

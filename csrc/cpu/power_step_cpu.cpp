@@ -50,22 +50,27 @@ struct LayerView {
   at::ScalarType st;
 };
 
+// The kernels address W[i, j] as W + i ld + j (row-major) or W + i + j ld (column-major),
+// with rows (columns) that do not overlap. Any other layout (a stride-0 dim of an expand(),
+// overlapping or doubly strided views) is copied first; the stride of a size-1 dim is
+// meaningless and ignored.
 LayerView make_view(const at::Tensor& W_in) {
   LayerView L;
   L.m = W_in.size(0);
   L.n = W_in.size(1);
   L.st = W_in.scalar_type();
   const bool low = L.st == at::kBFloat16 || L.st == at::kHalf;
-  if (W_in.stride(1) == 1 || L.n == 1) {
+  const bool row_unit = L.n <= 1 || W_in.stride(1) == 1, col_unit = L.m <= 1 || W_in.stride(0) == 1;
+  const bool rows_apart = L.m <= 1 || W_in.stride(0) >= L.n, cols_apart = L.n <= 1 || W_in.stride(1) >= L.m;
+  if (row_unit && rows_apart) {
     L.W = W_in;
-    L.ld = L.n == 1 ? std::max<int64_t>(W_in.stride(0), 1) : W_in.stride(0);
-    if (L.m == 1) L.ld = L.n;
+    L.ld = L.m <= 1 ? L.n : W_in.stride(0);
     L.layout = Layout::RowMajor;
-  } else if (W_in.stride(0) == 1 && !low) {
+  } else if (col_unit && cols_apart && !low) {
     // A transposed view (e.g. W = A.t()): walked column by column in two sweeps rather
     // than copied.
     L.W = W_in;
-    L.ld = W_in.stride(1);
+    L.ld = L.n <= 1 ? L.m : W_in.stride(1);
     L.layout = Layout::ColMajor;
   } else {
     L.W = W_in.contiguous();
