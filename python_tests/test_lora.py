@@ -182,3 +182,27 @@ def test_lora_on_a_tiny_bert_attention_and_dense_layers():
     assert len(want) == 2 * 7  # query, key, value, attention/intermediate/output dense, pooler dense
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=2e-3, atol=1e-5, msg=n)
+
+
+def test_lora_on_gpt2_conv1d_is_the_transposed_effective_map():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    gpt = transformers.GPT2Model(cfg).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft: fan_in_fan_out set for Conv1D
+        model = get_peft_model(gpt, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"],
+                                               fan_in_fan_out=True))
+    _perturb(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # embeddings: not regularized
+        pen = _penalty(model, {"input_ids": torch.randint(0, 50, (2, 8))})
+        pen().backward()
+    _check_sigmas(pen, model)
+    got = _trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    _reference(model).backward()
+    want = _trainable_grads(model)
+    assert len(want) == 2 * 4  # c_attn, attn c_proj, c_fc, mlp c_proj
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=2e-3, atol=1e-5, msg=n)
