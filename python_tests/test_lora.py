@@ -206,3 +206,14 @@ def test_lora_on_gpt2_conv1d_is_the_transposed_effective_map():
     assert len(want) == 2 * 4  # c_attn, attn c_proj, c_fc, mlp c_proj
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=2e-3, atol=1e-5, msg=n)
+
+
+def test_a_dora_adapter_activated_after_construction_is_refused_by_name():
+    model = _lora_mlp()
+    x = torch.randn(2, 12)
+    pen = _penalty(model, x)
+    pen()
+    model.add_adapter("dora", LoraConfig(r=2, target_modules=["0", "2", "4"], use_dora=True))
+    model.base_model.set_adapter("dora")
+    with pytest.raises(ValueError, match="'dora' is a LoRA variant"):
+        pen()
