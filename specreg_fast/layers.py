@@ -31,6 +31,15 @@ Layer kinds and the maps they give (``name`` is the module's name in the model):
   each of q, k and v, which are row blocks of it); ``split={name: 3}`` regularizes the three
   row blocks ``name[q]``, ``name[k]``, ``name[v]`` separately (``attention="v"`` then keeps only
   ``name[v]``); ``split={name: n}`` with ``n != 3`` gives ``name[0]`` ... ``name[n-1]``.
+- ``peft`` LoRA on a Linear (or on a transformers ``Conv1D``, ``fan_in_fan_out``; recognized by
+  duck typing, peft is not imported): ONE map ``name`` (the LoRA module's name), the effective
+  weight the layer applies, ``W + sum_a scaling[a] B_a A_a`` over the active adapters
+  (``W^T + ...`` for ``fan_in_fan_out``), computed per call like ``extra=``, so the gradient
+  reaches ``A`` and ``B`` (and ``W`` only where it requires grad) through autograd. Merged
+  adapters (the delta is already in ``W``), disabled adapters or no active one: ``W`` alone.
+  ``base_layer``, ``lora_A`` and ``lora_B`` are not maps of their own. Not supported (listed in
+  the one warning, not regularized): LoRA variants (DoRA and the other ``lora_variant`` s) and
+  LoRA on any other base layer (Conv, Embedding, quantized layers).
 - ``extra={name: fn}``: a custom linear map, ``fn()`` returning its 2-D weight matrix
   (differentiable in the parameters it is made of); its gradient reaches them through
   autograd (``accumulate_grad`` included).
@@ -46,7 +55,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["LinearMap", "ADAPTERS", "CONV_TYPES", "discover", "forward_order", "nonoverlapping_patches",
-           "patch_maps", "is_within", "describe", "holds_weight_matrix"]
+           "patch_maps", "is_within", "describe", "holds_weight_matrix", "lora_weight"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _QKV = ("q", "k", "v")
@@ -147,6 +156,43 @@ def _hf_conv1d(name: str, m: nn.Module, opts: dict) -> Optional[List[LinearMap]]
     return None
 
 
+def _is_lora(m: nn.Module) -> bool:
+    """A ``peft`` LoRA layer (any base layer), by duck typing."""
+    return (isinstance(getattr(m, "base_layer", None), nn.Module) and isinstance(getattr(m, "lora_A", None), nn.ModuleDict)
+            and isinstance(getattr(m, "lora_B", None), nn.ModuleDict) and isinstance(getattr(m, "scaling", None), dict))
+
+
+def lora_weight(m: nn.Module) -> torch.Tensor:
+    """The ``(out, in)`` weight a peft LoRA Linear applies in its forward now: the base weight
+    plus ``scaling[a] B_a A_a`` for each active adapter, unless the adapters are disabled or
+    merged (then the base weight already is the map)."""
+    base = m.base_layer.weight
+    W = base.t() if m.fan_in_fan_out else base
+    if m.disable_adapters or m.merged:
+        return W
+    for a in m.active_adapters:
+        if a not in m.lora_A:  # as the forward: an active name with no LoRA weights here
+            continue
+        if a in getattr(m, "lora_variant", {}):
+            raise ValueError(f"LoRA adapter {a!r} is a LoRA variant ({type(m.lora_variant[a]).__name__}, e.g. "
+                             f"DoRA): its map is not W + s B A; not supported")
+        W = W + m.scaling[a] * (m.lora_B[a].weight @ m.lora_A[a].weight)
+    return W
+
+
+def _lora(name: str, m: nn.Module, opts: dict) -> Optional[List[LinearMap]]:
+    # peft.tuners.lora.layer.Linear, without importing peft; [] (claimed, reported as not
+    # supported) for a LoRA variant or a base layer other than a Linear / transformers Conv1D
+    if not _is_lora(m):
+        return None
+    base = m.base_layer
+    dense = ((isinstance(base, nn.Linear) and base.weight.is_floating_point())  # not a quantized Linear
+             or _hf_conv1d(name, base, {"split": {}}) is not None) and hasattr(m, "fan_in_fan_out")
+    if not dense or getattr(m, "lora_variant", None):
+        return []
+    return [LinearMap(name, name, m, attr=None, fn=lambda: lora_weight(m))]
+
+
 def _conv(name: str, m: nn.Module, opts: dict) -> Optional[List[LinearMap]]:
     if not isinstance(m, CONV_TYPES):
         return None
@@ -170,7 +216,8 @@ def _mha(name: str, m: nn.Module, opts: dict) -> Optional[List[LinearMap]]:
 
 #: The adapters, tried in order on every module; the first that answers claims the module
 #: and its children (an attention's ``out_proj`` is claimed by the attention's adapter).
-ADAPTERS: List[Callable[[str, nn.Module, dict], Optional[List[LinearMap]]]] = [_mha, _hf_conv1d, _linear, _conv]
+#: An adapter that returns ``[]`` claims the module and reports it as not supported.
+ADAPTERS: List[Callable[[str, nn.Module, dict], Optional[List[LinearMap]]]] = [_lora, _mha, _hf_conv1d, _linear, _conv]
 
 
 def holds_weight_matrix(m: nn.Module) -> bool:
@@ -218,11 +265,15 @@ def discover(root: nn.Module, conv_norm: str = "operator", split: Optional[Dict[
                 unsupported.append((n, m))
             continue
         claimed.append(n)
+        if not found:
+            unsupported.append((n, m))
+            continue
         if any(isinstance(mp.param(), nn.parameter.UninitializedParameter) for mp in found):
             lazy.append(f"{n} ({type(m).__name__})")
             continue
         for mp in found:
-            key = (id(mp.param()), mp.name[len(mp.owner):])  # tied weights: the same map once
+            # tied weights: the same map once (a computed map: its module's)
+            key = (id(mp.param() if mp.attr is not None else mp.module), mp.name[len(mp.owner):])
             if key not in seen:
                 seen.add(key)
                 maps.append(mp)
@@ -317,5 +368,8 @@ def describe(entries: Sequence[Tuple[str, nn.Module]]) -> str:
     out = []
     for n, m in entries:
         ps = [k for k, p in m.named_parameters(recurse=False) if p.dim() >= 2]
+        if not ps:  # a module claimed whole and not supported (a LoRA variant): its full type
+            out.append(f"{n or '<root>'} ({type(m).__module__}.{type(m).__qualname__})")
+            continue
         out.append(f"{n or '<root>'} ({type(m).__name__}" + ("" if ps == ["weight"] else f": {', '.join(ps)}") + ")")
     return ", ".join(out)

@@ -180,8 +180,9 @@ class SpectralPenalty(nn.Module):
         self._readout_arg = readout
         # forward order of every module that holds a weight matrix (the readout rule)
         self._supported_owners = {mp.owner for mp in self._maps}
-        self._weight_owners = [n for n, m in by_name.items()
-                               if n in self._supported_owners or _layers.holds_weight_matrix(m)]
+        # (the parts of a supported layer, e.g. a LoRA layer's base_layer / lora_A / lora_B, are not)
+        self._weight_owners = [n for n, m in by_name.items() if n in self._supported_owners or (
+            _layers.holds_weight_matrix(m) and not _layers.is_within(n, self._supported_owners))]
         self._starts: Dict[str, int] = {}
         self._ends: Dict[str, int] = {}
 

@@ -1,0 +1,219 @@
+"""peft LoRA layers (specreg_fast/layers.py): the penalty regularizes the map the layer applies,
+W + s B A, as one map, with its gradient reaching only A and B; checked against the map
+materialized from the layer's own forward (its response to the identity) and its SVD."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import specreg_fast as sf
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, get_peft_model  # noqa: E402
+
+GAMMA = 0.5
+
+
+def _lora_mlp(**cfg):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 6))
+    pm = get_peft_model(m, LoraConfig(r=3, lora_alpha=6, target_modules=["0", "2", "4"], **cfg))
+    _perturb(pm)
+    return pm
+
+
+def _perturb(model):
+    """lora_B starts at zero (W + sBA = W): give it values so the delta counts."""
+    torch.manual_seed(1)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            nn.init.normal_(p, std=0.5)
+
+
+def _lora_modules(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+
+def _applied_map(m):
+    """The (out, in) matrix the layer applies, from its forward on the identity (bias removed);
+    differentiable in A and B."""
+    base = m.get_base_layer()
+    n_in = base.weight.shape[1] if isinstance(base, nn.Linear) else base.weight.shape[0]
+    eye = torch.eye(n_in, dtype=base.weight.dtype)
+    zero = torch.zeros(1, n_in, dtype=base.weight.dtype)
+    return (m(eye) - m(zero)).t()
+
+
+def _reference(model):
+    """gamma * sum sigma_max(map)^2 over the LoRA layers, by SVD of the applied maps."""
+    return sum(GAMMA * torch.linalg.matrix_norm(_applied_map(m), 2) ** 2 for m in _lora_modules(model).values())
+
+
+def _penalty(model, x, **kw):
+    pen = sf.SpectralPenalty(model, gamma=GAMMA, scope="all", n_iter=0, n_iter_init=300, **kw)
+    model(**x) if isinstance(x, dict) else model(x)
+    return pen
+
+
+def _trainable_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _check_sigmas(pen, model):
+    mods = _lora_modules(model)
+    sig = pen.sigmas()
+    assert set(sig) == set(mods)  # one map per LoRA layer: no base_layer, lora_A, lora_B maps
+    for n, m in mods.items():
+        want = torch.linalg.svdvals(_applied_map(m).detach().double())[0].item()
+        assert abs(sig[n] - want) <= 1e-3 * want, n
+
+
+@pytest.mark.parametrize("route", ["penalty", "accumulate_grad"])
+def test_lora_mlp_effective_maps_sigmas_and_gradients_on_a_and_b_only(route):
+    model = _lora_mlp().eval()  # eval: the forward is the map (no dropout anyway)
+    x = torch.randn(4, 12)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    pen = _penalty(model, x)
+    if route == "penalty":
+        pen().backward()
+    else:
+        pen.accumulate_grad()
+    _check_sigmas(pen, model)
+    got = _trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    _reference(model).backward()
+    want = _trainable_grads(model)
+    assert want.keys() == got.keys() and all("lora_A" in n or "lora_B" in n for n in got)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=2e-3, atol=1e-5, msg=n)
+    # the frozen base weights get no gradient and an optimizer step leaves them as they were
+    model.zero_grad(set_to_none=True)
+    pen2 = _penalty(model, x)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pen2().backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        if "base_layer" in n:
+            assert p.grad is None and torch.equal(p, before[n]), n
+
+
+def test_readout_is_the_last_lora_layer_not_its_parts():
+    model = _lora_mlp()
+    pen = sf.SpectralPenalty(model)
+    model(torch.randn(2, 12))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        names = pen.layer_names
+    assert names == ["base_model.model.0", "base_model.model.2"]
+    assert any("readout taken to be base_model.model.4 " in str(x.message) for x in w)
+
+
+def test_merged_disabled_and_merge_and_unload_give_the_same_map_as_the_layer_applies():
+    x = torch.randn(3, 12)
+    model = _lora_mlp()
+    want = {n: torch.linalg.svdvals(_applied_map(m).detach().double())[0].item()
+            for n, m in _lora_modules(model).items()}
+    base = {n: torch.linalg.svdvals(m.get_base_layer().weight.detach().double())[0].item()
+            for n, m in _lora_modules(model).items()}
+    assert all(abs(want[n] - base[n]) > 1e-2 * base[n] for n in want)  # the delta matters
+
+    def sigmas(m):
+        pen = _penalty(m, x)
+        pen()
+        return pen.sigmas()
+
+    with model.disable_adapter():  # the base layers alone
+        got = sigmas(model)
+        assert all(abs(got[n] - base[n]) <= 1e-3 * base[n] for n in base)
+    model.merge_adapter()  # the delta is in the base weight now
+    got = sigmas(model)
+    assert all(abs(got[n] - want[n]) <= 1e-3 * want[n] for n in want)
+    model.unmerge_adapter()
+    plain = model.merge_and_unload()  # plain Linears named as before
+    assert all(type(m) is nn.Linear for m in plain if not isinstance(m, nn.ReLU))
+    got = sigmas(plain)
+    assert {n.removeprefix("base_model.model.") for n in want} == set(got)
+    assert all(abs(got[n.removeprefix("base_model.model.")] - want[n]) <= 1e-3 * want[n] for n in want)
+
+
+def test_active_adapters_only():
+    x = torch.randn(3, 12)
+    model = _lora_mlp()
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=2, target_modules=["0", "2", "4"]))
+    _perturb(model)
+    for adapters in (["default"], ["second"], ["default", "second"]):
+        model.base_model.set_adapter(adapters)
+        pen = _penalty(model, x)
+        pen()
+        _check_sigmas(pen, model)
+
+
+def test_dora_is_reported_not_regularized_and_not_split_into_its_parts():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 6))
+    model = get_peft_model(m, LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        pen = sf.SpectralPenalty(model, scope="all")
+    assert pen.layer_names == ["base_model.model.2"]
+    msg = " ".join(str(x.message) for x in w)
+    assert "base_model.model.0 (peft.tuners.lora.layer.Linear)" in msg and "not regularized" in msg
+
+
+def test_lora_on_a_tiny_bert_attention_and_dense_layers():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=16)
+    bert = transformers.BertModel(cfg).eval()
+    model = get_peft_model(bert, LoraConfig(r=2, lora_alpha=4, target_modules=["query", "key", "value", "dense"]))
+    _perturb(model)
+    ids = torch.randint(0, 50, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # embeddings: not regularized
+        pen = _penalty(model, {"input_ids": ids})
+        pen().backward()
+    _check_sigmas(pen, model)
+    got = _trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    _reference(model).backward()
+    want = _trainable_grads(model)
+    assert len(want) == 2 * 7  # query, key, value, attention/intermediate/output dense, pooler dense
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=2e-3, atol=1e-5, msg=n)
+
+
+def test_lora_on_gpt2_conv1d_is_the_transposed_effective_map():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    gpt = transformers.GPT2Model(cfg).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft: fan_in_fan_out set for Conv1D
+        model = get_peft_model(gpt, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"],
+                                               fan_in_fan_out=True))
+    _perturb(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # embeddings: not regularized
+        pen = _penalty(model, {"input_ids": torch.randint(0, 50, (2, 8))})
+        pen().backward()
+    _check_sigmas(pen, model)
+    got = _trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    _reference(model).backward()
+    want = _trainable_grads(model)
+    assert len(want) == 2 * 4  # c_attn, attn c_proj, c_fc, mlp c_proj
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=2e-3, atol=1e-5, msg=n)
+
+
+def test_a_dora_adapter_activated_after_construction_is_refused_by_name():
+    model = _lora_mlp()
+    x = torch.randn(2, 12)
+    pen = _penalty(model, x)
+    pen()
+    model.add_adapter("dora", LoraConfig(r=2, target_modules=["0", "2", "4"], use_dora=True))
+    model.base_model.set_adapter("dora")
+    with pytest.raises(ValueError, match="'dora' is a LoRA variant"):
+        pen()
