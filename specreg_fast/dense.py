@@ -79,13 +79,23 @@ def _validate(weights: Sequence[torch.Tensor], state: PowerState, names: Optiona
                 raise ValueError(f"{name}: state {what} must be contiguous")
 
 
+def _check_iter_counts(n_iter: int, max_iter: Optional[int]) -> None:
+    """``n_iter`` in [0, MAX_ITER], ``max_iter`` (if given) in [1, MAX_ITER] (``ops.MAX_ITER``:
+    a count beyond it would keep one op call running for days)."""
+    if not 0 <= n_iter <= ops.MAX_ITER:
+        raise ValueError(f"n_iter must be in [0, {ops.MAX_ITER}] (specreg_fast.ops.MAX_ITER), got {n_iter}")
+    if max_iter is not None and not 1 <= max_iter <= ops.MAX_ITER:
+        raise ValueError(f"max_iter must be in [1, {ops.MAX_ITER}] (specreg_fast.ops.MAX_ITER), got {max_iter}")
+
+
 def spectral_norms(weights: Sequence[torch.Tensor], state: PowerState, n_iter: int = 1, tol: Optional[float] = None,
                    max_iter: Optional[int] = None, *, update: bool = True,
                    names: Optional[Sequence[str]] = None, backend: str = "auto") -> torch.Tensor:
     """sigma_max estimates of every 2-D weight in ``weights``, differentiable.
 
     Runs ``n_iter`` power steps (or, with ``tol``, until each layer's estimate changes by at
-    most ``tol`` relative, at most ``max_iter`` steps, default 100) on all weights in one
+    most ``tol`` relative, at most ``max_iter`` steps, default 100; both counts at most
+    ``specreg_fast.ops.MAX_ITER``, and Ctrl-C stops the loop) on all weights in one
     op call, updating ``state`` in place, then returns ``sigma_l = u_l^T W_l v_l`` as a 1-D
     tensor (float32; float64 if any weight is float64). The gradient w.r.t. ``W_l`` is
     ``u_l v_l^T``: exact for the bilinear form, and d sigma_max/dW once converged.
@@ -98,12 +108,9 @@ def spectral_norms(weights: Sequence[torch.Tensor], state: PowerState, n_iter: i
     Invalid input raises before anything is modified.
     """
     weights = list(weights)
-    if n_iter < 0:
-        raise ValueError(f"n_iter must be >= 0, got {n_iter}")
+    _check_iter_counts(n_iter, max_iter)
     if tol is not None and not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
-    if max_iter is not None and max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     _validate(weights, state, names)
     if backend != "auto":
         backends.resolve(backend, weights[0].device if weights else torch.device("cpu"))  # bad name: raise now
@@ -127,8 +134,9 @@ def spectral_norms(weights: Sequence[torch.Tensor], state: PowerState, n_iter: i
 
 def spectral_norm(W: torch.Tensor, tol: float = 1e-6, max_iter: int = 1000, seed: int = 0) -> torch.Tensor:
     """Stateless sigma_max of one weight (conv kernels as their ``(out, -1)`` matrix), by
-    power iteration from a seeded random start until the relative change is below ``tol``;
-    differentiable (gradient ``u v^T``)."""
+    power iteration from a seeded random start until the relative change is below ``tol``
+    (at most ``max_iter <= specreg_fast.ops.MAX_ITER`` steps); differentiable (gradient
+    ``u v^T``)."""
     M = as_matrix(W)
     g = torch.Generator().manual_seed(seed)
     state = init_power_state([M], generator=g)

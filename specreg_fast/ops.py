@@ -41,6 +41,11 @@ SCHEMAS = {
     "shifted_cholesky_info": "shifted_cholesky_info(Tensor H, Tensor shift) -> Tensor",
 }
 
+# The most power-iteration steps one op call may run (n_iter of every op, max_iter of the
+# public functions): the same number as kMaxIter in csrc/op_contracts.h (a test compares them).
+# 10^6 steps are minutes on a 1024 x 1024 weight; a larger count is a bug, not a budget.
+MAX_ITER = 1_000_000
+
 try:
     from . import _C  # noqa: F401  (loading the library registers the ops)
 
