@@ -149,6 +149,8 @@ def test_ctrl_c_stops_a_long_call_and_restores_the_vectors():
             ready, _, _ = select.select([proc.stdout], [], [], 30.0)  # a call deaf to SIGINT: fail, not hang
             line = proc.stdout.readline() if ready else "still running"
             results.append((line.split(), time.perf_counter() - t0))
+            if not ready:
+                break
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
