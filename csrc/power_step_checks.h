@@ -2,15 +2,18 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include "op_contracts.h"
+
 namespace specreg_fast {
 
 // Persistent vectors are float32, or float64 for float64 weights.
 inline at::ScalarType power_acc_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
 // weights[l] is 2-D float32/float64/bfloat16/float16 on one device of type `device_type`;
-// us[l] (m) and vs[l] (n) are contiguous vectors of the accumulator type on that device.
+// us[l] (m) and vs[l] (n) are contiguous vectors of the accumulator type on that device; with
+// `writes` (power_step_), no u or v shares memory with another argument.
 inline void check_power_step_list(at::TensorList weights, at::TensorList us, at::TensorList vs, const char* op,
-                                  c10::DeviceType device_type) {
+                                  c10::DeviceType device_type, bool writes) {
   TORCH_CHECK(us.size() == weights.size() && vs.size() == weights.size(), op,
               ": expected as many u and v vectors as weights, got ", weights.size(), " weights, ", us.size(),
               " u, ", vs.size(), " v");
@@ -35,6 +38,13 @@ inline void check_power_step_list(at::TensorList weights, at::TensorList us, at:
                 "] must be on ", W.device());
     TORCH_CHECK(us[l].is_contiguous() && vs[l].is_contiguous(), op, ": us[", l, "]/vs[", l,
                 "] must be contiguous");
+  }
+  if (writes) {
+    MemoryArgs mem;
+    mem.add("weights", weights, false);
+    mem.add("us", us, true);
+    mem.add("vs", vs, true);
+    mem.check(op);
   }
 }
 

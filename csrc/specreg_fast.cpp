@@ -5,16 +5,64 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "op_contracts.h"
+
+namespace specreg_fast {
+// Runs Python's pending signal handlers under the GIL (the op may run with it released). A
+// handler that raised (KeyboardInterrupt) leaves its exception set: it is cleared here, and the
+// op throws its own error instead, which torch turns into a RuntimeError.
+bool python_signal_raised() {
+  if (!Py_IsInitialized()) return false;
+  const PyGILState_STATE gil = PyGILState_Ensure();
+  const bool raised = PyErr_CheckSignals() != 0;
+  if (raised) PyErr_Clear();
+  PyGILState_Release(gil);
+  return raised;
+}
+}  // namespace specreg_fast
+
+namespace specreg_fast::cpu {
+std::string set_conv_kernel(const std::string& choice);  // csrc/cpu/conv_gemm_cpu.cpp
+}
+
+namespace {
+// _C._set_conv_kernel(choice) -> previous choice (specreg_fast.conv.set_conv_kernel).
+PyObject* set_conv_kernel_py(PyObject*, PyObject* arg) {
+  PyObject* bytes = PyUnicode_AsUTF8String(arg);
+  if (bytes == nullptr) return nullptr;
+  const std::string choice(PyBytes_AsString(bytes));
+  Py_DECREF(bytes);
+  try {
+    return PyUnicode_FromString(specreg_fast::cpu::set_conv_kernel(choice).c_str());
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+PyMethodDef module_methods[] = {
+    {"_set_conv_kernel", set_conv_kernel_py, METH_O, "Set the CPU conv kernel choice; returns the previous one."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 extern "C" {
-// An empty module: `from specreg_fast import _C` loads this shared library, whose static
-// initializers register the ops. No pybind11, so the extension can use the limited API.
+// `from specreg_fast import _C` loads this shared library, whose static initializers register
+// the ops; the module itself holds one non-op helper, _set_conv_kernel. No pybind11, so the
+// extension can use the limited API.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
   return PyModule_Create(&module_def);
 }
 }
 
 TORCH_LIBRARY(specreg_fast, m) {
+  // Every op with n_iter takes 0 <= n_iter <= 10^6 (kMaxIter, csrc/op_contracts.h; Python
+  // specreg_fast.ops.MAX_ITER) and polls for Ctrl-C between steps (a RuntimeError naming the
+  // KeyboardInterrupt, the persistent vectors as before the call). Arguments are checked before
+  // anything is written: one device for all tensors, no lazy conj/neg views, and no vector that
+  // an op writes may share memory with another argument (u and v, two layers, x_tops and xs).
   // ---- dense (2-D weights) ----------------------------------------------------------
   // n_iter power-iteration steps on every W of the list, in place on the persistent unit
   // vectors: u <- W v / |W v|, v <- W^T u / |W^T u|, each step reading W once. With

@@ -13,12 +13,28 @@ def _seed():
 
 
 # The CPU conv ops have two code paths for non-transposed convs: ATen (oneDNN) convolutions
-# and the direct im2col kernels of csrc/cpu/conv_gemm_cpu.cpp. SPECREG_FAST_CONV_KERNEL
-# forces one; "auto" (the default) picks by size. Transposed convs take the ATen path under
-# every setting. Tests that take this fixture run once per setting.
+# and the direct im2col kernels of csrc/cpu/conv_gemm_cpu.cpp. specreg_fast.conv.set_conv_kernel
+# (or SPECREG_FAST_CONV_KERNEL, read once per process) forces one; "auto" (the default) picks
+# by size. Transposed convs take the ATen path under every setting. Tests that take this
+# fixture run once per setting; use_conv_kernel switches inside a test. Both restore the
+# previous choice afterwards.
+@pytest.fixture
+def use_conv_kernel():
+    from specreg_fast.conv import set_conv_kernel
+
+    previous = []
+
+    def use(choice):
+        previous.append(set_conv_kernel(choice))
+
+    yield use
+    if previous:
+        set_conv_kernel(previous[0])
+
+
 @pytest.fixture(params=("auto", "direct", "aten"))
-def conv_kernel(request, monkeypatch):
-    monkeypatch.setenv("SPECREG_FAST_CONV_KERNEL", request.param)
+def conv_kernel(request, use_conv_kernel):
+    use_conv_kernel(request.param)
     return request.param
 
 

@@ -231,20 +231,20 @@ DIRECT_CASES = [
 
 
 @pytest.mark.parametrize("case", DIRECT_CASES, ids=_ident)
-def test_direct_kernels_match_aten(case, monkeypatch):
+def test_direct_kernels_match_aten(case, use_conv_kernel):
     """Several float32 steps of the direct kernels equal those of the ATen path, and the
     float64 iteration converges to svdvals of the explicit matrix."""
     spec = _spec(**case, dtype=torch.float32)
     out = {}
     for kernel in ("aten", "direct"):
-        monkeypatch.setenv("SPECREG_FAST_CONV_KERNEL", kernel)
+        use_conv_kernel(kernel)
         st = conv.init_conv_state([spec], generator=torch.Generator().manual_seed(5))
         params, modes = ops.pack_conv_params([spec])
         s = ops.conv_power_step_([spec.weight], st.xs, st.ys, params, modes, 4, 0.0)
         out[kernel] = (s, st.xs[0], st.ys[0])
     for a, b in zip(out["aten"], out["direct"]):
         torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
-    monkeypatch.setenv("SPECREG_FAST_CONV_KERNEL", "direct")
+    use_conv_kernel("direct")
     spec64 = _spec(**case, dtype=torch.float64)
     sv = torch.linalg.svdvals(ref.conv_operator_matrix(spec64))
     if _gap(sv) > 1e-3:
@@ -252,7 +252,7 @@ def test_direct_kernels_match_aten(case, monkeypatch):
         assert abs(est.item() - sv[0].item()) <= 1e-6 * sv[0].item()
 
 
-def test_kernel_override_switches_the_computation(monkeypatch):
+def test_kernel_override_switches_the_computation(use_conv_kernel):
     """The two paths sum in different orders: in float64 at least one case must differ in the
     last bits (else the override would not be reaching the op and the tests above would
     compare ATen with itself)."""
@@ -262,7 +262,7 @@ def test_kernel_override_switches_the_computation(monkeypatch):
         params, modes = ops.pack_conv_params([spec])
         xs = []
         for kernel in ("aten", "direct"):
-            monkeypatch.setenv("SPECREG_FAST_CONV_KERNEL", kernel)
+            use_conv_kernel(kernel)
             st = conv.init_conv_state([spec], generator=torch.Generator().manual_seed(5))
             ops.conv_power_step_([spec.weight], st.xs, st.ys, params, modes, 1, 0.0)
             xs.append(st.xs[0])
@@ -271,8 +271,8 @@ def test_kernel_override_switches_the_computation(monkeypatch):
     assert any(differs)
 
 
-def test_direct_kernels_do_not_depend_on_thread_count(monkeypatch):
-    monkeypatch.setenv("SPECREG_FAST_CONV_KERNEL", "direct")
+def test_direct_kernels_do_not_depend_on_thread_count(use_conv_kernel):
+    use_conv_kernel("direct")
     spec = _spec(dim=2, cin=64, cout=96, k=3, padding=1, sizes=(6, 6), dtype=torch.float32)
     params, modes = ops.pack_conv_params([spec])
     threads = torch.get_num_threads()
@@ -289,15 +289,10 @@ def test_direct_kernels_do_not_depend_on_thread_count(monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_bad_kernel_override_is_a_clear_error(monkeypatch):
-    spec = _spec(dim=2, dtype=torch.float32)
-    st = conv.init_conv_state([spec], generator=torch.Generator().manual_seed(2))
-    snap = [t.clone() for t in st.xs + st.ys]
-    params, modes = ops.pack_conv_params([spec])
-    monkeypatch.setenv("SPECREG_FAST_CONV_KERNEL", "fastest")
-    with pytest.raises(ValueError, match="SPECREG_FAST_CONV_KERNEL must be auto, direct or aten"):
-        ops.conv_power_step_([spec.weight], st.xs, st.ys, params, modes, 1, 0.0)
-    assert all(torch.equal(a, b) for a, b in zip(snap, st.xs + st.ys))
+def test_bad_kernel_choice_is_a_clear_error(use_conv_kernel):
+    # (a bad SPECREG_FAST_CONV_KERNEL value: test_op_contracts.py, in a fresh process)
+    with pytest.raises(ValueError, match="the conv kernel must be 'auto', 'direct' or 'aten', got 'fastest'"):
+        use_conv_kernel("fastest")
 
 
 ADJ_CASES = [dict(dim=d, mode=m, padding=p, stride=s, k=k) for d in (1, 2, 3) for m in MODES

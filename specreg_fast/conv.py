@@ -21,7 +21,7 @@ from . import ops
 from . import reference as ref
 from .geometry import ConvSpec
 
-__all__ = ["ConvSpec", "ConvState", "init_conv_state", "conv_operator_norms", "conv_operator_norm"]
+__all__ = ["ConvSpec", "ConvState", "init_conv_state", "conv_operator_norms", "conv_operator_norm", "set_conv_kernel"]
 
 
 @dataclass
@@ -151,7 +151,8 @@ def conv_operator_norms(specs: Sequence[ConvSpec], state: ConvState, n_iter: int
                         names: Optional[Sequence[str]] = None) -> torch.Tensor:
     """sigma_max estimates of the conv operators ``specs`` (differentiable in each
     ``spec.weight``), after ``n_iter`` power steps (or until a relative change ``tol``,
-    at most ``max_iter`` steps) that update ``state`` in place. Returns a 1-D float32
+    at most ``max_iter`` steps; both counts at most ``specreg_fast.ops.MAX_ITER``, and Ctrl-C
+    stops the loop) that update ``state`` in place. Returns a 1-D float32
     tensor (float64 if any weight is float64).
 
     All layers go through one ``specreg_fast::conv_power_step_`` call (the loop runs in
@@ -161,11 +162,11 @@ def conv_operator_norms(specs: Sequence[ConvSpec], state: ConvState, n_iter: int
     and low-precision weights are upcast to float32 inside the op.
     """
     specs = list(specs)
-    n_iter = ops._int_arg("conv_operator_norms", "n_iter", n_iter)
+    n_iter = ops._iter_arg("conv_operator_norms", "n_iter", n_iter)
     if tol is not None:
         tol = ops._tol_arg("conv_operator_norms", tol, finite=True)
     if max_iter is not None:
-        max_iter = ops._int_arg("conv_operator_norms", "max_iter", max_iter, minimum=1)
+        max_iter = ops._iter_arg("conv_operator_norms", "max_iter", max_iter, minimum=1)
     _validate(specs, state, names)
     if not specs:
         return torch.zeros(0)
@@ -182,7 +183,24 @@ def conv_operator_norms(specs: Sequence[ConvSpec], state: ConvState, n_iter: int
 
 def conv_operator_norm(module: nn.Module, input_shape: Sequence[int], tol: float = 1e-6, max_iter: int = 2000,
                        seed: int = 0) -> torch.Tensor:
-    """Stateless operator norm of one conv module at ``input_shape`` (``(C_in, *spatial)``)."""
+    """Stateless operator norm of one conv module at ``input_shape`` (``(C_in, *spatial)``),
+    to a relative change ``tol`` in at most ``max_iter <= specreg_fast.ops.MAX_ITER`` steps."""
     spec = ConvSpec.from_module(module, input_shape)
     st = init_conv_state([spec], generator=torch.Generator().manual_seed(seed))
     return conv_operator_norms([spec], st, tol=tol, max_iter=max_iter)[0]
+
+
+def set_conv_kernel(choice: str) -> str:
+    """Pick the CPU conv kernel of the conv ops for every later call: ``"direct"`` (the im2col
+    kernels of csrc/cpu/conv_gemm_cpu.cpp), ``"aten"`` (oneDNN) or ``"auto"`` (by size, the
+    default). The environment variable ``SPECREG_FAST_CONV_KERNEL`` sets the initial choice
+    and is read once, at the first conv call; this replaces it. Returns the previous choice
+    (``"invalid"`` for a bad environment value). Transposed convs take the ATen path always;
+    without the compiled extension there is one path and this only checks ``choice``."""
+    if ops.HAS_CPP_EXT:
+        from . import _C
+
+        return _C._set_conv_kernel(choice)  # a ValueError for a bad choice
+    if choice not in ("auto", "direct", "aten"):
+        raise ValueError(f"the conv kernel must be 'auto', 'direct' or 'aten', got {choice!r}")
+    return "auto"

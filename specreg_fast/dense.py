@@ -87,7 +87,8 @@ def spectral_norms(weights: Sequence[torch.Tensor], state: PowerState, n_iter: i
     """sigma_max estimates of every 2-D weight in ``weights``, differentiable.
 
     Runs ``n_iter`` power steps (or, with ``tol``, until each layer's estimate changes by at
-    most ``tol`` relative, at most ``max_iter`` steps, default 100) on all weights in one
+    most ``tol`` relative, at most ``max_iter`` steps, default 100; both counts at most
+    ``specreg_fast.ops.MAX_ITER``, and Ctrl-C stops the loop) on all weights in one
     op call, updating ``state`` in place, then returns ``sigma_l = u_l^T W_l v_l`` as a 1-D
     tensor (float32; float64 if any weight is float64). The gradient w.r.t. ``W_l`` is
     ``u_l v_l^T``: exact for the bilinear form, and d sigma_max/dW once converged.
@@ -100,11 +101,11 @@ def spectral_norms(weights: Sequence[torch.Tensor], state: PowerState, n_iter: i
     Invalid input raises before anything is modified.
     """
     weights = list(weights)
-    n_iter = ops._int_arg("spectral_norms", "n_iter", n_iter)
+    n_iter = ops._iter_arg("spectral_norms", "n_iter", n_iter)
     if tol is not None:
         tol = ops._tol_arg("spectral_norms", tol, finite=False)
     if max_iter is not None:
-        max_iter = ops._int_arg("spectral_norms", "max_iter", max_iter, minimum=1)
+        max_iter = ops._iter_arg("spectral_norms", "max_iter", max_iter, minimum=1)
     _validate(weights, state, names)
     if backend != "auto":
         backends.resolve(backend, weights[0].device if weights else torch.device("cpu"))  # bad name: raise now
@@ -128,8 +129,9 @@ def spectral_norms(weights: Sequence[torch.Tensor], state: PowerState, n_iter: i
 
 def spectral_norm(W: torch.Tensor, tol: float = 1e-6, max_iter: int = 1000, seed: int = 0) -> torch.Tensor:
     """Stateless sigma_max of one weight (conv kernels as their ``(out, -1)`` matrix), by
-    power iteration from a seeded random start until the relative change is below ``tol``;
-    differentiable (gradient ``u v^T``)."""
+    power iteration from a seeded random start until the relative change is below ``tol``
+    (at most ``max_iter <= specreg_fast.ops.MAX_ITER`` steps); differentiable (gradient
+    ``u v^T``)."""
     M = as_matrix(W)
     g = torch.Generator().manual_seed(seed)
     state = init_power_state([M], generator=g)

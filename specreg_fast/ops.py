@@ -42,6 +42,11 @@ SCHEMAS = {
     "shifted_cholesky_info": "shifted_cholesky_info(Tensor H, Tensor shift) -> Tensor",
 }
 
+# The most power-iteration steps one op call may run (n_iter of every op, max_iter of the
+# public functions): the same number as kMaxIter in csrc/op_contracts.h (a test compares them).
+# 10^6 steps are minutes on a 1024 x 1024 weight; a larger count is a bug, not a budget.
+MAX_ITER = 1_000_000
+
 try:
     from . import _C  # noqa: F401  (loading the library registers the ops)
 
@@ -105,7 +110,8 @@ def _check_one_device(op: str, named) -> None:
 
 
 def _check_n_iter(op: str, n_iter) -> None:
-    _require(n_iter >= 0, lambda: f"{op}: n_iter must be >= 0, got {n_iter}")
+    _require(0 <= n_iter <= MAX_ITER, lambda: f"{op}: n_iter must be in [0, {MAX_ITER}] (specreg_fast.ops.MAX_ITER), "
+                                              f"got {n_iter}")
 
 
 def _check_dense_args(op: str, weights, us, vs) -> None:
@@ -148,16 +154,22 @@ def _check_est(op: str, est, weights) -> None:
 # The typed wrappers below check their plain arguments before the call, so that a bad one is a
 # ValueError/TypeError naming it, not the binding's cast error (n_iter=2**63) or an internal
 # assert (a conjugate view written in place).
-def _int_arg(op: str, name: str, value, minimum: int = 0):
-    """``value`` as a Python int in ``[minimum, 2**63 - 1]`` (the schema's int64)."""
+def _int_arg(op: str, name: str, value, minimum: int = 0, maximum: int = _INT64_MAX):
+    """``value`` as a Python int in ``[minimum, maximum]`` (by default the schema's int64)."""
     if isinstance(value, torch.SymInt):
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
     value = int(value)
-    if not minimum <= value <= _INT64_MAX:
-        raise ValueError(f"{op}: {name} must be an int in [{minimum}, 2**63 - 1], got {value}")
+    if not minimum <= value <= maximum:
+        top = "2**63 - 1" if maximum == _INT64_MAX else f"{maximum} (specreg_fast.ops.MAX_ITER)"
+        raise ValueError(f"{op}: {name} must be an int in [{minimum}, {top}], got {value}")
     return value
+
+
+def _iter_arg(op: str, name: str, value, minimum: int = 0):
+    """An iteration count (``n_iter``, ``max_iter``): an int in ``[minimum, MAX_ITER]``."""
+    return _int_arg(op, name, value, minimum, MAX_ITER)
 
 
 def _tol_arg(op: str, tol, finite: bool) -> float:
@@ -399,7 +411,7 @@ def power_step_(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[to
     us, vs = list(us), list(vs)
     _check_writable(op, "us", us)
     _check_writable(op, "vs", vs)
-    return torch.ops.specreg_fast.power_step_(list(weights), us, vs, _int_arg(op, "n_iter", n_iter),
+    return torch.ops.specreg_fast.power_step_(list(weights), us, vs, _iter_arg(op, "n_iter", n_iter),
                                               _tol_arg(op, tol, finite=False))
 
 
@@ -837,7 +849,7 @@ def conv_power_step_(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: Li
     _check_writable(op, "xs", xs)
     _check_writable(op, "ys", ys)
     return torch.ops.specreg_fast.conv_power_step_(list(weights), xs, ys, _params_arg(op, params),
-                                                   _modes_arg(op, padding_modes), _int_arg(op, "n_iter", n_iter),
+                                                   _modes_arg(op, padding_modes), _iter_arg(op, "n_iter", n_iter),
                                                    _tol_arg(op, tol, finite=True))
 
 
@@ -981,7 +993,7 @@ def circular_power_step_(weights: List[torch.Tensor], xs: List[torch.Tensor], pa
     (see ``csrc/specreg_fast.cpp``)."""
     op = "specreg_fast::circular_power_step_"
     weights, xs, params = list(weights), list(xs), _params_arg(op, params)
-    n_iter = _int_arg(op, "n_iter", n_iter)
+    n_iter = _iter_arg(op, "n_iter", n_iter)
     _check_writable(op, "xs", xs)
     x_tops = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
     y_tops = [x.new_empty(shape) for x, shape in zip(xs, circular_output_shapes(weights, xs, params))]
@@ -1038,7 +1050,7 @@ def batched_power_step_(blocks: torch.Tensor, us: torch.Tensor, vs: torch.Tensor
     op = "specreg_fast::batched_power_step_"
     _check_writable(op, "us", us)
     _check_writable(op, "vs", vs)
-    return torch.ops.specreg_fast.batched_power_step_(blocks, us, vs, _int_arg(op, "n_iter", n_iter))
+    return torch.ops.specreg_fast.batched_power_step_(blocks, us, vs, _iter_arg(op, "n_iter", n_iter))
 
 
 # ----------------------------------------------------------------------------- Cholesky test (certified bounds)

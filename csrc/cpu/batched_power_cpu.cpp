@@ -6,7 +6,8 @@
 //     sigma_b = |P_b v_b| at the final v.
 // Each iteration reads the block once: row i gives t_i = <P_i, v> and, while the row is in
 // L1, adds conj(P_i) t_i into a. One OpenMP thread per chunk of blocks (blocks are
-// independent; no atomics, so results do not depend on the thread count). A block whose t or
+// independent and each is summed in a fixed order, so results do not depend on the thread
+// count). A block whose t or
 // a vanishes keeps its vectors (sigma 0), as the dense op does. The CUDA implementation of the
 // same schema is the Triton kernel (specreg_fast/triton/batched_power.py).
 #include <ATen/ATen.h>
@@ -17,6 +18,8 @@
 #include <complex>
 #include <type_traits>
 #include <vector>
+
+#include "op_contracts.h"
 
 namespace specreg_fast {
 
@@ -33,33 +36,37 @@ struct Scalar<c10::complex<T>> {
   static constexpr bool complex = true;
 };
 
-// One block, real or complex (interleaved re/im in memory), n_iter steps in place.
+// <row, vec> of one block row, real or complex (interleaved re/im in memory).
 template <typename R, bool C>
-R block_power(const R* P, R* u, R* v, int64_t m, int64_t n, int64_t n_iter, std::vector<R>& t,
-              std::vector<R>& a) {
-  constexpr int64_t w = C ? 2 : 1;
-  auto matvec_row = [&](const R* row, const R* vec, R& re, R& im) {
-    re = 0;
-    im = 0;
-    if constexpr (C) {
+void matvec_row(const R* row, const R* vec, int64_t n, R& re, R& im) {
+  re = 0;
+  im = 0;
+  if constexpr (C) {
 #pragma omp simd reduction(+ : re, im)
-      for (int64_t j = 0; j < n; ++j) {
-        const R pr = row[2 * j], pi = row[2 * j + 1], vr = vec[2 * j], vi = vec[2 * j + 1];
-        re += pr * vr - pi * vi;
-        im += pr * vi + pi * vr;
-      }
-    } else {
-#pragma omp simd reduction(+ : re)
-      for (int64_t j = 0; j < n; ++j) re += row[j] * vec[j];
+    for (int64_t j = 0; j < n; ++j) {
+      const R pr = row[2 * j], pi = row[2 * j + 1], vr = vec[2 * j], vi = vec[2 * j + 1];
+      re += pr * vr - pi * vi;
+      im += pr * vi + pi * vr;
     }
-  };
+  } else {
+#pragma omp simd reduction(+ : re)
+    for (int64_t j = 0; j < n; ++j) re += row[j] * vec[j];
+  }
+}
+
+// One block, n_iter steps in place. A step that finds t or a zero or non-finite writes
+// nothing, so stopping there and running it again later give the same vectors.
+template <typename R, bool C>
+void block_power(const R* P, R* u, R* v, int64_t m, int64_t n, int64_t n_iter, std::vector<R>& t,
+                 std::vector<R>& a) {
+  constexpr int64_t w = C ? 2 : 1;
   for (int64_t it = 0; it < n_iter; ++it) {
     std::fill(a.begin(), a.end(), R(0));
     double tn2 = 0;
     for (int64_t i = 0; i < m; ++i) {
       const R* row = P + i * n * w;
       R re, im;
-      matvec_row(row, v, re, im);
+      matvec_row<R, C>(row, v, n, re, im);
       if constexpr (C) {
         t[2 * i] = re;
         t[2 * i + 1] = im;
@@ -86,17 +93,26 @@ R block_power(const R* P, R* u, R* v, int64_t m, int64_t n, int64_t n_iter, std:
     for (int64_t i = 0; i < m * w; ++i) u[i] = t[i] * ti;
     for (int64_t j = 0; j < n * w; ++j) v[j] = a[j] * ai;
   }
+}
+
+// sigma_b = |P_b v_b|.
+template <typename R, bool C>
+R block_sigma(const R* P, const R* v, int64_t m, int64_t n) {
+  constexpr int64_t w = C ? 2 : 1;
   double s2 = 0;
   for (int64_t i = 0; i < m; ++i) {
     R re, im;
-    matvec_row(P + i * n * w, v, re, im);
+    matvec_row<R, C>(P + i * n * w, v, n, re, im);
     s2 += double(re) * re + double(im) * im;
   }
   return R(std::sqrt(s2));
 }
 
+// Returns false when interrupted (between two rounds of steps), the vectors then partly
+// updated: the caller restores them.
 template <typename S>
-void run(const at::Tensor& P, const at::Tensor& us, const at::Tensor& vs, int64_t n_iter, const at::Tensor& sigma) {
+bool run(const at::Tensor& P, const at::Tensor& us, const at::Tensor& vs, int64_t n_iter, const at::Tensor& sigma,
+         InterruptPoll& poll) {
   using R = typename Scalar<S>::real;
   constexpr bool C = Scalar<S>::complex;
   const int64_t B = P.size(0), m = P.size(1), n = P.size(2);
@@ -107,11 +123,22 @@ void run(const at::Tensor& P, const at::Tensor& us, const at::Tensor& vs, int64_
   constexpr int64_t w = C ? 2 : 1;
   // grain: enough blocks per task to amortize the scheduling (about 64K complex MACs)
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, m * n));
+  // The steps run in rounds of about 2^24 multiply-adds (milliseconds) with an interrupt poll
+  // between rounds; blocks are independent, so the rounds change no result.
+  const int64_t per_round = std::max<int64_t>(1, (int64_t(1) << 24) / std::max<int64_t>(1, B * m * n * w));
+  for (int64_t done = 0; done < n_iter; done += per_round) {
+    if (done > 0 && poll.interrupted()) return false;
+    const int64_t steps = std::min(per_round, n_iter - done);
+    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+      std::vector<R> t(m * w), a(n * w);
+      for (int64_t b = b0; b < b1; ++b)
+        block_power<R, C>(p + b * m * n * w, u + b * m * w, v + b * n * w, m, n, steps, t, a);
+    });
+  }
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<R> t(m * w), a(n * w);
-    for (int64_t b = b0; b < b1; ++b)
-      out[b] = block_power<R, C>(p + b * m * n * w, u + b * m * w, v + b * n * w, m, n, n_iter, t, a);
+    for (int64_t b = b0; b < b1; ++b) out[b] = block_sigma<R, C>(p + b * m * n * w, v + b * n * w, m, n);
   });
+  return true;
 }
 
 }  // namespace
@@ -131,19 +158,54 @@ at::Tensor batched_power_step_impl(const at::Tensor& blocks, const at::Tensor& u
   TORCH_CHECK_VALUE(us.is_contiguous() && vs.is_contiguous(), op, ": us/vs must be contiguous");
   TORCH_CHECK_VALUE(us.device() == blocks.device() && vs.device() == blocks.device(), op,
                     ": us/vs must be on the blocks' device");
-  TORCH_CHECK_VALUE(n_iter >= 0, op, ": n_iter must be >= 0, got ", n_iter);
+  check_n_iter(op, n_iter);
+  // The written vectors must not share memory with each other or the blocks.
+  MemoryArgs mem;
+  mem.add_one("blocks", 0, blocks, false);
+  mem.add_one("us", 0, us, true);
+  mem.add_one("vs", 0, vs, true);
+  mem.check(op);
   const at::Tensor P = blocks.contiguous();
   at::Tensor sigma = at::zeros({B}, blocks.options().dtype(c10::toRealValueType(st)));
   if (B == 0 || m == 0 || n == 0) return sigma;
+  InterruptPoll poll(op);
+  const at::Tensor u0 = n_iter > 1 ? us.clone() : at::Tensor(), v0 = n_iter > 1 ? vs.clone() : at::Tensor();
+  bool done = true;
   switch (st) {
-    case at::kFloat: run<float>(P, us, vs, n_iter, sigma); break;
-    case at::kDouble: run<double>(P, us, vs, n_iter, sigma); break;
-    case at::kComplexFloat: run<c10::complex<float>>(P, us, vs, n_iter, sigma); break;
-    default: run<c10::complex<double>>(P, us, vs, n_iter, sigma); break;
+    case at::kFloat: done = run<float>(P, us, vs, n_iter, sigma, poll); break;
+    case at::kDouble: done = run<double>(P, us, vs, n_iter, sigma, poll); break;
+    case at::kComplexFloat: done = run<c10::complex<float>>(P, us, vs, n_iter, sigma, poll); break;
+    default: done = run<c10::complex<double>>(P, us, vs, n_iter, sigma, poll); break;
+  }
+  if (!done) {
+    us.copy_(u0);
+    vs.copy_(v0);
+    poll.raise();
   }
   return sigma;
+}
+
+// Lazy conj/neg views (x.conj(), torch._neg_view): PyTorch's fallback materializes them before
+// the kernel, but for a written Tensor argument it stops at an internal assert. This kernel of
+// the Conjugate and Negative keys, reached only when some argument is such a view, rejects
+// written views with a clear error and materializes the read-only blocks.
+at::Tensor batched_power_step_lazy_view(const at::Tensor& blocks, const at::Tensor& us, const at::Tensor& vs,
+                                        int64_t n_iter) {
+  TORCH_CHECK_VALUE(!us.is_conj() && !us.is_neg() && !vs.is_conj() && !vs.is_neg(),
+                    "specreg_fast::batched_power_step_: us/vs are lazy conj/neg views (x.conj()), which the op "
+                    "cannot write in place; pass x.resolve_conj()");
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("specreg_fast::batched_power_step_", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(blocks.resolve_conj().resolve_neg(), us, vs, n_iter);
 }
 
 }  // namespace specreg_fast
 
 TORCH_LIBRARY_IMPL(specreg_fast, CPU, m) { m.impl("batched_power_step_", &specreg_fast::batched_power_step_impl); }
+TORCH_LIBRARY_IMPL(specreg_fast, Conjugate, m) {
+  m.impl("batched_power_step_", &specreg_fast::batched_power_step_lazy_view);
+}
+TORCH_LIBRARY_IMPL(specreg_fast, Negative, m) {
+  m.impl("batched_power_step_", &specreg_fast::batched_power_step_lazy_view);
+}

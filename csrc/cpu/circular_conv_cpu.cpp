@@ -41,6 +41,7 @@
 
 #include "conv_geometry.h"
 #include "cpu/conv_gemm.h"
+#include "op_contracts.h"
 
 #include <algorithm>
 #include <cmath>
@@ -93,6 +94,12 @@ void polyphase_host(const Phases3& q, int64_t C, T* x, T* z, bool to_phases) {
                 for (int64_t i2 = 0; i2 < q.m[2]; ++i2) xr[i2 * q.s[2]] = zr[i2];
             }
         }
+}
+
+// The least positive normal number of x's dtype: the clamp of norms before a division (a
+// double-precision one would round to 0 in float32 and turn 0 / 0 into NaN).
+double tiny_of(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
 }
 
 bool unit_stride(const std::vector<int64_t>& s) {
@@ -281,8 +288,8 @@ void top_pair(const Spectral& F, const at::Tensor& sig, const at::Tensor& X, con
     xt = F.inverse_in(X * onehot.reshape(sig.sizes()));
     yt = F.inverse_out(T * onehot.reshape(sig.sizes()));
   }
-  x_out.copy_(xt / at::linalg_vector_norm(xt).clamp_min(std::numeric_limits<double>::min()));
-  y_out.copy_(yt / at::linalg_vector_norm(yt).clamp_min(std::numeric_limits<double>::min()));
+  x_out.copy_(xt / at::linalg_vector_norm(xt).clamp_min(tiny_of(xt)));
+  y_out.copy_(yt / at::linalg_vector_norm(yt).clamp_min(tiny_of(yt)));
 }
 
 }  // namespace
@@ -295,7 +302,7 @@ at::Tensor circular_power_step_impl(at::TensorList weights, at::TensorList xs, a
                         y_tops.size() == weights.size(),
                     op, ": weights, xs, x_tops and y_tops must have the same length, got ", weights.size(), ", ",
                     xs.size(), ", ", x_tops.size(), ", ", y_tops.size());
-  TORCH_CHECK_VALUE(n_iter >= 0, op, ": n_iter must be >= 0, got ", n_iter);
+  check_n_iter(op, n_iter);
   const std::vector<std::string> modes(weights.size(), "circular");
   auto geo = decode(op, weights, params, modes);
   const auto odt = out_type(weights);
@@ -339,7 +346,20 @@ at::Tensor circular_power_step_impl(at::TensorList weights, at::TensorList xs, a
                           y_tops[l].device() == x.device(),
                       op, ": y_tops[", l, "] must have the output shape ", oshape, " and xs[", l, "]'s dtype");
   }
+  if (!weights.empty()) {
+    const std::pair<const char*, at::TensorList> lists[] = {
+        {"weights", weights}, {"xs", xs}, {"x_tops", x_tops}, {"y_tops", y_tops}};
+    for (const auto& [what, list] : lists) check_on_device(op, what, list, dev);
+    MemoryArgs mem;
+    mem.add("weights", weights, false);
+    mem.add("xs", xs, true);
+    mem.add("x_tops", x_tops, true);
+    mem.add("y_tops", y_tops, true);
+    mem.check(op);
+  }
   cpu::check_conv_kernel_override();  // before any layer is written
+  InterruptPoll poll(op);
+  std::vector<at::Tensor> saved;  // finished layers' start-of-call states, for an interrupt
   for (size_t l = 0; l < weights.size(); ++l) {
     if (zero_map(xs[l], y_tops[l])) {
       // zero channels: the zero map (conv_geometry.h), estimate 0 with the pair (0, 0)
@@ -361,16 +381,29 @@ at::Tensor circular_power_step_impl(at::TensorList weights, at::TensorList xs, a
     }
     // X: the per-frequency vectors of the current x (not necessarily unit: every estimate is
     // the Rayleigh-type |P X(w)| / |X(w)|, so a state that is already normalized, as this op
-    // leaves it, needs no normalization pass; X(w) = 0 falls back to e_0 when it is updated).
+    // leaves it, needs no normalization pass). A frequency with X(w) = 0 (an all-zero or
+    // degenerate state) restarts at e_0, the first unit vector, before the first step, as the
+    // reference does (specreg_fast/ops.py); on the CPU only when one is zero (a free check).
+    const double tiny = tiny_of(x_state);
     at::Tensor X = F.forward_in(x_state);
     at::Tensor nx = freq_norms(X);
     at::Tensor xh = x_state;
+    if (!host || (nx == 0).any().item<bool>()) {
+      X = X / nx.clamp_min(tiny);
+      X.select(0, 0).add_((nx == 0).to(nx.scalar_type()));
+      nx = at::ones_like(nx);
+      xh = F.inverse_in(X);
+    }
     const int64_t steps = std::max<int64_t>(n_iter, 1);
     // The two circular convs of a step: the direct kernels (csrc/cpu/conv_gemm_cpu.cpp) when
     // they are the faster path for this layer, ATen's otherwise.
     const bool direct = host && n_iter > 0 && cpu::conv_gemm_preferred(g, W, x_state.unsqueeze(0));
     cpu::ConvGemmWork work;
     for (int64_t it = 0; it < steps; ++it) {
+      if (it > 0 && poll.interrupted()) {  // this layer's state is written only at its end
+        for (size_t k = 0; k < l; ++k) xs[k].copy_(saved[k]);
+        poll.raise();
+      }
       at::Tensor t, a_direct;
       if (direct) {
         t = at::empty(y_tops[l].sizes(), W.options());
@@ -384,7 +417,7 @@ at::Tensor circular_power_step_impl(at::TensorList weights, at::TensorList xs, a
       const at::Tensor tn = freq_norms(T);
       if (it == steps - 1) {
         // (X(w) = 0 gives T(w) = 0: the clamp makes that frequency's estimate 0)
-        const at::Tensor sig = tn / nx.clamp_min(std::numeric_limits<double>::min());
+        const at::Tensor sig = tn / nx.clamp_min(tiny);
         top_pair(F, sig, X, T, x_tops[l], y_tops[l]);
         out.select(0, l).copy_(sig.max());
       }
@@ -398,12 +431,12 @@ at::Tensor circular_power_step_impl(at::TensorList weights, at::TensorList xs, a
         Xn = A.is_contiguous() ? A : A.contiguous();
         divide_by_freq_norms_(Xn, na);
       } else {
-        Xn = A / na.clamp_min(std::numeric_limits<double>::min());
+        Xn = A / na.clamp_min(tiny);
       }
       // A^T A X(w) = 0: keep the previous unit vector (a zero kernel must not kill the state).
       // Rare, so on the CPU the fix-up is skipped after a (free) host check.
       if (!host || dead.any().item<bool>()) {
-        at::Tensor prev = X / nx.clamp_min(std::numeric_limits<double>::min());
+        at::Tensor prev = X / nx.clamp_min(tiny);
         prev.select(0, 0).add_((nx == 0).to(nx.scalar_type()));
         Xn = at::where(dead, prev, Xn);
       }
@@ -413,6 +446,7 @@ at::Tensor circular_power_step_impl(at::TensorList weights, at::TensorList xs, a
     }
     // The state keeps the per-frequency unit vectors; a non-finite weight leaves it as it was.
     const at::Tensor est = out.select(0, l);
+    if (n_iter > 1 && l + 1 < weights.size()) saved.push_back(x_state.clone());
     if (host) {
       if (std::isfinite(est.item<double>())) {
         if (n_iter > 0) x_state.copy_(xh);

@@ -14,11 +14,13 @@
 //
 // Which layers go here is decided by conv_gemm_preferred (im2col(x) of at most 1 MiB;
 // measured, see conv_gemm_cpu.cpp); the environment variable
-// SPECREG_FAST_CONV_KERNEL=direct|aten|auto overrides it (tests use it to run both paths on
-// the same shapes).
+// SPECREG_FAST_CONV_KERNEL=direct|aten|auto, read once, overrides it, as does
+// specreg_fast.conv.set_conv_kernel (tests use it to run both paths on the same shapes).
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <string>
 
 #include "../conv_geometry.h"
 
@@ -30,8 +32,13 @@ namespace cpu {
 // spatial dims.
 bool conv_gemm_supported(const conv_detail::ConvGeom& g, const at::Tensor& W, const at::Tensor& x);
 
-// Reads SPECREG_FAST_CONV_KERNEL; a ValueError for anything but auto/direct/aten/unset.
+// The kernel choice: SPECREG_FAST_CONV_KERNEL as read once, at the first conv call, unless
+// set_conv_kernel replaced it. A ValueError for anything but auto/direct/aten/unset.
 void check_conv_kernel_override();
+// Replaces the choice ("auto", "direct" or "aten"; a ValueError otherwise) for every later
+// call; returns the previous one ("invalid" for a bad environment value). Python:
+// specreg_fast.conv.set_conv_kernel.
+std::string set_conv_kernel(const std::string& choice);
 
 // Whether to use them for this layer (supported, and faster than ATen on this CPU).
 bool conv_gemm_preferred(const conv_detail::ConvGeom& g, const at::Tensor& W, const at::Tensor& x);

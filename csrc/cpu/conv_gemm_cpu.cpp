@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -423,21 +424,47 @@ void weight_grad(const Geo3& q, const T* y, const T* cols, T* scratch, T* gw, bo
     transpose<T>(gwT + gi * q.Kg * q.cout_g, q.Kg, q.cout_g, q.cout_g, gw + gi * q.cout_g * q.Kg, q.Kg, accumulate);
 }
 
-enum class KernelChoice { Auto, Direct, Aten };
+enum class KernelChoice { Auto, Direct, Aten, Invalid };
 
-KernelChoice kernel_override() {
-  const char* v = std::getenv("SPECREG_FAST_CONV_KERNEL");
-  if (v == nullptr || v[0] == '\0') return KernelChoice::Auto;
-  const std::string s(v);
+KernelChoice parse_kernel_choice(const char* v) {
+  const std::string s(v == nullptr ? "" : v);
+  if (s.empty() || s == "auto") return KernelChoice::Auto;
   if (s == "direct") return KernelChoice::Direct;
   if (s == "aten") return KernelChoice::Aten;
-  TORCH_CHECK_VALUE(s == "auto", "SPECREG_FAST_CONV_KERNEL must be auto, direct or aten, got '", s, "'");
-  return KernelChoice::Auto;
+  return KernelChoice::Invalid;
+}
+
+// Read from the environment once (a getenv per call cost a libc scan of the environment on
+// every conv op), then only replaced by set_conv_kernel.
+std::atomic<KernelChoice>& kernel_choice() {
+  static std::atomic<KernelChoice> choice{parse_kernel_choice(std::getenv("SPECREG_FAST_CONV_KERNEL"))};
+  return choice;
+}
+
+KernelChoice kernel_override() {
+  const KernelChoice c = kernel_choice().load(std::memory_order_relaxed);
+  if (c == KernelChoice::Invalid) {
+    const char* v = std::getenv("SPECREG_FAST_CONV_KERNEL");  // error path only: for the message
+    TORCH_CHECK_VALUE(false, "SPECREG_FAST_CONV_KERNEL must be auto, direct or aten, got '", v ? v : "", "'");
+  }
+  return c;
 }
 
 }  // namespace
 
 void check_conv_kernel_override() { (void)kernel_override(); }
+
+std::string set_conv_kernel(const std::string& choice) {
+  const KernelChoice c = parse_kernel_choice(choice.c_str());
+  TORCH_CHECK_VALUE(c != KernelChoice::Invalid && !choice.empty(),
+                    "the conv kernel must be 'auto', 'direct' or 'aten', got '", choice, "'");
+  switch (kernel_choice().exchange(c)) {
+    case KernelChoice::Direct: return "direct";
+    case KernelChoice::Aten: return "aten";
+    case KernelChoice::Invalid: return "invalid";
+    default: return "auto";
+  }
+}
 
 bool conv_gemm_supported(const ConvGeom& g, const at::Tensor& W, const at::Tensor& x) {
   if (!W.device().is_cpu() || g.transposed) return false;

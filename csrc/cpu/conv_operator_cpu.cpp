@@ -35,6 +35,7 @@
 
 #include "conv_geometry.h"
 #include "cpu/conv_gemm.h"
+#include "op_contracts.h"
 
 #include <cmath>
 #include <limits>
@@ -45,6 +46,25 @@ namespace specreg_fast {
 
 using namespace conv_detail;
 
+// The op-level contracts of the conv ops, after validate()'s per-layer checks: every tensor on
+// the first weight's device, and no `written` tensor sharing memory with another argument.
+static void check_conv_args(const char* op, at::TensorList weights, at::TensorList xs, at::TensorList ys,
+                            bool xs_ys_written, at::TensorList grads = {}) {
+  if (weights.empty()) return;
+  const at::Device dev = weights[0].device();
+  check_on_device(op, "weights", weights, dev);
+  check_on_device(op, "xs", xs, dev);
+  check_on_device(op, "ys", ys, dev);
+  check_on_device(op, "grads", grads, dev);
+  if (!xs_ys_written && grads.empty()) return;
+  MemoryArgs mem;
+  mem.add("weights", weights, false);
+  mem.add("xs", xs, xs_ys_written);
+  mem.add("ys", ys, xs_ys_written);
+  mem.add("grads", grads, true);
+  mem.check(op);
+}
+
 // Device-agnostic: registered for CPU here and for CUDA in csrc/cuda/conv_operator_cuda.cpp.
 at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys, at::IntArrayRef params,
                                 const std::vector<std::string>& padding_modes, int64_t n_iter, double tol) {
@@ -54,15 +74,18 @@ at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::T
   TORCH_CHECK_VALUE(xs.size() == weights.size() && ys.size() == weights.size(), op,
                     ": weights, xs and ys must have the same length, got ", weights.size(), ", ", xs.size(), ", ",
                     ys.size());
-  TORCH_CHECK_VALUE(n_iter >= 0, op, ": n_iter must be >= 0, got ", n_iter);
+  check_n_iter(op, n_iter);
   TORCH_CHECK_VALUE(tol >= 0 && std::isfinite(tol), op, ": tol must be finite and >= 0, got ", tol);
   auto geo = decode(op, weights, params, padding_modes);
   validate(op, weights, xs, ys, geo, /*need_contiguous=*/true);
+  check_conv_args(op, weights, xs, ys, /*xs_ys_written=*/true);
   cpu::check_conv_kernel_override();  // before any layer is written
   const auto odt = out_type(weights);
   at::Tensor out = at::zeros({static_cast<int64_t>(weights.size())},
                              at::TensorOptions().dtype(odt).device(weights.empty() ? at::kCPU : weights[0].device()));
   if (weights.empty()) return out;
+  InterruptPoll poll(op);
+  std::vector<at::Tensor> saved;  // finished layers' start-of-call vectors, for an interrupt
   for (size_t l = 0; l < weights.size(); ++l) {
     if (zero_map(xs[l], ys[l])) continue;  // estimate 0, vectors kept (conv_geometry.h)
     const auto& g = geo[l];
@@ -90,6 +113,15 @@ at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::T
     if (n_iter == 0) est = (y * op_apply(g, W, x)).sum();
     double prev = std::numeric_limits<double>::quiet_NaN();
     for (int64_t it = 0; it < n_iter; ++it) {
+      if (it > 0 && poll.interrupted()) {  // every vector back as it was (backup: n_iter > 1)
+        x.copy_(x0);
+        y.copy_(y0);
+        for (size_t k = 0; k < l; ++k) {
+          xs[k].copy_(saved[2 * k]);
+          ys[k].copy_(saved[2 * k + 1]);
+        }
+        poll.raise();
+      }
       at::Tensor t, a;  // a = A^T t: direction of the new x, |a|/|t| = estimate
       if (direct) {
         t = t_buf;
@@ -164,6 +196,10 @@ at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::T
       est = at::where(bad, at::full({}, std::numeric_limits<double>::quiet_NaN(), est.options()), est);
     }
     out.select(0, l).copy_(est);
+    if (n_iter > 1 && l + 1 < weights.size()) {
+      saved.push_back(x0.squeeze(0));
+      saved.push_back(y0.squeeze(0));
+    }
   }
   return out;
 }
@@ -176,6 +212,7 @@ at::Tensor conv_sigma_impl(at::TensorList weights, at::TensorList xs, at::Tensor
                     ": weights, xs and ys must have the same length");
   auto geo = decode(op, weights, params, padding_modes);
   validate(op, weights, xs, ys, geo, /*need_contiguous=*/false);
+  check_conv_args(op, weights, xs, ys, /*xs_ys_written=*/false);
   const auto odt = out_type(weights);
   at::Tensor out = at::zeros({static_cast<int64_t>(weights.size())},
                              at::TensorOptions().dtype(odt).device(weights.empty() ? at::kCPU : weights[0].device()));
@@ -186,6 +223,22 @@ at::Tensor conv_sigma_impl(at::TensorList weights, at::TensorList xs, at::Tensor
     out.select(0, l).copy_((ys[l].unsqueeze(0) * op_apply(geo[l], W, xs[l].unsqueeze(0))).sum());
   }
   return out;
+}
+
+// The value of conv_sigma read off `est` (conv_power_step_'s return at these xs/ys): checks
+// everything conv_sigma checks, and that est is one estimate per layer of the op's dtype.
+at::Tensor conv_sigma_from_step_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys,
+                                     at::IntArrayRef params, const std::vector<std::string>& padding_modes,
+                                     const at::Tensor& est) {
+  const char* op = "specreg_fast::conv_sigma_from_step";
+  TORCH_CHECK_VALUE(xs.size() == weights.size() && ys.size() == weights.size(), op,
+                    ": weights, xs and ys must have the same length, got ", weights.size(), ", ", xs.size(), ", ",
+                    ys.size());
+  auto geo = decode(op, weights, params, padding_modes);
+  validate(op, weights, xs, ys, geo, /*need_contiguous=*/false);
+  check_conv_args(op, weights, xs, ys, /*xs_ys_written=*/false);
+  check_step_estimate(op, weights, est, out_type(weights));
+  return est.clone();
 }
 
 // One layer's weight-gradient (W in the accumulation dtype, contiguous; x and y batched and
@@ -214,6 +267,7 @@ std::vector<at::Tensor> conv_weight_grad_impl(at::TensorList weights, at::Tensor
                     ": weights, xs and ys must have the same length");
   auto geo = decode(op, weights, params, padding_modes);
   validate(op, weights, xs, ys, geo, /*need_contiguous=*/false);
+  check_conv_args(op, weights, xs, ys, /*xs_ys_written=*/false);
   cpu::check_conv_kernel_override();
   std::vector<at::Tensor> res;
   for (size_t l = 0; l < weights.size(); ++l) {
@@ -250,6 +304,7 @@ void conv_weight_grad_add_impl(at::TensorList grads, at::TensorList weights, at:
     TORCH_CHECK_TYPE(at::isFloatingType(grads[l].scalar_type()), op, ": grads[", l,
                      "] must be a floating-point tensor, got ", grads[l].scalar_type());
   }
+  check_conv_args(op, weights, xs, ys, /*xs_ys_written=*/false, grads);
   cpu::check_conv_kernel_override();
   for (size_t l = 0; l < weights.size(); ++l) {
     if (zero_map(xs[l], ys[l])) continue;  // adds 0
@@ -275,6 +330,7 @@ std::vector<at::Tensor> conv_adjoint_impl(at::TensorList weights, at::TensorList
                     ": weights, xs and ys must have the same length");
   auto geo = decode(op, weights, params, padding_modes);
   validate(op, weights, xs, ys, geo, /*need_contiguous=*/false);
+  check_conv_args(op, weights, xs, ys, /*xs_ys_written=*/false);
   std::vector<at::Tensor> res;
   for (size_t l = 0; l < weights.size(); ++l) {
     if (zero_map(xs[l], ys[l])) {
@@ -292,6 +348,7 @@ std::vector<at::Tensor> conv_adjoint_impl(at::TensorList weights, at::TensorList
 TORCH_LIBRARY_IMPL(specreg_fast, CPU, m) {
   m.impl("conv_power_step_", &specreg_fast::conv_power_step_impl);
   m.impl("conv_sigma", &specreg_fast::conv_sigma_impl);
+  m.impl("conv_sigma_from_step", &specreg_fast::conv_sigma_from_step_impl);
   m.impl("conv_adjoint", &specreg_fast::conv_adjoint_impl);
   m.impl("conv_weight_grad", &specreg_fast::conv_weight_grad_impl);
   m.impl("conv_weight_grad_add_", &specreg_fast::conv_weight_grad_add_impl);

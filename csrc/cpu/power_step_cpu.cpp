@@ -5,10 +5,12 @@
 // acc = W^T W v and t = W v come out of a single sweep. u = t/|t|, v = acc/|acc| and the
 // estimate |acc|/|t| (= u^T W v_new) follow without touching W again.
 //
-// Parallelism: the row blocks of all layers of the list form one task list, split into one
-// contiguous, cost-balanced range per thread (a static schedule). Each range accumulates
-// into its own buffers and the buffers are summed in range order, so the result does not
-// depend on timing (no atomics); it depends only on torch.get_num_threads().
+// Parallelism: the row blocks of all layers of the list form one task list, cut into chunks
+// of a fixed amount of work (kChunkElems elements of W) whatever the thread count; the
+// threads share the chunks, each chunk accumulates into its own buffer, and the buffers are
+// summed in chunk order. So the result depends neither on timing (no atomics) nor on
+// torch.get_num_threads(): ranks of a data-parallel job that run different thread counts keep
+// bit-identical vectors (on CPUs that pick the same SIMD clone, see simd.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -29,17 +31,15 @@ namespace {
 // Elements of W per task: 64K (256 KB of float32) keeps a block in L2 between the two
 // uses of each row.
 constexpr int64_t kTaskElems = 1 << 16;
-// Least work per thread (elements of W, 512 KB of float32) before a sweep is split across
-// threads: below it a parallel region's wake-up costs more than it saves. Measured on the idle
-// 2-core machine: 1000x784 takes 38 us on two threads and 48 us on one, the 784-1024-1024-1024
-// MLP list 92 us and 157 us. (On a machine whose cores other processes hold, a parallel region
-// waits for its slowest, possibly descheduled, thread; torch.set_num_threads(1) is the remedy
-// there, as for torch's own kernels.)
-constexpr int64_t kMinChunkElems = 1 << 17;
-
-int64_t threads_for(int64_t elems) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), elems / kMinChunkElems));
-}
+// Work of one chunk (elements of W, 512 KB of float32), the unit the threads share and the
+// reductions sum in a fixed order: fixed, so that the summation order does not follow the
+// thread count. It is also the least work per thread worth a parallel region: below it the
+// wake-up costs more than it saves. Measured on the idle 2-core machine: 1000x784 takes 38 us
+// on two threads and 48 us on one, the 784-1024-1024-1024 MLP list 92 us and 157 us. (On a
+// machine whose cores other processes hold, a parallel region waits for its slowest, possibly
+// descheduled, thread; torch.set_num_threads(1) is the remedy there, as for torch's own
+// kernels.)
+constexpr int64_t kChunkElems = 1 << 17;
 
 enum class Layout { RowMajor, ColMajor };
 
@@ -133,8 +133,9 @@ struct Task {
   int64_t layer, r0, rows;
 };
 
-// Row-block tasks of the given row-major layers and a static split into contiguous,
-// cost-balanced chunks (one per thread).
+// Row-block tasks of the given row-major layers, cut into chunks of consecutive tasks that
+// each hold at least kChunkElems elements (the last one may hold less). The cut depends on the
+// shapes only, never on the thread count.
 struct Plan {
   std::vector<Task> tasks;
   std::vector<int64_t> chunk_begin;  // nchunks + 1 task offsets
@@ -143,36 +144,27 @@ struct Plan {
 
 Plan make_plan(const std::vector<LayerView>& layers, const std::vector<int64_t>& which) {
   Plan p;
-  int64_t total = 0;
+  p.chunk_begin.assign(1, 0);
+  int64_t in_chunk = 0;
   for (int64_t l : which) {
     const auto& L = layers[l];
     if (L.layout != Layout::RowMajor || L.m == 0 || L.n == 0) continue;
     int64_t rows = std::max<int64_t>(4, (kTaskElems / std::max<int64_t>(L.n, 1)) / 4 * 4);
     for (int64_t r0 = 0; r0 < L.m; r0 += rows) {
       p.tasks.push_back({l, r0, std::min(rows, L.m - r0)});
-      total += std::min(rows, L.m - r0) * L.n;
+      in_chunk += std::min(rows, L.m - r0) * L.n;
+      if (in_chunk >= kChunkElems) {
+        p.chunk_begin.push_back(static_cast<int64_t>(p.tasks.size()));
+        in_chunk = 0;
+      }
     }
   }
-  const int64_t nt = static_cast<int64_t>(p.tasks.size());
-  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(threads_for(total), nt));
-  p.chunk_begin.assign(1, 0);
-  int64_t acc = 0, c = 1;
-  for (int64_t i = 0; i < nt && c < nchunks; ++i) {
-    acc += p.tasks[i].rows * layers[p.tasks[i].layer].n;
-    if (acc * nchunks >= total * c) {
-      p.chunk_begin.push_back(i + 1);
-      ++c;
-    }
-  }
-  while (static_cast<int64_t>(p.chunk_begin.size()) < nchunks + 1) p.chunk_begin.push_back(nt);
-  p.chunk_begin.back() = nt;
+  if (in_chunk > 0 || p.tasks.empty()) p.chunk_begin.push_back(static_cast<int64_t>(p.tasks.size()));
   return p;
 }
 
-at::ScalarType acc_type_of(at::ScalarType st) { return power_acc_type(st); }
-
-void check_list(at::TensorList weights, at::TensorList us, at::TensorList vs, const char* op) {
-  check_power_step_list(weights, us, vs, op, c10::DeviceType::CPU);
+void check_list(at::TensorList weights, at::TensorList us, at::TensorList vs, const char* op, bool writes) {
+  check_power_step_list(weights, us, vs, op, c10::DeviceType::CPU, writes);
 }
 
 at::ScalarType out_type(at::TensorList weights) {
@@ -239,17 +231,19 @@ void grouped_sweep(const std::vector<LayerView>& layers, const std::vector<int64
     if (L.layout != Layout::ColMajor) continue;
     const acc_t* W = L.W.data_ptr<acc_t>();
     const int64_t n = L.n, m = L.m, ld = L.ld;
-    const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(threads_for(m * n), n));
-    std::vector<std::vector<acc_t>> tp(nth, std::vector<acc_t>(m, acc_t(0)));
-    at::parallel_for(0, nth, 1, [&](int64_t cb, int64_t ce) {
+    // Column chunks of kChunkElems elements (not one per thread): a fixed summation order.
+    const int64_t cols = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(m, 1));
+    const int64_t nch = (n + cols - 1) / cols;
+    std::vector<std::vector<acc_t>> tp(nch, std::vector<acc_t>(m, acc_t(0)));
+    at::parallel_for(0, nch, 1, [&](int64_t cb, int64_t ce) {
       for (int64_t c = cb; c < ce; ++c) {
-        const int64_t j0 = n * c / nth, j1 = n * (c + 1) / nth;
+        const int64_t j0 = c * cols, j1 = std::min(n, j0 + cols);
         for (int64_t j = j0; j < j1; ++j) K<acc_t>::axpy(v[l][j], W + j * ld, tp[c].data(), m);
       }
     });
     std::fill(t[l].begin(), t[l].end(), acc_t(0));
-    for (int64_t c = 0; c < nth; ++c) K<acc_t>::axpy(acc_t(1), tp[c].data(), t[l].data(), m);
-    at::parallel_for(0, n, std::max<int64_t>(64, (n + nth - 1) / nth), [&](int64_t jb, int64_t je) {
+    for (int64_t c = 0; c < nch; ++c) K<acc_t>::axpy(acc_t(1), tp[c].data(), t[l].data(), m);
+    at::parallel_for(0, n, std::max<int64_t>(64, cols), [&](int64_t jb, int64_t je) {
       for (int64_t j = jb; j < je; ++j) a[l][j] = K<acc_t>::dot(W + j * ld, t[l].data(), m);
     });
   }
@@ -260,10 +254,12 @@ acc_t norm2(const std::vector<acc_t>& x) {
   return std::sqrt(K<acc_t>::dot(x.data(), x.data(), static_cast<int64_t>(x.size())));
 }
 
+// Returns false when interrupted between two steps, with the group's vectors given back.
 template <typename acc_t>
-void power_step_group(const std::vector<LayerView>& layers, const std::vector<int64_t>& group,
-                      at::TensorList us, at::TensorList vs, int64_t n_iter, double tol, double* est) {
-  if (group.empty()) return;
+bool power_step_group(const std::vector<LayerView>& layers, const std::vector<int64_t>& group,
+                      at::TensorList us, at::TensorList vs, int64_t n_iter, double tol, double* est,
+                      InterruptPoll& poll) {
+  if (group.empty()) return true;
   const size_t L = layers.size();
   std::vector<std::vector<acc_t>> t(L), a(L), u0(L), v0(L);
   std::vector<const acc_t*> vptr(L, nullptr);
@@ -280,6 +276,13 @@ void power_step_group(const std::vector<LayerView>& layers, const std::vector<in
     if (layers[l].m > 0 && layers[l].n > 0) active.push_back(l);
   }
   for (int64_t it = 0; it < n_iter && !active.empty(); ++it) {
+    if (it > 0 && poll.interrupted()) {
+      for (int64_t l : group) {
+        std::copy(u0[l].begin(), u0[l].end(), us[l].data_ptr<acc_t>());
+        std::copy(v0[l].begin(), v0[l].end(), vs[l].data_ptr<acc_t>());
+      }
+      return false;
+    }
     grouped_sweep<acc_t>(layers, active, vptr, t, a);
     std::vector<int64_t> still;
     for (int64_t l : active) {
@@ -309,15 +312,17 @@ void power_step_group(const std::vector<LayerView>& layers, const std::vector<in
     }
     active.swap(still);
   }
+  return true;
 }
 
 at::Tensor sigma_cpu(at::TensorList weights, at::TensorList us, at::TensorList vs);
 
 at::Tensor power_step_cpu(at::TensorList weights, at::TensorList us, at::TensorList vs, int64_t n_iter,
                           double tol) {
-  check_list(weights, us, vs, "specreg_fast::power_step_");
-  TORCH_CHECK(n_iter >= 0, "specreg_fast::power_step_: n_iter must be >= 0, got ", n_iter);
-  TORCH_CHECK(tol >= 0.0, "specreg_fast::power_step_: tol must be >= 0, got ", tol);
+  const char* op = "specreg_fast::power_step_";
+  check_list(weights, us, vs, op, /*writes=*/true);
+  check_n_iter(op, n_iter);
+  TORCH_CHECK_VALUE(tol >= 0.0 && std::isfinite(tol), op, ": tol must be finite and >= 0, got ", tol);
   const int64_t L = static_cast<int64_t>(weights.size());
   std::vector<LayerView> layers;
   layers.reserve(L);
@@ -328,8 +333,23 @@ at::Tensor power_step_cpu(at::TensorList weights, at::TensorList us, at::TensorL
   }
   std::vector<double> est(L, 0.0);
   at::NoGradGuard no_grad;
-  power_step_group<float>(layers, g32, us, vs, n_iter, tol, est.data());
-  power_step_group<double>(layers, g64, us, vs, n_iter, tol, est.data());
+  InterruptPoll poll(op);
+  // An interrupted call gives every vector back: the float32 group has already finished when
+  // the float64 one is interrupted, so its vectors are saved for that case.
+  std::vector<at::Tensor> saved;
+  if (n_iter > 1 && !g64.empty())
+    for (int64_t l : g32) {
+      saved.push_back(us[l].clone());
+      saved.push_back(vs[l].clone());
+    }
+  if (!power_step_group<float>(layers, g32, us, vs, n_iter, tol, est.data(), poll)) poll.raise();
+  if (!power_step_group<double>(layers, g64, us, vs, n_iter, tol, est.data(), poll)) {
+    for (size_t i = 0; i < g32.size(); ++i) {
+      us[g32[i]].copy_(saved[2 * i]);
+      vs[g32[i]].copy_(saved[2 * i + 1]);
+    }
+    poll.raise();
+  }
   if (n_iter == 0) return sigma_cpu(weights, us, vs);  // no step: u^T W v at the current vectors
   auto out = at::empty({L}, at::TensorOptions().dtype(out_type(weights)));
   for (int64_t l = 0; l < L; ++l) {
@@ -384,7 +404,7 @@ void sigma_group(const std::vector<LayerView>& layers, const std::vector<int64_t
 }
 
 at::Tensor sigma_cpu(at::TensorList weights, at::TensorList us, at::TensorList vs) {
-  check_list(weights, us, vs, "specreg_fast::sigma");
+  check_list(weights, us, vs, "specreg_fast::sigma", /*writes=*/false);
   const int64_t L = static_cast<int64_t>(weights.size());
   std::vector<LayerView> layers;
   std::vector<int64_t> g32, g64;
@@ -407,9 +427,21 @@ at::Tensor sigma_cpu(at::TensorList weights, at::TensorList us, at::TensorList v
 
 }  // namespace
 
+// The value of sigma read off `est` (power_step_'s return at these us/vs): checks what sigma
+// checks, on the weights' own device type, and that est is one estimate per layer of the op's
+// dtype. Registered for CUDA too (csrc/cuda/power_step_cuda.cu).
+at::Tensor sigma_from_step_impl(at::TensorList weights, at::TensorList us, at::TensorList vs, const at::Tensor& est) {
+  const char* op = "specreg_fast::sigma_from_step";
+  const auto type = weights.empty() ? est.device().type() : weights[0].device().type();
+  check_power_step_list(weights, us, vs, op, type, /*writes=*/false);
+  check_step_estimate(op, weights, est, out_type(weights));
+  return est.clone();
+}
+
 TORCH_LIBRARY_IMPL(specreg_fast, CPU, m) {
   m.impl("power_step_", &power_step_cpu);
   m.impl("sigma", &sigma_cpu);
+  m.impl("sigma_from_step", &sigma_from_step_impl);
 }
 
 }  // namespace cpu

@@ -12,6 +12,9 @@ at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::T
                                 const std::vector<std::string>& padding_modes, int64_t n_iter, double tol);
 at::Tensor conv_sigma_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys, at::IntArrayRef params,
                            const std::vector<std::string>& padding_modes);
+at::Tensor conv_sigma_from_step_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys,
+                                     at::IntArrayRef params, const std::vector<std::string>& padding_modes,
+                                     const at::Tensor& est);
 std::vector<at::Tensor> conv_adjoint_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys,
                                           at::IntArrayRef params, const std::vector<std::string>& padding_modes);
 std::vector<at::Tensor> conv_weight_grad_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys,
@@ -25,6 +28,7 @@ at::Tensor circular_power_step_impl(at::TensorList weights, at::TensorList xs, a
 TORCH_LIBRARY_IMPL(specreg_fast, CUDA, m) {
   m.impl("conv_power_step_", &specreg_fast::conv_power_step_impl);
   m.impl("conv_sigma", &specreg_fast::conv_sigma_impl);
+  m.impl("conv_sigma_from_step", &specreg_fast::conv_sigma_from_step_impl);
   m.impl("conv_adjoint", &specreg_fast::conv_adjoint_impl);
   m.impl("conv_weight_grad", &specreg_fast::conv_weight_grad_impl);
   m.impl("conv_weight_grad_add_", &specreg_fast::conv_weight_grad_add_impl);

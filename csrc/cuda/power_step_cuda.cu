@@ -33,14 +33,15 @@
 #include "power_step_kernels.cuh"
 
 namespace specreg_fast {
+namespace cpu {
+at::Tensor sigma_from_step_impl(at::TensorList weights, at::TensorList us, at::TensorList vs, const at::Tensor& est);
+}
 namespace cuda {
 namespace {
 
 // ----------------------------------------------------------------------------- host side
-at::ScalarType acc_type_of(at::ScalarType st) { return power_acc_type(st); }
-
-void check_list(at::TensorList weights, at::TensorList us, at::TensorList vs, const char* op) {
-  check_power_step_list(weights, us, vs, op, c10::DeviceType::CUDA);
+void check_list(at::TensorList weights, at::TensorList us, at::TensorList vs, const char* op, bool writes) {
+  check_power_step_list(weights, us, vs, op, c10::DeviceType::CUDA, writes);
 }
 
 // Table, tile map, flags and tile counts of one dtype group, in one pinned buffer copied
@@ -117,7 +118,18 @@ at::Tensor power_step_group(const std::vector<at::Tensor>& ws, const std::vector
   auto est = at::zeros({p.L}, opt);
   auto stream = at::cuda::getCurrentCUDAStream();
   const unsigned col_blocks = static_cast<unsigned>((p.max_n + kReduceCols - 1) / kReduceCols);
+  InterruptPoll poll("specreg_fast::power_step_");
   for (int64_t it = 0; it < n_iter; ++it) {
+    if (it > 0 && poll.interrupted()) {  // the launch queue is full: this runs at the GPU's pace
+      int64_t ou = 0, ov = 0;
+      for (size_t l = 0; l < us.size(); ++l) {
+        if (us[l].numel()) us[l].copy_(u0.narrow(0, ou, us[l].numel()));
+        if (vs[l].numel()) vs[l].copy_(v0.narrow(0, ov, vs[l].numel()));
+        ou += us[l].numel();
+        ov += vs[l].numel();
+      }
+      poll.raise();
+    }
     if (p.ntiles > 0) {
       fused_rows_kernel<scalar_t, acc_t><<<static_cast<unsigned>(p.ntiles), kThreads, 0, stream>>>(
           p.tab, p.tile_layer, p.flags, t.data_ptr<acc_t>(), part.data_ptr<acc_t>());
@@ -188,7 +200,7 @@ at::Tensor by_dtype(at::TensorList weights, at::TensorList us, at::TensorList vs
 }
 
 at::Tensor sigma_cuda(at::TensorList weights, at::TensorList us, at::TensorList vs) {
-  check_list(weights, us, vs, "specreg_fast::sigma");
+  check_list(weights, us, vs, "specreg_fast::sigma", /*writes=*/false);
   if (weights.empty()) return at::zeros({0}, at::TensorOptions().dtype(at::kFloat));
   const c10::cuda::CUDAGuard guard(weights[0].device());
   at::NoGradGuard no_grad;
@@ -199,9 +211,10 @@ at::Tensor sigma_cuda(at::TensorList weights, at::TensorList us, at::TensorList 
 
 at::Tensor power_step_cuda(at::TensorList weights, at::TensorList us, at::TensorList vs, int64_t n_iter,
                            double tol) {
-  check_list(weights, us, vs, "specreg_fast::power_step_");
-  TORCH_CHECK(n_iter >= 0, "specreg_fast::power_step_: n_iter must be >= 0, got ", n_iter);
-  TORCH_CHECK(tol >= 0.0, "specreg_fast::power_step_: tol must be >= 0, got ", tol);
+  const char* op = "specreg_fast::power_step_";
+  check_list(weights, us, vs, op, /*writes=*/true);
+  check_n_iter(op, n_iter);
+  TORCH_CHECK_VALUE(tol >= 0.0 && std::isfinite(tol), op, ": tol must be finite and >= 0, got ", tol);
   if (weights.empty()) return at::zeros({0}, at::TensorOptions().dtype(at::kFloat));
   if (n_iter == 0) return sigma_cuda(weights, us, vs);  // no step: u^T W v at the current vectors
   const c10::cuda::CUDAGuard guard(weights[0].device());
@@ -216,6 +229,7 @@ at::Tensor power_step_cuda(at::TensorList weights, at::TensorList us, at::Tensor
 TORCH_LIBRARY_IMPL(specreg_fast, CUDA, m) {
   m.impl("power_step_", &power_step_cuda);
   m.impl("sigma", &sigma_cuda);
+  m.impl("sigma_from_step", &cpu::sigma_from_step_impl);  // device-agnostic checks and a copy
 }
 
 }  // namespace cuda
