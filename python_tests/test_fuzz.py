@@ -125,7 +125,7 @@ def _strategies():
 
 
 # ----------------------------------------------------------------------------- runner
-def _run_batch(cases, kernel="auto", timeout=300):
+def _run_batch(cases, kernel="auto", timeout=900):
     """Runs `cases` in one subprocess; returns the per-case records. A crash, a hang or a
     contract violation fails the calling test with the case printed."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:

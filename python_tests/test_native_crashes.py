@@ -29,7 +29,7 @@ def expect_error(fn, exc, *words):
 """
 
 
-def _run(code, kernel="auto", timeout=300):
+def _run(code, kernel="auto", timeout=900):
     env = dict(os.environ, SPECREG_FAST_CONV_KERNEL=kernel, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
