@@ -70,8 +70,8 @@ gpu-check:
 	PYTHON=$(PYTHON) bash scripts/gpu_check.sh
 
 # The CPU tests against another torch (make test-compat TORCH=2.11.0; not part of CI): a side
-# venv with that torch and the pinned test and repro deps (as make test), the tree copied into it (so the extension
-# built against that torch does not replace the one of .venv), built and tested there.
+# venv with that torch and the pinned test and repro deps (as make test), the tree copied into
+# it (so the extension built against that torch does not replace .venv's), built and tested there.
 TORCH  ?= 2.11.0
 COMPAT := .venv-compat-$(TORCH)
 test-compat:
