@@ -70,13 +70,14 @@ gpu-check:
 	PYTHON=$(PYTHON) bash scripts/gpu_check.sh
 
 # The CPU tests against another torch (make test-compat TORCH=2.11.0; not part of CI): a side
-# venv with that torch and the pinned test deps, the tree copied into it (so the extension
-# built against that torch does not replace the one of .venv), built and tested there.
+# venv with that torch and the pinned test and repro deps (as make test), the tree copied into
+# it (so the extension built against that torch does not replace .venv's), built and tested there.
 TORCH  ?= 2.11.0
 COMPAT := .venv-compat-$(TORCH)
 test-compat:
 	test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
 	$(COMPAT)/bin/python -m pip install -q torch==$(TORCH) $$(grep -v -e '^torch==' -e '^#' requirements-dev.txt)
+	$(COMPAT)/bin/python -m pip install -q -r requirements-repro.txt
 	rm -rf $(COMPAT)/src && mkdir -p $(COMPAT)/src
 	git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C $(COMPAT)/src
 	cd $(COMPAT)/src && ../bin/python setup.py -q build_ext --inplace
