@@ -86,7 +86,8 @@ test-compat:
 
 # The extension built with -fsanitize=address,undefined into a copy of the package under
 # build/sanitize (the regular build is left alone), then the op tests against it. libasan
-# must be the first library loaded into python; leak checks are off (the interpreter's own
+# must be the first library loaded into python (libstdc++ next: else ASan's __cxa_throw
+# interceptor is unresolved and the first C++ exception aborts); leak checks are off (the interpreter's own
 # allocations would swamp them), a UBSan report aborts the test that triggered it.
 SAN_DIR   := build/sanitize
 SAN_TESTS := test_native_crashes.py test_fuzz.py test_dense.py test_conv_operator.py test_fft.py
@@ -95,7 +96,7 @@ sanitize: $(DEPS)
 	mkdir -p $(SAN_DIR) && cp -r specreg_fast python_tests pyproject.toml $(SAN_DIR)/
 	rm -f $(SAN_DIR)/specreg_fast/_C*.so
 	SPECREG_FAST_SANITIZE=1 $(VPY) setup.py -q build_ext --build-lib $(SAN_DIR) --build-temp $(SAN_DIR)/obj
-	cd $(SAN_DIR) && LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
+	cd $(SAN_DIR) && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  $(abspath $(VPY)) -m pytest $(addprefix python_tests/,$(SAN_TESTS)) -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
 
