@@ -349,3 +349,15 @@ def test_accumulate_grad_into_a_grad_without_a_matching_view():
     assert pen._layers[0].grad_view(model[0].weight.grad) is None
     pen.accumulate_grad()
     torch.testing.assert_close(model[0].weight.grad, g_auto["0.weight"], rtol=1e-5, atol=1e-7)
+
+
+def test_parametrized_layers_are_not_taken_for_tied_weights():
+    """A parametrized weight is a new tensor on every access; two such layers are two maps."""
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2.0 * w
+
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(8)])
+    for layer in model:
+        torch.nn.utils.parametrize.register_parametrization(layer, "weight", Double())
+    assert sf.SpectralPenalty(model, readout=None).layer_names == [str(i) for i in range(8)]
