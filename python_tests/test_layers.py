@@ -365,3 +365,15 @@ def test_a_copy_of_the_model_made_before_the_first_call_leaves_discovery_alone()
     assert pen._input_shapes == {"0": (2, 8, 8), "2": (4, 8, 8)}
     ema(torch.randn(2, 2, 16, 16))
     pen()  # the state keeps the sizes the model itself saw
+
+
+def test_parametrized_layers_are_not_taken_for_tied_weights():
+    """A parametrized weight is a new tensor on every access; two such layers are two maps."""
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2.0 * w
+
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(8)])
+    for layer in model:
+        torch.nn.utils.parametrize.register_parametrization(layer, "weight", Double())
+    assert sf.SpectralPenalty(model, readout=None).layer_names == [str(i) for i in range(8)]

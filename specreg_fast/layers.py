@@ -53,6 +53,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 __all__ = ["LinearMap", "ADAPTERS", "CONV_TYPES", "discover", "forward_order", "nonoverlapping_patches",
            "patch_maps", "is_within", "describe", "holds_weight_matrix", "lora_weight"]
@@ -220,6 +221,15 @@ def _mha(name: str, m: nn.Module, opts: dict) -> Optional[List[LinearMap]]:
 ADAPTERS: List[Callable[[str, nn.Module, dict], Optional[List[LinearMap]]]] = [_lora, _mha, _hf_conv1d, _linear, _conv]
 
 
+def _stored(mp: LinearMap) -> torch.Tensor:
+    """The tensor a map's weight is stored in: a parametrized weight is computed afresh on
+    every access (its id can be reused by the next one), its original is not."""
+    m = mp.module
+    if parametrize.is_parametrized(m, mp.attr):
+        return getattr(m.parametrizations, mp.attr).original
+    return mp.param()
+
+
 def holds_weight_matrix(m: nn.Module) -> bool:
     """Whether ``m`` itself (not its children) holds a parameter with >= 2 dims."""
     return any(p.dim() >= 2 for p in m.parameters(recurse=False))
@@ -273,7 +283,7 @@ def discover(root: nn.Module, conv_norm: str = "operator", split: Optional[Dict[
             continue
         for mp in found:
             # tied weights: the same map once (a computed map: its module's)
-            key = (id(mp.param() if mp.attr is not None else mp.module), mp.name[len(mp.owner):])
+            key = (id(_stored(mp) if mp.attr is not None else mp.module), mp.name[len(mp.owner):])
             if key not in seen:
                 seen.add(key)
                 maps.append(mp)
