@@ -19,7 +19,7 @@ from specreg_fast import experiments as E  # noqa: E402
 def test_every_case_runs_and_writes_outputs(tmp_path, capsys):
     cfg = E.Config(cases=("toy-xor", "toy-sine", "mnist-mlp", "mnist-cnn", "mnist-cnn-circular", "transfer"), mlp_width=32,
                    mlp_epochs=1, cnn_epochs=1, toy_epochs=2, attack_points=3, pgd_points=6, attack_steps=1,
-                   hsj_max_evals=20, pgd_eps_linf=(0.05,), attacks=("hsj", "deepfool"), trajectory_points=4, toy_eig_ub=True,
+                   hsj_max_evals=20, pgd_eps_linf=(0.05,), attacks=("hsj", "deepfool"), whitebox_points=2, trajectory_points=4, toy_eig_ub=True,
                    pgd_eps_l2=(1.0,), burn_in=0.5, seeds=(0, 1), cnn_seeds=(0,), out_dir=str(tmp_path), progress=False)
     out = E.reproduce(cfg)
     table = capsys.readouterr().out
@@ -59,6 +59,9 @@ def test_every_case_runs_and_writes_outputs(tmp_path, capsys):
             pts = r["points"]
             assert pts["upper"] == [min(ds) for ds in zip(*pts["by_method"].values())]
             assert set(pts["by_method"]) == set(cfg.attacks)
+            # DeepFool ran on the first whitebox_points points only: the rest count as unbroken
+            assert all(math.isinf(d) for d in pts["by_method"]["deepfool"][cfg.whitebox_points:])
+            assert len(pts["by_method"]["deepfool"]) == len(pts["by_method"]["hsj"]) == len(pts["upper"])
         pen_layers = runs["rep-spectral"]["penalized_layers"]
         assert len(runs["ll-spectral"]["penalized_layers"]) == len(pen_layers) + 1  # the readout
     # the saved summary carries the per-point Lemma-1 check of every case and arm
