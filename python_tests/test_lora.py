@@ -160,6 +160,18 @@ def test_dora_is_reported_not_regularized_and_not_split_into_its_parts():
     msg = " ".join(str(x.message) for x in w)
     assert "base_model.model.0 (peft.tuners.lora.layer.Linear)" in msg and "not regularized" in msg
 
+def _check_grads_against_reference(model, n_lora_layers):
+    """The penalty's gradients (already in .grad) equal autograd through the layers' own maps,
+    on exactly the A and B of n_lora_layers LoRA layers."""
+    got = _trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    _reference(model).backward()
+    want = _trainable_grads(model)
+    assert len(want) == 2 * n_lora_layers
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=2e-3, atol=1e-5, msg=n)
+
+
 
 def test_lora_on_a_tiny_bert_attention_and_dense_layers():
     transformers = pytest.importorskip("transformers")
@@ -175,13 +187,7 @@ def test_lora_on_a_tiny_bert_attention_and_dense_layers():
         pen = _penalty(model, {"input_ids": ids})
         pen().backward()
     _check_sigmas(pen, model)
-    got = _trainable_grads(model)
-    model.zero_grad(set_to_none=True)
-    _reference(model).backward()
-    want = _trainable_grads(model)
-    assert len(want) == 2 * 7  # query, key, value, attention/intermediate/output dense, pooler dense
-    for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=2e-3, atol=1e-5, msg=n)
+    _check_grads_against_reference(model, n_lora_layers=7)  # query, key, value, 3 dense, pooler dense
 
 
 def test_lora_on_gpt2_conv1d_is_the_transposed_effective_map():
@@ -199,13 +205,7 @@ def test_lora_on_gpt2_conv1d_is_the_transposed_effective_map():
         pen = _penalty(model, {"input_ids": torch.randint(0, 50, (2, 8))})
         pen().backward()
     _check_sigmas(pen, model)
-    got = _trainable_grads(model)
-    model.zero_grad(set_to_none=True)
-    _reference(model).backward()
-    want = _trainable_grads(model)
-    assert len(want) == 2 * 4  # c_attn, attn c_proj, c_fc, mlp c_proj
-    for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=2e-3, atol=1e-5, msg=n)
+    _check_grads_against_reference(model, n_lora_layers=4)  # c_attn, attn c_proj, c_fc, mlp c_proj
 
 
 def test_a_dora_adapter_activated_after_construction_is_refused_by_name():
