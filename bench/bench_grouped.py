@@ -4,10 +4,12 @@ with the layer's groups, normalize), on the grouped/depthwise layers of torchvis
 at the input sizes they see on a 64x64 image: MobileNetV3-small (depthwise 3x3/5x5),
 ConvNeXt-tiny (depthwise 7x7), ResNeXt-50 32x4d (groups=32), RegNetX-400MF (group width 16).
 
-    python bench/bench_grouped.py [--reps N] [--models a,b] [--n-iter K]
+    python bench/bench_grouped.py [--reps N] [--models a,b] [--n-iter K] [--kernels auto,aten,direct]
 
-Reported per model: number of grouped layers, ours and reference per step (median of
-interleaved repeats), their ratio, and the largest relative difference of the two sigmas.
+Reported per model and CPU conv kernel (``sf.conv.set_conv_kernel``: ``auto``, the default
+routing, or forced ``aten`` / ``direct``): number of grouped layers, ours and reference per step
+(median of interleaved repeats), their ratio, and the largest relative difference of the two
+sigmas.
 """
 from __future__ import annotations
 
@@ -67,23 +69,29 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--n-iter", type=int, default=1)
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--kernels", default="auto", help="comma list of auto, aten, direct")
     args = ap.parse_args(argv)
     print(f"grouped/depthwise conv operator step, cpu, {torch.get_num_threads()} threads, {args.reps} interleaved "
           f"reps (medians), n_iter={args.n_iter}")
-    print(f"{'model':<22}{'layers':>7}{'ours ms':>10}{'ref ms':>10}{'ratio':>8}{'max rel diff':>14}")
+    print(f"{'model':<22}{'kernel':>7}{'layers':>7}{'ours ms':>10}{'ref ms':>10}{'ratio':>8}{'max rel diff':>14}")
     for name in args.models.split(","):
         specs = grouped_specs(name)
         st = conv.init_conv_state(specs, generator=torch.Generator().manual_seed(1))
         xs_ref = [x.clone() for x in st.xs]
         params, modes = ops.pack_conv_params(specs)
         ws = [s.weight for s in specs]
-        ours = lambda: ops.conv_power_step_(ws, st.xs, st.ys, params, modes, args.n_iter, 0.0)  # noqa: E731
-        refr = lambda: reference_steps(specs, xs_ref, args.n_iter)  # noqa: E731
-        t_ours, t_ref = time_interleaved([ours, refr], args.reps, "cpu")
-        # same start, same number of steps: the two sigmas agree to rounding
-        diff = ((ours() - refr()).abs() / refr()).max().item()
-        print(f"{name:<22}{len(specs):>7}{t_ours * 1e3:>10.2f}{t_ref * 1e3:>10.2f}{t_ref / t_ours:>7.2f}x{diff:>14.1e}")
-
+        for kernel in args.kernels.split(","):
+            previous = conv.set_conv_kernel(kernel)
+            try:
+                ours = lambda: ops.conv_power_step_(ws, st.xs, st.ys, params, modes, args.n_iter, 0.0)  # noqa: E731
+                refr = lambda: reference_steps(specs, xs_ref, args.n_iter)  # noqa: E731
+                t_ours, t_ref = time_interleaved([ours, refr], args.reps, "cpu")
+                # same start, same number of steps: the two sigmas agree to rounding
+                diff = ((ours() - refr()).abs() / refr()).max().item()
+            finally:
+                conv.set_conv_kernel(previous)
+            print(f"{name:<22}{kernel:>7}{len(specs):>7}{t_ours * 1e3:>10.2f}{t_ref * 1e3:>10.2f}{t_ref / t_ours:>7.2f}x"
+                  f"{diff:>14.1e}")
 
 if __name__ == "__main__":
     main()

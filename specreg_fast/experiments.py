@@ -55,6 +55,7 @@ class Config:
     toy_lr: Sequence[float] = (0.1, 0.1)  # (XOR, sine); the authors use (1.0, 0.05)
     toy_burn_in: Optional[float] = None   # None: burn_in (the authors' toys: 10500 of 15000 epochs, 0.7)
     toy_eig_ub: bool = False              # the authors' toy runs add the activation-aware term (eig_ub)
+    toy_weight_decay: float = 0.0         # SGD weight decay of the toys (the authors' XOR script: 1e-4)
     cnn_seeds: Optional[Sequence[int]] = None  # seeds of the CNN and transfer cases (None: seeds)
     attacks: Sequence[str] = ("hsj",)     # minimal-distance attacks; a point's distance is the min over them
     whitebox_points: Optional[int] = None  # FAB/DeepFool on the first N attacked points only (None: all)
@@ -83,7 +84,7 @@ def full_config(out_dir: str = "reproduce_out") -> Config:
     40 points) and FAB and DeepFool (the first 3 of those points: 3-10 s per point each
     on the MNIST models) above and the certified Lemma-1 bound below; PGD on 1000 points."""
     return Config(seeds=(0, 1, 2, 3, 4), cnn_seeds=(0, 1, 2), cases=CASES[:6], mlp_epochs=320, mlp_batch_size=128,
-                  cnn_epochs=20, toy_epochs=15000, toy_lr=(1.0, 0.05), toy_burn_in=0.7, toy_eig_ub=True,
+                  cnn_epochs=20, toy_epochs=15000, toy_lr=(1.0, 0.05), toy_burn_in=0.7, toy_eig_ub=True, toy_weight_decay=1e-4,
                   attack_points=40, pgd_points=1000, attack_steps=40, hsj_max_evals=200,
                   attacks=("hsj", "fab", "deepfool"), whitebox_points=3, trajectory_points=100, out_dir=out_dir)
 
@@ -213,8 +214,8 @@ def _equilibrium(trajectory: List[Dict[str, object]], layers: Sequence[str], sta
 
 def train(model: nn.Sequential, ds: D.Dataset, arm: str, epochs: int, gamma: float, cfg: Config, seed: int,
           lr: Optional[float] = None, conv_norm: str = "operator", desc: str = "", batch_size: Optional[int] = None,
-          burn_in: Optional[float] = None, eig_ub: bool = False) -> Dict[str, object]:
-    """SGD with momentum 0.9; the penalty (if any) from ``burn_in * epochs`` on.
+          burn_in: Optional[float] = None, eig_ub: bool = False, weight_decay: float = 0.0) -> Dict[str, object]:
+    """SGD with momentum 0.9 (and ``weight_decay``); the penalty (if any) from ``burn_in * epochs`` on.
 
     Logs ``cfg.trajectory_points`` points over training (every arm, the readout included):
     every layer's sigma (the penalty's own notion: operator or circular norm for convs; a
@@ -224,7 +225,7 @@ def train(model: nn.Sequential, ds: D.Dataset, arm: str, epochs: int, gamma: flo
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr or cfg.lr, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=lr or cfg.lr, momentum=0.9, weight_decay=weight_decay)
     crit = nn.CrossEntropyLoss()
     n = len(ds.x_train)
     bs = min(batch_size or cfg.batch_size, n)
@@ -448,7 +449,8 @@ def run_case(case: str, cfg: Config, seed: int) -> Dict[str, Dict[str, object]]:
             model = mlp(2, 8, ds.n_classes, depth=3, init_std=None)
             tr = train(model, ds, arm, cfg.toy_epochs, cfg.gamma_toy, cfg, seed,
                        lr=cfg.toy_lr[0 if case == "toy-xor" else 1], burn_in=cfg.toy_burn_in,
-                       eig_ub=cfg.toy_eig_ub and arm == "rep-spectral", desc=f"{case}/{arm}")
+                       eig_ub=cfg.toy_eig_ub and arm == "rep-spectral", weight_decay=cfg.toy_weight_decay,
+                       desc=f"{case}/{arm}")
         elif case in ("mnist-cnn", "mnist-cnn-circular", "cifar-cnn"):
             # the circular case uses the paper's FFT norm on a model with wrap-around padding;
             # the other CNNs the true operator norm of their zero padding
