@@ -163,3 +163,24 @@ def test_dilated_kernel_longer_than_the_padded_input_is_rejected_by_every_op(ker
         assert torch.equal(xs[0], x) and torch.equal(ys[0], y) and not grads[0].any()
     """, kernel)
     assert out.count("RAISED ValueError") == 6
+
+
+@KERNELS
+@pytest.mark.parametrize("entry", ["stride", "dilation", "padding"])
+def test_geometry_entries_beyond_int32_are_rejected_on_both_kernels(kernel, entry):
+    # fuzz finding (test_fuzz_long): stride 2^63 - 1 on a replicate-padded length-1 input (one
+    # output) answered on the direct kernel and raised a RuntimeError from oneDNN on ATen's
+    # (the stride wrapped to -1 in int32). Entries above 2^31 - 1 are a ValueError on both.
+    out = _run(f"""
+        entry = {entry!r}
+        big = 2**31
+        stride, dilation, pad = (big, 1, 2) if entry == 'stride' else (1, big, big) if entry == 'dilation' else (2**30, 1, big)
+        W, x = torch.randn(1, 1, 3), torch.randn(1, 1)
+        n_out = (1 + 2 * pad - dilation * 2 - 1) // stride + 1
+        xs, ys = [x.clone()], [torch.randn(1, n_out)]
+        y0 = ys[0].clone()
+        expect_error(lambda: P.conv_power_step_([W], xs, ys, [0, 1, stride, dilation, pad, pad, 0], ['replicate'],
+                                                1, 0.0), ValueError, "at most 2^31 - 1", "int32")
+        assert torch.equal(xs[0], x) and torch.equal(ys[0], y0)
+    """, kernel)
+    assert out.count("RAISED ValueError") == 1
