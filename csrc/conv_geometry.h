@@ -252,6 +252,14 @@ inline std::vector<int64_t> output_shape(const char* op, size_t l, const ConvGeo
                         e);
       o = (padded - e) / s + 1;  // padded - e >= 0: truncation is floor
     }
+    // ATen's convolution kernels (oneDNN) take the geometry as int32: a stride of 2^31 wrapped
+    // to a negative one there and raised while the direct kernel answered. One bound for both.
+    constexpr int64_t kMaxEntry = (int64_t{1} << 31) - 1;
+    TORCH_CHECK_VALUE(s <= kMaxEntry && g.dilation[i] <= kMaxEntry && g.lo[i] <= kMaxEntry && g.hi[i] <= kMaxEntry &&
+                          g.outpad[i] <= kMaxEntry,
+                      op, ": layer ", l, ": stride, dilation, padding and output_padding must be at most 2^31 - 1 "
+                      "(ATen's convolutions take int32), got stride ", s, ", dilation ", g.dilation[i], ", padding (",
+                      g.lo[i], ", ", g.hi[i], "), output_padding ", g.outpad[i], " in spatial dim ", i);
     out.push_back(o);
   }
   return out;

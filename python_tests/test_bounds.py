@@ -1,4 +1,5 @@
 """Certified brackets against exact norms (SVD of explicit operators)."""
+import copy
 import functools
 import math
 
@@ -432,6 +433,23 @@ def test_bounds_of_tiny_weights_do_not_underflow_to_zero():
     assert B.circular_gram_bound(w, (6,)) >= 3e-200
 
 
+@pytest.mark.parametrize("dtype,exp", [(torch.float64, -700), (torch.float32, -100)], ids=["float64", "float32"])
+def test_dense_bound_of_tiny_weights_is_certified_and_tight(dtype, exp):
+    """The dense certificate and the auto bracket of a weight scaled by 2^exp stay certified and
+    within rtol: the float64 Gram of a 2^-700 weight underflowed to 0 (bound 0.0, below the
+    norm), the power steps of the guess and of the lower end to 0 (float32 2^-100: bound 65%
+    above the norm, lower end 0)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode="replicate", bias=False).to(dtype)
+    shape = (2, 4, 4)
+    exact = math.ldexp(torch.linalg.svdvals(_explicit(copy.deepcopy(conv).double(), shape))[0].item(), exp)
+    with torch.no_grad():
+        conv.weight.mul_(2.0 ** exp)  # exact: the scaled weights stay normal numbers
+    assert exact <= B.dense_cholesky_bound(conv, shape, rtol=1e-3) <= exact * (1 + 1.01e-3)
+    lo, up, gap = B.operator_norm_bounds(conv, shape)
+    assert exact * (1 - 1e-5) <= lo <= exact <= up <= exact * (1 + 1.01e-3)
+
+
 def _spy(monkeypatch, module, name, log):
     real = getattr(module, name)
 
@@ -478,6 +496,8 @@ def test_dense_certificate_applies_the_derived_margins(monkeypatch):
 
     torch.manual_seed(8)
     conv = nn.Conv2d(3, 4, 3, padding=1, bias=False).double()
+    with torch.no_grad():  # largest entry in [0.5, 1): the certificate's power-of-two scaling is 1
+        conv.weight.mul_(0.75 / conv.weight.abs().max())
     shape = (3, 4, 4)
     M, err = B.dense_operator_gram(conv, shape)
     D = M.shape[-1]

@@ -114,6 +114,9 @@ def _bad_cases():
         # (3 + 0 - 4 - 1) / 3 + 1 is 1 with truncating division: the kernel is larger than the input
         ("conv_sigma kernel larger than input", P.conv_sigma,
          [[torch.randn(3, 2, 5)], [torch.randn(2, 3)], [torch.randn(3, 1)], [0, 1, 3, 1, 0, 0, 0], ["zeros"]]),
+        # ATen's convolutions took it as int32 (-2^31) and raised where the direct kernel answered
+        ("conv_sigma stride 2^31", P.conv_sigma,
+         [[torch.randn(1, 1, 3)], [torch.randn(1, 1)], [torch.randn(1, 1)], [0, 1, 2**31, 1, 2, 2, 0], ["replicate"]]),
         ("conv_weight_grad_add_ grad shape", P.conv_weight_grad_add_,
          [[torch.zeros(3, 2, 2)], [cw], [cx], [cy], params, modes]),
         ("circular_power_step_ n_iter=-3", P.circular_power_step_, [[qw], [qx], [qxt], [qyt], qparams, -3]),

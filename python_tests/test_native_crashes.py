@@ -106,13 +106,22 @@ def test_kernel_larger_than_padded_input_is_rejected(kernel):
     assert out.count("RAISED ValueError") == 2
 
 
-@pytest.mark.parametrize("case", ["expand_column", "expand_slice", "huge_expand"])
+@pytest.mark.parametrize("case", ["expand_column", "expand_slice", "huge_expand", "two_rows_every_dtype"])
 def test_stride0_weight_power_step(case):
     # item 7: an N x 1 weight with stride 0 was walked with ld = 1 (reads past the single
-    # stored entry: NaN, a wrong value, or SIGSEGV for 2^26 rows).
+    # stored entry: NaN, a wrong value, or SIGSEGV for 2^26 rows). two_rows_every_dtype is the
+    # fuzz suite's finding reduced (its batch also held zero-size and mixed-dtype layers, which
+    # play no part): u^T W v of a 2 x 1 expand, in every weight dtype, through both ops.
     out = _run(f"""
         case = {case!r}
-        if case == "expand_column":
+        if case == "two_rows_every_dtype":
+            for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+                W = torch.tensor([[0.75]], dtype=dt).expand(2, 1)
+                acc = torch.float64 if dt == torch.float64 else torch.float32
+                u, v = torch.tensor([0.6, -0.8], dtype=acc), torch.ones(1, dtype=acc)
+                for est in (P.sigma([W], [u], [v]), P.power_step_([W], [u.clone()], [v.clone()], 0, 0.0)):
+                    assert abs(float(est) + 0.15) < 1e-6, (dt, est)  # 0.75 (0.6 - 0.8)
+        elif case == "expand_column":
             W = torch.ones(1, 1).expand(4096, 1)
             got = float(sf.spectral_norm(W))
             assert abs(got - 64.0) < 1e-4, got
@@ -128,3 +137,50 @@ def test_stride0_weight_power_step(case):
         print("VALUE OK")
     """)
     assert "VALUE OK" in out
+
+
+@KERNELS
+def test_dilated_kernel_longer_than_the_padded_input_is_rejected_by_every_op(kernel):
+    # fuzz finding: 1-D, kernel 3, input 1, stride 3, dilation 2, circular padding 1: the padded
+    # input (3) is shorter than the dilated kernel (5), so there is no output. The direct
+    # conv_weight_grad returned a gradient (a truncating division made the output size
+    # (3 - 5) / 3 + 1 = 1) where ATen raised: every op must give the same ValueError on both
+    # kernels, and leave its in-place arguments as they were.
+    out = _run("""
+        W, x, y = torch.randn(2, 2, 3), torch.randn(2, 1), torch.randn(2, 1)
+        params, modes = [0, 1, 3, 2, 1, 1, 0], ['circular']
+        xs, ys, grads = [x.clone()], [y.clone()], [torch.zeros_like(W)]
+        spec = sf.ConvSpec(weight=W, input_shape=(2, 1), stride=(3,), padding=(1,), dilation=(2,),
+                           padding_mode='circular')
+        calls = [lambda: P.conv_power_step_([W], xs, ys, params, modes, 1, 0.0),
+                 lambda: P.conv_sigma([W], [x], [y], params, modes),
+                 lambda: P.conv_adjoint([W], [x], [y], params, modes),
+                 lambda: P.conv_weight_grad([W], [x], [y], params, modes),
+                 lambda: P.conv_weight_grad_add_(grads, [W], [x], [y], params, modes),
+                 lambda: sf.conv_operator_norms([spec], sf.ConvState(xs, ys))]
+        for call in calls:
+            expect_error(call, ValueError, "too small for the kernel")
+        assert torch.equal(xs[0], x) and torch.equal(ys[0], y) and not grads[0].any()
+    """, kernel)
+    assert out.count("RAISED ValueError") == 6
+
+
+@KERNELS
+@pytest.mark.parametrize("entry", ["stride", "dilation", "padding"])
+def test_geometry_entries_beyond_int32_are_rejected_on_both_kernels(kernel, entry):
+    # fuzz finding (test_fuzz_long): stride 2^63 - 1 on a replicate-padded length-1 input (one
+    # output) answered on the direct kernel and raised a RuntimeError from oneDNN on ATen's
+    # (the stride wrapped to -1 in int32). Entries above 2^31 - 1 are a ValueError on both.
+    out = _run(f"""
+        entry = {entry!r}
+        big = 2**31
+        stride, dilation, pad = (big, 1, 2) if entry == 'stride' else (1, big, big) if entry == 'dilation' else (2**30, 1, big)
+        W, x = torch.randn(1, 1, 3), torch.randn(1, 1)
+        n_out = (1 + 2 * pad - dilation * 2 - 1) // stride + 1
+        xs, ys = [x.clone()], [torch.randn(1, n_out)]
+        y0 = ys[0].clone()
+        expect_error(lambda: P.conv_power_step_([W], xs, ys, [0, 1, stride, dilation, pad, pad, 0], ['replicate'],
+                                                1, 0.0), ValueError, "at most 2^31 - 1", "int32")
+        assert torch.equal(xs[0], x) and torch.equal(ys[0], y0)
+    """, kernel)
+    assert out.count("RAISED ValueError") == 1

@@ -57,6 +57,16 @@ def _gamma(k: int, u: float = _U64) -> float:
     return k * u / (1 - k * u)
 
 
+def _power_of_two_scaled(w: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """``(w 2^-e, e)``, in float64, with the largest entry of the first in [0.5, 1) (``e = 0`` for
+    an empty or zero ``w``). The scaling is exact (a float32/16 weight, or a float64 one whose
+    entries stay normal numbers): the bounds work on the scaled weight, where squares of tiny
+    weights cannot underflow nor those of huge ones overflow, and multiply by ``2^e`` at the end."""
+    w = w.detach().to(torch.float64)
+    scale_exp = int(torch.frexp(w.abs().max())[1]) if w.numel() else 0
+    return torch.ldexp(w, torch.tensor(-scale_exp, dtype=torch.int32)), scale_exp
+
+
 def gram_iteration_factor(shapes: Sequence[Tuple[int, int]], logs: Sequence[float], u: float = _U64,
                           complex_: bool = False) -> float:
     """The factor that makes :func:`gram_upper_bound`'s floating-point Gram iteration a
@@ -122,11 +132,7 @@ def gram_upper_bound(W: torch.Tensor, n_iter: int = 6) -> float:
         return 0.0
     if G.shape[0] < G.shape[1]:
         G = G.t()
-    # an exact power-of-two scaling puts the largest entry in [0.5, 1): no underflow or overflow
-    # in the squares below
-    _, e = torch.frexp(G.abs().max())
-    scale_exp = int(e)
-    G = torch.ldexp(G, torch.tensor(-scale_exp, dtype=torch.int32))
+    G, scale_exp = _power_of_two_scaled(G)
     log_scale = 0.0
     shapes, logs = [], []
     for _ in range(n_iter):
@@ -166,10 +172,7 @@ def circular_gram_bound(weight: torch.Tensor, size: Sequence[int], stride=1, dil
         raise ValueError("weight has non-finite entries: no bound")
     if w.numel() == 0 or not bool((w != 0).any()):
         return 0.0
-    # an exact power-of-two scaling (undone at the end): no underflow of tiny weights' norms
-    _, e = torch.frexp(w.abs().max())
-    scale_exp = int(e)
-    w = torch.ldexp(w, torch.tensor(-scale_exp, dtype=torch.int32))
+    w, scale_exp = _power_of_two_scaled(w)
     P = circular_blocks(w, size, stride, dilation, groups)
     if P.numel() == 0:
         return 0.0
@@ -350,10 +353,7 @@ def circular_cholesky_bound(weight: torch.Tensor, size: Sequence[int], stride=1,
     c, k = min(m, n), max(m, n)
     if w.numel() == 0 or not bool((w != 0).any()):
         return 0.0
-    # an exact power-of-two scaling (undone at the end): no underflow of tiny weights' norms
-    _, e = torch.frexp(w.abs().max())
-    scale_exp = int(e)
-    w = torch.ldexp(w, torch.tensor(-scale_exp, dtype=torch.int32))
+    w, scale_exp = _power_of_two_scaled(w)
     lower = None if lower is None else math.ldexp(lower, -scale_exp)
     # error of the computed blocks: sigma_1(P_exact) <= sigma_1(P_computed) + delta
     delta64 = block_rounding_error(w, stride, dilation, _U64)
@@ -477,7 +477,7 @@ def _join(a_keys: torch.Tensor, b_keys: torch.Tensor):
     return i, j
 
 
-def dense_operator_gram(m: nn.Module, input_shape: Sequence[int]):
+def dense_operator_gram(m: nn.Module, input_shape: Sequence[int], weight: Optional[torch.Tensor] = None):
     """The Gram matrix of the conv operator of ``m`` at ``input_shape``, on its smaller side,
     one per group: ``(G, D, D)`` float64, with a bound ``err`` on the 2-norm of its rounding
     error (``||fl(M) - M||_2 <= err``). Any padding mode, stride, dilation, groups,
@@ -498,9 +498,11 @@ def dense_operator_gram(m: nn.Module, input_shape: Sequence[int]):
     ||_2^2`` is at most its largest row sum times its largest column sum (Schur), each a sum of
     at most ``T C_in`` / ``T C_out`` non-negative float64 terms, so within ``gamma_{T C_in + 1}``
     / ``gamma_{T C_out + 1}`` of the exact sums: ``err`` divides the product by ``1 -
-    gamma_{T (C_in + C_out) + 4}`` (the two sums, their product and this division)."""
+    gamma_{T (C_in + C_out) + 4}`` (the two sums, their product and this division).
+
+    ``weight`` replaces ``m.weight`` (same shape), e.g. a copy rescaled by a power of two."""
     out_sp, in_sp, lo, mode = _operator_geometry(m, input_shape)
-    w = m.weight.detach().to(torch.float64).cpu()
+    w = (m.weight if weight is None else weight).detach().to(torch.float64).cpu()
     G = m.groups
     co, ci = w.shape[0] // G, w.shape[1]
     kernel = tuple(w.shape[2:])
@@ -559,7 +561,9 @@ def dense_cholesky_bound(m: nn.Module, input_shape: Sequence[int], lower: Option
     zero-padded layer is loose (a 4x4 image is mostly border: 11% above the operator's norm
     for 512->512 3x3) and for reflect/replicate padding, which has no Fourier bound; its cost is
     one Cholesky factorization of the Gram's side ``D`` (about ``D^3 / 3`` flops: 2.3 s at
-    ``D = 8192`` on this project's 2-core machine), so ``D`` is capped by ``max_dim``."""
+    ``D = 8192`` on this project's 2-core machine), so ``D`` is capped by ``max_dim``.
+    The weight is first scaled by a power of two (exact, undone at the end), so the Gram of
+    tiny weights cannot underflow (a 1e-200 weight's squares are 0 in float64)."""
     from .conv import conv_operator_norm
     from .ops import _shifted_cholesky_info_reference
 
@@ -569,13 +573,17 @@ def dense_cholesky_bound(m: nn.Module, input_shape: Sequence[int], lower: Option
     if dim > max_dim:
         raise ValueError(f"the Gram matrix of this operator is {dim} x {dim}, above max_dim={max_dim}: the dense "
                          f"certificate would factor it (D^3/3 flops); raise max_dim to allow it")
-    if not bool(torch.isfinite(m.weight.detach()).all()):
+    w = m.weight.detach()
+    if not bool(torch.isfinite(w).all()):
         raise ValueError("weight has non-finite entries: no bound")
-    M, err = dense_operator_gram(m, input_shape)
+    w64, scale_exp = _power_of_two_scaled(w)
+    M, err = dense_operator_gram(m, input_shape, weight=w64)
     if M.numel() == 0 or float(M.diagonal(dim1=1, dim2=2).abs().max()) == 0.0:
         return 0.0
-    if lower is None:
-        lower = float(conv_operator_norm(m, tuple(input_shape), tol=1e-7).detach())
+    if lower is None:  # the guess, from the power step in the weight's dtype, where it would underflow unscaled
+        lower = float(conv_operator_norm(m, tuple(input_shape), tol=1e-7, weight=w64.to(w.dtype)).detach())
+    else:
+        lower = math.ldexp(lower, -scale_exp)
     D = M.shape[-1]
     # ||M||_F / sqrt(D) <= lambda_max keeps mu positive for a non-zero operator
     floor2 = float(torch.linalg.matrix_norm(M).max()) / math.sqrt(D)
@@ -586,7 +594,7 @@ def dense_cholesky_bound(m: nn.Module, input_shape: Sequence[int], lower: Option
         eps = shift_margin(D, err, mu2, _U64)
         shift = torch.full((M.shape[0],), mu2 * (1 - eps), dtype=M.dtype)
         if not bool(_shifted_cholesky_info_reference(M, shift).any()):  # every group factored
-            return math.sqrt(mu2) * _ROUND_UP
+            return math.ldexp(math.sqrt(mu2) * _ROUND_UP, scale_exp)
         # lower was short of the norm: widen the slack (squared each time, so few retries)
         mu2 *= slack
         slack *= slack
@@ -723,7 +731,11 @@ def operator_norm_bounds(layer: Union[nn.Module, torch.Tensor], input_shape: Opt
     if isinstance(layer, nn.modules.conv._ConvNd):
         if input_shape is None:
             raise ValueError(f"input_shape (C_in, *spatial) is required for a {type(layer).__name__}")
-        lower = float(conv_operator_norm(layer, input_shape, tol=power_tol).detach())
+        # the power steps on the weight scaled by a power of two: unscaled, W^T W v of a tiny
+        # weight underflows to a zero estimate
+        w, scale_exp = _power_of_two_scaled(layer.weight)
+        lower = math.ldexp(float(conv_operator_norm(layer, input_shape, tol=power_tol,
+                                                    weight=w.to(layer.weight.dtype)).detach()), scale_exp)
         upper = conv_upper_bound(layer, input_shape, lower=lower, max_dim=max_dim)
     else:
         W = layer.weight if isinstance(layer, nn.Linear) else layer
@@ -732,7 +744,8 @@ def operator_norm_bounds(layer: Union[nn.Module, torch.Tensor], input_shape: Opt
         if not bool(torch.isfinite(W.detach()).all()):
             name = "the nn.Linear's weight" if isinstance(layer, nn.Linear) else "the 2-D weight"
             raise ValueError(f"{name} has non-finite entries (NaN or inf): no bound")
-        lower = float(spectral_norm(W.detach(), tol=power_tol))
+        w, scale_exp = _power_of_two_scaled(W)
+        lower = math.ldexp(float(spectral_norm(w.to(W.dtype), tol=power_tol)), scale_exp)
         upper = gram_upper_bound(W, n_iter)
     gap = (upper - lower) / upper if upper > 0 else 0.0
     return lower, upper, gap

@@ -182,10 +182,11 @@ def conv_operator_norms(specs: Sequence[ConvSpec], state: ConvState, n_iter: int
 
 
 def conv_operator_norm(module: nn.Module, input_shape: Sequence[int], tol: float = 1e-6, max_iter: int = 2000,
-                       seed: int = 0) -> torch.Tensor:
+                       seed: int = 0, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Stateless operator norm of one conv module at ``input_shape`` (``(C_in, *spatial)``),
-    to a relative change ``tol`` in at most ``max_iter <= specreg_fast.ops.MAX_ITER`` steps."""
-    spec = ConvSpec.from_module(module, input_shape)
+    to a relative change ``tol`` in at most ``max_iter <= specreg_fast.ops.MAX_ITER`` steps;
+    ``weight`` replaces the module's (as in ``ConvSpec.from_module``)."""
+    spec = ConvSpec.from_module(module, input_shape, weight)
     st = init_conv_state([spec], generator=torch.Generator().manual_seed(seed))
     return conv_operator_norms([spec], st, tol=tol, max_iter=max_iter)[0]
 

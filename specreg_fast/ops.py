@@ -518,6 +518,10 @@ def _conv_output_shape(op: str, l: int, g: dict, W, in_shape) -> list:
         else:
             o = (n + g["lo"][i] + g["hi"][i] - dl * (k - 1) - 1) // s + 1  # floor: < 1 when k does not fit
         _require(o >= 1, lambda: f"{op}: layer {l}: input {tuple(in_shape)} too small for the kernel")
+        entries = (s, dl, g["lo"][i], g["hi"][i], g["output_padding"][i])
+        _require(max(entries) < 2 ** 31, lambda: f"{op}: layer {l}: stride, dilation, padding and output_padding "
+                                                 f"must be at most 2^31 - 1 (ATen's convolutions take int32), got "
+                                                 f"{entries} in spatial dim {i}")
         out.append(o)
     return out
 
