@@ -291,7 +291,7 @@ class SpectralPenalty(nn.Module):
         maps = [mp for mp in maps if gammas[mp.name] > 0]
         if not maps:
             raise ValueError(f"scope={self._scope!r} with exclude={self._exclude} and this gamma selects no layer")
-        dev = maps[0].weight().device
+        dev = maps[0].like().device
         g = torch.Generator().manual_seed(self.seed)
         self._dense, self._convs = [], []
         for mp in maps:
@@ -312,7 +312,13 @@ class SpectralPenalty(nn.Module):
         # maps that are blocks of one operator (a grouped patch conv): index of their layer
         owners = [mp.layer for mp in self._layers]
         self._block_layers = ([owners.index(o) for o in owners] if len(set(owners)) < len(owners) else None)
-        dst = _dense.init_power_state([mp.weight().detach() for mp in self._dense], generator=g)
+        # LoRA maps take the low-rank step (dense.lowrank_sigmas); their vectors are u_i/v_i too
+        self._lowrank_at = [i for i, mp in enumerate(self._dense) if mp.lowrank is not None]
+        plain = [i for i, mp in enumerate(self._dense) if mp.lowrank is None]
+        self._plain_at = plain
+        # position of each dense map in cat(plain sigmas, low-rank sigmas)
+        self._dense_order = [(plain + self._lowrank_at).index(i) for i in range(len(self._dense))]
+        dst = _dense.init_power_state([mp.like().detach() for mp in self._dense], generator=g)
         for i, mp in enumerate(self._dense):
             self._set_buf(f"u_{i}", dst.us[i].to(dev), mp.name)
             self._set_buf(f"v_{i}", dst.vs[i].to(dev), mp.name)
@@ -483,7 +489,11 @@ class SpectralPenalty(nn.Module):
         ``accumulate_grad``), and the values are the steps' estimates, with no differentiable
         wrapper. Only custom ops run here (autocast does not touch them) except on the FFT
         norm's path, which runs with autocast off."""
-        dense_ws = [mp.weight() for mp in self._dense]
+        # the LoRA maps' factors first: an adapter refused here raises before any vector moves
+        lows = [self._dense[i].lowrank() for i in self._lowrank_at]
+        dense_ws = [mp.weight() if mp.lowrank is None else None for mp in self._dense]
+        for i, M in zip(self._lowrank_at, lows):
+            dense_ws[i] = M.like()  # shape, dtype, device for the plan: M is never built
         conv_ws = [mp.weight() for mp in self._convs]
         plan = self._hot_plan(dense_ws, conv_ws)
         grad = conv_pairs is None and torch.is_grad_enabled()
@@ -511,14 +521,25 @@ class SpectralPenalty(nn.Module):
                     conv_pairs.extend((x, y, circular_params(spec), "circular")
                                       for spec, x, y in zip(specs, x_tops, y_tops))
         if dense_ws:
-            if update:
-                with torch.no_grad():
-                    est = _ops.power_step_([w.detach() for w in dense_ws], plan.us, plan.vs, n_iter, 0.0)
-            if update and n_iter >= 1 and all(w.device.type == "cpu" for w in dense_ws):
-                # as in dense.spectral_norms: u^T W v at the new vectors is the step's estimate
-                sig = _ops.sigma_from_step(dense_ws, plan.us, plan.vs, est) if grad else est
-            else:
-                sig = _ops.sigma(dense_ws, plan.us, plan.vs)
+            us, vs = plan.us, plan.vs
+            if lows:
+                dense_ws, us, vs = ([x[i] for i in self._plain_at] for x in (dense_ws, us, vs))
+            if dense_ws:
+                if update:
+                    with torch.no_grad():
+                        est = _ops.power_step_([w.detach() for w in dense_ws], us, vs, n_iter, 0.0)
+                if update and n_iter >= 1 and all(w.device.type == "cpu" for w in dense_ws):
+                    # as in dense.spectral_norms: u^T W v at the new vectors is the step's estimate
+                    sig = _ops.sigma_from_step(dense_ws, us, vs, est) if grad else est
+                else:
+                    sig = _ops.sigma(dense_ws, us, vs)
+            if lows:
+                with torch.set_grad_enabled(grad):
+                    low = _dense._lowrank_sigmas(lows, [plan.us[i] for i in self._lowrank_at],
+                                                 [plan.vs[i] for i in self._lowrank_at], n_iter, update)
+                sig = torch.cat([sig.float(), low.float()]) if dense_ws else low
+                if dense_ws:
+                    sig = sig[torch.tensor(self._dense_order, device=sig.device)]
             parts.insert(0, sig.float())
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
@@ -562,7 +583,7 @@ class SpectralPenalty(nn.Module):
                                    "a compiled graph: call penalty.prepare(example_input) before compiling with "
                                    "fullgraph=True")
     def _finalize_autocast_off(self):
-        with torch.autocast(device_type=self._maps[0].weight().device.type, enabled=False):
+        with torch.autocast(device_type=self._maps[0].like().device.type, enabled=False):
             self._finalize()
 
     # Whether the host knows that the warm start has happened (``initialized`` is True): set
@@ -728,6 +749,14 @@ class SpectralPenalty(nn.Module):
                 return (self._term_gammas(sig) * sig.pow(2)).sum()
             for i, mp in enumerate(self._dense):
                 W = mp.param()
+                if mp.lowrank is not None:  # a LoRA map: d sigma/d(W, B, A) as rank-1 terms (dense.lowrank_grads)
+                    u, v = self._buffers[f"u_{i}"], self._buffers[f"v_{i}"]
+                    for P, left, right in _dense.lowrank_grads(mp.lowrank(), u, v):
+                        if P.grad is None:
+                            P.grad = torch.zeros_like(P)
+                        left = left.to(P.grad.dtype) * (1.0 if host else coefs[i].to(P.grad.dtype))
+                        P.grad.addr_(left, right.to(P.grad.dtype), alpha=coefs[i] if host else 1.0)
+                    continue
                 if W is None:  # an extra= map: its gradient reaches its parameters through autograd
                     with torch.enable_grad():
                         Wx = mp.weight()
