@@ -399,3 +399,27 @@ def test_the_effective_map_is_never_built():
     with _CountAllocations(sizes) as spy:  # the spy sees a materialized map (the reference's)
         sf.layers.lora_weight(model.base_model.model[0])
     assert spy.hits
+
+
+def test_state_dict_round_trip_and_warm_start():
+    """The LoRA maps' vectors are u_i/v_i buffers like any dense map's: a penalty loaded before
+    its first call continues bit for bit where the saved one was (no second warm start)."""
+    model = _lora_mlp64().eval()
+    x = torch.randn(2, 12, dtype=torch.float64)
+    pen = sf.SpectralPenalty(model, gamma=GAMMA, scope="all", n_iter=1, n_iter_init=5)
+    model(x)
+    pen()
+    pen2 = sf.SpectralPenalty(model, gamma=GAMMA, scope="all", n_iter=1, n_iter_init=5)
+    pen2.load_state_dict(pen.state_dict())
+    assert torch.equal(pen2(update=False), pen(update=False))
+    vs = {k: b.clone() for k, b in pen2.named_buffers() if k[0] == "v"}
+    pen(), pen2()  # one step each (a warm start would take 5 on pen2)
+    sd, sd2 = pen.state_dict(), pen2.state_dict()
+    assert {k for k in sd if k[0] in "uv"} == {f"{c}_{i}" for c in "uv" for i in range(3)}
+    assert [k for k in sd if isinstance(sd[k], torch.Tensor) and not torch.equal(sd[k], sd2[k])] == []
+    for i, m in enumerate(_lora_modules(model).values()):  # one power step, by hand
+        M = _applied_map(m).detach()
+        u = M @ vs[f"v_{i}"]
+        u = u / u.norm()
+        torch.testing.assert_close(sd2[f"u_{i}"], u, rtol=0, atol=1e-12)
+        torch.testing.assert_close(sd2[f"v_{i}"], M.t() @ u / (M.t() @ u).norm(), rtol=0, atol=1e-12)

@@ -347,7 +347,9 @@ class SpectralPenalty(nn.Module):
             if old.shape != value.shape:
                 raise ValueError(f"state_dict entry {key} for {layer_name} has shape {tuple(old.shape)}, expected "
                                  f"{tuple(value.shape)}")
-            value = old.to(value.dtype).to(value.device)
+            # a copy: the entry may be another live penalty's buffer (its state_dict()), which
+            # would otherwise move with this one's steps
+            value = old.to(device=value.device, dtype=value.dtype, copy=True)
         self.register_buffer(key, value.contiguous())
 
     def _conv_specs(self) -> List[ConvSpec]:
