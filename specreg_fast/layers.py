@@ -279,7 +279,9 @@ def _stored(mp: LinearMap) -> torch.Tensor:
     every access (its id can be reused by the next one), its original is not."""
     m = mp.module
     if parametrize.is_parametrized(m, mp.attr):
-        return getattr(m.parametrizations, mp.attr).original
+        par = getattr(m.parametrizations, mp.attr)
+        # several originals where the right inverse returns a tuple (weight_norm: g, v)
+        return par.original if par.is_tensor else par.original0
     return mp.param()
 
 

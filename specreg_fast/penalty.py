@@ -48,6 +48,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _computed(mp: _layers.LinearMap) -> bool:
+    """A parametrized weight: recomputed on every access (under no_grad, a tensor with no
+    way back to its parameters), so ``accumulate_grad`` goes through autograd for it."""
+    return mp.attr is not None and torch.nn.utils.parametrize.is_parametrized(mp.module, mp.attr)
+
+
 def _act_slope_sq_max(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """Batch mean of max_j phi'(z_j)^2 for one nonlinearity (the released code's eig-ub
     term), differentiable in z."""
@@ -707,7 +713,8 @@ class SpectralPenalty(nn.Module):
 
         ``scale`` multiplies the gradient (e.g. ``scaler.get_scale()`` under a GradScaler, or
         ``1 / accumulation_steps``). It only reaches ``.grad``: not for ``torch.autograd.grad``
-        flows, nor for weights that are not leaf parameters (``parametrize``); with
+        flows. A computed weight (``parametrize``, ``extra=``) gets it through autograd, from
+        the weight back to its parameters (into their ``.grad``); with
         ``DistributedDataParallel`` every rank adds the same term after the all-reduce, so the
         ranks stay identical. ``eig_ub=True`` needs the activations: use ``penalty()`` then.
         """
@@ -718,10 +725,6 @@ class SpectralPenalty(nn.Module):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
         if not self._ready:
             self._finalize()
-        nonleaf = [mp.name for mp in self._layers if mp.attr is not None and not mp.param().is_leaf]
-        if nonleaf:
-            raise ValueError(f"accumulate_grad() writes .grad of leaf weights; {', '.join(nonleaf)} have computed "
-                             f"weights (parametrize): add penalty() to the loss instead")
         self._eig_terms = []
         upd = self.training and self.update
         active = self._active(False)
@@ -750,7 +753,6 @@ class SpectralPenalty(nn.Module):
                 _distributed.add_grads(*sharded[:3], coefs, *sharded[3:])
                 return (self._term_gammas(sig) * sig.pow(2)).sum()
             for i, mp in enumerate(self._dense):
-                W = mp.param()
                 if mp.lowrank is not None:  # a LoRA map: d sigma/d(W, B, A) as rank-1 terms (dense.lowrank_grads)
                     u, v = self._buffers[f"u_{i}"], self._buffers[f"v_{i}"]
                     for P, left, right in _dense.lowrank_grads(mp.lowrank(), u, v):
@@ -759,13 +761,14 @@ class SpectralPenalty(nn.Module):
                         left = left.to(P.grad.dtype) * (1.0 if host else coefs[i].to(P.grad.dtype))
                         P.grad.addr_(left, right.to(P.grad.dtype), alpha=coefs[i] if host else 1.0)
                     continue
-                if W is None:  # an extra= map: its gradient reaches its parameters through autograd
+                if mp.attr is None or _computed(mp):  # its gradient reaches its parameters through autograd
                     with torch.enable_grad():
                         Wx = mp.weight()
                         if Wx.requires_grad:
                             Wx.backward(torch.outer(self._buffers[f"u_{i}"], self._buffers[f"v_{i}"]).to(Wx.dtype)
                                         * coefs[i])
                     continue
+                W = mp.param()
                 if not W.requires_grad:  # a frozen layer gets no gradient, as on the autograd route
                     continue
                 if W.grad is None:
@@ -783,7 +786,15 @@ class SpectralPenalty(nn.Module):
                         Wd = W.detach().requires_grad_()
                         (gW,) = torch.autograd.grad(mp.view(Wd), Wd, torch.outer(u, v))
                     G.add_(gW, alpha=c)
-            train = [j for j, mp in enumerate(self._convs) if mp.param().requires_grad]
+            for j, mp in enumerate(self._convs):
+                if _computed(mp):  # the weight-gradient of the pair, back through the parametrization
+                    x, y, params, mode = conv_pairs[j]
+                    with torch.enable_grad():
+                        Wc = mp.param()
+                        if Wc.requires_grad:
+                            gW = _ops.conv_weight_grad([Wc.detach()], [x], [y * coefs[nd + j]], params, [mode])[0]
+                            Wc.backward(gW.to(Wc.dtype))
+            train = [j for j, mp in enumerate(self._convs) if not _computed(mp) and mp.param().requires_grad]
             if train:
                 # dsigma/dW of each conv: the conv weight-gradient of its pair, times 2 gamma
                 # sigma scale, as the autograd route's backward computes it (the coefficient
