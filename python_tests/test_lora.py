@@ -423,3 +423,20 @@ def test_state_dict_round_trip_and_warm_start():
         u = u / u.norm()
         torch.testing.assert_close(sd2[f"u_{i}"], u, rtol=0, atol=1e-12)
         torch.testing.assert_close(sd2[f"v_{i}"], M.t() @ u / (M.t() @ u).norm(), rtol=0, atol=1e-12)
+
+
+def test_lowrank_sigmas_on_hand_made_factors_and_bad_state():
+    """dense.lowrank_sigmas directly: sigma of W^T + s B A (a transposed base) vs the SVD; a
+    state of the wrong shape is refused by name before any vector moves."""
+    from specreg_fast import dense
+    g = torch.Generator().manual_seed(0)
+    W, B, A = (torch.randn(*s, dtype=torch.float64, generator=g) for s in ((5, 7), (7, 2), (2, 5)))
+    M = sf.layers.LowRank(W, True, (B,), (A,), (1.5,))
+    state = dense.init_power_state([M.like()], generator=g)
+    sig = dense.lowrank_sigmas([M], state.us, state.vs, n_iter=500)
+    want = torch.linalg.svdvals(W.t() + 1.5 * B @ A)[0]
+    assert abs(sig[0] - want) <= 1e-9 * want
+    u0, v0 = state.us[0].clone(), state.vs[0].clone()
+    with pytest.raises(ValueError, match=r"weights\[1\]: state v must have shape \(5,\)"):
+        dense.lowrank_sigmas([M, M], state.us + [u0.clone()], state.vs + [torch.zeros(4, dtype=torch.float64)])
+    assert torch.equal(state.us[0], u0) and torch.equal(state.vs[0], v0)
