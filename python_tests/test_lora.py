@@ -440,3 +440,33 @@ def test_lowrank_sigmas_on_hand_made_factors_and_bad_state():
     with pytest.raises(ValueError, match=r"weights\[1\]: state v must have shape \(5,\)"):
         dense.lowrank_sigmas([M, M], state.us + [u0.clone()], state.vs + [torch.zeros(4, dtype=torch.float64)])
     assert torch.equal(state.us[0], u0) and torch.equal(state.vs[0], v0)
+
+
+@pytest.mark.parametrize("route", ["penalty", "accumulate_grad"])
+def test_lora_and_plain_layers_in_one_model_keep_their_names(route):
+    """LoRA on the middle layer only: the plain Linears take the dense op, the LoRA map the
+    low-rank step; each sigma and gradient lands on its own layer."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 6)).double()
+    model = get_peft_model(m, LoraConfig(r=3, lora_alpha=6, target_modules=["2"]))
+    _perturb(model)
+    inner = model.base_model.model
+    for i in (0, 4):
+        inner[i].weight.requires_grad_(True)
+    pen = sf.SpectralPenalty(model, gamma=GAMMA, scope="all", n_iter=0, n_iter_init=3000)
+    model(torch.randn(2, 12, dtype=torch.float64))
+    pen().backward() if route == "penalty" else pen.accumulate_grad()
+    maps = {"base_model.model.0": inner[0].weight, "base_model.model.2": _applied_map(inner[2]),
+            "base_model.model.4": inner[4].weight}
+    assert pen.layer_names == list(maps)
+    for n, M in maps.items():
+        want = torch.linalg.svdvals(M.detach())[0].item()
+        assert abs(pen.sigmas()[n] - want) <= 1e-6 * want, n
+    got = _trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    maps["base_model.model.2"] = _applied_map(inner[2])
+    sum(GAMMA * torch.linalg.matrix_norm(M, 2) ** 2 for M in maps.values()).backward()
+    want = _trainable_grads(model)
+    assert got.keys() == want.keys() and len(got) == 4
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-6 * want[n].abs().max().item(), msg=n)

@@ -323,7 +323,9 @@ class SpectralPenalty(nn.Module):
         plain = [i for i, mp in enumerate(self._dense) if mp.lowrank is None]
         self._plain_at = plain
         # position of each dense map in cat(plain sigmas, low-rank sigmas)
-        self._dense_order = [(plain + self._lowrank_at).index(i) for i in range(len(self._dense))]
+        self.register_buffer("dense_order", torch.tensor([(plain + self._lowrank_at).index(i)
+                                                          for i in range(len(self._dense))], device=dev),
+                             persistent=False)
         dst = _dense.init_power_state([mp.like().detach() for mp in self._dense], generator=g)
         for i, mp in enumerate(self._dense):
             self._set_buf(f"u_{i}", dst.us[i].to(dev), mp.name)
@@ -545,9 +547,7 @@ class SpectralPenalty(nn.Module):
                 with torch.set_grad_enabled(grad):
                     low = _dense._lowrank_sigmas(lows, [plan.us[i] for i in self._lowrank_at],
                                                  [plan.vs[i] for i in self._lowrank_at], n_iter, update)
-                sig = torch.cat([sig.float(), low.float()]) if dense_ws else low
-                if dense_ws:
-                    sig = sig[torch.tensor(self._dense_order, device=sig.device)]
+                sig = torch.cat([sig.float(), low.float()])[self.dense_order] if dense_ws else low
             parts.insert(0, sig.float())
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
@@ -709,6 +709,8 @@ class SpectralPenalty(nn.Module):
         rank-1 update of the existing ``.grad`` per dense layer (``addr_``), where the autograd
         route materializes ``u v^T`` in fresh memory and then adds it: on a 784-1024x3 MLP that
         gradient materialization is most of the penalty's cost (``bench/bench_training.py``).
+        A LoRA map's gradient goes into its A and B likewise, as rank-1 updates
+        (``dense.lowrank_grads``).
         Conv layers get the conv weight-gradient of their (x, y) pair, added likewise.
 
         ``scale`` multiplies the gradient (e.g. ``scaler.get_scale()`` under a GradScaler, or
