@@ -454,6 +454,7 @@ def test_parametrized_conv_operator_gradient_reaches_the_parametrization(route):
         total = total + 0.5 * torch.linalg.matrix_norm(op, 2) ** 2
     total.backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    assert got.keys() == want.keys() and {"0.parametrizations.weight.original0", "0.parametrizations.weight.original1"} <= set(got)
+    assert got.keys() == want.keys()
+    assert {"0.parametrizations.weight.original0", "0.parametrizations.weight.original1"} <= set(got)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-9, msg=n)

@@ -320,12 +320,11 @@ class SpectralPenalty(nn.Module):
         self._block_layers = ([owners.index(o) for o in owners] if len(set(owners)) < len(owners) else None)
         # LoRA maps take the low-rank step (dense.lowrank_sigmas); their vectors are u_i/v_i too
         self._lowrank_at = [i for i, mp in enumerate(self._dense) if mp.lowrank is not None]
-        plain = [i for i, mp in enumerate(self._dense) if mp.lowrank is None]
-        self._plain_at = plain
+        self._plain_at = [i for i, mp in enumerate(self._dense) if mp.lowrank is None]
         # position of each dense map in cat(plain sigmas, low-rank sigmas)
-        self.register_buffer("dense_order", torch.tensor([(plain + self._lowrank_at).index(i)
-                                                          for i in range(len(self._dense))], device=dev),
-                             persistent=False)
+        order = self._plain_at + self._lowrank_at
+        self.register_buffer("dense_order", torch.tensor([order.index(i) for i in range(len(order))],
+                                                         dtype=torch.long, device=dev), persistent=False)
         dst = _dense.init_power_state([mp.like().detach() for mp in self._dense], generator=g)
         for i, mp in enumerate(self._dense):
             self._set_buf(f"u_{i}", dst.us[i].to(dev), mp.name)
