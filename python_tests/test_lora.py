@@ -272,7 +272,7 @@ def test_lowrank_step_matches_the_materialized_map_in_float64(case, route):
     base = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # GPT-2's embeddings: not regularized
-        pen = sf.SpectralPenalty(model, gamma=GAMMA, scope="all", n_iter=0, n_iter_init=3000)
+        pen = sf.SpectralPenalty(model, gamma=GAMMA, scope="all", n_iter=0, n_iter_init=1000)
         model(**x) if isinstance(x, dict) else model(x)
         pen().backward() if route == "penalty" else pen.accumulate_grad()
     assert set(pen.sigmas()) == set(mods)
@@ -293,7 +293,7 @@ def test_lowrank_step_matches_the_materialized_map_in_float64(case, route):
 def test_switching_the_active_adapter_switches_the_map_and_its_gradient():
     model = _lora_mlp64(("default", "second")).eval()
     x = torch.randn(2, 12, dtype=torch.float64)
-    pen = sf.SpectralPenalty(model, gamma=GAMMA, scope="all", n_iter=1000, n_iter_init=3000)
+    pen = sf.SpectralPenalty(model, gamma=GAMMA, scope="all", n_iter=1000, n_iter_init=1000)
     model(x)
     for active in (["second"], ["default"]):
         model.base_model.set_adapter(active)
@@ -312,7 +312,7 @@ def test_base_weight_that_requires_grad_gets_u_v_transposed():
         p.requires_grad_("base_layer.weight" in n or "lora_" in n)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pen = sf.SpectralPenalty(model, gamma=GAMMA, scope="all", n_iter=0, n_iter_init=3000)
+        pen = sf.SpectralPenalty(model, gamma=GAMMA, scope="all", n_iter=0, n_iter_init=1000)
         model(**x)
     for route in (lambda: pen().backward(), pen.accumulate_grad):
         model.zero_grad(set_to_none=True)
@@ -453,7 +453,7 @@ def test_lora_and_plain_layers_in_one_model_keep_their_names(route):
     inner = model.base_model.model
     for i in (0, 4):
         inner[i].weight.requires_grad_(True)
-    pen = sf.SpectralPenalty(model, gamma=GAMMA, scope="all", n_iter=0, n_iter_init=3000)
+    pen = sf.SpectralPenalty(model, gamma=GAMMA, scope="all", n_iter=0, n_iter_init=1000)
     model(torch.randn(2, 12, dtype=torch.float64))
     pen().backward() if route == "penalty" else pen.accumulate_grad()
     maps = {"base_model.model.0": inner[0].weight, "base_model.model.2": _applied_map(inner[2]),
