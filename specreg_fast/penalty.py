@@ -759,8 +759,10 @@ class SpectralPenalty(nn.Module):
                     for P, left, right in _dense.lowrank_grads(mp.lowrank(), u, v):
                         if P.grad is None:
                             P.grad = torch.zeros_like(P)
-                        left = left.to(P.grad.dtype) * (1.0 if host else coefs[i].to(P.grad.dtype))
-                        P.grad.addr_(left, right.to(P.grad.dtype), alpha=coefs[i] if host else 1.0)
+                        left, c = left.to(P.grad.dtype), coefs[i]
+                        if not host:
+                            left, c = left * c.to(P.grad.dtype), 1.0
+                        P.grad.addr_(left, right.to(P.grad.dtype), alpha=c)
                     continue
                 if mp.attr is None or _computed(mp):  # its gradient reaches its parameters through autograd
                     with torch.enable_grad():
