@@ -470,3 +470,18 @@ def test_lora_and_plain_layers_in_one_model_keep_their_names(route):
     assert got.keys() == want.keys() and len(got) == 4
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-6 * want[n].abs().max().item(), msg=n)
+
+
+def test_a_deep_copy_of_model_and_penalty_regularizes_the_copy():
+    """The LoRA maps read their factors from the module they hold (no closure over the
+    original), so copy.deepcopy((model, penalty)) regularizes the copied layers."""
+    import copy
+
+    model = _lora_mlp64().eval()
+    pen = sf.SpectralPenalty(model, gamma=GAMMA, scope="all", n_iter=1, n_iter_init=5)
+    model(torch.randn(2, 12, dtype=torch.float64))
+    pen()
+    model2, pen2 = copy.deepcopy((model, pen))
+    pen2().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert sorted(n for n, p in model2.named_parameters() if p.grad is not None) == sorted(_trainable_grads(model2))

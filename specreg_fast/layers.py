@@ -89,8 +89,9 @@ class LinearMap:
         fn: for an ``extra=`` map, the callable returning its weight matrix.
         conv: True for a conv operator at the owner's input size; False for a dense matrix.
         layer: maps with the same ``layer`` are blocks of one operator (sigma = their max).
-        lowrank: for a LoRA map, the callable returning its :class:`LowRank` factors now
-            (``fn`` then materializes the same map: for ``bounds()`` and reference checks).
+        lowrank: for a LoRA map, ``module -> LowRank``, its factors now (:meth:`factors`; a
+            function of the module, not a closure, so a deep copy of the penalty and the model
+            reads the copied module); :meth:`weight` materializes the same map (``bounds()``).
     """
 
     __slots__ = ("name", "owner", "module", "attr", "view", "fn", "conv", "layer", "lowrank")
@@ -98,7 +99,7 @@ class LinearMap:
     def __init__(self, name: str, owner: str, module: Optional[nn.Module], attr: Optional[str] = "weight",
                  view: Callable[[torch.Tensor], torch.Tensor] = _identity, conv: bool = False,
                  fn: Optional[Callable[[], torch.Tensor]] = None, layer: Optional[str] = None,
-                 lowrank: Optional[Callable[[], "LowRank"]] = None):
+                 lowrank: Optional[Callable[[nn.Module], "LowRank"]] = None):
         self.name, self.owner, self.module, self.attr, self.view = name, owner, module, attr, view
         self.fn, self.conv, self.layer, self.lowrank = fn, conv, name if layer is None else layer, lowrank
 
@@ -108,6 +109,8 @@ class LinearMap:
 
     def weight(self) -> torch.Tensor:
         """The map's weight (a 2-D matrix, or the conv kernel), differentiable."""
+        if self.lowrank is not None:
+            return self.factors().matrix()
         if self.attr is None:
             W = self.fn()
             if not isinstance(W, torch.Tensor) or W.dim() != 2:
@@ -116,10 +119,14 @@ class LinearMap:
             return W
         return self.view(self.param())
 
+    def factors(self) -> "LowRank":
+        """A low-rank map's factors as the module holds them now."""
+        return self.lowrank(self.module)
+
     def like(self) -> torch.Tensor:
         """A tensor with the map's shape, dtype and device, for sizing its state: the weight
         itself, or for a low-rank map a stride-0 stand-in (nothing of the map's size built)."""
-        return self.lowrank().like() if self.lowrank is not None else self.weight()
+        return self.factors().like() if self.lowrank is not None else self.weight()
 
     def grad_view(self, grad: torch.Tensor) -> Optional[torch.Tensor]:
         """This map's block of the parameter's ``.grad``, as a view an in-place update writes
@@ -244,7 +251,7 @@ def _lora(name: str, m: nn.Module, opts: dict) -> Optional[List[LinearMap]]:
              or _hf_conv1d(name, base, {"split": {}}) is not None) and hasattr(m, "fan_in_fan_out")
     if not dense or getattr(m, "lora_variant", None):
         return []
-    return [LinearMap(name, name, m, attr=None, fn=lambda: lora_weight(m), lowrank=lambda: lora_factors(m))]
+    return [LinearMap(name, name, m, attr=None, lowrank=lora_factors)]
 
 
 def _conv(name: str, m: nn.Module, opts: dict) -> Optional[List[LinearMap]]:

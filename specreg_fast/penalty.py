@@ -499,7 +499,7 @@ class SpectralPenalty(nn.Module):
         wrapper. Only custom ops run here (autocast does not touch them) except on the FFT
         norm's path, which runs with autocast off."""
         # the LoRA maps' factors first: an adapter refused here raises before any vector moves
-        lows = [self._dense[i].lowrank() for i in self._lowrank_at]
+        lows = [self._dense[i].factors() for i in self._lowrank_at]
         dense_ws = [mp.weight() if mp.lowrank is None else None for mp in self._dense]
         for i, M in zip(self._lowrank_at, lows):
             dense_ws[i] = M.like()  # shape, dtype, device for the plan: M is never built
@@ -756,7 +756,7 @@ class SpectralPenalty(nn.Module):
             for i, mp in enumerate(self._dense):
                 if mp.lowrank is not None:  # a LoRA map: d sigma/d(W, B, A) as rank-1 terms (dense.lowrank_grads)
                     u, v = self._buffers[f"u_{i}"], self._buffers[f"v_{i}"]
-                    for P, left, right in _dense.lowrank_grads(mp.lowrank(), u, v):
+                    for P, left, right in _dense.lowrank_grads(mp.factors(), u, v):
                         if P.grad is None:
                             P.grad = torch.zeros_like(P)
                         left, c = left.to(P.grad.dtype), coefs[i]
