@@ -1,5 +1,6 @@
 """Discovery (specreg_fast/layers.py): which maps each layer kind gives, the readout rule, and
 the non-overlapping patch convs, against SVDs of the maps and of explicit conv operators."""
+import math
 import warnings
 
 import pytest
@@ -377,3 +378,83 @@ def test_parametrized_layers_are_not_taken_for_tied_weights():
     for layer in model:
         torch.nn.utils.parametrize.register_parametrization(layer, "weight", Double())
     assert sf.SpectralPenalty(model, readout=None).layer_names == [str(i) for i in range(8)]
+
+
+class _RowScale(nn.Module):
+    """A custom parametrization with a parameter of its own: ``W -> diag(d) W``."""
+
+    def __init__(self, rows):
+        super().__init__()
+        self.d = nn.Parameter(torch.linspace(0.5, 2.0, rows, dtype=torch.float64))
+
+    def forward(self, W):
+        return self.d[:, None] * W
+
+
+def _parametrized_mlp(kind):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    P = torch.nn.utils.parametrizations
+    for layer in (model[0], model[2]):
+        if kind == "weight_norm":
+            P.weight_norm(layer)
+        elif kind == "orthogonal_row_scale":  # distinct singular values (d) for a well-posed gradient
+            P.orthogonal(layer)
+            torch.nn.utils.parametrize.register_parametrization(layer, "weight", _RowScale(layer.out_features))
+        else:
+            torch.nn.utils.parametrize.register_parametrization(layer, "weight", _RowScale(layer.out_features))
+    return model
+
+
+@pytest.mark.parametrize("route", ["penalty", "accumulate_grad"])
+@pytest.mark.parametrize("kind", ["weight_norm", "orthogonal_row_scale", "row_scale"])
+def test_parametrized_weights_regularize_the_applied_weight(kind, route):
+    """The map of a parametrized Linear is the weight it applies (``m.weight``); the gradient
+    reaches the parametrization's own tensors (float64, against autograd through the SVD norm),
+    on both routes, and the state survives a state_dict round trip."""
+    model = _parametrized_mlp(kind)
+    pen = sf.SpectralPenalty(model, gamma=0.5, scope="all", n_iter=0, n_iter_init=3000)
+    model(torch.randn(2, 6, dtype=torch.float64))
+    pen().backward() if route == "penalty" else pen.accumulate_grad()
+    for i in ("0", "2", "4"):
+        want = torch.linalg.svdvals(model.get_submodule(i).weight.detach())[0].item()
+        assert abs(pen.sigmas()[i] - want) <= 1e-6 * want, i
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    sum(0.5 * torch.linalg.matrix_norm(model.get_submodule(i).weight, 2) ** 2 for i in ("0", "2", "4")).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and sum("parametrizations.weight" in n for n in got) >= 4
+    scale = max(g.abs().max().item() for g in want.values())  # (the 7x9 orthogonal factor's is 0: sigma = max d)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-6 * scale, msg=n)
+    pen2 = sf.SpectralPenalty(model, gamma=0.5, scope="all", n_iter=0, n_iter_init=3000)
+    pen2.load_state_dict(pen.state_dict())
+    assert torch.equal(pen2.eval()(), pen.eval()())
+
+
+@pytest.mark.parametrize("route", ["penalty", "accumulate_grad"])
+def test_parametrized_conv_operator_gradient_reaches_the_parametrization(route):
+    """A weight_norm conv: sigma and gradient of its operator at the input size it sees, against
+    autograd through the SVD norm of the explicit operator (the conv of every basis image)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2)).double()
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    pen = sf.SpectralPenalty(model, gamma=0.5, scope="all", n_iter=0, n_iter_init=3000)
+    model(torch.randn(1, 2, 5, 5, dtype=torch.float64))
+    pen().backward() if route == "penalty" else pen.accumulate_grad()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for i, shape in (("0", (2, 5, 5)), ("2", (3, 5, 5))):
+        m = model.get_submodule(i)
+        basis = torch.eye(math.prod(shape), dtype=torch.float64).reshape(-1, *shape)
+        op = m._conv_forward(basis, m.weight, None).flatten(1).t()  # column j: the conv of basis image j
+        want_sigma = torch.linalg.matrix_norm(op.detach(), 2).item()
+        assert abs(pen.sigmas()[i] - want_sigma) <= 1e-6 * want_sigma, i
+        total = total + 0.5 * torch.linalg.matrix_norm(op, 2) ** 2
+    total.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    assert {"0.parametrizations.weight.original0", "0.parametrizations.weight.original1"} <= set(got)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-9, msg=n)

@@ -541,19 +541,6 @@ def test_accumulate_grad_scale_schedule_and_errors():
         pen.accumulate_grad(scale=float("nan"))
 
 
-def test_accumulate_grad_refuses_computed_weights():
-    class Scale(nn.Module):
-        def forward(self, w):
-            return 2.0 * w
-
-    model = mlp()
-    torch.nn.utils.parametrize.register_parametrization(model[0], "weight", Scale())
-    pen = sf.SpectralPenalty(model, scope="all")
-    model(torch.randn(2, 20))
-    with pytest.raises(ValueError, match="computed weights"):
-        pen.accumulate_grad()
-
-
 def test_cached_geometry_follows_changes_to_the_model():
     """The eager path packs and validates the conv geometry once; a change of padding mode,
     dtype or buffers after the first call is picked up, and a mismatch is still a clear error

@@ -195,6 +195,13 @@ def _compile_case(kind):
     """(model, penalty, input shape) for the compiled-training tests."""
     if kind == "dense":
         model, shape = mlp(), (4, 20)
+    elif kind == "lora":  # peft LoRA on layer 0 (low-rank step) beside the plain hidden Linear 2 (dense op)
+        peft = pytest.importorskip("peft")
+        model, shape = peft.get_peft_model(mlp(), peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0"])), (4, 20)
+        model.base_model.model[2].weight.requires_grad_(True)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # (starts at zero)
+                nn.init.normal_(p, std=0.1)
     else:
         model, shape = cnn(), (3, 2, 8, 8)
         if kind == "fft":
@@ -246,12 +253,14 @@ def _train_side_by_side(kind, backend, rtol, steps=6, warm_start=False):
 # dense and conv-operator steps split exactly (a + b steps = a steps, then b: the same loop),
 # so aot_eager gives eager's bits; the circular step re-enters the Fourier domain at each
 # call, which moves the vectors by float rounding when the warm start is split in two.
-@pytest.mark.parametrize("kind,rtol", [("dense", 0.0), ("operator", 0.0), ("fft", 1e-6)])
+@pytest.mark.parametrize("kind,rtol", [("dense", 0.0), ("lora", 0.0), ("operator", 0.0), ("fft", 1e-6)])
 def test_compiled_training_from_step_zero_matches_eager(kind, rtol):
     """start_step=2, every=2, n_iter_init=5: no power steps on steps 0, 1, 3, 5; the warm
     start (5 steps) on step 2, at the weights of step 2; one step on step 4."""
     pen, _ = _train_side_by_side(kind, "aot_eager", rtol=rtol)
     assert pen.step_count.item() == 6 and bool(pen.initialized)
+    if kind == "lora":
+        assert pen.layer_names == ["base_model.model.0", "base_model.model.2"]
 
 
 def test_compiled_training_after_an_eager_warm_start_matches_eager():

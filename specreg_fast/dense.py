@@ -3,18 +3,21 @@
 ``spectral_norms`` runs the no-grad power step on a whole list of weights in one op call
 (``specreg_fast::power_step_``) and then returns ``u^T W v`` through the functional
 ``specreg_fast::sigma`` op, whose backward is ``u v^T``: no autograd graph through the
-iterations.
+iterations. ``lowrank_sigmas`` does the same for maps kept as factors, ``W + sum_k s_k B_k A_k``
+(LoRA), without building the matrix.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from . import backends, ops
 
-__all__ = ["PowerState", "init_power_state", "spectral_norms", "spectral_norm", "as_matrix"]
+__all__ = ["PowerState", "init_power_state", "spectral_norms", "spectral_norm", "as_matrix", "lowrank_sigmas",
+           "lowrank_grads"]
 
 
 def as_matrix(W: torch.Tensor) -> torch.Tensor:
@@ -136,3 +139,143 @@ def spectral_norm(W: torch.Tensor, tol: float = 1e-6, max_iter: int = 1000, seed
     g = torch.Generator().manual_seed(seed)
     state = init_power_state([M], generator=g)
     return spectral_norms([M], state, tol=tol, max_iter=max_iter)[0]
+
+
+# ---------------------------------------------------------------------- low-rank maps
+# A map M = W + sum_k s_k B_k A_k (specreg_fast.layers.LowRank: a LoRA layer's W, B, A) is
+# applied as W x + sum_k s_k B_k (A_k x) and its adjoint as W^T y + sum_k s_k A_k^T (B_k^T y):
+# two passes over W and the small factors per step, where building M costs a write and a read
+# of an out x in temporary per map and call. One Python loop over the maps: their base weights
+# are separate tensors (stacking them to batch the matvecs would copy every W on every call).
+
+def _mv(M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``M @ x`` in ``x``'s (accumulation) dtype. A lower-precision ``M`` (a bfloat16 base
+    weight) is applied in its own dtype to ``x`` rounded to it, without a copy of ``M``: the
+    products round as in the layer's own forward."""
+    if M.dtype == x.dtype:
+        return torch.mv(M, x)
+    return torch.mv(M, x.to(M.dtype)).to(x.dtype)
+
+
+def _lowrank_apply(M, x: torch.Tensor) -> torch.Tensor:
+    y = _mv(M.base_matrix, x)
+    for B, A, s in zip(M.Bs, M.As, M.scales):
+        y.add_(_mv(B, _mv(A, x)), alpha=s)
+    return y
+
+
+def _lowrank_adjoint(M, y: torch.Tensor) -> torch.Tensor:
+    x = _mv(M.base_matrix.t(), y)
+    for B, A, s in zip(M.Bs, M.As, M.scales):
+        x.add_(_mv(A.t(), _mv(B.t(), y)), alpha=s)
+    return x
+
+
+def _lowrank_power_step_(maps, us: List[torch.Tensor], vs: List[torch.Tensor], n_iter: int) -> List[torch.Tensor]:
+    """``n_iter`` power steps on each low-rank map, in place on ``us``/``vs``, with the
+    ``power_step_`` op's conventions: the estimate is ``|M^T t| / |t|`` (``u^T M v`` at the new
+    vectors), a zero map keeps the vectors (estimate 0), and a step that meets a non-finite
+    value leaves them as they were and gives NaN. No host synchronization (``torch.where``)."""
+    est = []
+    for M, u, v in zip(maps, us, vs):
+        u1, v1 = u, v
+        e = torch.zeros((), dtype=u.dtype, device=u.device)
+        bad = torch.zeros((), dtype=torch.bool, device=u.device)
+        for _ in range(n_iter):
+            t = _lowrank_apply(M, v1)
+            tn = torch.linalg.vector_norm(t)
+            a = _lowrank_adjoint(M, t)
+            an = torch.linalg.vector_norm(a)
+            bad = bad | ~torch.isfinite(tn) | ~torch.isfinite(an)
+            ok = (tn > 0) & (an > 0)
+            u1 = torch.where(ok, t / tn, u1)
+            v1 = torch.where(ok, a / an, v1)
+            e = torch.where(ok, an / tn, torch.zeros_like(an))
+        u.copy_(torch.where(bad, u, u1))
+        v.copy_(torch.where(bad, v, v1))
+        est.append(torch.where(bad, torch.full_like(e, math.nan), e))
+    return est
+
+
+def lowrank_grads(M, u: torch.Tensor, v: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(param, left, right)`` with ``d(u^T M v)/d param = left right^T``, for the tensors of
+    the low-rank map ``M`` that require grad: ``u v^T`` for ``W`` (``v u^T`` for a transposed
+    base, as stored), ``s u (A v)^T`` for ``B`` and ``s (B^T u) v^T`` for ``A``. Vectors in
+    ``u``'s dtype; call under no_grad."""
+    out = []
+    if M.base.requires_grad:
+        out.append((M.base, v, u) if M.transposed else (M.base, u, v))
+    for B, A, s in zip(M.Bs, M.As, M.scales):
+        if B.requires_grad:
+            out.append((B, u * s, _mv(A, v)))
+        if A.requires_grad:
+            out.append((A, _mv(B.t(), u) * s, v))
+    return out
+
+
+class _LowRankSigma(torch.autograd.Function):
+    """``value`` (the maps' ``u^T M v``, computed without grad) with the backward of the
+    bilinear form: ``grad[l] * left right^T`` into each factor, from :func:`lowrank_grads`."""
+
+    @staticmethod
+    def forward(ctx, value, owners, lefts, rights, *params):
+        # lefts/rights: fresh tensors or copies of the vectors (the next step rewrites those in
+        # place), so two calls before one backward each keep their own (as ops.sigma does)
+        ctx.owners = owners
+        ctx.dtypes = [p.dtype for p in params]
+        ctx.save_for_backward(*lefts, *rights)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        n = len(ctx.owners)
+        grads = []
+        for k, l in enumerate(ctx.owners):
+            left, right = saved[k], saved[n + k]
+            # scale the short vector; a rank-1 mm (see ops._sigma_backward)
+            g = torch.mm((left * grad[l].to(left.dtype)).unsqueeze(1), right.unsqueeze(0))
+            grads.append(g.to(ctx.dtypes[k]))
+        return (None, None, None, None, *grads)
+
+
+def lowrank_sigmas(maps, us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], n_iter: int = 1, *,
+                   update: bool = True) -> torch.Tensor:
+    """sigma_max estimates of low-rank maps (``specreg_fast.layers.LowRank``), differentiable
+    in their factors, the matrices never built.
+
+    Runs ``n_iter`` power steps (``update=False`` or ``n_iter=0``: none) in place on the
+    persistent ``us``/``vs`` (validated as for :func:`spectral_norms`, against each map's
+    shape and dtype) and returns ``u^T M v`` per map (float32; float64 if any map is float64),
+    whose gradient is that of the bilinear form (:func:`lowrank_grads`), the exact
+    d sigma_max once converged. Invalid input raises before anything is modified."""
+    maps, us, vs = list(maps), list(us), list(vs)
+    n_iter = ops._iter_arg("lowrank_sigmas", "n_iter", n_iter)
+    _validate([M.like() for M in maps], PowerState(us, vs))
+    return _lowrank_sigmas(maps, us, vs, n_iter, update)
+
+
+def _lowrank_sigmas(maps, us: List[torch.Tensor], vs: List[torch.Tensor], n_iter: int, update: bool) -> torch.Tensor:
+    """:func:`lowrank_sigmas` on validated arguments (the penalty validates once per plan)."""
+    dt = ops._out_dtype([M.like() for M in maps])
+    if not maps:
+        return torch.zeros(0, dtype=dt)
+    with torch.no_grad():
+        if update and n_iter >= 1:
+            est = _lowrank_power_step_(maps, us, vs, n_iter)
+        else:
+            est = [u @ _lowrank_apply(M, v) for M, u, v in zip(maps, us, vs)]
+        value = torch.stack(est).to(dt)
+    if not torch.is_grad_enabled():
+        return value
+    with torch.no_grad():
+        owners, lefts, rights, params = [], [], [], []
+        for l, (M, u, v) in enumerate(zip(maps, us, vs)):
+            for p, left, right in lowrank_grads(M, u.clone(), v.clone()):
+                owners.append(l)
+                lefts.append(left)
+                rights.append(right)
+                params.append(p)
+    if not params:
+        return value
+    return _LowRankSigma.apply(value, owners, lefts, rights, *params)

@@ -34,8 +34,10 @@ Layer kinds and the maps they give (``name`` is the module's name in the model):
 - ``peft`` LoRA on a Linear (or on a transformers ``Conv1D``, ``fan_in_fan_out``; recognized by
   duck typing, peft is not imported): ONE map ``name`` (the LoRA module's name), the effective
   weight the layer applies, ``W + sum_a scaling[a] B_a A_a`` over the active adapters
-  (``W^T + ...`` for ``fan_in_fan_out``), computed per call like ``extra=``, so the gradient
-  reaches ``A`` and ``B`` (and ``W`` only where it requires grad) through autograd. Merged
+  (``W^T + ...`` for ``fan_in_fan_out``), given to the penalty as its factors
+  (:func:`lora_factors`, read afresh per call): the power step and the gradients (on ``A`` and
+  ``B``, and ``W`` only where it requires grad) are taken in low-rank form, never building the
+  ``out x in`` matrix (:func:`specreg_fast.dense.lowrank_sigmas`). Merged
   adapters (the delta is already in ``W``), disabled adapters or no active one: ``W`` alone.
   ``base_layer``, ``lora_A`` and ``lora_B`` are not maps of their own. Not supported (listed in
   the one warning, not regularized): LoRA variants (DoRA and the other ``lora_variant`` s) and
@@ -49,14 +51,15 @@ RNNs, custom layers) is listed by :func:`discover` as not supported.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
 __all__ = ["LinearMap", "ADAPTERS", "CONV_TYPES", "discover", "forward_order", "nonoverlapping_patches",
-           "patch_maps", "is_within", "describe", "holds_weight_matrix", "lora_weight"]
+           "patch_maps", "is_within", "describe", "holds_weight_matrix", "lora_weight",
+           "LowRank", "lora_factors"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _QKV = ("q", "k", "v")
@@ -86,15 +89,19 @@ class LinearMap:
         fn: for an ``extra=`` map, the callable returning its weight matrix.
         conv: True for a conv operator at the owner's input size; False for a dense matrix.
         layer: maps with the same ``layer`` are blocks of one operator (sigma = their max).
+        lowrank: for a LoRA map, ``module -> LowRank``, its factors now (:meth:`factors`; a
+            function of the module, not a closure, so a deep copy of the penalty and the model
+            reads the copied module); :meth:`weight` materializes the same map (``bounds()``).
     """
 
-    __slots__ = ("name", "owner", "module", "attr", "view", "fn", "conv", "layer")
+    __slots__ = ("name", "owner", "module", "attr", "view", "fn", "conv", "layer", "lowrank")
 
     def __init__(self, name: str, owner: str, module: Optional[nn.Module], attr: Optional[str] = "weight",
                  view: Callable[[torch.Tensor], torch.Tensor] = _identity, conv: bool = False,
-                 fn: Optional[Callable[[], torch.Tensor]] = None, layer: Optional[str] = None):
+                 fn: Optional[Callable[[], torch.Tensor]] = None, layer: Optional[str] = None,
+                 lowrank: Optional[Callable[[nn.Module], "LowRank"]] = None):
         self.name, self.owner, self.module, self.attr, self.view = name, owner, module, attr, view
-        self.fn, self.conv, self.layer = fn, conv, name if layer is None else layer
+        self.fn, self.conv, self.layer, self.lowrank = fn, conv, name if layer is None else layer, lowrank
 
     def param(self) -> Optional[torch.Tensor]:
         """The stored (or parametrized) tensor the map is a view of; None for ``extra=``."""
@@ -102,6 +109,8 @@ class LinearMap:
 
     def weight(self) -> torch.Tensor:
         """The map's weight (a 2-D matrix, or the conv kernel), differentiable."""
+        if self.lowrank is not None:
+            return self.factors().matrix()
         if self.attr is None:
             W = self.fn()
             if not isinstance(W, torch.Tensor) or W.dim() != 2:
@@ -109,6 +118,15 @@ class LinearMap:
                                  f"{tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__}")
             return W
         return self.view(self.param())
+
+    def factors(self) -> "LowRank":
+        """A low-rank map's factors as the module holds them now."""
+        return self.lowrank(self.module)
+
+    def like(self) -> torch.Tensor:
+        """A tensor with the map's shape, dtype and device, for sizing its state: the weight
+        itself, or for a low-rank map a stride-0 stand-in (nothing of the map's size built)."""
+        return self.factors().like() if self.lowrank is not None else self.weight()
 
     def grad_view(self, grad: torch.Tensor) -> Optional[torch.Tensor]:
         """This map's block of the parameter's ``.grad``, as a view an in-place update writes
@@ -163,22 +181,64 @@ def _is_lora(m: nn.Module) -> bool:
             and isinstance(getattr(m, "lora_B", None), nn.ModuleDict) and isinstance(getattr(m, "scaling", None), dict))
 
 
+class LowRank(NamedTuple):
+    """A map ``M = base_matrix + sum_k scales[k] Bs[k] As[k]`` kept as its factors.
+
+    ``base`` is the stored base weight, ``M``'s first term is ``base`` (``base.t()`` when
+    ``transposed``); ``Bs[k]`` is ``(out, r_k)``, ``As[k]`` ``(r_k, in)``."""
+
+    base: torch.Tensor
+    transposed: bool
+    Bs: Tuple[torch.Tensor, ...]
+    As: Tuple[torch.Tensor, ...]
+    scales: Tuple[float, ...]
+
+    @property
+    def base_matrix(self) -> torch.Tensor:
+        return self.base.t() if self.transposed else self.base
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the materialized map (``W + s B A`` promotes)."""
+        dt = self.base.dtype
+        for t in self.Bs + self.As:
+            dt = torch.promote_types(dt, t.dtype)
+        return dt
+
+    def like(self) -> torch.Tensor:
+        W = self.base_matrix
+        return W.new_zeros((), dtype=self.dtype).expand(W.shape)
+
+    def matrix(self) -> torch.Tensor:
+        """``M`` materialized, differentiable (the reference the low-rank path avoids)."""
+        M = self.base_matrix
+        for B, A, s in zip(self.Bs, self.As, self.scales):
+            M = M + s * (B @ A)
+        return M
+
+
+def lora_factors(m: nn.Module) -> LowRank:
+    """The map a peft LoRA Linear applies in its forward now, as its factors: the base weight
+    (transposed for ``fan_in_fan_out``) plus ``scaling[a] B_a A_a`` for each active adapter,
+    none when the adapters are disabled or merged (then the base weight already is the map)."""
+    Bs, As, scales = [], [], []
+    if not (m.disable_adapters or m.merged):
+        for a in m.active_adapters:
+            if a not in m.lora_A:  # as the forward: an active name with no LoRA weights here
+                continue
+            if a in getattr(m, "lora_variant", {}):
+                raise ValueError(f"LoRA adapter {a!r} is a LoRA variant ({type(m.lora_variant[a]).__name__}, e.g. "
+                                 f"DoRA): its map is not W + s B A; not supported")
+            Bs.append(m.lora_B[a].weight)
+            As.append(m.lora_A[a].weight)
+            scales.append(float(m.scaling[a]))
+    return LowRank(m.base_layer.weight, bool(m.fan_in_fan_out), tuple(Bs), tuple(As), tuple(scales))
+
+
 def lora_weight(m: nn.Module) -> torch.Tensor:
-    """The ``(out, in)`` weight a peft LoRA Linear applies in its forward now: the base weight
-    plus ``scaling[a] B_a A_a`` for each active adapter, unless the adapters are disabled or
-    merged (then the base weight already is the map)."""
-    base = m.base_layer.weight
-    W = base.t() if m.fan_in_fan_out else base
-    if m.disable_adapters or m.merged:
-        return W
-    for a in m.active_adapters:
-        if a not in m.lora_A:  # as the forward: an active name with no LoRA weights here
-            continue
-        if a in getattr(m, "lora_variant", {}):
-            raise ValueError(f"LoRA adapter {a!r} is a LoRA variant ({type(m.lora_variant[a]).__name__}, e.g. "
-                             f"DoRA): its map is not W + s B A; not supported")
-        W = W + m.scaling[a] * (m.lora_B[a].weight @ m.lora_A[a].weight)
-    return W
+    """The ``(out, in)`` weight a peft LoRA Linear applies in its forward now, materialized
+    (:func:`lora_factors`' map)."""
+    return lora_factors(m).matrix()
 
 
 def _lora(name: str, m: nn.Module, opts: dict) -> Optional[List[LinearMap]]:
@@ -191,7 +251,7 @@ def _lora(name: str, m: nn.Module, opts: dict) -> Optional[List[LinearMap]]:
              or _hf_conv1d(name, base, {"split": {}}) is not None) and hasattr(m, "fan_in_fan_out")
     if not dense or getattr(m, "lora_variant", None):
         return []
-    return [LinearMap(name, name, m, attr=None, fn=lambda: lora_weight(m))]
+    return [LinearMap(name, name, m, attr=None, lowrank=lora_factors)]
 
 
 def _conv(name: str, m: nn.Module, opts: dict) -> Optional[List[LinearMap]]:
@@ -226,7 +286,9 @@ def _stored(mp: LinearMap) -> torch.Tensor:
     every access (its id can be reused by the next one), its original is not."""
     m = mp.module
     if parametrize.is_parametrized(m, mp.attr):
-        return getattr(m.parametrizations, mp.attr).original
+        par = getattr(m.parametrizations, mp.attr)
+        # several originals where the right inverse returns a tuple (weight_norm: g, v)
+        return par.original if par.is_tensor else par.original0
     return mp.param()
 
 

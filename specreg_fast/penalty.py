@@ -48,6 +48,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _computed(mp: _layers.LinearMap) -> bool:
+    """A parametrized weight: recomputed on every access (under no_grad, a tensor with no
+    way back to its parameters), so ``accumulate_grad`` goes through autograd for it."""
+    return mp.attr is not None and torch.nn.utils.parametrize.is_parametrized(mp.module, mp.attr)
+
+
 def _act_slope_sq_max(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """Batch mean of max_j phi'(z_j)^2 for one nonlinearity (the released code's eig-ub
     term), differentiable in z."""
@@ -291,7 +297,7 @@ class SpectralPenalty(nn.Module):
         maps = [mp for mp in maps if gammas[mp.name] > 0]
         if not maps:
             raise ValueError(f"scope={self._scope!r} with exclude={self._exclude} and this gamma selects no layer")
-        dev = maps[0].weight().device
+        dev = maps[0].like().device
         g = torch.Generator().manual_seed(self.seed)
         self._dense, self._convs = [], []
         for mp in maps:
@@ -312,7 +318,14 @@ class SpectralPenalty(nn.Module):
         # maps that are blocks of one operator (a grouped patch conv): index of their layer
         owners = [mp.layer for mp in self._layers]
         self._block_layers = ([owners.index(o) for o in owners] if len(set(owners)) < len(owners) else None)
-        dst = _dense.init_power_state([mp.weight().detach() for mp in self._dense], generator=g)
+        # LoRA maps take the low-rank step (dense.lowrank_sigmas); their vectors are u_i/v_i too
+        self._lowrank_at = [i for i, mp in enumerate(self._dense) if mp.lowrank is not None]
+        self._plain_at = [i for i, mp in enumerate(self._dense) if mp.lowrank is None]
+        # position of each dense map in cat(plain sigmas, low-rank sigmas)
+        order = self._plain_at + self._lowrank_at
+        self.register_buffer("dense_order", torch.tensor([order.index(i) for i in range(len(order))],
+                                                         dtype=torch.long, device=dev), persistent=False)
+        dst = _dense.init_power_state([mp.like().detach() for mp in self._dense], generator=g)
         for i, mp in enumerate(self._dense):
             self._set_buf(f"u_{i}", dst.us[i].to(dev), mp.name)
             self._set_buf(f"v_{i}", dst.vs[i].to(dev), mp.name)
@@ -341,7 +354,9 @@ class SpectralPenalty(nn.Module):
             if old.shape != value.shape:
                 raise ValueError(f"state_dict entry {key} for {layer_name} has shape {tuple(old.shape)}, expected "
                                  f"{tuple(value.shape)}")
-            value = old.to(value.dtype).to(value.device)
+            # a copy: the entry may be another live penalty's buffer (its state_dict()), which
+            # would otherwise move with this one's steps
+            value = old.to(device=value.device, dtype=value.dtype, copy=True)
         self.register_buffer(key, value.contiguous())
 
     def _conv_specs(self) -> List[ConvSpec]:
@@ -483,7 +498,11 @@ class SpectralPenalty(nn.Module):
         ``accumulate_grad``), and the values are the steps' estimates, with no differentiable
         wrapper. Only custom ops run here (autocast does not touch them) except on the FFT
         norm's path, which runs with autocast off."""
-        dense_ws = [mp.weight() for mp in self._dense]
+        # the LoRA maps' factors first: an adapter refused here raises before any vector moves
+        lows = [self._dense[i].factors() for i in self._lowrank_at]
+        dense_ws = [mp.weight() if mp.lowrank is None else None for mp in self._dense]
+        for i, M in zip(self._lowrank_at, lows):
+            dense_ws[i] = M.like()  # shape, dtype, device for the plan: M is never built
         conv_ws = [mp.weight() for mp in self._convs]
         plan = self._hot_plan(dense_ws, conv_ws)
         grad = conv_pairs is None and torch.is_grad_enabled()
@@ -511,14 +530,23 @@ class SpectralPenalty(nn.Module):
                     conv_pairs.extend((x, y, circular_params(spec), "circular")
                                       for spec, x, y in zip(specs, x_tops, y_tops))
         if dense_ws:
-            if update:
-                with torch.no_grad():
-                    est = _ops.power_step_([w.detach() for w in dense_ws], plan.us, plan.vs, n_iter, 0.0)
-            if update and n_iter >= 1 and all(w.device.type == "cpu" for w in dense_ws):
-                # as in dense.spectral_norms: u^T W v at the new vectors is the step's estimate
-                sig = _ops.sigma_from_step(dense_ws, plan.us, plan.vs, est) if grad else est
-            else:
-                sig = _ops.sigma(dense_ws, plan.us, plan.vs)
+            us, vs = plan.us, plan.vs
+            if lows:
+                dense_ws, us, vs = ([x[i] for i in self._plain_at] for x in (dense_ws, us, vs))
+            if dense_ws:
+                if update:
+                    with torch.no_grad():
+                        est = _ops.power_step_([w.detach() for w in dense_ws], us, vs, n_iter, 0.0)
+                if update and n_iter >= 1 and all(w.device.type == "cpu" for w in dense_ws):
+                    # as in dense.spectral_norms: u^T W v at the new vectors is the step's estimate
+                    sig = _ops.sigma_from_step(dense_ws, us, vs, est) if grad else est
+                else:
+                    sig = _ops.sigma(dense_ws, us, vs)
+            if lows:
+                with torch.set_grad_enabled(grad):
+                    low = _dense._lowrank_sigmas(lows, [plan.us[i] for i in self._lowrank_at],
+                                                 [plan.vs[i] for i in self._lowrank_at], n_iter, update)
+                sig = torch.cat([sig.float(), low.float()])[self.dense_order] if dense_ws else low
             parts.insert(0, sig.float())
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
@@ -562,7 +590,7 @@ class SpectralPenalty(nn.Module):
                                    "a compiled graph: call penalty.prepare(example_input) before compiling with "
                                    "fullgraph=True")
     def _finalize_autocast_off(self):
-        with torch.autocast(device_type=self._maps[0].weight().device.type, enabled=False):
+        with torch.autocast(device_type=self._maps[0].like().device.type, enabled=False):
             self._finalize()
 
     # Whether the host knows that the warm start has happened (``initialized`` is True): set
@@ -680,11 +708,14 @@ class SpectralPenalty(nn.Module):
         rank-1 update of the existing ``.grad`` per dense layer (``addr_``), where the autograd
         route materializes ``u v^T`` in fresh memory and then adds it: on a 784-1024x3 MLP that
         gradient materialization is most of the penalty's cost (``bench/bench_training.py``).
+        A LoRA map's gradient goes into its A and B likewise, as rank-1 updates
+        (``dense.lowrank_grads``).
         Conv layers get the conv weight-gradient of their (x, y) pair, added likewise.
 
         ``scale`` multiplies the gradient (e.g. ``scaler.get_scale()`` under a GradScaler, or
         ``1 / accumulation_steps``). It only reaches ``.grad``: not for ``torch.autograd.grad``
-        flows, nor for weights that are not leaf parameters (``parametrize``); with
+        flows. A computed weight (``parametrize``, ``extra=``) gets it through autograd, from
+        the weight back to its parameters (into their ``.grad``); with
         ``DistributedDataParallel`` every rank adds the same term after the all-reduce, so the
         ranks stay identical. ``eig_ub=True`` needs the activations: use ``penalty()`` then.
         """
@@ -695,10 +726,6 @@ class SpectralPenalty(nn.Module):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
         if not self._ready:
             self._finalize()
-        nonleaf = [mp.name for mp in self._layers if mp.attr is not None and not mp.param().is_leaf]
-        if nonleaf:
-            raise ValueError(f"accumulate_grad() writes .grad of leaf weights; {', '.join(nonleaf)} have computed "
-                             f"weights (parametrize): add penalty() to the loss instead")
         self._eig_terms = []
         upd = self.training and self.update
         active = self._active(False)
@@ -727,14 +754,24 @@ class SpectralPenalty(nn.Module):
                 _distributed.add_grads(*sharded[:3], coefs, *sharded[3:])
                 return (self._term_gammas(sig) * sig.pow(2)).sum()
             for i, mp in enumerate(self._dense):
-                W = mp.param()
-                if W is None:  # an extra= map: its gradient reaches its parameters through autograd
+                if mp.lowrank is not None:  # a LoRA map: d sigma/d(W, B, A) as rank-1 terms (dense.lowrank_grads)
+                    u, v = self._buffers[f"u_{i}"], self._buffers[f"v_{i}"]
+                    for P, left, right in _dense.lowrank_grads(mp.factors(), u, v):
+                        if P.grad is None:
+                            P.grad = torch.zeros_like(P)
+                        left, c = left.to(P.grad.dtype), coefs[i]
+                        if not host:
+                            left, c = left * c.to(P.grad.dtype), 1.0
+                        P.grad.addr_(left, right.to(P.grad.dtype), alpha=c)
+                    continue
+                if mp.attr is None or _computed(mp):  # its gradient reaches its parameters through autograd
                     with torch.enable_grad():
                         Wx = mp.weight()
                         if Wx.requires_grad:
                             Wx.backward(torch.outer(self._buffers[f"u_{i}"], self._buffers[f"v_{i}"]).to(Wx.dtype)
                                         * coefs[i])
                     continue
+                W = mp.param()
                 if not W.requires_grad:  # a frozen layer gets no gradient, as on the autograd route
                     continue
                 if W.grad is None:
@@ -752,7 +789,15 @@ class SpectralPenalty(nn.Module):
                         Wd = W.detach().requires_grad_()
                         (gW,) = torch.autograd.grad(mp.view(Wd), Wd, torch.outer(u, v))
                     G.add_(gW, alpha=c)
-            train = [j for j, mp in enumerate(self._convs) if mp.param().requires_grad]
+            for j, mp in enumerate(self._convs):
+                if _computed(mp):  # the weight-gradient of the pair, back through the parametrization
+                    x, y, params, mode = conv_pairs[j]
+                    with torch.enable_grad():
+                        Wc = mp.param()
+                        if Wc.requires_grad:
+                            gW = _ops.conv_weight_grad([Wc.detach()], [x], [y * coefs[nd + j]], params, [mode])[0]
+                            Wc.backward(gW.to(Wc.dtype))
+            train = [j for j, mp in enumerate(self._convs) if not _computed(mp) and mp.param().requires_grad]
             if train:
                 # dsigma/dW of each conv: the conv weight-gradient of its pair, times 2 gamma
                 # sigma scale, as the autograd route's backward computes it (the coefficient
