@@ -190,3 +190,18 @@ def test_equilibrium_check_reads_the_drift_over_the_last_tenth_of_the_penalized_
     # layers that are not penalized do not count
     assert E._equilibrium(traj([2.0, 1.5, 1.3, 1.2, 1.15, 1.12, 1.1, 1.08, 1.06, 1.05, 1.0]), ["b"], 100)["reached"]
     assert not E._equilibrium(traj([1.0]), ["a"], 100)["reached"]  # one point: nothing to judge
+
+
+def test_toy_weight_decay_reaches_the_optimizer():
+    # the authors' XOR script trains with SGD weight decay 1e-4; --full uses it (without it,
+    # lr 1 diverged to NaN there)
+    assert E.full_config().toy_weight_decay == 1e-4
+    cfg = E.Config(progress=False, trajectory_points=2)
+    ds, _ = E._case_data("toy-xor", 0, cfg)
+    norms = []
+    for wd in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = E.mlp(2, 8, ds.n_classes, depth=3, init_std=None)
+        E.train(model, ds, "vanilla", 20, 0.0, cfg, 0, lr=0.1, weight_decay=wd)
+        norms.append(sum(float(p.norm()) for p in model.parameters()))
+    assert norms[1] < 0.8 * norms[0]
