@@ -157,24 +157,75 @@ def test_full_config_estimate_is_printed_and_fits_an_hour():
     assert len(E.full_config().seeds) >= 3 and E.full_config().attack_steps == 40
 
 
-def test_gamma_sweep_runs_each_gamma_in_its_own_folder(tmp_path):
-    cfg = E.Config(cases=("mnist-mlp",), mlp_width=16, mlp_epochs=1, attack_points=2, pgd_points=4, attack_steps=1,
-                   hsj_max_evals=10, pgd_eps_linf=(0.05,), pgd_eps_l2=(1.0,), burn_in=0.0, trajectory_points=2,
-                   out_dir=str(tmp_path), progress=False)
-    res = E.sweep_gamma(cfg, gammas=(1e-3, 1.0))
+def _tiny_sweep_config(out_dir):
+    return E.Config(cases=("mnist-mlp",), mlp_width=16, mlp_epochs=1, attack_points=2, pgd_points=4, attack_steps=1,
+                    hsj_max_evals=10, pgd_eps_linf=(0.05,), pgd_eps_l2=(1.0,), burn_in=0.0, trajectory_points=2,
+                    out_dir=str(out_dir), progress=False)
+
+
+def _count_training(monkeypatch):
+    trained = []
+    real = E.train
+
+    def counting(model, ds, arm, *a, **k):
+        trained.append((arm, a[1]))  # (arm, gamma)
+        return real(model, ds, arm, *a, **k)
+
+    monkeypatch.setattr(E, "train", counting)
+    return trained
+
+
+def test_gamma_sweep_runs_each_gamma_in_its_own_folder(tmp_path, monkeypatch):
+    trained = _count_training(monkeypatch)
+    res = E.sweep_gamma(_tiny_sweep_config(tmp_path), gammas=(1e-3, 1.0))
     sweep = json.loads((tmp_path / "sweep.json").read_text())
-    assert set(sweep) == {"0.001", "1"}
+    assert set(sweep) == {"0.001", "1", "_sources"}
     for g in ("0.001", "1"):
         assert (tmp_path / f"gamma_{g}" / "results.json").exists()
     for g, r in res.items():  # each folder's penalized arms trained with its gamma
         runs = r["runs"]["mnist-mlp"][0]
         assert runs["rep-spectral"]["gamma"] == runs["ll-spectral"]["gamma"] == g and runs["vanilla"]["gamma"] == 0
+    # vanilla does not depend on gamma: trained once, the same run in every gamma's table
+    assert sorted(trained) == sorted([("vanilla", 1e-3), ("ll-spectral", 1e-3), ("rep-spectral", 1e-3),
+                                      ("ll-spectral", 1.0), ("rep-spectral", 1.0)])
+    assert res[1e-3]["runs"]["mnist-mlp"][0]["vanilla"] == res[1.0]["runs"]["mnist-mlp"][0]["vanilla"]
+
+
+def test_gamma_sweep_reuses_an_earlier_run_with_the_same_budget(tmp_path, monkeypatch):
+    cfg = _tiny_sweep_config(tmp_path / "earlier")
+    cfg.gamma_mlp = cfg.gamma_cnn = 1.0
+    earlier = E.reproduce(cfg)
+    trained = _count_training(monkeypatch)
+    res = E.sweep_gamma(_tiny_sweep_config(tmp_path / "sweep"), gammas=(1e-3, 1.0),
+                        reuse=str(tmp_path / "earlier" / "results.json"))
+    # only gamma 1e-3's penalized arms train; gamma 1's runs and everyone's vanilla come from the file
+    assert sorted(trained) == [("ll-spectral", 1e-3), ("rep-spectral", 1e-3)]
+    for g in (1e-3, 1.0):
+        assert res[g]["runs"]["mnist-mlp"][0]["vanilla"]["points"] == earlier["runs"]["mnist-mlp"][0]["vanilla"]["points"]
+    def key(rows):
+        return [(r["arm"], r["min_l2"][0], r["probe_acc"][0], r["lemma1_cert"][0]) for r in rows]
+
+    assert key(res[1.0]["summary"]) == key(earlier["summary"])
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["_sources"]["vanilla_runs_of_gamma"] == "1"
+    # a run with another budget, or at a gamma outside the sweep, cannot stand in
+    other = _tiny_sweep_config(tmp_path / "sweep2")
+    other.mlp_epochs = 2
+    with pytest.raises(ValueError, match="mlp_epochs=1"):
+        E.sweep_gamma(other, gammas=(1e-3, 1.0), reuse=str(tmp_path / "earlier" / "results.json"))
+    with pytest.raises(ValueError, match="gamma 1, not one of"):
+        E.sweep_gamma(_tiny_sweep_config(tmp_path / "sweep3"), gammas=(1e-3, 1e-1),
+                      reuse=str(tmp_path / "earlier" / "results.json"))
 
 
 def test_sweep_gamma_cli_rejects_a_single_gamma(tmp_path):
     from specreg_fast import cli
 
     assert cli.main(["reproduce", "--sweep-gamma", "--gamma", "0.1", "--out", str(tmp_path)]) == 2
+    # --reuse-run belongs to the sweep, and must be a results.json
+    assert cli.main(["reproduce", "--reuse-run", str(tmp_path / "results.json"), "--out", str(tmp_path)]) == 2
+    (tmp_path / "not.json").write_text("not json")
+    assert cli.main(["reproduce", "--sweep-gamma", "--reuse-run", str(tmp_path / "not.json"), "--out",
+                     str(tmp_path)]) == 2
 
 
 def test_equilibrium_check_reads_the_drift_over_the_last_tenth_of_the_penalized_steps():
@@ -205,3 +256,28 @@ def test_toy_weight_decay_reaches_the_optimizer():
         E.train(model, ds, "vanilla", 20, 0.0, cfg, 0, lr=0.1, weight_decay=wd)
         norms.append(sum(float(p.norm()) for p in model.parameters()))
     assert norms[1] < 0.8 * norms[0]
+
+
+def test_a_diverging_run_is_recorded_and_left_out_instead_of_crashing(tmp_path, capsys):
+    # lr 1e4 on the XOR toy overflows to inf/NaN within a few steps (lr 1 without weight decay
+    # did so in a --full run and crashed it in the final SVD); the run is kept, marked
+    # diverged, and the table, the paired intervals and the plots leave it out
+    cfg = E.Config(cases=("toy-xor",), toy_epochs=30, toy_lr=(1e4, 0.1), seeds=(0, 1), attack_points=2, pgd_points=4,
+                   attack_steps=1, hsj_max_evals=10, pgd_eps_linf=(0.05,), pgd_eps_l2=(1.0,), burn_in=0.5,
+                   trajectory_points=4, out_dir=str(tmp_path), progress=False)
+    out = E.reproduce(cfg)
+    table = capsys.readouterr().out
+    runs = out["runs"]["toy-xor"]
+    for seed in cfg.seeds:
+        for arm in E.ARMS:
+            r = runs[seed][arm]
+            assert r["diverged"] is not None and 0 <= r["diverged"] < r["steps"]
+            assert all(math.isnan(v) for v in r["sigmas"].values()) and math.isnan(r["probe_acc"])
+            assert r["points"]["upper"] == []
+    rows = [r for r in out["summary"] if r["case"] == "toy-xor"]
+    assert all(r["diverged"] == 2 and math.isnan(r["probe_acc"][0]) for r in rows)
+    assert "diverged in 2/2 seeds" in table
+    assert all(c["n"] == 0 and c["verdict"] == "no difference resolved" for c in out["paired"]["t_holm"])
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["runs"]["toy-xor"]["0"]["vanilla"]["diverged"] == runs[0]["vanilla"]["diverged"]
+    assert os.path.getsize(tmp_path / "toy_decision_boundaries.png") > 1000

@@ -124,10 +124,27 @@ def reproduce(args) -> int:
           f"{'' if cfg.cnn_seeds is None else f' ({list(cfg.cnn_seeds)} for the CNNs and transfer)'}; "
           f"{cfg.attack_points} attacked points ({'/'.join(cfg.attacks)}); gamma {', '.join(f'{g:g}' for g in gammas)} "
           f"(MLP/CNN), {cfg.gamma_toy:g} (toy); output in {cfg.out_dir}/")
-    est = E.estimate_minutes(cfg) * len(gammas)
+    if args.reuse_run is not None and not args.sweep_gamma:
+        print("specreg-fast reproduce: --reuse-run goes with --sweep-gamma", file=sys.stderr)
+        return 2
+    reused = 0
+    if args.reuse_run is not None:
+        try:
+            g_reused, _ = E.load_runs(args.reuse_run, cfg)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"specreg-fast reproduce: --reuse-run {args.reuse_run}: {e}", file=sys.stderr)
+            return 2
+        if g_reused not in gammas:
+            print(f"specreg-fast reproduce: --reuse-run {args.reuse_run} was run with gamma {g_reused:g}, not one of "
+                  f"{', '.join(f'{g:g}' for g in gammas)}", file=sys.stderr)
+            return 2
+        reused = 1
+    # the sweep trains vanilla once: every gamma after the first costs two arms of three
+    n_runs = 1 + (len(gammas) - 1) * 2 / 3 if reused == 0 else (len(gammas) - 1) * 2 / 3
+    est = E.estimate_minutes(cfg) * n_runs
     print(f"estimate: about {est:.0f} minutes on a 2-core CPU (scaled from runs measured on this project's machine)")
     if args.sweep_gamma:
-        E.sweep_gamma(cfg)
+        E.sweep_gamma(cfg, reuse=args.reuse_run)
     else:
         E.reproduce(cfg)
     return 0
@@ -172,6 +189,9 @@ def main(argv=None) -> int:
                                                              "the authors sweep 1e-3, 1e-2, 1e-1)")
     r.add_argument("--sweep-gamma", action="store_true", help="the authors' gamma sweep (1e-3, 1e-2, 1e-1) on the "
                                                               "MNIST MLP at the full step budget, one folder per gamma")
+    r.add_argument("--reuse-run", default=None, help="with --sweep-gamma: the results.json of an earlier run with "
+                                                     "the same budget at one of the sweep's gammas (e.g. of reproduce "
+                                                     "--full --cases mnist-mlp); its runs are taken, not retrained")
     r.add_argument("--limit-train", type=int, default=None, help="use only the first N training images of the "
                                                                  "full datasets")
     r.add_argument("--seeds", type=int, default=None, help="number of seeds")

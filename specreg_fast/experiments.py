@@ -13,7 +13,7 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -221,7 +221,11 @@ def train(model: nn.Sequential, ds: D.Dataset, arm: str, epochs: int, gamma: flo
     every layer's sigma (the penalty's own notion: operator or circular norm for convs; a
     separate tracker with its own persistent vectors, stepped only at the log points), the
     mean feature norm on a fixed batch of 256 training inputs, and the mean cross-entropy
-    since the previous point."""
+    since the previous point.
+
+    A run whose loss or weights turn non-finite stops there and is returned with
+    ``diverged`` = the step (None otherwise), its sigmas NaN: the caller records it instead
+    of evaluating a NaN model (lr 1 on the toys without weight decay does this)."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -246,6 +250,9 @@ def train(model: nn.Sequential, ds: D.Dataset, arm: str, epochs: int, gamma: flo
     trajectory: List[Dict[str, object]] = []
     loss_sum, loss_n = 0.0, 0
 
+    def finite_weights():
+        return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
     def log(step):
         with torch.no_grad():
             tracker(update=True)
@@ -257,6 +264,7 @@ def train(model: nn.Sequential, ds: D.Dataset, arm: str, epochs: int, gamma: flo
     t_pen = 0.0
     t0 = time.perf_counter()
     step = 0
+    diverged = None
     log(0)
     bar = tqdm(range(epochs), desc=desc, leave=False, disable=not cfg.progress)
     for ep in bar:
@@ -265,6 +273,9 @@ def train(model: nn.Sequential, ds: D.Dataset, arm: str, epochs: int, gamma: flo
         for i in range(steps_per_epoch):
             idx = perm[i * bs:(i + 1) * bs]
             ce = crit(model(ds.x_train[idx]), ds.y_train[idx])
+            if not math.isfinite(float(ce.detach())):
+                diverged = step
+                break
             loss = ce
             if pen is not None:
                 tp = time.perf_counter()
@@ -277,30 +288,36 @@ def train(model: nn.Sequential, ds: D.Dataset, arm: str, epochs: int, gamma: flo
             loss_sum += float(ce.detach())
             loss_n += 1
             if step % log_every == 0 or step == total_steps:
+                if not finite_weights():  # a finite loss can still step into inf/NaN weights
+                    diverged = step
+                    break
                 model.eval()
                 log(step)
                 model.train()
                 loss_sum, loss_n = 0.0, 0
+        if diverged is not None:
+            break
         bar.set_postfix(loss=f"{loss.item():.3f}")
     total = time.perf_counter() - t0
-    sig = _layer_sigmas(model)
+    if diverged is None and not finite_weights():
+        diverged = step
     penalized = pen.layer_names if pen is not None else []
+    sig = _layer_sigmas(model, diverged=diverged is not None)
     return {"train_time_s": total, "penalty_time_s": t_pen, "gamma": gamma if pen is not None else 0.0,
-            "steps": total_steps, "batch_size": bs,
+            "diverged": diverged, "steps": total_steps, "batch_size": bs,
             "penalized_steps": max(0, total_steps - start_step) if pen is not None else 0,
             "start_step": start_step, "penalized_layers": penalized, "trajectory": trajectory,
             "equilibrium": _equilibrium(trajectory, penalized, start_step), "sigmas": sig}
 
 
 @torch.no_grad()
-def _layer_sigmas(model: nn.Module) -> Dict[str, float]:
+def _layer_sigmas(model: nn.Module, diverged: bool = False) -> Dict[str, float]:
     """Exact sigma of each Linear (SVD) and the matrix norm of each conv kernel (for a
-    per-layer report that is the same quantity in every arm)."""
-    out = {}
-    for n, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            out[n] = float(torch.linalg.matrix_norm(m.weight.reshape(m.weight.shape[0], -1).double(), 2))
-    return out
+    per-layer report that is the same quantity in every arm); NaN for a diverged model
+    (an SVD of non-finite weights raises)."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    return {n: float("nan") if diverged else
+            float(torch.linalg.matrix_norm(m.weight.reshape(m.weight.shape[0], -1).double(), 2)) for n, m in layers}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -389,6 +406,16 @@ def evaluate(model: nn.Sequential, ds: D.Dataset, cfg: Config, seed: int, probe_
     return out
 
 
+def _not_evaluated(cfg: Config) -> Dict[str, object]:
+    """:func:`evaluate`'s fields for a run that diverged: NaN everywhere, no attacked point,
+    so that the table's means and the paired intervals leave the run out."""
+    nan = float("nan")
+    return {"clean_acc": nan, "probe_acc": nan, "pgd_linf": {str(e): nan for e in cfg.pgd_eps_linf},
+            "pgd_l2": {str(e): nan for e in cfg.pgd_eps_l2}, "min_l2": _distance_summary(torch.empty(0)),
+            "min_l2_by_method": {}, "points": {"index": [], "upper": [], "by_method": {}, "lemma1_empirical": []},
+            "lemma1_empirical_mean": nan, "lipschitz_bound": nan}
+
+
 def _distance_summary(d: torch.Tensor) -> Dict[str, float]:
     """Mean and median of the finite distances (points an attack broke) and the share broken."""
     f = d[torch.isfinite(d)]
@@ -438,10 +465,16 @@ def _case_data(case: str, seed: int, cfg: Optional[Config] = None):
     raise ValueError(f"unknown case {case!r}; expected one of {', '.join(CASES)}")
 
 
-def run_case(case: str, cfg: Config, seed: int) -> Dict[str, Dict[str, object]]:
+def run_case(case: str, cfg: Config, seed: int, done: Optional[Dict[str, Dict[str, object]]] = None
+             ) -> Dict[str, Dict[str, object]]:
+    """Train and evaluate the three arms of one case and seed; the arms in ``done`` (runs of
+    this case, seed and config from elsewhere) are taken as they are."""
     ds, probe = _case_data(case, seed, cfg)
     out = {}
     for arm in ARMS:
+        if done and arm in done:
+            out[arm] = done[arm]
+            continue
         torch.manual_seed(seed)
         if case in TOY_CASES:
             # [8, 8, 8] GELU; the eig_ub variant is the authors' rep-spectral on the toys (their
@@ -463,7 +496,7 @@ def run_case(case: str, cfg: Config, seed: int) -> Dict[str, Dict[str, object]]:
             tr = train(model, ds, arm, cfg.mlp_epochs, cfg.gamma_mlp, cfg, seed, batch_size=cfg.mlp_batch_size,
                        desc=f"{case}/{arm}")
         t_ev = time.perf_counter()
-        ev = evaluate(model, ds, cfg, seed, probe)
+        ev = evaluate(model, ds, cfg, seed, probe) if tr["diverged"] is None else _not_evaluated(cfg)
         out[arm] = {**tr, **ev, "eval_time_s": time.perf_counter() - t_ev}
         if case in TOY_CASES:
             out[arm]["_model"] = model
@@ -493,10 +526,13 @@ def summarize(all_runs: Dict[str, Dict[int, Dict[str, Dict[str, object]]]], cfg:
     for case, by_seed in all_runs.items():
         for arm in ARMS:
             runs = [by_seed[s][arm] for s in by_seed]
-            row = {"case": case, "arm": arm, "seeds": len(runs), "steps": runs[0]["steps"],
-                   "penalized_steps": runs[0]["penalized_steps"], "batch_size": runs[0]["batch_size"],
-                   "equilibrium_reached": all(r["equilibrium"]["reached"] for r in runs) if arm != "vanilla" else None,
-                   "max_drift": max((r["equilibrium"]["drift"] for r in runs), default=float("nan"))}
+            done = [r for r in runs if r.get("diverged") is None]  # diverged runs hold NaN metrics
+            row = {"case": case, "arm": arm, "seeds": len(runs), "diverged": len(runs) - len(done),
+                   "steps": runs[0]["steps"], "penalized_steps": runs[0]["penalized_steps"],
+                   "batch_size": runs[0]["batch_size"],
+                   "equilibrium_reached": (bool(done) and all(r["equilibrium"]["reached"] for r in done))
+                   if arm != "vanilla" else None,
+                   "max_drift": max((r["equilibrium"]["drift"] for r in done), default=float("nan"))}
             for key, get in (("probe_acc", lambda r: r["probe_acc"]),
                              ("clean_acc", lambda r: r["clean_acc"]),
                              ("min_l2", lambda r: r["min_l2"]["median"]),
@@ -555,6 +591,8 @@ def print_table(rows, cfg: Config) -> None:
     for r in rows:
         settled = ("-" if r["equilibrium_reached"] is None else "yes" if r["equilibrium_reached"]
                    else f"no ({100 * r['max_drift']:.1f}% drift)")
+        if r.get("diverged"):
+            settled += f"; diverged in {r['diverged']}/{r['seeds']} seeds (left out)"
         line = (f"{r['case']:<20}{r['arm']:<14}{r['steps']:>8} ({r['penalized_steps']:>4}){f(r['probe_acc'], True):>11}"
                 f"{f(r['min_l2']):>16}{f(r['lemma1_cert']):>16}" + "".join(f"{f(r[c], True):>11}" for c in eps_cols)
                 + f"{r['penalty_s'][0]:>10.2f}s  {settled}")
@@ -618,7 +656,8 @@ def plots(all_runs, rows, cfg: Config) -> List[str]:
                     z = model(torch.stack([gx.flatten(), gy.flatten()], 1)).argmax(1).reshape(200, 200)
                 ax.contourf(gx, gy, z, alpha=0.3, cmap="coolwarm")
                 ax.scatter(ds.x_test[:, 0], ds.x_test[:, 1], c=ds.y_test, s=6, cmap="coolwarm")
-                ax.set_title(f"{case}: {arm} (min L2 {run['min_l2']['mean']:.3f})")
+                ax.set_title(f"{case}: {arm} " + (f"(diverged at step {run['diverged']})" if run.get("diverged")
+                                                  is not None else f"(min L2 {run['min_l2']['mean']:.3f})"))
         files.append(_save(fig, cfg, "toy_decision_boundaries.png"))
     return files
 
@@ -661,14 +700,18 @@ def trajectory_plot(all_runs, cfg: Config, name: str = "trajectories.png") -> st
     return _save(fig, cfg, name)
 
 
-def reproduce(cfg: Config) -> Dict[str, object]:
+def reproduce(cfg: Config, done: Optional[Dict[str, Dict[int, Dict[str, Dict[str, object]]]]] = None
+              ) -> Dict[str, object]:
+    """Every case, seed and arm of ``cfg``: train, evaluate, print the table and the paired
+    comparisons, write ``results.json`` and the plots into ``cfg.out_dir``. ``done[case][seed][arm]``:
+    runs already made with this config, taken instead of training them again."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     all_runs: Dict[str, Dict[int, Dict[str, Dict[str, object]]]] = {}
     t0 = time.perf_counter()
     for case in cfg.cases:
         all_runs[case] = {}
         for seed in case_seeds(case, cfg):
-            all_runs[case][seed] = run_case(case, cfg, seed)
+            all_runs[case][seed] = run_case(case, cfg, seed, (done or {}).get(case, {}).get(seed))
     rows = summarize(all_runs, cfg)
     paired = paired_comparisons(all_runs)
     print()
@@ -686,23 +729,73 @@ def reproduce(cfg: Config) -> Dict[str, object]:
     return out
 
 
-def sweep_gamma(cfg: Config, gammas: Sequence[float] = SWEEP_GAMMAS) -> Dict[float, Dict[str, object]]:
+# the config fields a reused run need not share with the sweep: output, cases, gamma, and the
+# toys' settings (toy runs are never reused)
+_NOT_BUDGET = ("out_dir", "progress", "cases", "gamma_mlp", "gamma_cnn", "gamma_toy")
+
+
+def load_runs(path: str, cfg: Config) -> Tuple[float, Dict[str, Dict[int, Dict[str, Dict[str, object]]]]]:
+    """The runs of ``cfg.cases`` in an earlier ``results.json`` made with the same budget as
+    ``cfg`` (every :class:`Config` field but the output folder, the cases and gamma), and
+    the gamma they were trained with. Raises ValueError naming the first field that differs,
+    a missing case, or a toy case (their plots need the trained models, which the JSON lacks)."""
+    with open(path) as f:
+        res = json.load(f)
+    theirs, ours = res["config"], {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+    for k, v in ours.items():
+        if k not in _NOT_BUDGET and not k.startswith("toy_") and theirs.get(k) != v:
+            raise ValueError(f"{path} was run with {k}={theirs.get(k)!r}, this sweep uses {k}={v!r}: its runs "
+                             f"cannot stand in for this sweep's")
+    if theirs["gamma_mlp"] != theirs["gamma_cnn"]:
+        raise ValueError(f"{path} used gamma {theirs['gamma_mlp']} (MLP) and {theirs['gamma_cnn']} (CNN); "
+                         f"a sweep runs one gamma for both")
+    toys = [c for c in cfg.cases if c in TOY_CASES]
+    missing = [c for c in cfg.cases if c not in res["runs"]]
+    if toys or missing:
+        raise ValueError(f"{path}: cannot reuse case(s) {', '.join(toys + missing)} "
+                         f"({'toy runs are not reusable' if toys else 'not in that run'})")
+    runs = {c: {int(s): by_arm for s, by_arm in res["runs"][c].items()} for c in cfg.cases}
+    return float(theirs["gamma_mlp"]), runs
+
+
+def sweep_gamma(cfg: Config, gammas: Sequence[float] = SWEEP_GAMMAS, reuse: Optional[str] = None
+                ) -> Dict[float, Dict[str, object]]:
     """:func:`reproduce` once per gamma of the MLP/CNN cases, each in ``out_dir/gamma_<g>``,
-    then one table of every gamma's rows and paired verdicts (``sweep.json``)."""
+    then one table of every gamma's rows and paired verdicts (``sweep.json``).
+
+    The vanilla arm does not depend on gamma: it is trained once and shared by every gamma.
+    ``reuse``: a ``results.json`` of an earlier run with the same budget at one of
+    ``gammas`` (e.g. ``reproduce --full``): that gamma's runs are taken from it, not trained."""
     base = cfg.out_dir
+    done: Dict[float, Dict[str, Dict[int, Dict[str, Dict[str, object]]]]] = {}
+    if reuse is not None:
+        g_reused, runs = load_runs(reuse, cfg)
+        if g_reused not in gammas:
+            raise ValueError(f"{reuse} was run with gamma {g_reused:g}, not one of the sweep's "
+                             f"({', '.join(f'{g:g}' for g in gammas)})")
+        done[g_reused] = runs
+    order = sorted(gammas, key=lambda g: g not in done)  # a reused gamma first: its vanilla runs serve all
     results = {}
-    for g in gammas:
+    for g in order:
         sub = Config(**{**asdict(cfg), "gamma_mlp": g, "gamma_cnn": g, "out_dir": os.path.join(base, f"gamma_{g:g}")})
-        results[g] = reproduce(sub)
+        results[g] = reproduce(sub, done.get(g))
+        for other in gammas:  # the toys' models (for their plots) are not kept: they train again
+            for c, by_seed in results[g]["runs"].items():
+                for s, by_arm in by_seed.items():
+                    if c not in TOY_CASES:
+                        done.setdefault(other, {}).setdefault(c, {}).setdefault(s, {}).setdefault("vanilla",
+                                                                                                   by_arm["vanilla"])
+    results = {g: results[g] for g in gammas}
     summary = {f"{g:g}": {"summary": r["summary"], "paired": r["paired"]["t_holm"]} for g, r in results.items()}
+    summary["_sources"] = {"reused": reuse, "vanilla_runs_of_gamma": f"{order[0]:g}"}
     os.makedirs(base, exist_ok=True)
     with open(os.path.join(base, "sweep.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)
-    print(f"\ngamma sweep ({', '.join(f'{g:g}' for g in gammas)}):")
+    print(f"\ngamma sweep ({', '.join(f'{g:g}' for g in gammas)}; vanilla runs shared"
+          f"{'' if reuse is None else f'; gamma {order[0]:g} from {reuse}'}):")
     for g, r in results.items():
         for row in r["summary"]:
             print(f"  gamma {g:<7g}{row['case']:<20}{row['arm']:<14}probe {100 * row['probe_acc'][0]:5.1f}%  "
                   f"min L2 {row['min_l2'][0]:.3f}±{row['min_l2'][1]:.3f}")
     print(f"wrote {os.path.join(base, 'sweep.json')}")
     return results
-
