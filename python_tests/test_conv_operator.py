@@ -271,6 +271,34 @@ def test_kernel_override_switches_the_computation(use_conv_kernel):
     assert any(differs)
 
 
+def _one_step_bits(spec, use_conv_kernel, kernel):
+    use_conv_kernel(kernel)
+    params, modes = ops.pack_conv_params([spec])
+    st = conv.init_conv_state([spec], generator=torch.Generator().manual_seed(3))
+    s = ops.conv_power_step_([spec.weight], st.xs, st.ys, params, modes, 2, 0.0)
+    return s, st.xs[0], st.ys[0]
+
+
+def test_auto_routes_depthwise_layers_to_aten(use_conv_kernel):
+    """Depthwise layers go to ATen under "auto" (the direct kernels are 2.8x slower on
+    ConvNeXt's 7x7 depthwise layers: bench/bench_grouped.py): "auto" gives ATen's bits, not
+    the direct kernels', while a small dense layer of the same size still goes direct."""
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a, b))
+
+    dense = _spec(dim=2, cin=8, cout=8, k=7, padding=3, sizes=(8, 8), dtype=torch.float32)
+    runs = {k: _one_step_bits(dense, use_conv_kernel, k) for k in ("auto", "direct", "aten")}
+    if not same(runs["auto"], runs["direct"]) or same(runs["direct"], runs["aten"]):
+        pytest.skip("auto does not take the direct kernels on this CPU (no AVX-512), or they sum like ATen here")
+    for k, groups in ((7, 16), (3, 16), (5, 24)):
+        dw = _spec(dim=2, cin=groups, cout=groups, k=k, padding=k // 2, groups=groups, sizes=(8, 8),
+                   dtype=torch.float32)
+        runs = {kern: _one_step_bits(dw, use_conv_kernel, kern) for kern in ("auto", "direct", "aten")}
+        assert same(runs["auto"], runs["aten"]) and not same(runs["auto"], runs["direct"]), (k, groups)
+        for a, b in zip(runs["aten"], runs["direct"]):
+            torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
+
+
 def test_direct_kernels_do_not_depend_on_thread_count(use_conv_kernel):
     use_conv_kernel("direct")
     spec = _spec(dim=2, cin=64, cout=96, k=3, padding=1, sizes=(6, 6), dtype=torch.float32)

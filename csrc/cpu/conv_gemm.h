@@ -12,8 +12,8 @@
 // output tile in registers. Every output entry is owned by one thread and summed in a fixed
 // order, so results do not depend on the thread count.
 //
-// Which layers go here is decided by conv_gemm_preferred (im2col(x) of at most 1 MiB;
-// measured, see conv_gemm_cpu.cpp); the environment variable
+// Which layers go here is decided by conv_gemm_preferred (float32 with AVX-512, not
+// depthwise, im2col(x) of at most 1 MiB; measured, see conv_gemm_cpu.cpp); the environment variable
 // SPECREG_FAST_CONV_KERNEL=direct|aten|auto, read once, overrides it, as does
 // specreg_fast.conv.set_conv_kernel (tests use it to run both paths on the same shapes).
 #pragma once

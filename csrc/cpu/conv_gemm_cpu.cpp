@@ -482,6 +482,12 @@ bool conv_gemm_preferred(const ConvGeom& g, const at::Tensor& W, const at::Tenso
   if (c == KernelChoice::Direct) return true;
 #if SPECREG_HAVE_AVX512_PATH
   if (W.scalar_type() != at::kFloat || !cpu_has_avx512()) return false;
+  // Depthwise layers (one input channel per group) are per group a GEMM with one row of k*k
+  // taps, too thin for the direct kernels' register tiles, while oneDNN has dedicated
+  // depthwise kernels. Measured (bench/bench_grouped.py --kernels auto,aten,direct, 2
+  // threads): ConvNeXt-tiny's 7x7 depthwise layers at 64x64, 23.0 ms per step direct vs 8.2 ms
+  // ATen; MobileNetV3-small's 3x3/5x5 ones a tie (1.62 vs 1.65 ms).
+  if (g.groups > 1 && W.size(1) == 1) return false;
   // Measured on the ResNet-18/CIFAR shapes (bench/bench_conv.py, one and two threads): the
   // direct kernels win wherever im2col(x) fits in L2 next to the weight rows streaming past
   // it (512x512 at 4x4: 2.7 -> 1.1 ms per step on one thread; 3->64 at 32x32: 0.20 ->
