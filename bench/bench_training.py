@@ -24,11 +24,16 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from specreg_fast.benchmarks.suite import make_cnn, make_mlp, make_resnet18, penalty_arms, training_arms  # noqa: E402
+import torch  # noqa: E402
+
+from specreg_fast.benchmarks.suite import (build_penalized, make_cnn, make_mlp, make_resnet18,  # noqa: E402
+                                          penalty_arms, training_arms)
 
 
 def bench(make, label, repeats):
-    t = common.interleaved(training_arms(make), repeats=repeats, min_time=0.0)
+    model, x, refpen, pen = build_penalized(make, "cpu", 128)
+    y = torch.randint(0, 10, (128,))
+    t = common.interleaved(training_arms(model, x, y, refpen, pen), repeats=repeats, min_time=0.0)
     ref_over = common.paired_overhead(t, "reference", "no penalty")
     rows = []
     for k, v in t.items():
@@ -43,7 +48,8 @@ def bench(make, label, repeats):
 
 def penalty_cost(make, label, repeats):
     """Penalty alone (suite.penalty_arms), interleaved; ratios to the reference."""
-    t = common.interleaved(penalty_arms(make), repeats=repeats)
+    model, _, refpen, pen = build_penalized(make, "cpu", 2)
+    t = common.interleaved(penalty_arms(model, refpen, pen), repeats=repeats)
     base = t["reference"]["median"]
     return [{"model": label, "arm": k, "median_s": v["median"], "min_s": v["min"], "max_s": v["max"],
              "vs_reference": v["median"] / base} for k, v in t.items()]

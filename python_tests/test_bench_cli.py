@@ -105,3 +105,84 @@ def test_errors(capsys):
         cli.main(["bench", "--device", "tpu"])
     with pytest.raises(ValueError, match="size must be one of"):
         suite.run("huge")
+
+
+class _EveryMapKind(torch.nn.Module):
+    """A dense layer, attention (q/k/v blocks + out_proj), a 3x3 conv, a depthwise conv, a
+    non-overlapping patch conv (the dense path) and a readout."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, 8, 2, stride=2)
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.dw(self.conv(self.patch(x)))
+        t = h.flatten(2).transpose(1, 2)
+        t = t + self.attn(t, t, t, need_weights=False)[0]
+        return self.head(torch.relu(self.fc(t.mean(1))))
+
+
+def test_reference_penalty_computes_the_same_penalty_and_gradient_as_ours():
+    # the per-model bench's ratio compares like with like: after convergence the plain loop's
+    # penalty and its gradient equal SpectralPenalty's on every kind of map (float64; seed 2
+    # has clear gaps below every map's top singular value, so 300 steps converge the vectors)
+    torch.manual_seed(2)
+    model = _EveryMapKind().double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    refpen, pen = suite.penalized_model(model, x, gamma=0.5, readout="head")
+    assert len(refpen.dense) == 1 + 4 + 1 and len(refpen.convs) == 2  # patch, q/k/v/out, fc; conv, dw
+    for _ in range(300):
+        with torch.no_grad():
+            refpen()
+            pen()
+    params = [q for q in model.parameters()]
+    g_ref = torch.autograd.grad(refpen(), params, allow_unused=True)
+    g_ours = torch.autograd.grad(pen(), params, allow_unused=True)
+    torch.testing.assert_close(refpen(), pen().double(), rtol=1e-5, atol=0)  # (the penalty sums in float32)
+    for name, a, b in zip([n for n, _ in model.named_parameters()], g_ref, g_ours):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert float((a - b).norm()) <= 1e-6 * float(b.norm()), name
+
+
+def test_reference_penalty_builds_lora_maps_in_full():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).double()
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["0"]))
+    with torch.no_grad():
+        for n, q in model.named_parameters():
+            if "lora_B" in n:
+                q.normal_()
+    refpen, pen = suite.penalized_model(model, torch.randn(2, 12, dtype=torch.float64), readout="base_model.model.2")
+    assert [mp.lowrank is not None for mp in refpen.dense] == [True]
+    for _ in range(300):
+        with torch.no_grad():
+            refpen()
+    lora = model.base_model.model[0]
+    W = lora.base_layer.weight + lora.scaling["default"] * lora.lora_B["default"].weight @ lora.lora_A["default"].weight
+    torch.testing.assert_close(refpen(), pen.gammas[0].double() * torch.linalg.matrix_norm(W, 2) ** 2, rtol=1e-8,
+                               atol=0)
+
+
+def test_bench_models_cli(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert cli.main(["bench", "--models", "mobilenet_v3_small", "--quick", "--batch", "2", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "mobilenet_v3_small:" in table and "share of step" in table
+    res = json.loads(out.read_text())
+    arms = {(r["group"], r["arm"]) for r in res["rows"]}
+    assert {("penalty cost", "reference"), ("penalty cost", "ours (SpectralPenalty)"),
+            ("penalty cost", "ours (accumulate_grad)"), ("step share (batch 2)", "no penalty"),
+            ("step share (batch 2)", "ours (accumulate_grad)")} <= arms
+    for r in res["rows"]:
+        assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
+    ref = next(r for r in res["rows"] if r["arm"] == "reference" and r["group"] == "penalty cost")
+    assert ref["ratio_to_reference"] == 1.0
+    assert cli.main(["bench", "--models", "alexnet"]) == 2
+    assert "unknown model 'alexnet'" in capsys.readouterr().err

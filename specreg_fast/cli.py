@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -154,6 +155,8 @@ def bench(args) -> int:
     """Dense, conv, circular-norm and training-overhead benchmarks against plain PyTorch."""
     from .benchmarks import suite
 
+    if args.models is not None:
+        return bench_models(args)
     size = args.sizes or ("quick" if args.quick else "full")
     try:
         res = suite.run(size, args.device, progress=lambda s: print(f"... {s}", file=sys.stderr, flush=True))
@@ -167,6 +170,28 @@ def bench(args) -> int:
     if args.plot:
         suite.plot(res, args.plot)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def bench_models(args) -> int:
+    """The penalty's cost on real models (specreg_fast.benchmarks.models)."""
+    from .benchmarks import models
+
+    if args.models == "all":
+        names = models.QUICK if args.quick else list(models.MODELS)
+    else:
+        names = [n.strip() for n in args.models.split(",") if n.strip()]
+    try:
+        res = models.run(names, batch=args.batch, repeats=3 if args.quick else 7, device=args.device,
+                         progress=lambda s: print(f"... {s}", file=sys.stderr, flush=True))
+    except ValueError as e:
+        print(f"specreg-fast bench: {e}", file=sys.stderr)
+        return 2
+    models.print_table(res)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -204,6 +229,11 @@ def main(argv=None) -> int:
     b.add_argument("--json", default=None, help="write every row and the machine info to this file")
     b.add_argument("--plot", default=None, help="write a PNG bar chart of the ratios")
     b.add_argument("--sizes", default=None, choices=("full", "quick", "tiny"), help=argparse.SUPPRESS)
+    b.add_argument("--models", nargs="?", const="all", default=None,
+                   help="instead: the penalty's cost on real models (comma list of resnet50, vit_b_16, convnext_tiny, "
+                        "efficientnet_b0, mobilenet_v3_small, vit_b_16-lora; default all, with --quick resnet50 and "
+                        "convnext_tiny): vs the reference loop and as a share of a training step")
+    b.add_argument("--batch", type=int, default=32, help="with --models: the training step's batch size")
     b.set_defaults(func=bench)
     args = p.parse_args(argv)
     return args.func(args)

@@ -30,6 +30,7 @@ fraction of this machine's read bandwidth measured by the suite (a ``sum`` over 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Callable, Dict, List, Optional
@@ -283,83 +284,70 @@ def make_resnet18():
 
 
 class ReferencePenalty:
-    """The plain way: a Python loop over the hidden layers, one power step each under
-    no_grad, then sigma by autograd through u^T W v (dense) or <y, conv(x)> (conv)."""
+    """The plain way, on the maps a (finalized) :class:`SpectralPenalty` regularizes: a Python
+    loop over them, per map one power step under no_grad (dense: two matvecs of its weight,
+    built in full for a LoRA map; conv: conv and its adjoint at the layer's input size), then
+    sigma by autograd through u^T W v or <y, conv(x)>; ``sum gamma_l sigma_l^2``."""
 
-    def __init__(self, model: nn.Module, shapes: Dict[nn.Module, tuple], gamma: float):
-        self.gamma = gamma
-        self.layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:-1]
-        self.shapes = shapes
-        self.state = {}
-        for m in self.layers:
-            v = torch.randn(shapes[m] if isinstance(m, nn.Conv2d) else (m.weight.shape[1],),
-                            device=m.weight.device)
-            self.state[m] = v / v.norm()
-
-    def __call__(self) -> torch.Tensor:
+    def __init__(self, pen):
         from .. import reference as ref
 
-        total = 0.0
-        for m in self.layers:
+        self.ref = ref
+        self.dense = list(pen._dense)
+        self.convs = list(zip(pen._convs, pen._conv_specs()))
+        self.gammas = [float(g) for g in pen.gammas]
+        like = [mp.like() for mp in self.dense]
+        self.v = [F.normalize(torch.randn(w.shape[1], device=w.device, dtype=w.dtype), dim=0) for w in like]
+        self.x = [F.normalize(torch.randn(spec.input_shape, device=spec.weight.device, dtype=spec.weight.dtype
+                                          ).flatten(), dim=0).view(spec.input_shape) for _, spec in self.convs]
+
+    def __call__(self) -> torch.Tensor:
+        terms = []
+        for i, mp in enumerate(self.dense):
+            W = mp.weight()
             with torch.no_grad():
-                if isinstance(m, nn.Conv2d):
-                    spec = ref.ConvSpec.from_module(m, self.shapes[m], weight=m.weight.detach())
-                    y = ref.conv_apply(spec, self.state[m][None])
-                    y = y / y.norm()
-                    x = ref.conv_adjoint(spec, y)[0]
-                    self.state[m] = x / x.norm()
-                else:
-                    t_ = m.weight @ self.state[m]
-                    u = t_ / t_.norm()
-                    a = m.weight.t() @ u
-                    self.state[m] = a / a.norm()
-            if isinstance(m, nn.Conv2d):
-                s_ = (y[0] * F.conv2d(self.state[m][None], m.weight, None, m.stride, m.padding)[0]).sum()
-            else:
-                s_ = u @ m.weight @ self.state[m]
-            total = total + s_ ** 2
-        return self.gamma * total
+                u = F.normalize(W @ self.v[i], dim=0)
+                self.v[i] = F.normalize(W.t() @ u, dim=0)
+            terms.append(u @ W @ self.v[i])
+        for i, (mp, spec) in enumerate(self.convs):
+            spec = dataclasses.replace(spec, weight=mp.weight())  # the live weight: sigma's gradient
+            with torch.no_grad():
+                y = self.ref.conv_apply(spec, self.x[i][None])
+                y = y / y.norm()
+                x = self.ref.conv_adjoint(spec, y)[0]
+                self.x[i] = x / x.norm()
+            terms.append((y * self.ref.conv_apply(spec, self.x[i][None])).sum())
+        return sum(g * t ** 2 for g, t in zip(self.gammas, terms))  # gammas: dense maps, then convs
 
 
-def _penalized_model(make, device, gamma, batch=128):
-    """(model, batch x, reference penalty, SpectralPenalty), both penalties initialized."""
+def penalized_model(model: nn.Module, inputs: torch.Tensor, gamma: float = 1e-2, **penalty_kw):
+    """(reference penalty, SpectralPenalty) on ``model``, both initialized by one forward of
+    ``inputs`` (the conv input sizes) and one call."""
     from ..penalty import SpectralPenalty
 
-    torch.manual_seed(0)
-    model, in_shape = make()
-    model.to(device)
-    x = torch.randn(batch, *in_shape, device=device)
-    shapes = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, a: shapes.__setitem__(mod, tuple(a[0].shape[1:])))
-             for m in model.modules() if isinstance(m, nn.Conv2d)]
-    model(x)
-    for h in hooks:
-        h.remove()
-    refpen = ReferencePenalty(model, shapes, gamma)
-    pen = SpectralPenalty(model, gamma=gamma)
-    model(x)
+    pen = SpectralPenalty(model, gamma=gamma, **penalty_kw)
+    with torch.no_grad():
+        model(inputs)
     pen()
-    return model, x, refpen, pen
+    return ReferencePenalty(pen), pen
 
 
-def penalty_arms(make, device="cpu", gamma=1e-2):
+def penalty_arms(model: nn.Module, refpen: "ReferencePenalty", pen) -> Dict[str, Callable[[], object]]:
     """The penalty alone, forward and backward, gradients added into existing ``.grad``: the
     reference penalty + backward, ``penalty()`` + backward, ``accumulate_grad()``."""
-    # (the batch only records the convs' input sizes: 2 samples do)
-    model, _, refpen, pen = _penalized_model(make, device, gamma, batch=2)
     for q in model.parameters():
-        q.grad = torch.zeros_like(q)
+        if q.requires_grad:
+            q.grad = torch.zeros_like(q)
     return {"reference": lambda: refpen().backward(), "ours (SpectralPenalty)": lambda: pen().backward(),
             "ours (accumulate_grad)": pen.accumulate_grad}
 
 
-def training_arms(make, device="cpu", gamma=1e-2):
+def training_arms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, refpen: "ReferencePenalty", pen,
+                  loss_fn: Optional[Callable] = None) -> Dict[str, Callable[[], object]]:
     """Step functions of the four arms (no penalty, reference, SpectralPenalty in the loss,
-    SpectralPenalty.accumulate_grad) sharing one model, optimizer and batch of 128."""
-    model, x, refpen, pen = _penalized_model(make, device, gamma)
-    y = torch.randint(0, 10, (128,), device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    crit = nn.CrossEntropyLoss()
+    SpectralPenalty.accumulate_grad) sharing one model, SGD optimizer and batch."""
+    opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=1e-3)
+    crit = loss_fn or nn.CrossEntropyLoss()
 
     def step(extra, after=None):
         def run_():
@@ -377,17 +365,31 @@ def training_arms(make, device="cpu", gamma=1e-2):
             "ours (accumulate_grad)": step(None, pen.accumulate_grad)}
 
 
+def build_penalized(make, device, batch):
+    """(model, random batch of ``batch`` inputs, reference penalty, SpectralPenalty) for a
+    ``make() -> (model, input shape)``."""
+    torch.manual_seed(0)
+    model, in_shape = make()
+    model.to(device)
+    x = torch.randn(batch, *in_shape, device=device)
+    refpen, pen = penalized_model(model, x[:2])
+    return model, x, refpen, pen
+
+
 def training_rows(repeats, device) -> List[dict]:
     rows = []
     for label, make in (("MLP 784-1024x3-10", make_mlp), ("CNN 3x32x32", make_cnn)):
-        t = interleaved(training_arms(make, device), repeats=repeats, min_time=0.0)
+        model, x, refpen, pen = build_penalized(make, device, 128)
+        y = torch.randint(0, 10, (128,), device=device)
+        t = interleaved(training_arms(model, x, y, refpen, pen), repeats=repeats, min_time=0.0)
         base = t["no penalty"]["median"]
         for k in ("reference", "ours (SpectralPenalty)", "ours (accumulate_grad)"):
             over = paired_overhead(t, k, "no penalty")
             rows.append(_row("training", "step overhead", label, k, t[k], t["reference"],
                              note=f"{100 * over:+.1f}% over the unpenalized step ({fmt_time(base)})"))
         # the penalty's own forward + backward, without the step's noise around it
-        t = interleaved(penalty_arms(make, device), repeats=3 * repeats)
+        model, _, refpen, pen = build_penalized(make, device, 2)
+        t = interleaved(penalty_arms(model, refpen, pen), repeats=3 * repeats)
         for k in ("ours (SpectralPenalty)", "ours (accumulate_grad)"):
             rows.append(_row("training", "penalty cost", label, k, t[k], t["reference"],
                              note=f"{t[k]['median'] / t['reference']['median']:.2f}x the reference penalty's time"))
