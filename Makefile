@@ -72,11 +72,15 @@ gpu-check:
 # The CPU tests against another torch (make test-compat TORCH=2.11.0; not part of CI): a side
 # venv with that torch and the pinned test and repro deps (as make test), the tree copied into
 # it (so the extension built against that torch does not replace .venv's), built and tested there.
+# TORCHVISION must pair with TORCH (torch 2.11 <-> torchvision 0.26; 2.14 <-> 0.29).
 TORCH  ?= 2.11.0
+TORCHVISION ?= 0.26.0
 COMPAT := .venv-compat-$(TORCH)
 test-compat:
 	test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
-	$(COMPAT)/bin/python -m pip install -q torch==$(TORCH) $$(grep -v -e '^torch==' -e '^#' requirements-dev.txt)
+	sed -e 's/#.*//' -e '/^torch==/d' -e '/^torchvision==/d' -e '/^[[:space:]]*$$/d' requirements-dev.txt \
+	    > $(COMPAT)/requirements-compat.txt
+	$(COMPAT)/bin/python -m pip install -q torch==$(TORCH) torchvision==$(TORCHVISION) -r $(COMPAT)/requirements-compat.txt
 	$(COMPAT)/bin/python -m pip install -q -r requirements-repro.txt
 	rm -rf $(COMPAT)/src && mkdir -p $(COMPAT)/src
 	git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C $(COMPAT)/src

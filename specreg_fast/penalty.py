@@ -48,6 +48,23 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _grad_of(P: torch.Tensor) -> torch.Tensor:
+    """``P.grad``, created as zeros where it is None (for in-place accumulation)."""
+    if P.grad is None:
+        P.grad = torch.zeros_like(P)
+    return P.grad
+
+
+def _rank1(left: torch.Tensor, right: torch.Tensor, c, dtype: torch.dtype):
+    """``(left, right, alpha)`` for ``G.addr_`` adding ``c left right^T`` in ``dtype``: a Python
+    float ``c`` (CPU) stays the alpha; a 0-d device tensor is folded into ``left`` so that
+    nothing waits for the device."""
+    left, right = left.to(dtype), right.to(dtype)
+    if isinstance(c, torch.Tensor):
+        return left * c.to(dtype), right, 1.0
+    return left, right, c
+
+
 def _computed(mp: _layers.LinearMap) -> bool:
     """A parametrized weight: recomputed on every access (under no_grad, a tensor with no
     way back to its parameters), so ``accumulate_grad`` goes through autograd for it."""
@@ -746,8 +763,7 @@ class SpectralPenalty(nn.Module):
             # 2 gamma sigma scale per layer: Python floats on the CPU (one read for all layers);
             # on a device, 0-d tensors folded into a vector, so nothing waits for the device
             coefs = (2.0 * float(scale)) * self._term_gammas(sig) * sig
-            host = coefs.device.type == "cpu"
-            if host:
+            if coefs.device.type == "cpu":
                 coefs = coefs.tolist()
             sharded = self._sharded()
             if sharded is not None:  # each rank adds its rows into the local shard of the DTensor .grad
@@ -757,12 +773,8 @@ class SpectralPenalty(nn.Module):
                 if mp.lowrank is not None:  # a LoRA map: d sigma/d(W, B, A) as rank-1 terms (dense.lowrank_grads)
                     u, v = self._buffers[f"u_{i}"], self._buffers[f"v_{i}"]
                     for P, left, right in _dense.lowrank_grads(mp.factors(), u, v):
-                        if P.grad is None:
-                            P.grad = torch.zeros_like(P)
-                        left, c = left.to(P.grad.dtype), coefs[i]
-                        if not host:
-                            left, c = left * c.to(P.grad.dtype), 1.0
-                        P.grad.addr_(left, right.to(P.grad.dtype), alpha=c)
+                        left, right, c = _rank1(left, right, coefs[i], P.dtype)
+                        _grad_of(P).addr_(left, right, alpha=c)
                     continue
                 if mp.attr is None or _computed(mp):  # its gradient reaches its parameters through autograd
                     with torch.enable_grad():
@@ -774,13 +786,8 @@ class SpectralPenalty(nn.Module):
                 W = mp.param()
                 if not W.requires_grad:  # a frozen layer gets no gradient, as on the autograd route
                     continue
-                if W.grad is None:
-                    W.grad = torch.zeros_like(W)
-                G = W.grad
-                u, v = self._buffers[f"u_{i}"].to(G.dtype), self._buffers[f"v_{i}"].to(G.dtype)
-                c = coefs[i]
-                if not host:
-                    u, c = u * c.to(G.dtype), 1.0
+                G = _grad_of(W)
+                u, v, c = _rank1(self._buffers[f"u_{i}"], self._buffers[f"v_{i}"], coefs[i], G.dtype)
                 Gm = mp.grad_view(G)  # the map's block of .grad (a transposed view, a row block...)
                 if Gm is not None:
                     Gm.addr_(u, v, alpha=c)
