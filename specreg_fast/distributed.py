@@ -55,13 +55,19 @@ def _fsdp_sharded_weights(root: nn.Module) -> Dict[int, nn.Parameter]:
     =False``, or the root module, which never reshards after forward); the sharded
     parameter is the one that persists, that the optimizer updates and whose ``.grad`` FSDP2
     fills, so the penalty always works on it. (FSDP2's per-parameter records are private
-    attributes: ``_fsdp_param_groups`` of the module's state, ``_module_info``.)"""
+    attributes: ``_fsdp_param_groups`` of the module's state, ``_fsdp_param_group`` on torch 2.11,
+    ``_module_info``.)"""
     from torch.distributed.fsdp import FSDPModule
 
     out = {}
     for mod in root.modules():
         if isinstance(mod, FSDPModule):
-            for group in mod._get_fsdp_state()._fsdp_param_groups:
+            state = mod._get_fsdp_state()
+            groups = getattr(state, "_fsdp_param_groups", None)
+            if groups is None:  # torch 2.11: one (optional) group per state, _fsdp_param_group
+                group = getattr(state, "_fsdp_param_group", None)
+                groups = [] if group is None else [group]
+            for group in groups:
                 for p in group.fsdp_params:
                     if p._module_info.param_name == "weight":
                         out[id(p._module_info.module)] = p.sharded_param
