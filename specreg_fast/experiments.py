@@ -734,11 +734,13 @@ def reproduce(cfg: Config, done: Optional[Dict[str, Dict[int, Dict[str, Dict[str
 _NOT_BUDGET = ("out_dir", "progress", "cases", "gamma_mlp", "gamma_cnn", "gamma_toy")
 
 
-def load_runs(path: str, cfg: Config) -> Tuple[float, Dict[str, Dict[int, Dict[str, Dict[str, object]]]]]:
+def load_runs(path: str, cfg: Config, gammas: Sequence[float] = SWEEP_GAMMAS
+              ) -> Tuple[float, Dict[str, Dict[int, Dict[str, Dict[str, object]]]]]:
     """The runs of ``cfg.cases`` in an earlier ``results.json`` made with the same budget as
     ``cfg`` (every :class:`Config` field but the output folder, the cases and gamma), and
-    the gamma they were trained with. Raises ValueError naming the first field that differs,
-    a missing case, or a toy case (their plots need the trained models, which the JSON lacks)."""
+    the gamma they were trained with, one of ``gammas``. Raises ValueError naming the first
+    field that differs, a gamma outside ``gammas``, a missing case, or a toy case (their
+    plots need the trained models, which the JSON lacks)."""
     with open(path) as f:
         res = json.load(f)
     theirs, ours = res["config"], {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
@@ -754,8 +756,12 @@ def load_runs(path: str, cfg: Config) -> Tuple[float, Dict[str, Dict[int, Dict[s
     if toys or missing:
         raise ValueError(f"{path}: cannot reuse case(s) {', '.join(toys + missing)} "
                          f"({'toy runs are not reusable' if toys else 'not in that run'})")
+    gamma = float(theirs["gamma_mlp"])
+    if gamma not in gammas:
+        raise ValueError(f"{path} was run with gamma {gamma:g}, not one of the sweep's "
+                         f"({', '.join(f'{g:g}' for g in gammas)})")
     runs = {c: {int(s): by_arm for s, by_arm in res["runs"][c].items()} for c in cfg.cases}
-    return float(theirs["gamma_mlp"]), runs
+    return gamma, runs
 
 
 def sweep_gamma(cfg: Config, gammas: Sequence[float] = SWEEP_GAMMAS, reuse: Optional[str] = None
@@ -769,22 +775,23 @@ def sweep_gamma(cfg: Config, gammas: Sequence[float] = SWEEP_GAMMAS, reuse: Opti
     base = cfg.out_dir
     done: Dict[float, Dict[str, Dict[int, Dict[str, Dict[str, object]]]]] = {}
     if reuse is not None:
-        g_reused, runs = load_runs(reuse, cfg)
-        if g_reused not in gammas:
-            raise ValueError(f"{reuse} was run with gamma {g_reused:g}, not one of the sweep's "
-                             f"({', '.join(f'{g:g}' for g in gammas)})")
+        g_reused, runs = load_runs(reuse, cfg, gammas)
         done[g_reused] = runs
     order = sorted(gammas, key=lambda g: g not in done)  # a reused gamma first: its vanilla runs serve all
     results = {}
     for g in order:
         sub = Config(**{**asdict(cfg), "gamma_mlp": g, "gamma_cnn": g, "out_dir": os.path.join(base, f"gamma_{g:g}")})
         results[g] = reproduce(sub, done.get(g))
-        for other in gammas:  # the toys' models (for their plots) are not kept: they train again
-            for c, by_seed in results[g]["runs"].items():
+        if g != order[0]:
+            continue
+        # the first gamma's vanilla runs serve the others (not the toys': their plots need the
+        # trained models, which the results do not keep, so they train again)
+        for c, by_seed in results[g]["runs"].items():
+            if c in TOY_CASES:
+                continue
+            for other in order[1:]:
                 for s, by_arm in by_seed.items():
-                    if c not in TOY_CASES:
-                        done.setdefault(other, {}).setdefault(c, {}).setdefault(s, {}).setdefault("vanilla",
-                                                                                                   by_arm["vanilla"])
+                    done.setdefault(other, {}).setdefault(c, {}).setdefault(s, {})["vanilla"] = by_arm["vanilla"]
     results = {g: results[g] for g in gammas}
     summary = {f"{g:g}": {"summary": r["summary"], "paired": r["paired"]["t_holm"]} for g, r in results.items()}
     summary["_sources"] = {"reused": reuse, "vanilla_runs_of_gamma": f"{order[0]:g}"}
