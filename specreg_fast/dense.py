@@ -230,12 +230,7 @@ class _LowRankSigma(torch.autograd.Function):
     def backward(ctx, grad):
         saved = ctx.saved_tensors
         n = len(ctx.owners)
-        grads = []
-        for k, l in enumerate(ctx.owners):
-            left, right = saved[k], saved[n + k]
-            # scale the short vector; a rank-1 mm (see ops._sigma_backward)
-            g = torch.mm((left * grad[l].to(left.dtype)).unsqueeze(1), right.unsqueeze(0))
-            grads.append(g.to(ctx.dtypes[k]))
+        grads = [ops.rank1_grad(saved[k], saved[n + k], grad[l], ctx.dtypes[k]) for k, l in enumerate(ctx.owners)]
         return (None, None, None, None, *grads)
 
 

@@ -319,16 +319,17 @@ def _sigma_backward(ctx, grad):
     n = ctx.n
     saved = ctx.saved_tensors
     us, vs = saved[:n], saved[n:]
-    grads = []
-    for l in range(n):
-        dt, _ = ctx.w_meta[l]
-        # scale the short vector, not the outer product: one m x n write per layer
-        g = grad[l].to(us[l].dtype)
-        # (a rank-1 mm, not torch.outer: outer's broadcast multiply splits the fresh, page-
-        # faulting output across threads and measured 7x slower on the loaded 2-core machine,
-        # 3 x 1024x1024: 48 ms vs 6.9 ms with 2 threads; equal with 1 thread)
-        grads.append(torch.mm((us[l] * g).unsqueeze(1), vs[l].unsqueeze(0)).to(dt))
+    grads = [rank1_grad(us[l], vs[l], grad[l], ctx.w_meta[l][0]) for l in range(n)]
     return grads, [None] * n, [None] * n
+
+
+def rank1_grad(left: torch.Tensor, right: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``g * left right^T`` in ``dtype``: the gradient of a bilinear form ``left^T W right``."""
+    # scale the short vector, not the outer product: one m x n write per layer
+    # (a rank-1 mm, not torch.outer: outer's broadcast multiply splits the fresh, page-
+    # faulting output across threads and measured 7x slower on the loaded 2-core machine,
+    # 3 x 1024x1024: 48 ms vs 6.9 ms with 2 threads; equal with 1 thread)
+    return torch.mm((left * g.to(left.dtype)).unsqueeze(1), right.unsqueeze(0)).to(dtype)
 
 
 torch.library.register_autograd("specreg_fast::sigma", _sigma_backward, setup_context=_sigma_setup_context)
