@@ -13,9 +13,36 @@ from __future__ import annotations
 
 from typing import List
 
+import os
+
 import torch
 
 _REGISTERED: List[str] = []
+
+
+def _fix_interpreter_scalar_index() -> None:
+    """Triton <= 3.6's interpreter holds a scalar as a 1-element array and converts it to a
+    loop bound with ``int(array)``, which NumPy >= 2.4 refuses for arrays of ndim > 0: every
+    ``range(0, n, BLOCK)`` over a loaded ``n`` raises. Triton 3.8 squeezes first; do the same
+    on the older interpreters (a no-op where the interpreter already does it)."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_specreg_fast_index_fix", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._specreg_fast_index_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    _fix_interpreter_scalar_index()
 
 
 def _power_step_cuda(weights, us, vs, n_iter, tol):
