@@ -71,6 +71,18 @@ def _computed(mp: _layers.LinearMap) -> bool:
     return mp.attr is not None and torch.nn.utils.parametrize.is_parametrized(mp.module, mp.attr)
 
 
+def _frozen(mp: _layers.LinearMap, factors=None) -> bool:
+    """Whether no parameter of the map requires grad (its sigma cannot change in training).
+    A weight computed by ``extra=`` is never taken to be frozen (its parameters are unknown)."""
+    if factors is not None:
+        return not any(t.requires_grad for t in (factors.base, *factors.Bs, *factors.As))
+    if mp.attr is None:
+        return False
+    if _computed(mp):
+        return not any(q.requires_grad for q in mp.module.parametrizations[mp.attr].parameters())
+    return not mp.param().requires_grad
+
+
 def _act_slope_sq_max(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """Batch mean of max_j phi'(z_j)^2 for one nonlinearity (the released code's eig-ub
     term), differentiable in z."""
@@ -90,6 +102,22 @@ class _HotPlan(NamedTuple):
     params: List[int]  # packed conv geometry of all conv layers (ops.pack_conv_params)
     modes: List[str]
     layer_params: List[List[int]]  # the same, layer by layer (conv_weight_grad on a subset)
+    subsets: dict  # frozen maps (indices) -> the _MapSet of the others, built once per plan
+
+
+class _MapSet(NamedTuple):
+    """The maps one call steps: dense maps (indices into ``_dense``; ``plain`` and ``low``
+    split them by step kind, ``order`` puts cat(plain sigmas, low-rank sigmas) back in
+    ``dense`` order), conv maps (indices into ``_convs``, with their packed geometry), and
+    ``index``: their positions among all maps (None when the set is every map)."""
+    dense: List[int]
+    plain: List[int]
+    low: List[int]
+    order: Optional[torch.Tensor]
+    conv: List[int]
+    params: List[int]
+    modes: List[str]
+    index: Optional[torch.Tensor]
 
 
 class SpectralPenalty(nn.Module):
@@ -138,6 +166,12 @@ class SpectralPenalty(nn.Module):
 
     Persistent vectors are buffers of this module (not of the model), so an EMA/SWA copy of
     the model never averages them: average ``model``, keep the penalty as it is.
+
+    Frozen maps (no parameter requires grad: a frozen backbone, the base layers of a LoRA
+    model) take part in the warm start, then take no power step: their term is held at its
+    last estimate (``last_sigmas``), a constant of the loss that changes no gradient, until
+    they are unfrozen, when their steps resume from their vectors. (On sharded DTensor weights
+    every map is stepped.)
 
     The penalty is per linear map (:mod:`specreg_fast.layers`): an attention block gives its
     q, k, v and output maps, each its own term; the groups of a conv with non-overlapping
@@ -501,10 +535,40 @@ class SpectralPenalty(nn.Module):
             _validate_convs(specs, ConvState(xs, ys), [mp.name for mp in self._convs])
             params, modes = _ops.pack_conv_params(specs)
             layer_params = [_ops.pack_conv_params([sp])[0] for sp in specs]
-        plan = _HotPlan(key, us, vs, xs, ys, params, modes, layer_params)
+        plan = _HotPlan(key, us, vs, xs, ys, params, modes, layer_params, {})
         if not compiling:
             self._plan = plan
         return plan
+
+    def _map_set(self, plan: "_HotPlan", factors: Dict[int, object]) -> _MapSet:
+        """The maps this call steps: all of them, except, once the warm start is done, the
+        frozen ones (:func:`_frozen`: a frozen backbone, a LoRA model's frozen base layers),
+        whose sigma cannot change: their power step would only refine an estimate that is a
+        constant of the loss. Built once per plan and set of frozen maps."""
+        frozen: tuple = ()
+        if self._warm_start_done:
+            frozen = tuple(k for k, mp in enumerate(self._layers)
+                           if _frozen(mp, factors.get(k) if k < len(self._dense) else None))
+        s = plan.subsets.get(frozen)
+        if s is not None:
+            return s
+        nd = len(self._dense)
+        dense = [i for i in range(nd) if i not in frozen]
+        conv = [j for j in range(len(self._convs)) if nd + j not in frozen]
+        plain = [i for i in dense if self._dense[i].lowrank is None]
+        low = [i for i in dense if self._dense[i].lowrank is not None]
+        if not frozen:
+            order, params, modes, index = self.dense_order, plan.params, plan.modes, None
+        else:
+            dev = self.last_sigmas.device
+            cat_order = plain + low
+            order = torch.tensor([cat_order.index(i) for i in dense], dtype=torch.long, device=dev)
+            params = [q for j in conv for q in plan.layer_params[j]]
+            modes = [plan.modes[j] for j in conv] if plan.modes else []
+            index = torch.tensor(dense + [nd + j for j in conv], dtype=torch.long, device=dev)
+        s = _MapSet(dense, plain, low, order if plain and low else None, conv, params, modes, index)
+        plan.subsets[frozen] = s
+        return s
 
     def _sigmas(self, update: bool, n_iter: int, conv_pairs: Optional[list] = None) -> torch.Tensor:
         """The sigmas of every layer (dense first), through the ops directly with the plan of
@@ -512,60 +576,75 @@ class SpectralPenalty(nn.Module):
         padding for the FFT norm) fail before the dense step writes its vectors. With
         ``conv_pairs`` (a list; call under no_grad), ``conv_pairs`` receives, per conv layer,
         ``(x, y, params, mode)``: the pair whose conv weight-gradient is ``dsigma/dW`` (for
-        ``accumulate_grad``), and the values are the steps' estimates, with no differentiable
-        wrapper. Only custom ops run here (autocast does not touch them) except on the FFT
-        norm's path, which runs with autocast off."""
+        ``accumulate_grad``; None for a frozen conv that took no step), and the values are the
+        steps' estimates, with no differentiable wrapper. Only custom ops run here (autocast
+        does not touch them) except on the FFT norm's path, which runs with autocast off.
+        Frozen maps (:meth:`_map_set`) take no step: their entry is the last estimate, held."""
         # the LoRA maps' factors first: an adapter refused here raises before any vector moves
-        lows = [self._dense[i].factors() for i in self._lowrank_at]
+        factors = {i: self._dense[i].factors() for i in self._lowrank_at}
         dense_ws = [mp.weight() if mp.lowrank is None else None for mp in self._dense]
-        for i, M in zip(self._lowrank_at, lows):
+        for i, M in factors.items():
             dense_ws[i] = M.like()  # shape, dtype, device for the plan: M is never built
         conv_ws = [mp.weight() for mp in self._convs]
         plan = self._hot_plan(dense_ws, conv_ws)
+        S = self._map_set(plan, factors)
         grad = conv_pairs is None and torch.is_grad_enabled()
         parts = []
-        if conv_ws and self.conv_norm == "operator":
+        cws = [conv_ws[j] for j in S.conv]
+        if cws and self.conv_norm == "operator":
+            xs, ys = [plan.xs[j] for j in S.conv], [plan.ys[j] for j in S.conv]
             if update and n_iter > 0:
-                est = _ops.conv_power_step_([w.detach() for w in conv_ws], plan.xs, plan.ys, plan.params,
-                                            plan.modes, n_iter, 0.0)
-                sig = (_ops.conv_sigma_from_step(conv_ws, plan.xs, plan.ys, plan.params, plan.modes, est)
-                       if grad else est)
+                est = _ops.conv_power_step_([w.detach() for w in cws], xs, ys, S.params, S.modes, n_iter, 0.0)
+                sig = _ops.conv_sigma_from_step(cws, xs, ys, S.params, S.modes, est) if grad else est
             else:
-                sig = _ops.conv_sigma(conv_ws, plan.xs, plan.ys, plan.params, plan.modes)
+                sig = _ops.conv_sigma(cws, xs, ys, S.params, S.modes)
             parts.append(sig.float())
             if conv_pairs is not None:
-                conv_pairs.extend(zip(plan.xs, plan.ys, plan.layer_params, plan.modes))
-        elif conv_ws:
-            specs, names = self._conv_specs(), [mp.name for mp in self._convs]
-            st = CircularState(plan.xs)
+                pairs: list = [None] * len(conv_ws)
+                for j in S.conv:
+                    pairs[j] = (plan.xs[j], plan.ys[j], plan.layer_params[j], plan.modes[j])
+                conv_pairs.extend(pairs)
+        elif cws:
+            all_specs = self._conv_specs()
+            specs, names = [all_specs[j] for j in S.conv], [self._convs[j].name for j in S.conv]
+            st = CircularState([plan.xs[j] for j in S.conv])
             with torch.autocast(device_type=self.gammas.device.type, enabled=False):
                 if conv_pairs is None:
                     parts.append(circular_conv_norms(specs, st, n_iter=n_iter, update=update, names=names).float())
                 else:
                     est, x_tops, y_tops, _ = circular_power_pairs(specs, st, n_iter, update=update, names=names)
                     parts.append(est.float())
-                    conv_pairs.extend((x, y, circular_params(spec), "circular")
-                                      for spec, x, y in zip(specs, x_tops, y_tops))
-        if dense_ws:
-            us, vs = plan.us, plan.vs
-            if lows:
-                dense_ws, us, vs = ([x[i] for i in self._plain_at] for x in (dense_ws, us, vs))
-            if dense_ws:
+                    pairs = [None] * len(conv_ws)
+                    for j, spec, x, y in zip(S.conv, specs, x_tops, y_tops):
+                        pairs[j] = (x, y, circular_params(spec), "circular")
+                    conv_pairs.extend(pairs)
+        elif conv_pairs is not None:
+            conv_pairs.extend([None] * len(conv_ws))
+        if S.dense:
+            sig = None
+            if S.plain:
+                ws = [dense_ws[i] for i in S.plain]
+                us, vs = [plan.us[i] for i in S.plain], [plan.vs[i] for i in S.plain]
                 if update:
                     with torch.no_grad():
-                        est = _ops.power_step_([w.detach() for w in dense_ws], us, vs, n_iter, 0.0)
-                if update and n_iter >= 1 and all(w.device.type == "cpu" for w in dense_ws):
+                        est = _ops.power_step_([w.detach() for w in ws], us, vs, n_iter, 0.0)
+                if update and n_iter >= 1 and all(w.device.type == "cpu" for w in ws):
                     # as in dense.spectral_norms: u^T W v at the new vectors is the step's estimate
-                    sig = _ops.sigma_from_step(dense_ws, us, vs, est) if grad else est
+                    sig = _ops.sigma_from_step(ws, us, vs, est) if grad else est
                 else:
-                    sig = _ops.sigma(dense_ws, us, vs)
-            if lows:
+                    sig = _ops.sigma(ws, us, vs)
+            if S.low:
                 with torch.set_grad_enabled(grad):
-                    low = _dense._lowrank_sigmas(lows, [plan.us[i] for i in self._lowrank_at],
-                                                 [plan.vs[i] for i in self._lowrank_at], n_iter, update)
-                sig = torch.cat([sig.float(), low.float()])[self.dense_order] if dense_ws else low
+                    low = _dense._lowrank_sigmas([factors[i] for i in S.low], [plan.us[i] for i in S.low],
+                                                 [plan.vs[i] for i in S.low], n_iter, update)
+                sig = torch.cat([sig.float(), low.float()])[S.order] if sig is not None else low
             parts.insert(0, sig.float())
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        if S.index is None:
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
+        held = self.last_sigmas.detach().clone()
+        if not parts:  # every map is frozen
+            return held
+        return held.index_put((S.index,), torch.cat(parts) if len(parts) > 1 else parts[0])
 
     def prepare(self, *example_args, warm_start: bool = False, **example_kwargs) -> "SpectralPenalty":
         """Find the layers and create the state now, outside any compiled region; returns the
@@ -797,7 +876,7 @@ class SpectralPenalty(nn.Module):
                         (gW,) = torch.autograd.grad(mp.view(Wd), Wd, torch.outer(u, v))
                     G.add_(gW, alpha=c)
             for j, mp in enumerate(self._convs):
-                if _computed(mp):  # the weight-gradient of the pair, back through the parametrization
+                if _computed(mp) and conv_pairs[j] is not None:  # the pair's weight-gradient, through the parametrization
                     x, y, params, mode = conv_pairs[j]
                     with torch.enable_grad():
                         Wc = mp.param()
