@@ -567,3 +567,27 @@ def test_cached_geometry_follows_changes_to_the_model():
     p = pen()
     assert pen.get_buffer("x_0").dtype == torch.float64 and p.dtype == torch.float64
     assert not torch.equal(pen.get_buffer("x_0").float(), before["x_0"])
+
+
+def test_per_parameter_gradient_equals_autograd_through_each_maps_view():
+    # penalty._per_param_sigma writes every map's u v^T into one gradient per parameter
+    # (whole, row blocks, a transposed view, a view that copies); autograd through the
+    # views of the maps' weights is the truth
+    from specreg_fast import layers as L
+    from specreg_fast import penalty as P
+
+    torch.manual_seed(0)
+    lin, qkv, conv = nn.Linear(6, 5).double(), nn.Linear(4, 9).double(), nn.Conv2d(3, 7, 1).double()
+    maps = [L.LinearMap("lin", "lin", lin), L.LinearMap("conv", "conv", conv, view=L._reshaped),
+            L.LinearMap("copied", "copied", lin, view=lambda t: t.t().contiguous() * 1.0)]
+    maps[2:2] = [L.LinearMap(f"qkv[{i}]", "qkv", qkv, view=L._rows(L._identity, i, 3)) for i in range(3)]
+    ws = [mp.weight() for mp in maps]
+    us = [torch.randn(w.shape[0], dtype=torch.float64) for w in ws]
+    vs = [torch.randn(w.shape[1], dtype=torch.float64) for w in ws]
+    est = torch.randn(len(ws), dtype=torch.float64)
+    c = torch.randn(len(ws), dtype=torch.float64)
+    params = [lin.weight, qkv.weight, conv.weight]
+    got = torch.autograd.grad((P._per_param_sigma(maps, ws, us, vs, est) * c).sum(), params)
+    want = torch.autograd.grad(sum(c[i] * (us[i] @ w @ vs[i]) for i, w in enumerate(ws)), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)

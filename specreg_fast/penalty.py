@@ -93,6 +93,85 @@ def _act_slope_sq_max(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
     return (d.flatten(1) ** 2).amax(dim=1).mean()
 
 
+class _PerParamSigma(torch.autograd.Function):
+    """Sigmas of the plain dense maps of one tensor (``est``, the power step's estimates) with
+    the bilinear form's gradient ``u v^T`` per map. ``group``: ``("param", [(i, map)], whole)``
+    for maps that are views of the parameter ``T`` (an attention's q, k, v row blocks of
+    ``in_proj_weight``, a 1x1 conv's reshaped kernel, a transposed ``Conv1D``): their rank-1
+    blocks go into one parameter-sized gradient in place, through the maps' views (``whole``:
+    one map covering the parameter, so no zero fill). Autograd through the views instead
+    gives each q/k/v map a zero-filled parameter-sized gradient and sums them: 3 fills, 3
+    copies and 2 sums of the whole parameter where one fill and three rank-1 writes do.
+    ``("map", [0], _)``: ``T`` is the map's own weight (16-bit, computed): ``ops.rank1_grad``."""
+
+    @staticmethod
+    def forward(ctx, est, group, us, vs, T):
+        # copies of the vectors: the next power step rewrites them in place (ops.sigma's reason)
+        ctx.group, ctx.meta = group, (T.dtype, T.shape, T.device)
+        ctx.save_for_backward(*[u.clone() for u in us], *[v.clone() for v in vs])
+        return est.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        n = len(saved) // 2
+        us, vs = saved[:n], saved[n:]
+        kind, entries, whole = ctx.group
+        dtype, shape, device = ctx.meta
+        if kind == "map":
+            return None, None, None, None, _ops.rank1_grad(us[0], vs[0], grad[0], dtype)
+        G = torch.empty(shape, dtype=dtype, device=device)
+        views = [mp.grad_view(G) for _, mp in entries]
+        copied = any(Gm is None for Gm in views)
+        if copied or not whole:
+            G.zero_()
+        for (i, mp), Gm in zip(entries, views):
+            left = (us[i] * grad[i].to(us[i].dtype)).to(dtype)  # as rank1_grad: scale the short vector
+            if Gm is not None:
+                Gm.addr_(left, vs[i].to(dtype), beta=0 if whole and not copied else 1)
+            else:  # the view had to copy: its adjoint, through autograd
+                with torch.enable_grad():
+                    Gd = torch.zeros_like(G).requires_grad_()
+                    (gW,) = torch.autograd.grad(mp.view(Gd), Gd, torch.outer(left, vs[i].to(dtype)))
+                G.add_(gW)
+        return None, None, None, None, G
+
+
+def _per_param_sigma(maps: List[_layers.LinearMap], ws: List[torch.Tensor], us, vs, est: torch.Tensor):
+    """``ops.sigma_from_step(ws, us, vs, est)`` (value ``est``, gradient ``u v^T`` per map) with
+    the gradient reaching each map's parameter directly (:class:`_PerParamSigma`), one
+    autograd node per parameter: autograd adds each parameter's gradient into ``.grad`` and
+    frees it before the next node runs, so the parameter-sized temporaries reuse memory (one
+    node for all would hold all of them at once: fresh pages, page faults, on every call).
+    Eager mode; under torch.compile the op itself."""
+    if torch.compiler.is_compiling():
+        return _ops.sigma_from_step(ws, us, vs, est)
+    groups, tensors, slot = [], [], {}
+    for i, (mp, w) in enumerate(zip(maps, ws)):
+        if not w.requires_grad:
+            continue
+        P = None if mp.attr is None or _computed(mp) else mp.param()
+        if P is None or P.dtype not in (torch.float32, torch.float64):
+            groups.append(("map", [i], True))
+            tensors.append(w)
+            continue
+        k = slot.get(id(P))
+        if k is None:
+            slot[id(P)] = len(groups)
+            groups.append(("param", [i], w.numel() == P.numel()))
+            tensors.append(P)
+        else:
+            groups[k] = ("param", groups[k][1] + [i], False)
+    if not tensors:
+        return est
+    outs, index = [], []
+    for (kind, idx, whole), T in zip(groups, tensors):
+        local = ("map", [0], True) if kind == "map" else ("param", [(j, maps[i]) for j, i in enumerate(idx)], whole)
+        outs.append(_PerParamSigma.apply(est[idx], local, [us[i] for i in idx], [vs[i] for i in idx], T))
+        index += idx
+    return est.index_put((torch.tensor(index, device=est.device),), torch.cat(outs))
+
+
 class _HotPlan(NamedTuple):
     key: tuple
     us: List[torch.Tensor]
@@ -630,7 +709,7 @@ class SpectralPenalty(nn.Module):
                         est = _ops.power_step_([w.detach() for w in ws], us, vs, n_iter, 0.0)
                 if update and n_iter >= 1 and all(w.device.type == "cpu" for w in ws):
                     # as in dense.spectral_norms: u^T W v at the new vectors is the step's estimate
-                    sig = _ops.sigma_from_step(ws, us, vs, est) if grad else est
+                    sig = _per_param_sigma([self._dense[i] for i in S.plain], ws, us, vs, est) if grad else est
                 else:
                     sig = _ops.sigma(ws, us, vs)
             if S.low:
