@@ -591,3 +591,39 @@ def test_per_parameter_gradient_equals_autograd_through_each_maps_view():
     want = torch.autograd.grad(sum(c[i] * (us[i] @ w @ vs[i]) for i, w in enumerate(ws)), params)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_penalty_gradient_takes_one_autograd_node_per_parameter():
+    # q, k, v of an attention block are row blocks of one parameter: one node writes all three
+    # into one gradient (not three zero-filled ones summed), and each parameter has its own
+    # node, so autograd frees a parameter's gradient before the next one is built
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.fc(self.attn(x, x, x)[0]).mean(1))
+
+    model = Net()
+    pen = sf.SpectralPenalty(model, gamma=0.1, readout="head")
+    model(torch.randn(2, 4, 8))
+    p = pen()
+    seen, stack, nodes = set(), [p.grad_fn], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if "PerParamSigma" in type(fn).__name__:
+            nodes.append(fn)
+        stack += [f for f, _ in fn.next_functions]
+    assert sorted(pen.layer_names) == sorted(["attn[q]", "attn[k]", "attn[v]", "attn.out_proj", "fc"])
+    # in_proj_weight (q, k, v), out_proj.weight, fc.weight
+    assert len(nodes) == 3
+    targets = sorted(tuple(f.next_functions[-1][0].variable.shape) for f in nodes)
+    assert targets == [(8, 8), (8, 8), (24, 8)]
