@@ -146,3 +146,31 @@ def test_lora_model_steps_its_adapted_maps_and_holds_the_frozen_base_layers(rout
     assert not torch.equal(pen.get_buffer(f"v_{lora}"), st[f"v_{lora}"])  # the LoRA map is stepped
     grads = {n: q.grad for n, q in model.named_parameters() if q.requires_grad}
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_compiled_penalty_holds_frozen_maps_like_eager():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 24), nn.GELU(),
+                      nn.Linear(24, 16), nn.GELU(), nn.Linear(16, 5))
+    b = copy.deepcopy(a)
+    x = torch.randn(3, 2, 8, 8)
+    pa = sf.SpectralPenalty(a, gamma=0.1, readout="7").prepare(x, warm_start=True)
+    pb = sf.SpectralPenalty(b, gamma=0.1, readout="7").prepare(x, warm_start=True)
+    for m in (a, b):
+        m[0].requires_grad_(False)
+        m[5].requires_grad_(False)
+    held = {k: pb.get_buffer(k).clone() for k in ("x_0", "y_0", "u_1", "v_1")}
+    live = pb.get_buffer("v_0").clone()  # layer "3": trainable
+    step = torch.compile(lambda: pb(), backend="aot_eager", fullgraph=True)
+    for _ in range(3):
+        va, vb = pa(), step()
+        va.backward()
+        vb.backward()
+        assert torch.equal(va, vb)
+    for k, t in pa.named_buffers():
+        if k.split("_")[0] in ("u", "v", "x", "y"):
+            assert torch.equal(t, pb.get_buffer(k)), k
+    for k, t in held.items():
+        assert torch.equal(pb.get_buffer(k), t), k
+    assert torch.equal(a[3].weight.grad, b[3].weight.grad)
+    assert not torch.equal(pb.get_buffer("v_0"), live)
