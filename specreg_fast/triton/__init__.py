@@ -11,9 +11,8 @@ register CUDA kernels of its own (the CUDA C++ kernels win when both exist).
 """
 from __future__ import annotations
 
-from typing import List
-
 import os
+from typing import List
 
 import torch
 
@@ -22,8 +21,8 @@ _REGISTERED: List[str] = []
 
 def _fix_interpreter_scalar_index() -> None:
     """Triton <= 3.6's interpreter holds a scalar as a 1-element array and converts it to a
-    loop bound with ``int(array)``, which NumPy >= 2.4 refuses for arrays of ndim > 0: every
-    ``range(0, n, BLOCK)`` over a loaded ``n`` raises. Triton 3.8 squeezes first; do the same
+    loop bound with ``int(array)``, which NumPy refuses for arrays of ndim > 0 (seen with
+    triton 3.6.0 and numpy 2.4.6): every ``range(0, n, BLOCK)`` over a loaded ``n`` raises. Triton 3.8 squeezes first; do the same
     on the older interpreters (a no-op where the interpreter already does it)."""
     try:
         from triton.runtime import interpreter
