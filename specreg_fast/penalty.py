@@ -71,6 +71,20 @@ def _computed(mp: _layers.LinearMap) -> bool:
     return mp.attr is not None and torch.nn.utils.parametrize.is_parametrized(mp.module, mp.attr)
 
 
+def _add_rank1(mp: _layers.LinearMap, G: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha=1.0) -> None:
+    """``G += alpha * V^*(left right^T)``, ``V^*`` the adjoint of the map's view of its parameter:
+    a rank-1 update in place through the map's view of ``G`` (a transposed view, a row
+    block...), or, where that view has to copy (e.g. a channels_last ``G``), through autograd."""
+    Gm = mp.grad_view(G)
+    if Gm is not None:
+        Gm.addr_(left, right, alpha=alpha)
+        return
+    with torch.enable_grad():
+        Gd = torch.zeros_like(G, requires_grad=True)  # the view is linear: its adjoint at any point
+        (gW,) = torch.autograd.grad(mp.view(Gd), Gd, torch.outer(left, right))
+    G.add_(gW, alpha=alpha)
+
+
 def _frozen(mp: _layers.LinearMap, factors=None) -> bool:
     """Whether no parameter of the map requires grad (its sigma cannot change in training).
     A weight computed by ``extra=`` is never taken to be frozen (its parameters are unknown)."""
@@ -120,20 +134,16 @@ class _PerParamSigma(torch.autograd.Function):
         dtype, shape, device = ctx.meta
         if kind == "map":
             return None, None, None, None, _ops.rank1_grad(us[0], vs[0], grad[0], dtype)
+        # as rank1_grad: scale the short vector
+        lefts = [(us[i] * grad[i].to(us[i].dtype)).to(dtype) for i, _ in entries]
         G = torch.empty(shape, dtype=dtype, device=device)
-        views = [mp.grad_view(G) for _, mp in entries]
-        copied = any(Gm is None for Gm in views)
-        if copied or not whole:
+        Gm = entries[0][1].grad_view(G) if whole else None
+        if Gm is not None:  # one map covering the parameter through a view: written, no fill
+            Gm.addr_(lefts[0], vs[0].to(dtype), beta=0)
+        else:
             G.zero_()
-        for (i, mp), Gm in zip(entries, views):
-            left = (us[i] * grad[i].to(us[i].dtype)).to(dtype)  # as rank1_grad: scale the short vector
-            if Gm is not None:
-                Gm.addr_(left, vs[i].to(dtype), beta=0 if whole and not copied else 1)
-            else:  # the view had to copy: its adjoint, through autograd
-                with torch.enable_grad():
-                    Gd = torch.zeros_like(G).requires_grad_()
-                    (gW,) = torch.autograd.grad(mp.view(Gd), Gd, torch.outer(left, vs[i].to(dtype)))
-                G.add_(gW)
+            for (i, mp), left in zip(entries, lefts):
+                _add_rank1(mp, G, left, vs[i].to(dtype))
         return None, None, None, None, G
 
 
@@ -178,9 +188,8 @@ class _HotPlan(NamedTuple):
     vs: List[torch.Tensor]
     xs: List[torch.Tensor]
     ys: List[torch.Tensor]
-    params: List[int]  # packed conv geometry of all conv layers (ops.pack_conv_params)
-    modes: List[str]
-    layer_params: List[List[int]]  # the same, layer by layer (conv_weight_grad on a subset)
+    modes: List[str]  # padding mode of each conv layer
+    layer_params: List[List[int]]  # packed conv geometry of each conv layer (ops.pack_conv_params)
     subsets: dict  # frozen maps (indices) -> the _MapSet of the others, built once per plan
 
 
@@ -450,11 +459,6 @@ class SpectralPenalty(nn.Module):
         self._block_layers = ([owners.index(o) for o in owners] if len(set(owners)) < len(owners) else None)
         # LoRA maps take the low-rank step (dense.lowrank_sigmas); their vectors are u_i/v_i too
         self._lowrank_at = [i for i, mp in enumerate(self._dense) if mp.lowrank is not None]
-        self._plain_at = [i for i, mp in enumerate(self._dense) if mp.lowrank is None]
-        # position of each dense map in cat(plain sigmas, low-rank sigmas)
-        order = self._plain_at + self._lowrank_at
-        self.register_buffer("dense_order", torch.tensor([order.index(i) for i in range(len(order))],
-                                                         dtype=torch.long, device=dev), persistent=False)
         dst = _dense.init_power_state([mp.like().detach() for mp in self._dense], generator=g)
         for i, mp in enumerate(self._dense):
             self._set_buf(f"u_{i}", dst.us[i].to(dev), mp.name)
@@ -608,13 +612,13 @@ class SpectralPenalty(nn.Module):
         xs = [b[f"x_{i}"] for i in range(nc)]
         ys = [b[f"y_{i}"] for i in range(nc)] if self.conv_norm == "operator" else []
         _dense._validate(dense_ws, _dense.PowerState(us, vs), [mp.name for mp in self._dense])
-        params, modes, layer_params = [], [], []
+        modes, layer_params = [], []
         if nc and self.conv_norm == "operator":
             specs = self._conv_specs()
             _validate_convs(specs, ConvState(xs, ys), [mp.name for mp in self._convs])
-            params, modes = _ops.pack_conv_params(specs)
-            layer_params = [_ops.pack_conv_params([sp])[0] for sp in specs]
-        plan = _HotPlan(key, us, vs, xs, ys, params, modes, layer_params, {})
+            packed = [_ops.pack_conv_params([sp]) for sp in specs]
+            layer_params, modes = [p for p, _ in packed], [m[0] for _, m in packed]
+        plan = _HotPlan(key, us, vs, xs, ys, modes, layer_params, {})
         if not compiling:
             self._plan = plan
         return plan
@@ -636,16 +640,15 @@ class SpectralPenalty(nn.Module):
         conv = [j for j in range(len(self._convs)) if nd + j not in frozen]
         plain = [i for i in dense if self._dense[i].lowrank is None]
         low = [i for i in dense if self._dense[i].lowrank is not None]
-        if not frozen:
-            order, params, modes, index = self.dense_order, plan.params, plan.modes, None
-        else:
-            dev = self.last_sigmas.device
-            cat_order = plain + low
-            order = torch.tensor([cat_order.index(i) for i in dense], dtype=torch.long, device=dev)
-            params = [q for j in conv for q in plan.layer_params[j]]
-            modes = [plan.modes[j] for j in conv] if plan.modes else []
-            index = torch.tensor(dense + [nd + j for j in conv], dtype=torch.long, device=dev)
-        s = _MapSet(dense, plain, low, order if plain and low else None, conv, params, modes, index)
+        dev = self.last_sigmas.device
+        # position of each dense map in cat(plain sigmas, low-rank sigmas)
+        order = (torch.tensor([(plain + low).index(i) for i in dense], dtype=torch.long, device=dev)
+                 if plain and low else None)
+        operator = self.conv_norm == "operator"
+        params = [q for j in conv for q in plan.layer_params[j]] if operator else []
+        modes = [plan.modes[j] for j in conv] if operator else []
+        index = torch.tensor(dense + [nd + j for j in conv], dtype=torch.long, device=dev) if frozen else None
+        s = _MapSet(dense, plain, low, order, conv, params, modes, index)
         plan.subsets[frozen] = s
         return s
 
@@ -669,6 +672,7 @@ class SpectralPenalty(nn.Module):
         S = self._map_set(plan, factors)
         grad = conv_pairs is None and torch.is_grad_enabled()
         parts = []
+        pairs: list = [None] * len(conv_ws)  # per conv layer (None: frozen, no step)
         cws = [conv_ws[j] for j in S.conv]
         if cws and self.conv_norm == "operator":
             xs, ys = [plan.xs[j] for j in S.conv], [plan.ys[j] for j in S.conv]
@@ -678,11 +682,8 @@ class SpectralPenalty(nn.Module):
             else:
                 sig = _ops.conv_sigma(cws, xs, ys, S.params, S.modes)
             parts.append(sig.float())
-            if conv_pairs is not None:
-                pairs: list = [None] * len(conv_ws)
-                for j in S.conv:
-                    pairs[j] = (plan.xs[j], plan.ys[j], plan.layer_params[j], plan.modes[j])
-                conv_pairs.extend(pairs)
+            for j in S.conv:
+                pairs[j] = (plan.xs[j], plan.ys[j], plan.layer_params[j], plan.modes[j])
         elif cws:
             all_specs = self._conv_specs()
             specs, names = [all_specs[j] for j in S.conv], [self._convs[j].name for j in S.conv]
@@ -693,12 +694,10 @@ class SpectralPenalty(nn.Module):
                 else:
                     est, x_tops, y_tops, _ = circular_power_pairs(specs, st, n_iter, update=update, names=names)
                     parts.append(est.float())
-                    pairs = [None] * len(conv_ws)
                     for j, spec, x, y in zip(S.conv, specs, x_tops, y_tops):
                         pairs[j] = (x, y, circular_params(spec), "circular")
-                    conv_pairs.extend(pairs)
-        elif conv_pairs is not None:
-            conv_pairs.extend([None] * len(conv_ws))
+        if conv_pairs is not None:
+            conv_pairs.extend(pairs)
         if S.dense:
             sig = None
             if S.plain:
@@ -720,9 +719,9 @@ class SpectralPenalty(nn.Module):
             parts.insert(0, sig.float())
         if S.index is None:
             return torch.cat(parts) if len(parts) > 1 else parts[0]
-        held = self.last_sigmas.detach().clone()
+        held = self.last_sigmas.detach()
         if not parts:  # every map is frozen
-            return held
+            return held.clone()
         return held.index_put((S.index,), torch.cat(parts) if len(parts) > 1 else parts[0])
 
     def prepare(self, *example_args, warm_start: bool = False, **example_kwargs) -> "SpectralPenalty":
@@ -946,14 +945,7 @@ class SpectralPenalty(nn.Module):
                     continue
                 G = _grad_of(W)
                 u, v, c = _rank1(self._buffers[f"u_{i}"], self._buffers[f"v_{i}"], coefs[i], G.dtype)
-                Gm = mp.grad_view(G)  # the map's block of .grad (a transposed view, a row block...)
-                if Gm is not None:
-                    Gm.addr_(u, v, alpha=c)
-                else:  # the view had to copy (e.g. a channels_last .grad): its adjoint, through autograd
-                    with torch.enable_grad():
-                        Wd = W.detach().requires_grad_()
-                        (gW,) = torch.autograd.grad(mp.view(Wd), Wd, torch.outer(u, v))
-                    G.add_(gW, alpha=c)
+                _add_rank1(mp, G, u, v, alpha=c)  # into the map's block of .grad
             for j, mp in enumerate(self._convs):
                 if _computed(mp) and conv_pairs[j] is not None:  # the pair's weight-gradient, through the parametrization
                     x, y, params, mode = conv_pairs[j]

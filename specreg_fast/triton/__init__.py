@@ -22,8 +22,9 @@ _REGISTERED: List[str] = []
 def _fix_interpreter_scalar_index() -> None:
     """Triton <= 3.6's interpreter holds a scalar as a 1-element array and converts it to a
     loop bound with ``int(array)``, which NumPy refuses for arrays of ndim > 0 (seen with
-    triton 3.6.0 and numpy 2.4.6): every ``range(0, n, BLOCK)`` over a loaded ``n`` raises. Triton 3.8 squeezes first; do the same
-    on the older interpreters (a no-op where the interpreter already does it)."""
+    triton 3.6.0 and numpy 2.4.6): every ``range(0, n, BLOCK)`` over a loaded ``n`` raises.
+    Triton 3.8 squeezes first; do the same on the older interpreters (a no-op where the
+    interpreter already does it)."""
     try:
         from triton.runtime import interpreter
     except ImportError:
