@@ -570,11 +570,11 @@ def test_cached_geometry_follows_changes_to_the_model():
 
 
 def test_per_parameter_gradient_equals_autograd_through_each_maps_view():
-    # penalty._per_param_sigma writes every map's u v^T into one gradient per parameter
+    # groups._per_param_sigma writes every map's u v^T into one gradient per parameter
     # (whole, row blocks, a transposed view, a view that copies); autograd through the
     # views of the maps' weights is the truth
     from specreg_fast import layers as L
-    from specreg_fast import penalty as P
+    from specreg_fast import groups as P
 
     torch.manual_seed(0)
     lin, qkv, conv = nn.Linear(6, 5).double(), nn.Linear(4, 9).double(), nn.Conv2d(3, 7, 1).double()

@@ -21,7 +21,8 @@ from . import ops
 from . import reference as ref
 from .geometry import ConvSpec
 
-__all__ = ["ConvSpec", "ConvState", "init_conv_state", "conv_operator_norms", "conv_operator_norm", "set_conv_kernel"]
+__all__ = ["ConvSpec", "ConvState", "init_conv_state", "conv_operator_norms", "conv_operator_norm", "set_conv_kernel",
+           "validate_state", "step_sigmas"]
 
 
 @dataclass
@@ -62,7 +63,10 @@ def init_conv_state(specs: Sequence[ConvSpec], generator: Optional[torch.Generat
     return ConvState(xs, ys)
 
 
-def _validate(specs: Sequence[ConvSpec], state: ConvState, names=None) -> None:
+def validate_state(specs: Sequence[ConvSpec], state: ConvState, names=None) -> None:
+    """The checks of :func:`conv_operator_norms` on its specs and state (errors name the
+    layer, ``names[l]``, else ``specs[l]``): the geometry, and one contiguous ``x``/``y`` of
+    the input/output shape, accumulation dtype and device per layer, not sharing memory."""
     if len(state.xs) != len(specs) or len(state.ys) != len(specs):
         raise ValueError(f"state: expected {len(specs)} (x, y) pairs, one per conv, got {len(state.xs)} x and "
                          f"{len(state.ys)} y")
@@ -167,17 +171,25 @@ def conv_operator_norms(specs: Sequence[ConvSpec], state: ConvState, n_iter: int
         tol = ops._tol_arg("conv_operator_norms", tol, finite=True)
     if max_iter is not None:
         max_iter = ops._iter_arg("conv_operator_norms", "max_iter", max_iter, minimum=1)
-    _validate(specs, state, names)
+    validate_state(specs, state, names)
     if not specs:
         return torch.zeros(0)
     steps = n_iter if tol is None else (max_iter or 100)
     params, modes = ops.pack_conv_params(specs)
-    weights = [s.weight for s in specs]
-    if update and steps > 0:
-        est = ops.conv_power_step_([w.detach() for w in weights], state.xs, state.ys, params, modes, steps,
-                                   0.0 if tol is None else float(tol))
+    return step_sigmas([s.weight for s in specs], state, params, modes, steps, update, 0.0 if tol is None else tol)
+
+
+def step_sigmas(weights: List[torch.Tensor], state: ConvState, params: List[int], modes: List[str], n_iter: int,
+                update: bool, tol: float = 0.0, from_step=ops.conv_sigma_from_step) -> torch.Tensor:
+    """The body of :func:`conv_operator_norms` on arguments checked by :func:`validate_state`
+    and packed by ``ops.pack_conv_params``: ``n_iter`` power steps (``update``), then the
+    sigmas; ``from_step(weights, xs, ys, params, modes, est)`` makes them from the step's
+    estimates."""
+    if update and n_iter > 0:
+        est = ops.conv_power_step_([w.detach() for w in weights], state.xs, state.ys, params, modes, n_iter,
+                                   float(tol))
         # the step's estimate is <y, A x> at the new vectors: no convolution for the value
-        return ops.conv_sigma_from_step(weights, state.xs, state.ys, params, modes, est)
+        return from_step(weights, state.xs, state.ys, params, modes, est)
     return ops.conv_sigma(weights, state.xs, state.ys, params, modes)
 
 

@@ -17,7 +17,7 @@ import torch
 from . import backends, ops
 
 __all__ = ["PowerState", "init_power_state", "spectral_norms", "spectral_norm", "as_matrix", "lowrank_sigmas",
-           "lowrank_grads"]
+           "lowrank_grads", "validate_state", "step_sigmas"]
 
 
 def as_matrix(W: torch.Tensor) -> torch.Tensor:
@@ -55,7 +55,10 @@ def init_power_state(weights: Sequence[torch.Tensor], generator: Optional[torch.
     return PowerState(us, vs)
 
 
-def _validate(weights: Sequence[torch.Tensor], state: PowerState, names: Optional[Sequence[str]] = None) -> None:
+def validate_state(weights: Sequence[torch.Tensor], state: PowerState, names: Optional[Sequence[str]] = None) -> None:
+    """The checks of :func:`spectral_norms` on its weights and state (errors name the layer,
+    ``names[l]``, else ``weights[l]``): 2-D float weights, one contiguous ``u``/``v`` of the
+    right size, accumulation dtype and device per weight, no two vectors sharing memory."""
     if len(state.us) != len(weights) or len(state.vs) != len(weights):
         raise ValueError(f"state: expected {len(weights)} (u, v) pairs, one per weight, got "
                          f"{len(state.us)} u and {len(state.vs)} v")
@@ -109,24 +112,32 @@ def spectral_norms(weights: Sequence[torch.Tensor], state: PowerState, n_iter: i
         tol = ops._tol_arg("spectral_norms", tol, finite=False)
     if max_iter is not None:
         max_iter = ops._iter_arg("spectral_norms", "max_iter", max_iter, minimum=1)
-    _validate(weights, state, names)
+    validate_state(weights, state, names)
     if backend != "auto":
         backends.resolve(backend, weights[0].device if weights else torch.device("cpu"))  # bad name: raise now
+    steps = n_iter if tol is None else (max_iter if max_iter is not None else 100)
+    return step_sigmas(weights, state, steps, update, 0.0 if tol is None else tol, backend)
+
+
+def step_sigmas(weights: List[torch.Tensor], state: PowerState, n_iter: int, update: bool, tol: float = 0.0,
+                backend: str = "auto", from_step=ops.sigma_from_step) -> torch.Tensor:
+    """The body of :func:`spectral_norms` on arguments checked by :func:`validate_state`:
+    ``n_iter`` power steps (``update``), then the sigmas; ``from_step(weights, us, vs, est)``
+    makes them from the step's estimates (default ``ops.sigma_from_step``; the penalty routes
+    the gradient per parameter instead)."""
     if update:
-        steps = n_iter if tol is None else (max_iter if max_iter is not None else 100)
         with torch.no_grad():
             detached = [W.detach() for W in weights]
             if backend == "auto":
                 # the dispatcher already picks in the documented order (compiled kernel of the
                 # device, else Triton on CUDA, else the reference), and torch.compile traces it
-                est = ops.power_step_(detached, state.us, state.vs, steps, 0.0 if tol is None else tol)
+                est = ops.power_step_(detached, state.us, state.vs, n_iter, tol)
             else:
-                est = backends.power_step_(detached, state.us, state.vs, steps, 0.0 if tol is None else tol,
-                                           backend=backend)
-        if steps >= 1 and all(W.device.type == "cpu" for W in weights):
+                est = backends.power_step_(detached, state.us, state.vs, n_iter, tol, backend=backend)
+        if n_iter >= 1 and all(W.device.type == "cpu" for W in weights):
             # The step's estimate |W^T u| is u^T W v at the new vectors (to float rounding):
             # take the value from it instead of reading every W a second time.
-            return ops.sigma_from_step(weights, state.us, state.vs, est)
+            return from_step(weights, state.us, state.vs, est)
     return ops.sigma(weights, state.us, state.vs)
 
 
@@ -235,7 +246,7 @@ class _LowRankSigma(torch.autograd.Function):
 
 
 def lowrank_sigmas(maps, us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], n_iter: int = 1, *,
-                   update: bool = True) -> torch.Tensor:
+                   update: bool = True, validate: bool = True) -> torch.Tensor:
     """sigma_max estimates of low-rank maps (``specreg_fast.layers.LowRank``), differentiable
     in their factors, the matrices never built.
 
@@ -243,15 +254,13 @@ def lowrank_sigmas(maps, us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor],
     persistent ``us``/``vs`` (validated as for :func:`spectral_norms`, against each map's
     shape and dtype) and returns ``u^T M v`` per map (float32; float64 if any map is float64),
     whose gradient is that of the bilinear form (:func:`lowrank_grads`), the exact
-    d sigma_max once converged. Invalid input raises before anything is modified."""
+    d sigma_max once converged. Invalid input raises before anything is modified.
+    ``validate=False`` skips the checks, for a caller that made them with
+    :func:`validate_state` (the penalty, once per plan)."""
     maps, us, vs = list(maps), list(us), list(vs)
-    n_iter = ops._iter_arg("lowrank_sigmas", "n_iter", n_iter)
-    _validate([M.like() for M in maps], PowerState(us, vs))
-    return _lowrank_sigmas(maps, us, vs, n_iter, update)
-
-
-def _lowrank_sigmas(maps, us: List[torch.Tensor], vs: List[torch.Tensor], n_iter: int, update: bool) -> torch.Tensor:
-    """:func:`lowrank_sigmas` on validated arguments (the penalty validates once per plan)."""
+    if validate:
+        n_iter = ops._iter_arg("lowrank_sigmas", "n_iter", n_iter)
+        validate_state([M.like() for M in maps], PowerState(us, vs))
     dt = ops._out_dtype([M.like() for M in maps])
     if not maps:
         return torch.zeros(0, dtype=dt)

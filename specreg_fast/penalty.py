@@ -3,98 +3,35 @@
     penalty = specreg_fast.SpectralPenalty(model, gamma=1e-2)     # hidden layers only
     loss = criterion(model(x), y) + penalty()                      # gamma * sum_l sigma_l^2
 
-All dense layers go through one grouped op call per step, all conv layers through one call
-per conv method; gradients are u v^T (dense) and the conv weight-gradient of (x, y) (conv),
-never autograd through the power iterations.
+``SpectralPenalty`` is the surface: arguments, schedule, state, the compiled variant and
+reporting. Which maps it regularizes is :mod:`specreg_fast.selection`; the maps themselves
+are groups, one class per kind (:mod:`specreg_fast.groups`), each with one op call per
+step for all its maps; gradients are u v^T (dense) and the conv weight-gradient of (x, y)
+(conv), never autograd through the power iterations.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from . import dense as _dense
-from .bounds import operator_norm_bounds
-from .conv import ConvSpec, ConvState, conv_operator_norms, init_conv_state
-from .conv import _validate as _validate_convs
-from .fft import CircularState, circular_conv_norms, circular_params, circular_power_pairs, init_circular_state
-from . import distributed as _distributed
+from . import groups as _groups
 from . import layers as _layers
-from . import ops as _ops
+from .constraint import SpectralNormalize, spectral_constraint
+from .selection import AUTO as _AUTO
+from .selection import Selection, unwrap
 
 __all__ = ["SpectralPenalty", "spectral_constraint", "SpectralNormalize"]
 
-_CONV = _layers.CONV_TYPES
-_SUPPORTED = (nn.Linear,) + _CONV
-_AUTO = "auto"
 _CONV_NORMS = ("operator", "fft", "matrix")
+_VECTOR_PREFIXES = ("u", "v", "x", "y")
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DistributedDataParallel / DataParallel / torch.compile wrappers: regularize the real model.
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _grad_of(P: torch.Tensor) -> torch.Tensor:
-    """``P.grad``, created as zeros where it is None (for in-place accumulation)."""
-    if P.grad is None:
-        P.grad = torch.zeros_like(P)
-    return P.grad
-
-
-def _rank1(left: torch.Tensor, right: torch.Tensor, c, dtype: torch.dtype):
-    """``(left, right, alpha)`` for ``G.addr_`` adding ``c left right^T`` in ``dtype``: a Python
-    float ``c`` (CPU) stays the alpha; a 0-d device tensor is folded into ``left`` so that
-    nothing waits for the device."""
-    left, right = left.to(dtype), right.to(dtype)
-    if isinstance(c, torch.Tensor):
-        return left * c.to(dtype), right, 1.0
-    return left, right, c
-
-
-def _computed(mp: _layers.LinearMap) -> bool:
-    """A parametrized weight: recomputed on every access (under no_grad, a tensor with no
-    way back to its parameters), so ``accumulate_grad`` goes through autograd for it."""
-    return mp.attr is not None and torch.nn.utils.parametrize.is_parametrized(mp.module, mp.attr)
-
-
-def _add_rank1(mp: _layers.LinearMap, G: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha=1.0) -> None:
-    """``G += alpha * V^*(left right^T)``, ``V^*`` the adjoint of the map's view of its parameter:
-    a rank-1 update in place through the map's view of ``G`` (a transposed view, a row
-    block...), or, where that view has to copy (e.g. a channels_last ``G``), through autograd."""
-    Gm = mp.grad_view(G)
-    if Gm is not None:
-        Gm.addr_(left, right, alpha=alpha)
-        return
-    with torch.enable_grad():
-        Gd = torch.zeros_like(G, requires_grad=True)  # the view is linear: its adjoint at any point
-        (gW,) = torch.autograd.grad(mp.view(Gd), Gd, torch.outer(left, right))
-    G.add_(gW, alpha=alpha)
-
-
-def _frozen(mp: _layers.LinearMap, factors=None) -> bool:
-    """Whether no parameter of the map requires grad (its sigma cannot change in training).
-    A weight computed by ``extra=`` is never taken to be frozen (its parameters are unknown)."""
-    if factors is not None:
-        return not any(t.requires_grad for t in (factors.base, *factors.Bs, *factors.As))
-    if mp.attr is None:
-        return False
-    if _computed(mp):
-        return not any(q.requires_grad for q in mp.module.parametrizations[mp.attr].parameters())
-    return not mp.param().requires_grad
+def _is_state_key(key: str) -> bool:
+    return key.split("_")[0] in _VECTOR_PREFIXES or key in ("gammas", "last_sigmas")
 
 
 def _act_slope_sq_max(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
@@ -105,107 +42,6 @@ def _act_slope_sq_max(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
         # act.forward, not act(): calling the module would re-enter the hook
         (d,) = torch.autograd.grad(act.forward(zz).sum(), zz, create_graph=z.requires_grad)
     return (d.flatten(1) ** 2).amax(dim=1).mean()
-
-
-class _PerParamSigma(torch.autograd.Function):
-    """Sigmas of the plain dense maps of one tensor (``est``, the power step's estimates) with
-    the bilinear form's gradient ``u v^T`` per map. ``group``: ``("param", [(i, map)], whole)``
-    for maps that are views of the parameter ``T`` (an attention's q, k, v row blocks of
-    ``in_proj_weight``, a 1x1 conv's reshaped kernel, a transposed ``Conv1D``): their rank-1
-    blocks go into one parameter-sized gradient in place, through the maps' views (``whole``:
-    one map covering the parameter, so no zero fill). Autograd through the views instead
-    gives each q/k/v map a zero-filled parameter-sized gradient and sums them: 3 fills, 3
-    copies and 2 sums of the whole parameter where one fill and three rank-1 writes do.
-    ``("map", [0], _)``: ``T`` is the map's own weight (16-bit, computed): ``ops.rank1_grad``."""
-
-    @staticmethod
-    def forward(ctx, est, group, us, vs, T):
-        # copies of the vectors: the next power step rewrites them in place (ops.sigma's reason)
-        ctx.group, ctx.meta = group, (T.dtype, T.shape, T.device)
-        ctx.save_for_backward(*[u.clone() for u in us], *[v.clone() for v in vs])
-        return est.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        saved = ctx.saved_tensors
-        n = len(saved) // 2
-        us, vs = saved[:n], saved[n:]
-        kind, entries, whole = ctx.group
-        dtype, shape, device = ctx.meta
-        if kind == "map":
-            return None, None, None, None, _ops.rank1_grad(us[0], vs[0], grad[0], dtype)
-        # as rank1_grad: scale the short vector
-        lefts = [(us[i] * grad[i].to(us[i].dtype)).to(dtype) for i, _ in entries]
-        G = torch.empty(shape, dtype=dtype, device=device)
-        Gm = entries[0][1].grad_view(G) if whole else None
-        if Gm is not None:  # one map covering the parameter through a view: written, no fill
-            Gm.addr_(lefts[0], vs[0].to(dtype), beta=0)
-        else:
-            G.zero_()
-            for (i, mp), left in zip(entries, lefts):
-                _add_rank1(mp, G, left, vs[i].to(dtype))
-        return None, None, None, None, G
-
-
-def _per_param_sigma(maps: List[_layers.LinearMap], ws: List[torch.Tensor], us, vs, est: torch.Tensor):
-    """``ops.sigma_from_step(ws, us, vs, est)`` (value ``est``, gradient ``u v^T`` per map) with
-    the gradient reaching each map's parameter directly (:class:`_PerParamSigma`), one
-    autograd node per parameter: autograd adds each parameter's gradient into ``.grad`` and
-    frees it before the next node runs, so the parameter-sized temporaries reuse memory (one
-    node for all would hold all of them at once: fresh pages, page faults, on every call).
-    Eager mode; under torch.compile the op itself."""
-    if torch.compiler.is_compiling():
-        return _ops.sigma_from_step(ws, us, vs, est)
-    groups, tensors, slot = [], [], {}
-    for i, (mp, w) in enumerate(zip(maps, ws)):
-        if not w.requires_grad:
-            continue
-        P = None if mp.attr is None or _computed(mp) else mp.param()
-        if P is None or P.dtype not in (torch.float32, torch.float64):
-            groups.append(("map", [i], True))
-            tensors.append(w)
-            continue
-        k = slot.get(id(P))
-        if k is None:
-            slot[id(P)] = len(groups)
-            groups.append(("param", [i], w.numel() == P.numel()))
-            tensors.append(P)
-        else:
-            groups[k] = ("param", groups[k][1] + [i], False)
-    if not tensors:
-        return est
-    outs, index = [], []
-    for (kind, idx, whole), T in zip(groups, tensors):
-        local = ("map", [0], True) if kind == "map" else ("param", [(j, maps[i]) for j, i in enumerate(idx)], whole)
-        outs.append(_PerParamSigma.apply(est[idx], local, [us[i] for i in idx], [vs[i] for i in idx], T))
-        index += idx
-    return est.index_put((torch.tensor(index, device=est.device),), torch.cat(outs))
-
-
-class _HotPlan(NamedTuple):
-    key: tuple
-    us: List[torch.Tensor]
-    vs: List[torch.Tensor]
-    xs: List[torch.Tensor]
-    ys: List[torch.Tensor]
-    modes: List[str]  # padding mode of each conv layer
-    layer_params: List[List[int]]  # packed conv geometry of each conv layer (ops.pack_conv_params)
-    subsets: dict  # frozen maps (indices) -> the _MapSet of the others, built once per plan
-
-
-class _MapSet(NamedTuple):
-    """The maps one call steps: dense maps (indices into ``_dense``; ``plain`` and ``low``
-    split them by step kind, ``order`` puts cat(plain sigmas, low-rank sigmas) back in
-    ``dense`` order), conv maps (indices into ``_convs``, with their packed geometry), and
-    ``index``: their positions among all maps (None when the set is every map)."""
-    dense: List[int]
-    plain: List[int]
-    low: List[int]
-    order: Optional[torch.Tensor]
-    conv: List[int]
-    params: List[int]
-    modes: List[str]
-    index: Optional[torch.Tensor]
 
 
 class SpectralPenalty(nn.Module):
@@ -283,96 +119,27 @@ class SpectralPenalty(nn.Module):
                               ("every", every, 1)):
             if not isinstance(val, int) or val < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {val!r}")
-        if isinstance(gamma, (int, float)) and (gamma < 0 or not math.isfinite(gamma)):
-            raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
-        self._model = [_unwrap(model)]  # a list: not a submodule (keeps the model out of state_dict)
+        self._model = [unwrap(model)]  # a list: not a submodule (keeps the model out of state_dict)
         self.conv_norm, self.n_iter, self.n_iter_init = conv_norm, n_iter, n_iter_init
         self.start_step, self.every, self.auto_step, self.eig_ub = start_step, every, auto_step, eig_ub
-        self.seed = seed
-        self._gamma_arg, self._scope, self._exclude = gamma, scope, tuple(exclude)
+        self.seed, self._scope = seed, scope
         self.update = True
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-
-        root = self._model[0]
-        names = {m: n for n, m in root.named_modules()}  # dedupes shared modules: counted once
-        by_name = dict(root.named_modules())
-        self._maps, unsupported, lazy = _layers.discover(root, conv_norm, split, attention, extra)
-        for n in lazy:
-            warnings.warn(f"SpectralPenalty: skipping {n}: lazy module not materialized yet; construct the penalty "
-                          f"after the first forward")
-        unsupported = [(n, m) for n, m in unsupported if not _layers.is_within(n, self._exclude)]
-        if unsupported:
-            warnings.warn(f"SpectralPenalty: not regularized, not a layer kind it knows: "
-                          f"{_layers.describe(unsupported)}; pass extra={{name: callable returning the weight "
-                          f"matrix}} for a custom linear map")
-        if not self._maps:
-            raise ValueError("model has no supported layers (Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, "
-                             "MultiheadAttention, transformers Conv1D, extra=)")
-        if not isinstance(scope, str) or scope not in ("hidden", "all"):
-            wanted = [scope] if isinstance(scope, str) else list(scope)
-            for s in wanted:
-                if s not in by_name:
-                    raise ValueError(f"scope: no module named {s!r} in the model")
-        for e in self._exclude:
-            if e not in by_name:
-                raise ValueError(f"exclude: no module named {e!r} in the model")
-        if readout != _AUTO:
-            if scope != "hidden":
-                raise ValueError(f"readout: applies to scope='hidden', got scope={scope!r}")
-            if readout is not None and readout not in by_name and readout not in {mp.owner for mp in self._maps}:
-                raise ValueError(f"readout: no module named {readout!r} in the model")
-        self._readout_arg = readout
-        # forward order of every module that holds a weight matrix (the readout rule)
-        self._supported_owners = {mp.owner for mp in self._maps}
-        # (the parts of a supported layer, e.g. a LoRA layer's base_layer / lora_A / lora_B, are not)
-        self._weight_owners = [n for n, m in by_name.items() if n in self._supported_owners or (
-            _layers.holds_weight_matrix(m) and not _layers.is_within(n, self._supported_owners))]
-        self._starts: Dict[str, int] = {}
-        self._ends: Dict[str, int] = {}
-
-        self._input_shapes: Dict[str, Tuple[int, ...]] = {k: tuple(v) for k, v in (input_shapes or {}).items()}
-        self._order: List[str] = []
-        self._hooks = []
+        self._sel = Selection(self._model[0], gamma, scope, exclude, conv_norm, readout, split, attention, extra,
+                              input_shapes)
         self._eig_terms: List[torch.Tensor] = []
-        for n, m in by_name.items():
-            self._hooks.append(m.register_forward_pre_hook(self._make_record_hook(n, m)))
-            self._hooks.append(m.register_forward_hook(self._make_end_hook(n, m)))
         if eig_ub:
             acts = (nn.GELU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Softplus)
-            for m in names:
+            for m in {m: None for m in self._model[0].modules()}:
                 if isinstance(m, acts):
                     m.register_forward_hook(self._make_eig_hook(m))
         self._ready = False
         self._layers: List[_layers.LinearMap] = []
-        self._plan: Optional[_HotPlan] = None
+        self._groups: List[_groups.MapGroup] = []
+        self._sharded_group: Optional[_groups.ShardedGroup] = None
+        self._assembly: dict = {}
         self._block_layers: Optional[List[int]] = None
-
-    # ------------------------------------------------------------------ discovery
-    # The hooks act only on the module they were registered on: a deep copy of the model (an
-    # EMA/SWA AveragedModel made before the first penalty call) carries copies of them, whose
-    # forwards at other input sizes must not change this penalty's discovery.
-    def _make_record_hook(self, name, module):
-        conv = isinstance(module, _CONV) and name in self._supported_owners
-
-        def hook(mod, args):
-            if mod is not module:
-                return
-            self._starts.setdefault(name, len(self._starts) + len(self._ends))
-            if conv and args and isinstance(args[0], torch.Tensor):
-                shp = tuple(args[0].shape[1:]) if args[0].dim() == mod.weight.dim() else tuple(args[0].shape)
-                old = self._input_shapes.get(name)
-                # several sizes: the largest (its zero-padding norm is the largest)
-                if old is None or math.prod(shp) > math.prod(old):
-                    self._input_shapes[name] = shp
-        return hook
-
-    def _make_end_hook(self, name, module):
-        def hook(mod, args, out):
-            if mod is not module:
-                return
-            self._ends.setdefault(name, len(self._starts) + len(self._ends))
-        return hook
 
     def _make_eig_hook(self, act):
         def hook(mod, args, out):
@@ -380,107 +147,45 @@ class SpectralPenalty(nn.Module):
                 self._eig_terms.append(_act_slope_sq_max(act, args[0]))
         return hook
 
-    def _in_scope(self, name: str) -> bool:
-        scope = self._scope
-        if scope in ("hidden", "all"):
-            return True
-        wanted = [scope] if isinstance(scope, str) else list(scope)
-        return any(name == s or name.startswith(s + ".") for s in wanted)
+    # the selection's records, under the names the penalty has always had
+    @property
+    def _input_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        return self._sel.input_shapes
 
-    def _gamma_of(self, mp: _layers.LinearMap) -> float:
-        g, name = self._gamma_arg, mp.name
-        if callable(g):
-            val = float(g(name, mp.module))
-        elif isinstance(g, dict):  # the map's own name, else its layer's or module's
-            val = float(g.get(name, g.get(mp.layer, g.get(mp.owner, 0.0))))
-        else:
-            val = float(g)
-        if val < 0 or not math.isfinite(val):
-            raise ValueError(f"gamma for {name}: must be a finite number >= 0, got {val}")
-        return val
+    @property
+    def _dense(self) -> List[_layers.LinearMap]:
+        return [mp for mp in self._layers if not mp.conv]
 
-    def _forward_order(self) -> List[str]:
-        """The modules that hold a weight matrix, in forward order (recorded by the hooks, or
-        loaded from a checkpoint before any forward)."""
-        if self._starts:
-            self._order = _layers.forward_order(self._weight_owners, self._starts, self._ends)
-        return self._order
+    @property
+    def _convs(self) -> List[_layers.LinearMap]:
+        return [mp for mp in self._layers if mp.conv]
 
-    def _readout(self) -> Optional[str]:
-        """The module left free by ``scope="hidden"`` (see the ``readout`` argument)."""
-        if self._readout_arg != _AUTO:
-            return self._readout_arg
-        order = self._forward_order()
-        if not order:
-            raise RuntimeError("SpectralPenalty(scope='hidden') finds the readout from the forward order: run one "
-                               "forward pass of the model before the first penalty() call, or pass readout=")
-        last = order[-1]
-        kind = type(self._model[0].get_submodule(last)).__name__
-        if last not in self._supported_owners:
-            warnings.warn(f"SpectralPenalty: the last layer with a weight in forward order, {last} ({kind}), is not a "
-                          f"layer the penalty supports: no layer is taken as the readout, every supported layer is "
-                          f"regularized; pass readout='name' (or readout=None) to say so")
-            return None
-        warnings.warn(f"SpectralPenalty: readout taken to be {last} ({kind}), the last layer in forward order, and "
-                      f"left free; pass readout={last!r} (or another name, or None) to say so")
-        return last
+    def _conv_specs(self):
+        from .conv import ConvSpec
+        return [ConvSpec.from_module(mp.module, self._input_shapes[mp.owner]) for mp in self._convs]
 
     def _finalize(self):
-        """Select the layers and create the persistent vectors (first call)."""
-        maps = [mp for mp in self._maps if self._in_scope(mp.owner) and not _layers.is_within(mp.owner, self._exclude)]
-        if self._scope == "hidden":
-            readout = self._readout()
-            if readout is not None:
-                maps = [mp for mp in maps if not _layers.is_within(mp.owner, [readout])]
-        gammas = {mp.name: self._gamma_of(mp) for mp in maps}
-        maps = [mp for mp in maps if gammas[mp.name] > 0]
-        if not maps:
-            raise ValueError(f"scope={self._scope!r} with exclude={self._exclude} and this gamma selects no layer")
+        """Select the maps and create their groups and persistent vectors (first call)."""
+        maps, gammas = self._sel.select()
+        self._selected = maps
+        self._groups, self._sharded_group, self._layers, parent = self._build(self._set_buf)
         dev = maps[0].like().device
-        g = torch.Generator().manual_seed(self.seed)
-        self._dense, self._convs = [], []
-        for mp in maps:
-            if mp.conv:
-                if mp.owner not in self._input_shapes:
-                    raise RuntimeError(f"input size of {mp.owner} is unknown: run one forward pass of the model "
-                                       f"first, or pass input_shapes={{'{mp.owner}': (C_in, *spatial)}}")
-                blocks = (_layers.patch_maps(mp, self._input_shapes[mp.owner]) if self.conv_norm == "operator"
-                          else None)
-                if blocks is None:
-                    self._convs.append(mp)
-                    continue
-                gammas.update({b.name: gammas[mp.name] for b in blocks})
-                self._dense += blocks  # non-overlapping patches: the dense norm of each group's kernel
-            else:
-                self._dense.append(mp)
-        self._layers = self._dense + self._convs
         # maps that are blocks of one operator (a grouped patch conv): index of their layer
         owners = [mp.layer for mp in self._layers]
         self._block_layers = ([owners.index(o) for o in owners] if len(set(owners)) < len(owners) else None)
-        # LoRA maps take the low-rank step (dense.lowrank_sigmas); their vectors are u_i/v_i too
-        self._lowrank_at = [i for i, mp in enumerate(self._dense) if mp.lowrank is not None]
-        dst = _dense.init_power_state([mp.like().detach() for mp in self._dense], generator=g)
-        for i, mp in enumerate(self._dense):
-            self._set_buf(f"u_{i}", dst.us[i].to(dev), mp.name)
-            self._set_buf(f"v_{i}", dst.vs[i].to(dev), mp.name)
-        specs = self._conv_specs()
-        if self.conv_norm == "operator":
-            cst = _distributed.init_conv_state(specs, g, [mp.name for mp in self._convs])  # DTensor weights: on shards
-            for i in range(len(specs)):
-                self._set_buf(f"x_{i}", cst.xs[i], self._convs[i].name)
-                self._set_buf(f"y_{i}", cst.ys[i], self._convs[i].name)
-        elif self.conv_norm == "fft":
-            cst = init_circular_state(specs, generator=g)
-            for i in range(len(specs)):
-                self._set_buf(f"x_{i}", cst.xs[i], self._convs[i].name)
-        self.register_buffer("gammas", torch.tensor([gammas[mp.name] for mp in self._layers], dtype=torch.float32,
-                                                    device=dev))
+        self.register_buffer("gammas", torch.tensor([gammas[parent.get(mp.name, mp.name)] for mp in self._layers],
+                                                    dtype=torch.float32, device=dev))
         self.register_buffer("last_sigmas", torch.zeros(len(self._layers), dtype=torch.float32, device=dev))
+        self._assembly = {}
         self._ready = True
-        # forward order and conv sizes are known: the discovery hooks are no longer needed
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self._sel.remove_hooks()  # forward order and conv sizes are known
+        if getattr(self, "_restarted", None):
+            self._restart_warning(self._restarted)
+
+    def _build(self, set_buffer):
+        g = torch.Generator().manual_seed(self.seed)
+        return _groups.build_groups(self._selected, self.conv_norm, self._input_shapes, g, set_buffer, self._buffers,
+                                    self._model[0])
 
     def _set_buf(self, key, value, layer_name):
         old = self._pending_state.pop(key, None) if hasattr(self, "_pending_state") else None
@@ -488,13 +193,13 @@ class SpectralPenalty(nn.Module):
             if old.shape != value.shape:
                 raise ValueError(f"state_dict entry {key} for {layer_name} has shape {tuple(old.shape)}, expected "
                                  f"{tuple(value.shape)}")
-            # a copy: the entry may be another live penalty's buffer (its state_dict()), which
-            # would otherwise move with this one's steps
-            value = old.to(device=value.device, dtype=value.dtype, copy=True)
+            if key.split("_")[0] in _VECTOR_PREFIXES and not bool(torch.isfinite(old).all()):
+                self._restarted = getattr(self, "_restarted", []) + [key]  # a diverged run's vector: a fresh one
+            else:
+                # a copy: the entry may be another live penalty's buffer (its state_dict()),
+                # which would otherwise move with this one's steps
+                value = old.to(device=value.device, dtype=value.dtype, copy=True)
         self.register_buffer(key, value.contiguous())
-
-    def _conv_specs(self) -> List[ConvSpec]:
-        return [ConvSpec.from_module(mp.module, self._input_shapes[mp.owner]) for mp in self._convs]
 
     # ------------------------------------------------------------------ state
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -504,10 +209,8 @@ class SpectralPenalty(nn.Module):
         if not self._ready:
             self._pending_state = {}
             for k in list(state_dict):
-                if k.startswith(prefix):
-                    key = k[len(prefix):]
-                    if key.split("_")[0] in ("u", "v", "x", "y") or key in ("gammas", "last_sigmas"):
-                        self._pending_state[key] = state_dict[k]
+                if k.startswith(prefix) and _is_state_key(k[len(prefix):]):
+                    self._pending_state[k[len(prefix):]] = state_dict[k]
             shapes = state_dict.get(prefix + "_conv_input_shapes")
             if shapes is not None:
                 self._input_shapes.update(shapes)
@@ -517,14 +220,39 @@ class SpectralPenalty(nn.Module):
         self._warm_start_done = False  # the loaded `initialized` may be False
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if self._ready:
+            self._restart_nonfinite()
+
+    def _restart_nonfinite(self) -> None:
+        """Vectors loaded with non-finite entries (a checkpoint of a run that diverged) are
+        drawn afresh as at the first call, and the warm start runs again: a NaN vector would
+        otherwise keep every later estimate NaN (the power step rolls back on non-finite)."""
+        bad = [k for k, t in self._buffers.items() if k.split("_")[0] in _VECTOR_PREFIXES
+               and not bool(torch.isfinite(t).all())]
+        if not bad:
+            return
+        fresh = {}
+        with torch.no_grad():
+            self._build(lambda key, value, name: fresh.__setitem__(key, value))
+            for k in bad:
+                self._buffers[k].copy_(fresh[k])
+        self._restart_warning(bad)
+
+    def _restart_warning(self, keys) -> None:
+        with torch.no_grad():
+            self.last_sigmas.nan_to_num_(0.0, 0.0, 0.0)
+            self.initialized.fill_(False)
+        self._warm_start_done, self._restarted = False, []
+        warnings.warn(f"SpectralPenalty: state_dict vectors {', '.join(keys)} are not finite (a diverged run?): "
+                      f"restarted from the seed, with a new warm start")
 
     def get_extra_state(self):
-        return {"conv_input_shapes": dict(self._input_shapes), "order": list(self._forward_order())}
+        return {"conv_input_shapes": dict(self._input_shapes), "order": list(self._sel.forward_order())}
 
     def set_extra_state(self, state):
         self._input_shapes.update({k: tuple(v) for k, v in state.get("conv_input_shapes", {}).items()})
-        if not self._order:
-            self._order = list(state.get("order", []))
+        if not self._sel.order:
+            self._sel.order = list(state.get("order", []))
 
     def step(self) -> None:
         """Advance the schedule counter by one (with ``auto_step=False``)."""
@@ -533,13 +261,13 @@ class SpectralPenalty(nn.Module):
     def reset(self) -> None:
         """Forget the vectors and the step counter; they are re-created on the next call."""
         for k in list(self._buffers):
-            if k.split("_")[0] in ("u", "v", "x", "y") or k in ("gammas", "last_sigmas"):
+            if _is_state_key(k):
                 del self._buffers[k]
         self.step_count.zero_()
         self.initialized.fill_(False)
         self._warm_start_done = False
         self._ready = False
-        self._plan = None
+        self._groups, self._sharded_group, self._assembly = [], None, {}
         self._pending_state = {}
 
     @property
@@ -549,180 +277,74 @@ class SpectralPenalty(nn.Module):
         return [mp.name for mp in self._layers]
 
     # ------------------------------------------------------------------ compute
-    def _sigmas_or_roll_back(self, update: bool, n_iter: int, conv_pairs: Optional[list]) -> torch.Tensor:
+    def _sigmas_or_roll_back(self, update: bool, n_iter: int, record: bool):
         """``_sigmas``; if it raises, the step counter this call advanced goes back (the ops
         themselves leave their vectors as they were on a failed step)."""
         try:
-            sharded = self._sharded()
-            if sharded is not None:  # DTensor (FSDP2) weights: on the local shards, specreg_fast/distributed.py
-                return _distributed.penalty_sigmas(*sharded, update, n_iter)
-            return self._sigmas(update, n_iter, conv_pairs)
+            return self._sigmas(update, n_iter, record)
         except Exception:
             if self.training and self.auto_step and not torch.compiler.is_compiling():
                 self.step_count.sub_(1)
             raise
 
-    def _sharded(self):
-        """``(weights, us + ys, vs + xs, names, conv specs)`` for specreg_fast/distributed.py
-        when a regularized weight is a DTensor (FSDP2), else None."""
-        ws = _distributed.regularized_weights(self._model[0], [mp.module for mp in self._layers])
-        if ws is None:
-            return None
-        # distributed.py shards whole weights (a Linear's, a conv's, or a conv kernel as its
-        # reshaped matrix); views of part of a parameter (attention q/k/v, a transposed HF
-        # Conv1D, a grouped patch conv's blocks) and extra= maps are not sharded there
-        partial = [mp.name for mp in self._layers if mp.attr != "weight" or mp.layer != mp.name
-                   or mp.view not in (_layers._identity, _layers._reshaped)]
-        if partial:
-            raise ValueError(f"sharded (DTensor) weights: {', '.join(partial)} regularize part of a parameter or a "
-                             f"computed weight, which the sharded path does not support; exclude them")
-        if self._convs and self.conv_norm != "operator":
-            raise ValueError(f"conv_norm={self.conv_norm!r} on sharded (DTensor) weights is not supported; use "
-                             f"'operator' or 'matrix'")
-        b, nd, nc = self._buffers, len(self._dense), len(self._convs)
-        return (ws, [b[f"u_{i}"] for i in range(nd)] + [b[f"y_{i}"] for i in range(nc)],
-                [b[f"v_{i}"] for i in range(nd)] + [b[f"x_{i}"] for i in range(nc)], [mp.name for mp in self._layers],
-                self._conv_specs() if nc else [])
+    def _sigmas(self, update: bool, n_iter: int, record: bool = False):
+        """The sigmas of every map (in ``layer_names`` order) and, with ``record`` (call under
+        no_grad), ``[(group, call, live, record)]`` for :meth:`accumulate_grad`.
 
-    def _plan_key(self, dense_ws, conv_ws) -> tuple:
-        """What the hot plan depends on: every weight's shape/dtype/device, each conv's
-        hyperparameters and recorded input size, and the state buffers (by identity:
-        ``.to()`` replaces them, ``load_state_dict`` copies into them)."""
-        b = self._buffers
-        return (tuple((w.shape, w.dtype, w.device) for w in dense_ws + conv_ws),
-                tuple((m.stride, m.padding, m.dilation, m.groups, m.padding_mode, m.output_padding,
-                       self._input_shapes[mp.owner]) for mp in self._convs for m in [mp.module]),
-                tuple(id(t) for t in b.values()))
-
-    def _hot_plan(self, dense_ws, conv_ws) -> "_HotPlan":
-        """The per-call constants of a penalty call: the state buffers in op order and the
-        conv ops' packed geometry, validated (errors name the layer). In eager mode built once
-        and rebuilt only when :meth:`_plan_key` changes: re-packing and re-validating on every
-        call was about a tenth of ``accumulate_grad``'s time on the benchmark CNN
-        (``bench/bench_training.py``). Under torch.compile built on every trace (no cache).
-        (The FFT norm's convs are checked by its own functions on every call.)"""
-        compiling = torch.compiler.is_compiling()
-        key = None if compiling else self._plan_key(dense_ws, conv_ws)
-        plan = self._plan
-        if key is not None and plan is not None and plan.key == key:
-            return plan
-        b = self._buffers
-        nd, nc = len(self._dense), len(self._convs)
-        us, vs = [b[f"u_{i}"] for i in range(nd)], [b[f"v_{i}"] for i in range(nd)]
-        xs = [b[f"x_{i}"] for i in range(nc)]
-        ys = [b[f"y_{i}"] for i in range(nc)] if self.conv_norm == "operator" else []
-        _dense._validate(dense_ws, _dense.PowerState(us, vs), [mp.name for mp in self._dense])
-        modes, layer_params = [], []
-        if nc and self.conv_norm == "operator":
-            specs = self._conv_specs()
-            _validate_convs(specs, ConvState(xs, ys), [mp.name for mp in self._convs])
-            packed = [_ops.pack_conv_params([sp]) for sp in specs]
-            layer_params, modes = [p for p, _ in packed], [m[0] for _, m in packed]
-        plan = _HotPlan(key, us, vs, xs, ys, modes, layer_params, {})
-        if not compiling:
-            self._plan = plan
-        return plan
-
-    def _map_set(self, plan: "_HotPlan", factors: Dict[int, object]) -> _MapSet:
-        """The maps this call steps: all of them, except, once the warm start is done, the
-        frozen ones (:func:`_frozen`: a frozen backbone, a LoRA model's frozen base layers),
-        whose sigma cannot change: their power step would only refine an estimate that is a
-        constant of the loss. Built once per plan and set of frozen maps."""
-        frozen: tuple = ()
+        Every group prepares first (its checks raise before any vector moves), then each
+        steps its live maps: once the warm start is done, frozen maps (no parameter requires
+        grad: a frozen backbone, a LoRA model's base layers) take no step, their sigma held
+        at its last estimate. Only custom ops run here (autocast does not touch them) except
+        on the FFT norm's path, which runs with autocast off. When a regularized weight is a
+        DTensor, one :class:`groups.ShardedGroup` over every map replaces the groups."""
+        if not torch.compiler.is_compiling():
+            self._sel.check_attached(self._layers)
+        sharded = self._sharded_group.prepare()
+        if sharded is not None:
+            groups, calls = [self._sharded_group], [sharded]
+        else:
+            groups = self._groups
+            calls = [g.prepare() for g in groups]
+        lives = [tuple(range(len(g))) for g in groups]
         if self._warm_start_done:
-            frozen = tuple(k for k, mp in enumerate(self._layers)
-                           if _frozen(mp, factors.get(k) if k < len(self._dense) else None))
-        s = plan.subsets.get(frozen)
-        if s is not None:
-            return s
-        nd = len(self._dense)
-        dense = [i for i in range(nd) if i not in frozen]
-        conv = [j for j in range(len(self._convs)) if nd + j not in frozen]
-        plain = [i for i in dense if self._dense[i].lowrank is None]
-        low = [i for i in dense if self._dense[i].lowrank is not None]
-        dev = self.last_sigmas.device
-        # position of each dense map in cat(plain sigmas, low-rank sigmas)
-        order = (torch.tensor([(plain + low).index(i) for i in dense], dtype=torch.long, device=dev)
-                 if plain and low else None)
-        operator = self.conv_norm == "operator"
-        params = [q for j in conv for q in plan.layer_params[j]] if operator else []
-        modes = [plan.modes[j] for j in conv] if operator else []
-        index = torch.tensor(dense + [nd + j for j in conv], dtype=torch.long, device=dev) if frozen else None
-        s = _MapSet(dense, plain, low, order, conv, params, modes, index)
-        plan.subsets[frozen] = s
-        return s
+            for k, (g, c) in enumerate(zip(groups, calls)):
+                frozen = g.frozen(c)
+                if frozen:
+                    lives[k] = tuple(i for i in range(len(g)) if i not in frozen)
+        grad = not record and torch.is_grad_enabled()
+        parts, recs = [], []
+        for g, c, live in zip(groups, calls, lives):
+            if live:
+                sig, rec = g.sigmas(c, live, update, n_iter, grad, record)
+                parts.append(sig.float())
+                recs.append((g, c, live, rec))
+        perm, index = self._assemble(groups, lives)
+        if index is not None:  # frozen maps: held at their last estimate
+            held = self.last_sigmas.detach()
+            sig = held.index_put((index,), torch.cat(parts)) if parts else held.clone()
+        else:
+            sig = torch.cat(parts) if len(parts) > 1 else parts[0]
+            sig = sig if perm is None else sig[perm]
+        return (sig, recs) if record else sig
 
-    def _sigmas(self, update: bool, n_iter: int, conv_pairs: Optional[list] = None) -> torch.Tensor:
-        """The sigmas of every layer (dense first), through the ops directly with the plan of
-        :meth:`_hot_plan`. The convs are computed first, so that their checks (e.g. circular
-        padding for the FFT norm) fail before the dense step writes its vectors. With
-        ``conv_pairs`` (a list; call under no_grad), ``conv_pairs`` receives, per conv layer,
-        ``(x, y, params, mode)``: the pair whose conv weight-gradient is ``dsigma/dW`` (for
-        ``accumulate_grad``; None for a frozen conv that took no step), and the values are the
-        steps' estimates, with no differentiable wrapper. Only custom ops run here (autocast
-        does not touch them) except on the FFT norm's path, which runs with autocast off.
-        Frozen maps (:meth:`_map_set`) take no step: their entry is the last estimate, held."""
-        # the LoRA maps' factors first: an adapter refused here raises before any vector moves
-        factors = {i: self._dense[i].factors() for i in self._lowrank_at}
-        dense_ws = [mp.weight() if mp.lowrank is None else None for mp in self._dense]
-        for i, M in factors.items():
-            dense_ws[i] = M.like()  # shape, dtype, device for the plan: M is never built
-        conv_ws = [mp.weight() for mp in self._convs]
-        plan = self._hot_plan(dense_ws, conv_ws)
-        S = self._map_set(plan, factors)
-        grad = conv_pairs is None and torch.is_grad_enabled()
-        parts = []
-        pairs: list = [None] * len(conv_ws)  # per conv layer (None: frozen, no step)
-        cws = [conv_ws[j] for j in S.conv]
-        if cws and self.conv_norm == "operator":
-            xs, ys = [plan.xs[j] for j in S.conv], [plan.ys[j] for j in S.conv]
-            if update and n_iter > 0:
-                est = _ops.conv_power_step_([w.detach() for w in cws], xs, ys, S.params, S.modes, n_iter, 0.0)
-                sig = _ops.conv_sigma_from_step(cws, xs, ys, S.params, S.modes, est) if grad else est
+    def _assemble(self, groups, lives):
+        """How the groups' sigmas make the penalty's vector: ``(perm, None)`` (every map, in
+        group order: ``cat(parts)[perm]``, None if that is the map order already) or ``(None,
+        index)`` (some maps frozen: their slots). Cached per set of live maps."""
+        key = (tuple(id(g) for g in groups), tuple(lives))
+        out = self._assembly.get(key)
+        if out is None:
+            slots = [g.positions[i] for g, live in zip(groups, lives) for i in live]
+            dev = self.last_sigmas.device
+            if len(slots) < len(self._layers):
+                out = (None, torch.tensor(slots, dtype=torch.long, device=dev))
+            elif slots != sorted(slots):
+                out = (torch.tensor(sorted(range(len(slots)), key=slots.__getitem__), device=dev), None)
             else:
-                sig = _ops.conv_sigma(cws, xs, ys, S.params, S.modes)
-            parts.append(sig.float())
-            for j in S.conv:
-                pairs[j] = (plan.xs[j], plan.ys[j], plan.layer_params[j], plan.modes[j])
-        elif cws:
-            all_specs = self._conv_specs()
-            specs, names = [all_specs[j] for j in S.conv], [self._convs[j].name for j in S.conv]
-            st = CircularState([plan.xs[j] for j in S.conv])
-            with torch.autocast(device_type=self.gammas.device.type, enabled=False):
-                if conv_pairs is None:
-                    parts.append(circular_conv_norms(specs, st, n_iter=n_iter, update=update, names=names).float())
-                else:
-                    est, x_tops, y_tops, _ = circular_power_pairs(specs, st, n_iter, update=update, names=names)
-                    parts.append(est.float())
-                    for j, spec, x, y in zip(S.conv, specs, x_tops, y_tops):
-                        pairs[j] = (x, y, circular_params(spec), "circular")
-        if conv_pairs is not None:
-            conv_pairs.extend(pairs)
-        if S.dense:
-            sig = None
-            if S.plain:
-                ws = [dense_ws[i] for i in S.plain]
-                us, vs = [plan.us[i] for i in S.plain], [plan.vs[i] for i in S.plain]
-                if update:
-                    with torch.no_grad():
-                        est = _ops.power_step_([w.detach() for w in ws], us, vs, n_iter, 0.0)
-                if update and n_iter >= 1 and all(w.device.type == "cpu" for w in ws):
-                    # as in dense.spectral_norms: u^T W v at the new vectors is the step's estimate
-                    sig = _per_param_sigma([self._dense[i] for i in S.plain], ws, us, vs, est) if grad else est
-                else:
-                    sig = _ops.sigma(ws, us, vs)
-            if S.low:
-                with torch.set_grad_enabled(grad):
-                    low = _dense._lowrank_sigmas([factors[i] for i in S.low], [plan.us[i] for i in S.low],
-                                                 [plan.vs[i] for i in S.low], n_iter, update)
-                sig = torch.cat([sig.float(), low.float()])[S.order] if sig is not None else low
-            parts.insert(0, sig.float())
-        if S.index is None:
-            return torch.cat(parts) if len(parts) > 1 else parts[0]
-        held = self.last_sigmas.detach()
-        if not parts:  # every map is frozen
-            return held.clone()
-        return held.index_put((S.index,), torch.cat(parts) if len(parts) > 1 else parts[0])
+                out = (None, None)
+            if not torch.compiler.is_compiling():
+                self._assembly[key] = out
+        return out
 
     def prepare(self, *example_args, warm_start: bool = False, **example_kwargs) -> "SpectralPenalty":
         """Find the layers and create the state now, outside any compiled region; returns the
@@ -764,7 +386,7 @@ class SpectralPenalty(nn.Module):
                                    "a compiled graph: call penalty.prepare(example_input) before compiling with "
                                    "fullgraph=True")
     def _finalize_autocast_off(self):
-        with torch.autocast(device_type=self._maps[0].like().device.type, enabled=False):
+        with torch.autocast(device_type=self._sel.maps[0].like().device.type, enabled=False):
             self._finalize()
 
     # Whether the host knows that the warm start has happened (``initialized`` is True): set
@@ -792,7 +414,7 @@ class SpectralPenalty(nn.Module):
             return self.gammas.new_zeros(())
         else:
             n_iter = max(self.n_iter, self.n_iter_init) if upd and self._needs_warm_start() else self.n_iter
-            sig = self._sigmas_or_roll_back(upd, n_iter, None)
+            sig = self._sigmas_or_roll_back(upd, n_iter, False)
             if upd:
                 self.initialized.fill_(True)
                 self._warm_start_done = True
@@ -908,10 +530,8 @@ class SpectralPenalty(nn.Module):
         if not active:
             return self.gammas.new_zeros(())
         n_iter = max(self.n_iter, self.n_iter_init) if upd and self._needs_warm_start() else self.n_iter
-        nd = len(self._dense)
-        conv_pairs: list = []
         with torch.no_grad():
-            sig = self._sigmas_or_roll_back(upd, n_iter, conv_pairs)
+            sig, recs = self._sigmas_or_roll_back(upd, n_iter, True)
         if upd:
             self.initialized.fill_(True)
             self._warm_start_done = True
@@ -922,58 +542,8 @@ class SpectralPenalty(nn.Module):
             coefs = (2.0 * float(scale)) * self._term_gammas(sig) * sig
             if coefs.device.type == "cpu":
                 coefs = coefs.tolist()
-            sharded = self._sharded()
-            if sharded is not None:  # each rank adds its rows into the local shard of the DTensor .grad
-                _distributed.add_grads(*sharded[:3], coefs, *sharded[3:])
-                return (self._term_gammas(sig) * sig.pow(2)).sum()
-            for i, mp in enumerate(self._dense):
-                if mp.lowrank is not None:  # a LoRA map: d sigma/d(W, B, A) as rank-1 terms (dense.lowrank_grads)
-                    u, v = self._buffers[f"u_{i}"], self._buffers[f"v_{i}"]
-                    for P, left, right in _dense.lowrank_grads(mp.factors(), u, v):
-                        left, right, c = _rank1(left, right, coefs[i], P.dtype)
-                        _grad_of(P).addr_(left, right, alpha=c)
-                    continue
-                if mp.attr is None or _computed(mp):  # its gradient reaches its parameters through autograd
-                    with torch.enable_grad():
-                        Wx = mp.weight()
-                        if Wx.requires_grad:
-                            Wx.backward(torch.outer(self._buffers[f"u_{i}"], self._buffers[f"v_{i}"]).to(Wx.dtype)
-                                        * coefs[i])
-                    continue
-                W = mp.param()
-                if not W.requires_grad:  # a frozen layer gets no gradient, as on the autograd route
-                    continue
-                G = _grad_of(W)
-                u, v, c = _rank1(self._buffers[f"u_{i}"], self._buffers[f"v_{i}"], coefs[i], G.dtype)
-                _add_rank1(mp, G, u, v, alpha=c)  # into the map's block of .grad
-            for j, mp in enumerate(self._convs):
-                if _computed(mp) and conv_pairs[j] is not None:  # the pair's weight-gradient, through the parametrization
-                    x, y, params, mode = conv_pairs[j]
-                    with torch.enable_grad():
-                        Wc = mp.param()
-                        if Wc.requires_grad:
-                            gW = _ops.conv_weight_grad([Wc.detach()], [x], [y * coefs[nd + j]], params, [mode])[0]
-                            Wc.backward(gW.to(Wc.dtype))
-            train = [j for j, mp in enumerate(self._convs) if not _computed(mp) and mp.param().requires_grad]
-            if train:
-                # dsigma/dW of each conv: the conv weight-gradient of its pair, times 2 gamma
-                # sigma scale, as the autograd route's backward computes it (the coefficient
-                # scales the output-sized y, not the weight-sized gradient). One op call for
-                # the layers with a .grad, added in place (conv_weight_grad_add_: no
-                # weight-sized temporary where the direct kernels run), one for those without.
-                for fresh in (False, True):
-                    js = [j for j in train if (self._convs[j].param().grad is None) == fresh]
-                    if not js:
-                        continue
-                    ws = [self._convs[j].param() for j in js]
-                    args = ([W.detach() for W in ws], [conv_pairs[j][0] for j in js],
-                            [conv_pairs[j][1] * coefs[nd + j] for j in js], [q for j in js for q in conv_pairs[j][2]],
-                            [conv_pairs[j][3] for j in js])
-                    if fresh:
-                        for W, gW in zip(ws, _ops.conv_weight_grad(*args)):
-                            W.grad = gW.to(W.dtype)
-                    else:
-                        _ops.conv_weight_grad_add_([W.grad for W in ws], *args)
+            for g, call, live, rec in recs:
+                g.add_grads(call, live, rec, [coefs[g.positions[i]] for i in live])
         return (self._term_gammas(sig) * sig.pow(2)).sum()
 
     @torch.no_grad()
@@ -990,68 +560,10 @@ class SpectralPenalty(nn.Module):
         if not self._ready:
             self._finalize()
         out = {}
-        for mp in self._layers:
-            shape = self._input_shapes[mp.owner] if mp.conv else None
-            out[mp.name] = operator_norm_bounds(mp.module if mp.conv else mp.weight().detach(), shape,
-                                                n_iter=n_iter, max_dim=max_dim)
-        return out
+        for g in self._groups:
+            out.update(g.bounds(n_iter, max_dim))
+        return {mp.name: out[mp.name] for mp in self._layers}
 
     def extra_repr(self) -> str:
         return (f"scope={self._scope!r}, conv_norm={self.conv_norm!r}, n_iter={self.n_iter}, "
                 f"start_step={self.start_step}, every={self.every}, eig_ub={self.eig_ub}")
-
-
-# ---------------------------------------------------------------------- constraint mode
-class SpectralNormalize(nn.Module):
-    """Parametrization ``W -> W / sigma(W)`` with the fast ops: a drop-in for
-    ``torch.nn.utils.parametrizations.spectral_norm`` that, for convs, divides by the true
-    operator norm at ``input_shape`` instead of the reshaped-kernel matrix norm.
-
-    sigma is clamped at ``sqrt(finfo.tiny)`` of its dtype (1.1e-19 in float32): a zero weight
-    (sigma 0) maps to zero instead of 0/0 = NaN, with a finite gradient ``1/floor`` times the
-    incoming one (float32/float64/bfloat16 weights; a float16 gradient cannot hold it); a
-    low-precision weight is divided in sigma's dtype, where that floor exists."""
-
-    def __init__(self, module: nn.Module, input_shape: Optional[Sequence[int]] = None, n_iter: int = 1,
-                 n_iter_init: int = 15, seed: int = 0):
-        super().__init__()
-        self.n_iter = n_iter
-        w = module.weight.detach()
-        g = torch.Generator().manual_seed(seed)
-        self.is_conv = isinstance(module, _CONV)
-        if self.is_conv:
-            if input_shape is None:
-                raise ValueError(f"input_shape (C_in, *spatial) is required for a {type(module).__name__}")
-            self._spec_args = ConvSpec.from_module(module, input_shape)
-            st = init_conv_state([self._spec_args], generator=g)
-            self.register_buffer("x", st.xs[0])
-            self.register_buffer("y", st.ys[0])
-            conv_operator_norms([self._spec_args], st, n_iter=n_iter_init)
-        else:
-            st = _dense.init_power_state([_dense.as_matrix(w)], generator=g)
-            self.register_buffer("u", st.us[0])
-            self.register_buffer("v", st.vs[0])
-            _dense.spectral_norms([_dense.as_matrix(w)], st, n_iter=n_iter_init)
-
-    def forward(self, W: torch.Tensor) -> torch.Tensor:
-        upd = self.training
-        if self.is_conv:
-            spec = ConvSpec(**{**self._spec_args.__dict__, "weight": W})
-            s = conv_operator_norms([spec], ConvState([self.x], [self.y]), n_iter=self.n_iter, update=upd)[0]
-        else:
-            s = _dense.spectral_norms([_dense.as_matrix(W)], _dense.PowerState([self.u], [self.v]),
-                                      n_iter=self.n_iter, update=upd)[0]
-        s = s.clamp_min(torch.finfo(s.dtype).tiny ** 0.5)
-        return W / s if W.dtype == s.dtype else (W.to(s.dtype) / s).to(W.dtype)
-
-
-def spectral_constraint(module: nn.Module, input_shape: Optional[Sequence[int]] = None, n_iter: int = 1,
-                        seed: int = 0) -> nn.Module:
-    """Constrain ``module.weight`` to unit spectral norm (operator norm for convs, at
-    ``input_shape``) by a parametrization; returns the module."""
-    from torch.nn.utils import parametrize
-
-    if not isinstance(module, _SUPPORTED):
-        raise TypeError(f"spectral_constraint supports Linear and (transposed) convs, got {type(module).__name__}")
-    parametrize.register_parametrization(module, "weight", SpectralNormalize(module, input_shape, n_iter, seed=seed))
-    return module

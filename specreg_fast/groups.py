@@ -1,0 +1,512 @@
+"""The penalty's maps by kind: one class per kind of linear map.
+
+A group owns the maps of one kind: the keys of their state buffers (held by the penalty, so
+that ``state_dict``, ``.to()`` and ``load_state_dict`` see them), its plan (the validated
+per-call constants, cached), its frozen subset, its power step through the norm function of
+its kind, its differentiable sigmas and its ``.grad`` writer. :class:`SpectralPenalty`
+keeps the surface (arguments, schedule, state, compile variant, reporting) and loops::
+
+    calls = [g.prepare() for g in groups]          # checks: raise before any vector moves
+    sig, rec = g.sigmas(call, live, update, n_iter, grad)   # per group, its live maps
+    g.add_grads(call, live, rec, coefs)           # accumulate_grad()
+
+A new kind of map is one class here and its tests.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+
+from . import conv as _conv
+from . import dense as _dense
+from . import distributed as _distributed
+from . import layers as _layers
+from . import ops as _ops
+from .bounds import operator_norm_bounds
+from .conv import ConvSpec, ConvState, validate_state as _validate_convs
+from .fft import CircularState, circular_conv_norms, circular_params, circular_power_pairs, init_circular_state
+
+__all__ = ["MapGroup", "DenseGroup", "LowRankGroup", "ConvOperatorGroup", "CircularGroup", "ShardedGroup",
+           "build_groups"]
+
+
+# ---------------------------------------------------------------------- shared helpers
+def _grad_of(P: torch.Tensor) -> torch.Tensor:
+    """``P.grad``, created as zeros where it is None (for in-place accumulation)."""
+    if P.grad is None:
+        P.grad = torch.zeros_like(P)
+    return P.grad
+
+
+def _rank1(left: torch.Tensor, right: torch.Tensor, c, dtype: torch.dtype):
+    """``(left, right, alpha)`` for ``G.addr_`` adding ``c left right^T`` in ``dtype``: a Python
+    float ``c`` (CPU) stays the alpha; a 0-d device tensor is folded into ``left`` so that
+    nothing waits for the device."""
+    left, right = left.to(dtype), right.to(dtype)
+    if isinstance(c, torch.Tensor):
+        return left * c.to(dtype), right, 1.0
+    return left, right, c
+
+
+def _computed(mp: _layers.LinearMap) -> bool:
+    """A parametrized weight: recomputed on every access (under no_grad, a tensor with no
+    way back to its parameters), so ``accumulate_grad`` goes through autograd for it."""
+    return mp.attr is not None and torch.nn.utils.parametrize.is_parametrized(mp.module, mp.attr)
+
+
+def _add_rank1(mp: _layers.LinearMap, G: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha=1.0) -> None:
+    """``G += alpha * V^*(left right^T)``, ``V^*`` the adjoint of the map's view of its parameter:
+    a rank-1 update in place through the map's view of ``G`` (a transposed view, a row
+    block...), or, where that view has to copy (e.g. a channels_last ``G``), through autograd."""
+    Gm = mp.grad_view(G)
+    if Gm is not None:
+        Gm.addr_(left, right, alpha=alpha)
+        return
+    with torch.enable_grad():
+        Gd = torch.zeros_like(G, requires_grad=True)  # the view is linear: its adjoint at any point
+        (gW,) = torch.autograd.grad(mp.view(Gd), Gd, torch.outer(left, right))
+    G.add_(gW, alpha=alpha)
+
+
+def _frozen(mp: _layers.LinearMap) -> bool:
+    """Whether no parameter of the map requires grad (its sigma cannot change in training).
+    A weight computed by ``extra=`` is never taken to be frozen (its parameters are unknown)."""
+    if mp.attr is None:
+        return False
+    if _computed(mp):
+        return not any(q.requires_grad for q in mp.module.parametrizations[mp.attr].parameters())
+    return not mp.param().requires_grad
+
+
+class _PerParamSigma(torch.autograd.Function):
+    """Sigmas of the plain dense maps of one tensor (``est``, the power step's estimates) with
+    the bilinear form's gradient ``u v^T`` per map. ``group``: ``("param", [(i, map)], whole)``
+    for maps that are views of the parameter ``T`` (an attention's q, k, v row blocks of
+    ``in_proj_weight``, a 1x1 conv's reshaped kernel, a transposed ``Conv1D``): their rank-1
+    blocks go into one parameter-sized gradient in place, through the maps' views (``whole``:
+    one map covering the parameter, so no zero fill). Autograd through the views instead
+    gives each q/k/v map a zero-filled parameter-sized gradient and sums them: 3 fills, 3
+    copies and 2 sums of the whole parameter where one fill and three rank-1 writes do.
+    ``("map", [0], _)``: ``T`` is the map's own weight (16-bit, computed): ``ops.rank1_grad``."""
+
+    @staticmethod
+    def forward(ctx, est, group, us, vs, T):
+        # copies of the vectors: the next power step rewrites them in place (ops.sigma's reason)
+        ctx.group, ctx.meta = group, (T.dtype, T.shape, T.device)
+        ctx.save_for_backward(*[u.clone() for u in us], *[v.clone() for v in vs])
+        return est.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        n = len(saved) // 2
+        us, vs = saved[:n], saved[n:]
+        kind, entries, whole = ctx.group
+        dtype, shape, device = ctx.meta
+        if kind == "map":
+            return None, None, None, None, _ops.rank1_grad(us[0], vs[0], grad[0], dtype)
+        # as rank1_grad: scale the short vector
+        lefts = [(us[i] * grad[i].to(us[i].dtype)).to(dtype) for i, _ in entries]
+        G = torch.empty(shape, dtype=dtype, device=device)
+        Gm = entries[0][1].grad_view(G) if whole else None
+        if Gm is not None:  # one map covering the parameter through a view: written, no fill
+            Gm.addr_(lefts[0], vs[0].to(dtype), beta=0)
+        else:
+            G.zero_()
+            for (i, mp), left in zip(entries, lefts):
+                _add_rank1(mp, G, left, vs[i].to(dtype))
+        return None, None, None, None, G
+
+
+def _per_param_sigma(maps: List[_layers.LinearMap], ws: List[torch.Tensor], us, vs, est: torch.Tensor):
+    """``ops.sigma_from_step(ws, us, vs, est)`` (value ``est``, gradient ``u v^T`` per map) with
+    the gradient reaching each map's parameter directly (:class:`_PerParamSigma`), one
+    autograd node per parameter: autograd adds each parameter's gradient into ``.grad`` and
+    frees it before the next node runs, so the parameter-sized temporaries reuse memory (one
+    node for all would hold all of them at once: fresh pages, page faults, on every call).
+    Eager mode; under torch.compile the op itself."""
+    if torch.compiler.is_compiling():
+        return _ops.sigma_from_step(ws, us, vs, est)
+    groups, tensors, slot = [], [], {}
+    for i, (mp, w) in enumerate(zip(maps, ws)):
+        if not w.requires_grad:
+            continue
+        P = None if mp.attr is None or _computed(mp) else mp.param()
+        if P is None or P.dtype not in (torch.float32, torch.float64):
+            groups.append(("map", [i], True))
+            tensors.append(w)
+            continue
+        k = slot.get(id(P))
+        if k is None:
+            slot[id(P)] = len(groups)
+            groups.append(("param", [i], w.numel() == P.numel()))
+            tensors.append(P)
+        else:
+            groups[k] = ("param", groups[k][1] + [i], False)
+    if not tensors:
+        return est
+    outs, index = [], []
+    for (kind, idx, whole), T in zip(groups, tensors):
+        local = ("map", [0], True) if kind == "map" else ("param", [(j, maps[i]) for j, i in enumerate(idx)], whole)
+        outs.append(_PerParamSigma.apply(est[idx], local, [us[i] for i in idx], [vs[i] for i in idx], T))
+        index += idx
+    return est.index_put((torch.tensor(index, device=est.device),), torch.cat(outs))
+
+
+def _value_of_step(*args):
+    """The step's estimates (the last argument) as the sigmas, with no differentiable wrapper
+    (``accumulate_grad``)."""
+    return args[-1]
+
+
+class Call(NamedTuple):
+    """One call's view of a group: its weights now and the plan's constants."""
+    ws: list
+    plan: object
+
+
+# ---------------------------------------------------------------------- the kinds
+class MapGroup:
+    """The maps of one kind. ``positions``: each map's slot among the penalty's maps (its
+    sigma's index); ``keys``: each map's state buffer names, looked up in ``buffers`` (the
+    penalty's buffer dict) at every call, since ``.to()`` replaces the tensors."""
+
+    kind = "?"
+
+    def __init__(self, buffers: Dict[str, torch.Tensor], maps: Sequence[_layers.LinearMap], positions: Sequence[int],
+                 keys: Sequence[tuple], input_shapes: Optional[Dict[str, tuple]] = None):
+        self._buffers, self.maps, self.positions, self.keys = buffers, list(maps), list(positions), list(keys)
+        self._input_shapes = input_shapes if input_shapes is not None else {}
+        self._plan = None
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    @property
+    def names(self) -> List[str]:
+        return [mp.name for mp in self.maps]
+
+    def vectors(self, slot: int) -> List[torch.Tensor]:
+        """Slot ``slot`` of every map's state (0: u / y side... as ``keys`` orders them)."""
+        return [self._buffers[k[slot]] for k in self.keys]
+
+    def specs(self) -> List[ConvSpec]:
+        return [ConvSpec.from_module(mp.module, self._input_shapes[mp.owner]) for mp in self.maps]
+
+    def weights(self) -> list:
+        return [mp.weight() for mp in self.maps]
+
+    def _cached(self, key, build):
+        """The plan for ``key``, built by ``build()`` once per key in eager mode: re-packing
+        and re-validating on every call was about a tenth of ``accumulate_grad``'s time on the
+        benchmark CNN (``bench/bench_training.py``). Under torch.compile built on every trace."""
+        if torch.compiler.is_compiling():
+            return build()
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, build())
+        return self._plan[1]
+
+    def _key(self, ws) -> tuple:
+        """What the plan depends on: every weight's shape/dtype/device and the state buffers
+        (by identity: ``.to()`` replaces them, ``load_state_dict`` copies into them)."""
+        return (tuple((w.shape, w.dtype, w.device) for w in ws),
+                tuple(id(self._buffers[k]) for ks in self.keys for k in ks))
+
+    def prepare(self) -> Call:
+        """This call's weights and the validated plan; raises (naming the layer) before any
+        vector moves."""
+        raise NotImplementedError
+
+    def frozen(self, call: Call) -> tuple:
+        """Indices of the maps no parameter of which requires grad."""
+        return tuple(i for i, mp in enumerate(self.maps) if _frozen(mp))
+
+    def sigmas(self, call: Call, live: Sequence[int], update: bool, n_iter: int, grad: bool, record: bool):
+        """``(sigmas of the maps live, record)``: ``n_iter`` power steps when ``update``; with
+        ``grad`` differentiable in the weights; with ``record`` (under no_grad) also what
+        :meth:`add_grads` needs."""
+        raise NotImplementedError
+
+    def add_grads(self, call: Call, live: Sequence[int], record, coefs: Sequence) -> None:
+        """``.grad += coef * d sigma / d param`` for the maps ``live`` (after :meth:`sigmas`
+        under no_grad)."""
+        raise NotImplementedError
+
+    def bounds(self, n_iter: int, max_dim: int) -> Dict[str, tuple]:
+        return {mp.name: operator_norm_bounds(mp.weight().detach(), None, n_iter=n_iter, max_dim=max_dim)
+                for mp in self.maps}
+
+
+class DenseGroup(MapGroup):
+    """Dense matrices (Linear, transformers Conv1D, attention q/k/v/out, patch-conv groups,
+    reshaped kernels, parametrized and ``extra=`` weights): one ``power_step_`` op call for
+    all, the gradient ``u v^T`` to each parameter (:func:`_per_param_sigma`)."""
+
+    kind = "dense"
+
+    def prepare(self) -> Call:
+        ws = self.weights()
+
+        def build():
+            us, vs = self.vectors(0), self.vectors(1)
+            _dense.validate_state(ws, _dense.PowerState(us, vs), self.names)
+            return us, vs
+
+        return Call(ws, self._cached(self._key(ws), build))
+
+    def sigmas(self, call, live, update, n_iter, grad, record):
+        us_all, vs_all = call.plan
+        ws = [call.ws[i] for i in live]
+        maps = [self.maps[i] for i in live]
+        from_step = (lambda w, u, v, est: _per_param_sigma(maps, w, u, v, est)) if grad else _value_of_step
+        return _dense.step_sigmas(ws, _dense.PowerState([us_all[i] for i in live], [vs_all[i] for i in live]),
+                                  n_iter, update, from_step=from_step), None
+
+    def add_grads(self, call, live, record, coefs):
+        us, vs = call.plan
+        for k, i in enumerate(live):
+            mp = self.maps[i]
+            if mp.attr is None or _computed(mp):  # its gradient reaches its parameters through autograd
+                with torch.enable_grad():
+                    Wx = mp.weight()
+                    if Wx.requires_grad:
+                        Wx.backward(torch.outer(us[i], vs[i]).to(Wx.dtype) * coefs[k])
+                continue
+            W = mp.param()
+            if not W.requires_grad:  # a frozen layer gets no gradient, as on the autograd route
+                continue
+            G = _grad_of(W)
+            u, v, c = _rank1(us[i], vs[i], coefs[k], G.dtype)
+            _add_rank1(mp, G, u, v, alpha=c)  # into the map's block of .grad
+
+
+class LowRankGroup(MapGroup):
+    """LoRA maps ``W + sum_k s_k B_k A_k``, kept as factors (:func:`dense.lowrank_sigmas`):
+    the matrix is never built, the gradients go to ``W``, ``B``, ``A`` as rank-1 terms."""
+
+    kind = "lowrank"
+
+    def prepare(self) -> Call:
+        # the factors first: an adapter refused here (a LoRA variant) raises before any vector moves
+        factors = [mp.factors() for mp in self.maps]
+        likes = [M.like() for M in factors]
+
+        def build():
+            us, vs = self.vectors(0), self.vectors(1)
+            _dense.validate_state(likes, _dense.PowerState(us, vs), self.names)
+            return us, vs
+
+        return Call(factors, self._cached(self._key(likes), build))
+
+    def frozen(self, call):
+        return tuple(i for i, M in enumerate(call.ws)
+                     if not any(t.requires_grad for t in (M.base, *M.Bs, *M.As)))
+
+    def sigmas(self, call, live, update, n_iter, grad, record):
+        us, vs = call.plan
+        with torch.set_grad_enabled(grad):
+            return _dense.lowrank_sigmas([call.ws[i] for i in live], [us[i] for i in live], [vs[i] for i in live],
+                                         n_iter, update=update, validate=False), None
+
+    def add_grads(self, call, live, record, coefs):
+        us, vs = call.plan
+        for k, i in enumerate(live):
+            for P, left, right in _dense.lowrank_grads(call.ws[i], us[i], vs[i]):
+                left, right, c = _rank1(left, right, coefs[k], P.dtype)
+                _grad_of(P).addr_(left, right, alpha=c)
+
+
+class _ConvGroup(MapGroup):
+    """What the two conv kinds share: the ``.grad`` writer from each layer's (x, y) pair."""
+
+    def add_grads(self, call, live, pairs, coefs):
+        # dsigma/dW of each conv: the conv weight-gradient of its pair, times 2 gamma sigma
+        # scale, as the autograd route's backward computes it (the coefficient scales the
+        # output-sized y, not the weight-sized gradient)
+        for k, i in enumerate(live):
+            mp = self.maps[i]
+            if _computed(mp):  # the pair's weight-gradient, through the parametrization
+                x, y, params, mode = pairs[k]
+                with torch.enable_grad():
+                    Wc = mp.param()
+                    if Wc.requires_grad:
+                        gW = _ops.conv_weight_grad([Wc.detach()], [x], [y * coefs[k]], params, [mode])[0]
+                        Wc.backward(gW.to(Wc.dtype))
+        train = [k for k, i in enumerate(live) if not _computed(self.maps[i]) and self.maps[i].param().requires_grad]
+        # One op call for the layers with a .grad, added in place (conv_weight_grad_add_: no
+        # weight-sized temporary where the direct kernels run), one for those without.
+        for fresh in (False, True):
+            ks = [k for k in train if (self.maps[live[k]].param().grad is None) == fresh]
+            if not ks:
+                continue
+            ws = [self.maps[live[k]].param() for k in ks]
+            args = ([W.detach() for W in ws], [pairs[k][0] for k in ks], [pairs[k][1] * coefs[k] for k in ks],
+                    [q for k in ks for q in pairs[k][2]], [pairs[k][3] for k in ks])
+            if fresh:
+                for W, gW in zip(ws, _ops.conv_weight_grad(*args)):
+                    W.grad = gW.to(W.dtype)
+            else:
+                _ops.conv_weight_grad_add_([W.grad for W in ws], *args)
+
+    def bounds(self, n_iter, max_dim):
+        return {mp.name: operator_norm_bounds(mp.module, self._input_shapes[mp.owner], n_iter=n_iter, max_dim=max_dim)
+                for mp in self.maps}
+
+
+class ConvOperatorGroup(_ConvGroup):
+    """Conv operators with the layer's own padding at the input size it sees: one
+    ``conv_power_step_`` op call for all (the per-layer loop in C++), gradients the conv
+    weight-gradient of each layer's (x, y)."""
+
+    kind = "conv"
+
+    def _key(self, ws):
+        return (super()._key(ws), tuple((m.stride, m.padding, m.dilation, m.groups, m.padding_mode, m.output_padding,
+                                         self._input_shapes[mp.owner]) for mp in self.maps for m in [mp.module]))
+
+    def prepare(self) -> Call:
+        ws = self.weights()
+
+        def build():
+            xs, ys = self.vectors(0), self.vectors(1)
+            specs = self.specs()
+            _validate_convs(specs, ConvState(xs, ys), self.names)
+            packed = [_ops.pack_conv_params([sp]) for sp in specs]
+            return xs, ys, [p for p, _ in packed], [m[0] for _, m in packed], {}
+
+        return Call(ws, self._cached(self._key(ws), build))
+
+    def sigmas(self, call, live, update, n_iter, grad, record):
+        xs_all, ys_all, params_all, modes_all, flat = call.plan
+        live = tuple(live)
+        params = flat.get(live)
+        if params is None:
+            params = flat[live] = [q for j in live for q in params_all[j]]
+        ws = [call.ws[j] for j in live]
+        xs, ys, modes = [xs_all[j] for j in live], [ys_all[j] for j in live], [modes_all[j] for j in live]
+        sig = _conv_step_sigmas(ws, xs, ys, params, modes, n_iter, update, grad)
+        return sig, [(xs_all[j], ys_all[j], params_all[j], modes_all[j]) for j in live]
+
+
+def _conv_step_sigmas(ws, xs, ys, params, modes, n_iter, update, grad):
+    return _conv.step_sigmas(ws, ConvState(xs, ys), params, modes, n_iter, update,
+                             from_step=_ops.conv_sigma_from_step if grad else _value_of_step)
+
+
+class CircularGroup(_ConvGroup):
+    """Convs with wrap-around padding, the paper's Fourier-domain norm
+    (:func:`fft.circular_conv_norms`; its checks run on every call, before any step)."""
+
+    kind = "circular"
+
+    def prepare(self) -> Call:
+        return Call(self.weights(), None)
+
+    def sigmas(self, call, live, update, n_iter, grad, record):
+        all_specs = self.specs()
+        specs, names = [all_specs[j] for j in live], [self.maps[j].name for j in live]
+        st = CircularState([self._buffers[self.keys[j][0]] for j in live])
+        with torch.autocast(device_type=specs[0].weight.device.type, enabled=False):
+            if not record:
+                return circular_conv_norms(specs, st, n_iter=n_iter, update=update, names=names), None
+            est, x_tops, y_tops, _ = circular_power_pairs(specs, st, n_iter, update=update, names=names)
+        return est, [(x, y, circular_params(sp), "circular") for sp, x, y in zip(specs, x_tops, y_tops)]
+
+
+class ShardedGroup(MapGroup):
+    """Every map when a regularized weight is a DTensor (FSDP2): the power step on the local
+    shards with one all-reduce per iteration for all layers (:mod:`specreg_fast.distributed`),
+    so dense and conv maps are one group. Frozen maps are stepped."""
+
+    kind = "sharded"
+
+    def __init__(self, buffers, maps, positions, keys, input_shapes, root, conv_norm: str):
+        super().__init__(buffers, maps, positions, keys, input_shapes)
+        self._root, self._conv_norm = root, conv_norm
+
+    def prepare(self) -> Optional[Call]:
+        """None unless a regularized weight is a DTensor (then this group replaces the others)."""
+        ws = _distributed.regularized_weights(self._root, [mp.module for mp in self.maps])
+        if ws is None:
+            return None
+        # distributed.py shards whole weights (a Linear's, a conv's, or a conv kernel as its
+        # reshaped matrix); views of part of a parameter (attention q/k/v, a transposed HF
+        # Conv1D, a grouped patch conv's blocks) and extra= maps are not sharded there
+        partial = [mp.name for mp in self.maps if mp.attr != "weight" or mp.layer != mp.name
+                   or mp.view not in (_layers._identity, _layers._reshaped)]
+        if partial:
+            raise ValueError(f"sharded (DTensor) weights: {', '.join(partial)} regularize part of a parameter or a "
+                             f"computed weight, which the sharded path does not support; exclude them")
+        convs = [mp for mp in self.maps if mp.conv]
+        if convs and self._conv_norm != "operator":
+            raise ValueError(f"conv_norm={self._conv_norm!r} on sharded (DTensor) weights is not supported; use "
+                             f"'operator' or 'matrix'")
+        specs = [ConvSpec.from_module(mp.module, self._input_shapes[mp.owner]) for mp in convs]
+        return Call(ws, (self.vectors(0), self.vectors(1), specs))
+
+    def frozen(self, call):
+        return ()
+
+    def sigmas(self, call, live, update, n_iter, grad, record):
+        outs, ins, specs = call.plan
+        return _distributed.penalty_sigmas(call.ws, outs, ins, self.names, specs, update, n_iter), None
+
+    def add_grads(self, call, live, record, coefs):
+        outs, ins, specs = call.plan
+        _distributed.add_grads(call.ws, outs, ins, coefs, self.names, specs)
+
+
+# ---------------------------------------------------------------------- building
+def build_groups(maps: Sequence[_layers.LinearMap], conv_norm: str, input_shapes: Dict[str, tuple],
+                 generator: torch.Generator, set_buffer, buffers, root) -> tuple:
+    """The groups of the selected ``maps`` (dense kinds first, then convs, as the penalty
+    lists them; a conv with non-overlapping patches is dense maps, one per group: see
+    :func:`layers.patch_maps`), their state created through ``set_buffer(key, tensor,
+    map name)``: ``u_i``/``v_i`` for the dense and low-rank maps, ``x_j``/``y_j`` for the
+    conv operators, ``x_j`` for the circular convs. Returns ``(groups, sharded, every,
+    parent)``: the groups in the order they step, the :class:`ShardedGroup` over every
+    map, the penalty's map list (the groups' ``positions`` index it) and each patch block's
+    conv name."""
+    dense, convs, parent = [], [], {}
+    for mp in maps:
+        blocks = (_layers.patch_maps(mp, input_shapes[mp.owner]) if mp.conv and conv_norm == "operator" else None)
+        if mp.conv and blocks is None:
+            convs.append(mp)
+        elif mp.conv:
+            dense += blocks  # non-overlapping patches: the dense norm of each group's kernel
+            parent.update({b.name: mp.name for b in blocks})
+        else:
+            dense.append(mp)
+    # vectors drawn in the penalty's map order (dense, then convs), from one generator
+    dev = maps[0].like().device
+    dst = _dense.init_power_state([mp.like().detach() for mp in dense], generator=generator)
+    for i, mp in enumerate(dense):
+        set_buffer(f"u_{i}", dst.us[i].to(dev), mp.name)
+        set_buffer(f"v_{i}", dst.vs[i].to(dev), mp.name)
+    specs = [ConvSpec.from_module(mp.module, input_shapes[mp.owner]) for mp in convs]
+    if conv_norm == "operator":
+        cst = _distributed.init_conv_state(specs, generator, [mp.name for mp in convs])  # DTensor weights: on shards
+        for j, mp in enumerate(convs):
+            set_buffer(f"x_{j}", cst.xs[j], mp.name)
+            set_buffer(f"y_{j}", cst.ys[j], mp.name)
+    elif conv_norm == "fft":
+        cst = init_circular_state(specs, generator=generator)
+        for j, mp in enumerate(convs):
+            set_buffer(f"x_{j}", cst.xs[j], mp.name)
+    nd = len(dense)
+    plain = [i for i, mp in enumerate(dense) if mp.lowrank is None]
+    low = [i for i, mp in enumerate(dense) if mp.lowrank is not None]
+    conv_cls = ConvOperatorGroup if conv_norm == "operator" else CircularGroup
+    conv_keys = [(f"x_{j}", f"y_{j}") if conv_norm == "operator" else (f"x_{j}",) for j in range(len(convs))]
+    # convs first: their checks (e.g. circular padding) fail before a dense step writes its vectors
+    groups = [g for g in (
+        conv_cls(buffers, convs, range(nd, nd + len(convs)), conv_keys, input_shapes),
+        DenseGroup(buffers, [dense[i] for i in plain], plain, [(f"u_{i}", f"v_{i}") for i in plain], input_shapes),
+        LowRankGroup(buffers, [dense[i] for i in low], low, [(f"u_{i}", f"v_{i}") for i in low], input_shapes),
+    ) if len(g)]
+    every = dense + convs
+    sharded = ShardedGroup(buffers, every, range(len(every)),
+                           [(f"u_{i}", f"v_{i}") for i in range(nd)] + [(f"y_{j}", f"x_{j}") for j in range(len(convs))],
+                           input_shapes, root, conv_norm)
+    return groups, sharded, every, parent

@@ -1,0 +1,194 @@
+"""Which maps of a model the penalty regularizes, and with which gamma.
+
+:class:`Selection` discovers the model's linear maps (:func:`specreg_fast.layers.discover`),
+records the forward order and each conv's input size with forward hooks (until the penalty
+has selected its maps), and applies ``scope``, ``exclude``, the readout rule and ``gamma``.
+:class:`specreg_fast.SpectralPenalty` holds one; its argument docs are the user-facing ones.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from . import layers as _layers
+
+__all__ = ["AUTO", "Selection", "unwrap"]
+
+AUTO = "auto"  # the readout argument's default: found from the forward order
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The real model inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+class Selection:
+    """The model's maps and the rules that pick the regularized ones (see the arguments of
+    :class:`specreg_fast.SpectralPenalty`). ``root`` is the unwrapped model."""
+
+    def __init__(self, root: nn.Module, gamma, scope, exclude: Sequence[str], conv_norm: str,
+                 readout, split: Optional[Dict[str, int]], attention: str, extra,
+                 input_shapes: Optional[Dict[str, Sequence[int]]]):
+        if isinstance(gamma, (int, float)) and (gamma < 0 or not math.isfinite(gamma)):
+            raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
+        self.root, self.gamma, self.scope, self.exclude = root, gamma, scope, tuple(exclude)
+        by_name = dict(root.named_modules())  # dedupes shared modules: counted once
+        self.maps, unsupported, lazy = _layers.discover(root, conv_norm, split, attention, extra)
+        for n in lazy:
+            warnings.warn(f"SpectralPenalty: skipping {n}: lazy module not materialized yet; construct the penalty "
+                          f"after the first forward")
+        unsupported = [(n, m) for n, m in unsupported if not _layers.is_within(n, self.exclude)]
+        if unsupported:
+            warnings.warn(f"SpectralPenalty: not regularized, not a layer kind it knows: "
+                          f"{_layers.describe(unsupported)}; pass extra={{name: callable returning the weight "
+                          f"matrix}} for a custom linear map")
+        if not self.maps:
+            raise ValueError("model has no supported layers (Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, "
+                             "MultiheadAttention, transformers Conv1D, extra=)")
+        if not isinstance(scope, str) or scope not in ("hidden", "all"):
+            for s in [scope] if isinstance(scope, str) else list(scope):
+                if s not in by_name:
+                    raise ValueError(f"scope: no module named {s!r} in the model")
+        for e in self.exclude:
+            if e not in by_name:
+                raise ValueError(f"exclude: no module named {e!r} in the model")
+        self.supported_owners = {mp.owner for mp in self.maps}
+        if readout != AUTO:
+            if scope != "hidden":
+                raise ValueError(f"readout: applies to scope='hidden', got scope={scope!r}")
+            if readout is not None and readout not in by_name and readout not in self.supported_owners:
+                raise ValueError(f"readout: no module named {readout!r} in the model")
+        self.readout_arg = readout
+        # forward order of every module that holds a weight matrix (the readout rule); the
+        # parts of a supported layer (a LoRA layer's base_layer / lora_A / lora_B) are not
+        self.weight_owners = [n for n, m in by_name.items() if n in self.supported_owners or (
+            _layers.holds_weight_matrix(m) and not _layers.is_within(n, self.supported_owners))]
+        self.starts: Dict[str, int] = {}
+        self.ends: Dict[str, int] = {}
+        self.order: List[str] = []
+        self.input_shapes: Dict[str, Tuple[int, ...]] = {k: tuple(v) for k, v in (input_shapes or {}).items()}
+        self.hooks = []
+        for n, m in by_name.items():
+            self.hooks.append(m.register_forward_pre_hook(self._record_hook(n, m)))
+            self.hooks.append(m.register_forward_hook(self._end_hook(n, m)))
+
+    # The hooks act only on the module they were registered on: a deep copy of the model (an
+    # EMA/SWA AveragedModel made before the first penalty call) carries copies of them, whose
+    # forwards at other input sizes must not change this selection.
+    def _record_hook(self, name, module):
+        conv = isinstance(module, _layers.CONV_TYPES) and name in self.supported_owners
+
+        def hook(mod, args):
+            if mod is not module:
+                return
+            self.starts.setdefault(name, len(self.starts) + len(self.ends))
+            if conv and args and isinstance(args[0], torch.Tensor):
+                shp = tuple(args[0].shape[1:]) if args[0].dim() == mod.weight.dim() else tuple(args[0].shape)
+                old = self.input_shapes.get(name)
+                # several sizes: the largest (its zero-padding norm is the largest)
+                if old is None or math.prod(shp) > math.prod(old):
+                    self.input_shapes[name] = shp
+        return hook
+
+    def _end_hook(self, name, module):
+        def hook(mod, args, out):
+            if mod is not module:
+                return
+            self.ends.setdefault(name, len(self.starts) + len(self.ends))
+        return hook
+
+    def remove_hooks(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    def forward_order(self) -> List[str]:
+        """The modules that hold a weight matrix, in forward order (recorded by the hooks, or
+        loaded from a checkpoint before any forward)."""
+        if self.starts:
+            self.order = _layers.forward_order(self.weight_owners, self.starts, self.ends)
+        return self.order
+
+    def _in_scope(self, name: str) -> bool:
+        if self.scope in ("hidden", "all"):
+            return True
+        wanted = [self.scope] if isinstance(self.scope, str) else list(self.scope)
+        return any(name == s or name.startswith(s + ".") for s in wanted)
+
+    def gamma_of(self, mp: _layers.LinearMap) -> float:
+        g, name = self.gamma, mp.name
+        if callable(g):
+            val = float(g(name, mp.module))
+        elif isinstance(g, dict):  # the map's own name, else its layer's or module's
+            val = float(g.get(name, g.get(mp.layer, g.get(mp.owner, 0.0))))
+        else:
+            val = float(g)
+        if val < 0 or not math.isfinite(val):
+            raise ValueError(f"gamma for {name}: must be a finite number >= 0, got {val}")
+        return val
+
+    def readout(self) -> Optional[str]:
+        """The module left free by ``scope="hidden"`` (see the ``readout`` argument)."""
+        if self.readout_arg != AUTO:
+            return self.readout_arg
+        order = self.forward_order()
+        if not order:
+            raise RuntimeError("SpectralPenalty(scope='hidden') finds the readout from the forward order: run one "
+                               "forward pass of the model before the first penalty() call, or pass readout=")
+        last = order[-1]
+        kind = type(self.root.get_submodule(last)).__name__
+        if last not in self.supported_owners:
+            warnings.warn(f"SpectralPenalty: the last layer with a weight in forward order, {last} ({kind}), is not a "
+                          f"layer the penalty supports: no layer is taken as the readout, every supported layer is "
+                          f"regularized; pass readout='name' (or readout=None) to say so")
+            return None
+        warnings.warn(f"SpectralPenalty: readout taken to be {last} ({kind}), the last layer in forward order, and "
+                      f"left free; pass readout={last!r} (or another name, or None) to say so")
+        return last
+
+    def select(self) -> Tuple[List[_layers.LinearMap], Dict[str, float]]:
+        """The regularized maps (model order) and each one's gamma (> 0)."""
+        maps = [mp for mp in self.maps if self._in_scope(mp.owner) and not _layers.is_within(mp.owner, self.exclude)]
+        if self.scope == "hidden":
+            readout = self.readout()
+            if readout is not None:
+                maps = [mp for mp in maps if not _layers.is_within(mp.owner, [readout])]
+        gammas = {mp.name: self.gamma_of(mp) for mp in maps}
+        maps = [mp for mp in maps if gammas[mp.name] > 0]
+        if not maps:
+            raise ValueError(f"scope={self.scope!r} with exclude={self.exclude} and this gamma selects no layer")
+        for mp in maps:
+            if mp.conv and mp.owner not in self.input_shapes:
+                raise RuntimeError(f"input size of {mp.owner} is unknown: run one forward pass of the model first, or "
+                                   f"pass input_shapes={{'{mp.owner}': (C_in, *spatial)}}")
+        return maps, gammas
+
+    def check_attached(self, maps: Sequence[_layers.LinearMap]) -> None:
+        """Raise if a map's module is no longer the model's module of that name (replaced or
+        removed after the penalty was built): its weight would be regularized, and the
+        module now in its place would not."""
+        gone = []
+        for mp in maps:
+            if mp.module is None:  # an extra= map: its callable is its own
+                continue
+            try:
+                now = self.root.get_submodule(mp.owner)
+            except AttributeError:
+                now = None
+            if now is not mp.module:  # (every adapter's map holds the module named by its owner)
+                gone.append(mp.owner)
+        if gone:
+            names = ", ".join(dict.fromkeys(gone))
+            raise ValueError(f"SpectralPenalty: the model no longer holds the layer(s) {names} that the penalty was "
+                             f"built on (replaced or removed after SpectralPenalty(model)); build the penalty after "
+                             f"changing the model")
