@@ -28,7 +28,7 @@ from .conv import ConvSpec, ConvState, validate_state as _validate_convs
 from .fft import CircularState, circular_conv_norms, circular_params, circular_power_pairs, init_circular_state
 
 __all__ = ["MapGroup", "DenseGroup", "LowRankGroup", "ConvOperatorGroup", "CircularGroup", "ShardedGroup",
-           "build_groups"]
+           "build_groups", "Built", "assembly", "term_gammas"]
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -457,25 +457,59 @@ class ShardedGroup(MapGroup):
         _distributed.add_grads(call.ws, outs, ins, coefs, self.names, specs)
 
 
+# ---------------------------------------------------------------------- the penalty's vector
+def assembly(groups: Sequence[MapGroup], lives: Sequence[tuple], n: int, device) -> tuple:
+    """How the groups' sigmas (the maps ``lives`` of each, concatenated in group order) make
+    the penalty's vector of ``n``: ``(perm, None)``, every map (``cat(parts)[perm]``; perm
+    None when that is the map order already), or ``(None, index)``, some maps frozen
+    (``held.index_put(index, cat(parts))``)."""
+    slots = [g.positions[i] for g, live in zip(groups, lives) for i in live]
+    if len(slots) < n:
+        return None, torch.tensor(slots, dtype=torch.long, device=device)
+    if slots != sorted(slots):
+        return torch.tensor(sorted(range(len(slots)), key=slots.__getitem__), device=device), None
+    return None, None
+
+
+def term_gammas(gammas: torch.Tensor, sig: torch.Tensor, block_layers: Optional[List[int]]) -> torch.Tensor:
+    """Each map's gamma in the penalty: ``gammas``, except that the blocks of one operator
+    (a grouped patch conv, ``block_layers[i]``: the index of map i's first block) share one
+    term, ``gamma * max_g sigma_g^2``: a block's gamma counts where its sigma is its layer's
+    max (split evenly among ties), 0 elsewhere."""
+    if block_layers is None:
+        return gammas
+    idx = torch.tensor(block_layers, device=sig.device)
+    s = sig.detach()
+    top = torch.zeros_like(s).scatter_reduce(0, idx, s, "amax", include_self=False)
+    at_max = (s == top[idx]).to(s.dtype)
+    ties = torch.zeros_like(s).scatter_add(0, idx, at_max)
+    return gammas * (at_max / ties[idx]).to(gammas.dtype)
+
+
 # ---------------------------------------------------------------------- building
-def build_groups(maps: Sequence[_layers.LinearMap], conv_norm: str, input_shapes: Dict[str, tuple],
-                 generator: torch.Generator, set_buffer, buffers, root) -> tuple:
+class Built(NamedTuple):
+    groups: List[MapGroup]  # in the order they step
+    sharded: "ShardedGroup"  # over every map: replaces the groups when a weight is a DTensor
+    maps: List[_layers.LinearMap]  # the penalty's maps; the groups' ``positions`` index them
+    gammas: List[float]  # each map's gamma
+    block_layers: Optional[List[int]]  # blocks of one operator (a grouped patch conv): its first block's index
+
+
+def build_groups(maps: Sequence[_layers.LinearMap], gammas: Dict[str, float], conv_norm: str,
+                 input_shapes: Dict[str, tuple], generator: torch.Generator, set_buffer, buffers, root) -> Built:
     """The groups of the selected ``maps`` (dense kinds first, then convs, as the penalty
     lists them; a conv with non-overlapping patches is dense maps, one per group: see
     :func:`layers.patch_maps`), their state created through ``set_buffer(key, tensor,
     map name)``: ``u_i``/``v_i`` for the dense and low-rank maps, ``x_j``/``y_j`` for the
-    conv operators, ``x_j`` for the circular convs. Returns ``(groups, sharded, every,
-    parent)``: the groups in the order they step, the :class:`ShardedGroup` over every
-    map, the penalty's map list (the groups' ``positions`` index it) and each patch block's
-    conv name."""
-    dense, convs, parent = [], [], {}
+    conv operators, ``x_j`` for the circular convs."""
+    dense, convs, gammas = [], [], dict(gammas)
     for mp in maps:
         blocks = (_layers.patch_maps(mp, input_shapes[mp.owner]) if mp.conv and conv_norm == "operator" else None)
         if mp.conv and blocks is None:
             convs.append(mp)
         elif mp.conv:
             dense += blocks  # non-overlapping patches: the dense norm of each group's kernel
-            parent.update({b.name: mp.name for b in blocks})
+            gammas.update({b.name: gammas[mp.name] for b in blocks})
         else:
             dense.append(mp)
     # vectors drawn in the penalty's map order (dense, then convs), from one generator
@@ -509,4 +543,6 @@ def build_groups(maps: Sequence[_layers.LinearMap], conv_norm: str, input_shapes
     sharded = ShardedGroup(buffers, every, range(len(every)),
                            [(f"u_{i}", f"v_{i}") for i in range(nd)] + [(f"y_{j}", f"x_{j}") for j in range(len(convs))],
                            input_shapes, root, conv_norm)
-    return groups, sharded, every, parent
+    owners = [mp.layer for mp in every]
+    blocks = [owners.index(o) for o in owners] if len(set(owners)) < len(owners) else None
+    return Built(groups, sharded, every, [gammas[mp.name] for mp in every], blocks)

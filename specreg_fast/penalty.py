@@ -22,7 +22,7 @@ from . import groups as _groups
 from . import layers as _layers
 from .constraint import SpectralNormalize, spectral_constraint
 from .selection import AUTO as _AUTO
-from .selection import Selection, unwrap
+from .selection import Selection, unwrap, watch_activations
 
 __all__ = ["SpectralPenalty", "spectral_constraint", "SpectralNormalize"]
 
@@ -32,16 +32,6 @@ _VECTOR_PREFIXES = ("u", "v", "x", "y")
 
 def _is_state_key(key: str) -> bool:
     return key.split("_")[0] in _VECTOR_PREFIXES or key in ("gammas", "last_sigmas")
-
-
-def _act_slope_sq_max(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Batch mean of max_j phi'(z_j)^2 for one nonlinearity (the released code's eig-ub
-    term), differentiable in z."""
-    zz = z if z.requires_grad else z.detach().requires_grad_(True)
-    with torch.enable_grad():
-        # act.forward, not act(): calling the module would re-enter the hook
-        (d,) = torch.autograd.grad(act.forward(zz).sum(), zz, create_graph=z.requires_grad)
-    return (d.flatten(1) ** 2).amax(dim=1).mean()
 
 
 class SpectralPenalty(nn.Module):
@@ -130,10 +120,7 @@ class SpectralPenalty(nn.Module):
                               input_shapes)
         self._eig_terms: List[torch.Tensor] = []
         if eig_ub:
-            acts = (nn.GELU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Softplus)
-            for m in {m: None for m in self._model[0].modules()}:
-                if isinstance(m, acts):
-                    m.register_forward_hook(self._make_eig_hook(m))
+            watch_activations(self._model[0], self._eig_term)
         self._ready = False
         self._layers: List[_layers.LinearMap] = []
         self._groups: List[_groups.MapGroup] = []
@@ -141,11 +128,9 @@ class SpectralPenalty(nn.Module):
         self._assembly: dict = {}
         self._block_layers: Optional[List[int]] = None
 
-    def _make_eig_hook(self, act):
-        def hook(mod, args, out):
-            if mod is act and self.training and torch.is_grad_enabled():
-                self._eig_terms.append(_act_slope_sq_max(act, args[0]))
-        return hook
+    def _eig_term(self, term: Callable[[], torch.Tensor]) -> None:
+        if self.training and torch.is_grad_enabled():
+            self._eig_terms.append(term())
 
     # the selection's records, under the names the penalty has always had
     @property
@@ -153,39 +138,28 @@ class SpectralPenalty(nn.Module):
         return self._sel.input_shapes
 
     @property
-    def _dense(self) -> List[_layers.LinearMap]:
-        return [mp for mp in self._layers if not mp.conv]
-
-    @property
     def _convs(self) -> List[_layers.LinearMap]:
         return [mp for mp in self._layers if mp.conv]
-
-    def _conv_specs(self):
-        from .conv import ConvSpec
-        return [ConvSpec.from_module(mp.module, self._input_shapes[mp.owner]) for mp in self._convs]
 
     def _finalize(self):
         """Select the maps and create their groups and persistent vectors (first call)."""
         maps, gammas = self._sel.select()
-        self._selected = maps
-        self._groups, self._sharded_group, self._layers, parent = self._build(self._set_buf)
+        self._selected, self._gammas = maps, gammas
+        built = self._build(self._set_buf)
+        self._groups, self._sharded_group, self._layers = built.groups, built.sharded, built.maps
+        self._block_layers = built.block_layers
         dev = maps[0].like().device
-        # maps that are blocks of one operator (a grouped patch conv): index of their layer
-        owners = [mp.layer for mp in self._layers]
-        self._block_layers = ([owners.index(o) for o in owners] if len(set(owners)) < len(owners) else None)
-        self.register_buffer("gammas", torch.tensor([gammas[parent.get(mp.name, mp.name)] for mp in self._layers],
-                                                    dtype=torch.float32, device=dev))
+        self.register_buffer("gammas", torch.tensor(built.gammas, dtype=torch.float32, device=dev))
         self.register_buffer("last_sigmas", torch.zeros(len(self._layers), dtype=torch.float32, device=dev))
         self._assembly = {}
         self._ready = True
         self._sel.remove_hooks()  # forward order and conv sizes are known
-        if getattr(self, "_restarted", None):
-            self._restart_warning(self._restarted)
+        self._restart_nonfinite()  # a checkpoint loaded before the first call
 
     def _build(self, set_buffer):
         g = torch.Generator().manual_seed(self.seed)
-        return _groups.build_groups(self._selected, self.conv_norm, self._input_shapes, g, set_buffer, self._buffers,
-                                    self._model[0])
+        return _groups.build_groups(self._selected, self._gammas, self.conv_norm, self._input_shapes, g, set_buffer,
+                                    self._buffers, self._model[0])
 
     def _set_buf(self, key, value, layer_name):
         old = self._pending_state.pop(key, None) if hasattr(self, "_pending_state") else None
@@ -193,12 +167,9 @@ class SpectralPenalty(nn.Module):
             if old.shape != value.shape:
                 raise ValueError(f"state_dict entry {key} for {layer_name} has shape {tuple(old.shape)}, expected "
                                  f"{tuple(value.shape)}")
-            if key.split("_")[0] in _VECTOR_PREFIXES and not bool(torch.isfinite(old).all()):
-                self._restarted = getattr(self, "_restarted", []) + [key]  # a diverged run's vector: a fresh one
-            else:
-                # a copy: the entry may be another live penalty's buffer (its state_dict()),
-                # which would otherwise move with this one's steps
-                value = old.to(device=value.device, dtype=value.dtype, copy=True)
+            # a copy: the entry may be another live penalty's buffer (its state_dict()), which
+            # would otherwise move with this one's steps
+            value = old.to(device=value.device, dtype=value.dtype, copy=True)
         self.register_buffer(key, value.contiguous())
 
     # ------------------------------------------------------------------ state
@@ -236,14 +207,10 @@ class SpectralPenalty(nn.Module):
             self._build(lambda key, value, name: fresh.__setitem__(key, value))
             for k in bad:
                 self._buffers[k].copy_(fresh[k])
-        self._restart_warning(bad)
-
-    def _restart_warning(self, keys) -> None:
-        with torch.no_grad():
             self.last_sigmas.nan_to_num_(0.0, 0.0, 0.0)
             self.initialized.fill_(False)
-        self._warm_start_done, self._restarted = False, []
-        warnings.warn(f"SpectralPenalty: state_dict vectors {', '.join(keys)} are not finite (a diverged run?): "
+        self._warm_start_done = False
+        warnings.warn(f"SpectralPenalty: state_dict vectors {', '.join(bad)} are not finite (a diverged run?): "
                       f"restarted from the seed, with a new warm start")
 
     def get_extra_state(self):
@@ -288,15 +255,11 @@ class SpectralPenalty(nn.Module):
             raise
 
     def _sigmas(self, update: bool, n_iter: int, record: bool = False):
-        """The sigmas of every map (in ``layer_names`` order) and, with ``record`` (call under
-        no_grad), ``[(group, call, live, record)]`` for :meth:`accumulate_grad`.
-
-        Every group prepares first (its checks raise before any vector moves), then each
-        steps its live maps: once the warm start is done, frozen maps (no parameter requires
-        grad: a frozen backbone, a LoRA model's base layers) take no step, their sigma held
-        at its last estimate. Only custom ops run here (autocast does not touch them) except
-        on the FFT norm's path, which runs with autocast off. When a regularized weight is a
-        DTensor, one :class:`groups.ShardedGroup` over every map replaces the groups."""
+        """The sigmas of every map (``layer_names`` order) and, with ``record`` (under
+        no_grad), ``[(group, call, live, record)]`` for :meth:`accumulate_grad`. Every group
+        prepares first (its checks raise before any vector moves), then steps its live maps:
+        once the warm start is done, frozen maps take no step, their sigma held at its last
+        estimate."""
         if not torch.compiler.is_compiling():
             self._sel.check_attached(self._layers)
         sharded = self._sharded_group.prepare()
@@ -328,20 +291,10 @@ class SpectralPenalty(nn.Module):
         return (sig, recs) if record else sig
 
     def _assemble(self, groups, lives):
-        """How the groups' sigmas make the penalty's vector: ``(perm, None)`` (every map, in
-        group order: ``cat(parts)[perm]``, None if that is the map order already) or ``(None,
-        index)`` (some maps frozen: their slots). Cached per set of live maps."""
-        key = (tuple(id(g) for g in groups), tuple(lives))
+        key = (tuple(id(g) for g in groups), tuple(lives))  # cached per set of live maps
         out = self._assembly.get(key)
         if out is None:
-            slots = [g.positions[i] for g, live in zip(groups, lives) for i in live]
-            dev = self.last_sigmas.device
-            if len(slots) < len(self._layers):
-                out = (None, torch.tensor(slots, dtype=torch.long, device=dev))
-            elif slots != sorted(slots):
-                out = (torch.tensor(sorted(range(len(slots)), key=slots.__getitem__), device=dev), None)
-            else:
-                out = (None, None)
+            out = _groups.assembly(groups, lives, len(self._layers), self.last_sigmas.device)
             if not torch.compiler.is_compiling():
                 self._assembly[key] = out
         return out
@@ -404,16 +357,13 @@ class SpectralPenalty(nn.Module):
         eig = self._eig_terms
         self._eig_terms = []
         compiling = torch.compiler.is_compiling()
-        active = self._active(compiling)
-        if self.training and self.auto_step:
-            self.step_count.add_(1)
+        active, n_iter = self._schedule(upd, compiling)
         if compiling:
             sig = self._compiled_sigmas(upd, active)
         elif not active:
             # burn-in / skipped step: no work at all
             return self.gammas.new_zeros(())
         else:
-            n_iter = max(self.n_iter, self.n_iter_init) if upd and self._needs_warm_start() else self.n_iter
             sig = self._sigmas_or_roll_back(upd, n_iter, False)
             if upd:
                 self.initialized.fill_(True)
@@ -429,22 +379,17 @@ class SpectralPenalty(nn.Module):
     def _compiled_sigmas(self, update: bool, active: torch.Tensor) -> torch.Tensor:
         """``_sigmas`` under torch.compile, with eager's schedule as device-side masks.
 
-        Eager mode reads the step counter and ``initialized`` on the host: no work before
-        ``start_step`` or on skipped ``every`` steps, ``max(n_iter, n_iter_init)`` steps on the
-        first penalized call. A compiled graph has no data-dependent branch (a host read of a
-        mask is a graph break, or a device sync on every step) and ``torch.cond`` rejects the
-        in-place power-step ops (torch 2.14), so the graph always does the work and masks its
-        result: the vectors are snapshotted; the warm start's extra ``n_iter_init - n_iter``
-        steps run and are kept only while not ``initialized``; the ``n_iter`` steps of every
-        call run; then all of it is kept only where ``active`` (``torch.where(mask, new, old)``
-        into the buffers); the caller masks the value. The ops' ``a + b`` steps are ``a``
-        steps then ``b`` (the same loop), so this gives eager's vectors and values: bit for bit
-        for dense and conv-operator layers; the circular step re-enters the Fourier domain at
-        each call, so there a split warm start differs by float rounding. The cost: an
-        inactive compiled call does a normal call's steps, and while a warm start may be
-        pending (``_warm_start_done`` False when traced) every compiled call also runs the
-        extra steps; ``prepare(..., warm_start=True)`` before compiling (or one eager call)
-        removes them from the graph."""
+        A compiled graph has no data-dependent branch (a host read of a mask is a graph
+        break, or a device sync per step) and ``torch.cond`` rejects the in-place power-step
+        ops (torch 2.14), so the graph always does the work and masks it: the vectors are
+        snapshotted; the warm start's extra ``n_iter_init - n_iter`` steps run and are kept
+        only while not ``initialized``; the ``n_iter`` steps run; all of it is kept only where
+        ``active``; the caller masks the value. The ops' ``a + b`` steps are ``a`` steps then
+        ``b``, so this gives eager's vectors and values bit for bit for dense and
+        conv-operator maps (the circular step re-enters the Fourier domain at each call: a
+        split warm start differs by rounding). While a warm start may be pending when traced,
+        every compiled call runs the extra steps: ``prepare(..., warm_start=True)`` before
+        compiling (or one eager call) removes them."""
         if not update:
             return self._sigmas(False, self.n_iter)
         b = self._buffers
@@ -464,17 +409,18 @@ class SpectralPenalty(nn.Module):
         return sig
 
     def _term_gammas(self, sig: torch.Tensor) -> torch.Tensor:
-        """Each map's gamma in the penalty: ``gammas``, except that the blocks of one operator
-        (a grouped patch conv) share one term, ``gamma * max_g sigma_g^2``: a block's gamma
-        counts where its sigma is its layer's max (split evenly among ties), 0 elsewhere."""
-        if self._block_layers is None:
-            return self.gammas
-        idx = torch.tensor(self._block_layers, device=sig.device)
-        s = sig.detach()
-        top = torch.zeros_like(s).scatter_reduce(0, idx, s, "amax", include_self=False)
-        at_max = (s == top[idx]).to(s.dtype)
-        ties = torch.zeros_like(s).scatter_add(0, idx, at_max)
-        return self.gammas * (at_max / ties[idx]).to(self.gammas.dtype)
+        return _groups.term_gammas(self.gammas, sig, self._block_layers)
+
+    def _schedule(self, update: bool, compiling: bool):
+        """``(active, n_iter)`` of this call, for every route, and the counter advanced:
+        whether it is penalized (:meth:`_active`) and how many power steps it takes,
+        ``max(n_iter, n_iter_init)`` for the warm start (under torch.compile ``n_iter``: the
+        warm start is masked in the graph, :meth:`_compiled_sigmas`)."""
+        active = self._active(compiling)
+        if self.training and self.auto_step:
+            self.step_count.add_(1)
+        warm = not compiling and active and update and self._needs_warm_start()
+        return active, max(self.n_iter, self.n_iter_init) if warm else self.n_iter
 
     def _active(self, compiling: bool):
         """Whether this step is penalized (before the counter advances): a bool in eager mode
@@ -505,7 +451,7 @@ class SpectralPenalty(nn.Module):
         route materializes ``u v^T`` in fresh memory and then adds it: on a 784-1024x3 MLP that
         gradient materialization is most of the penalty's cost (``bench/bench_training.py``).
         A LoRA map's gradient goes into its A and B likewise, as rank-1 updates
-        (``dense.lowrank_grads``).
+        (the factors' rank-1 terms).
         Conv layers get the conv weight-gradient of their (x, y) pair, added likewise.
 
         ``scale`` multiplies the gradient (e.g. ``scaler.get_scale()`` under a GradScaler, or
@@ -524,12 +470,9 @@ class SpectralPenalty(nn.Module):
             self._finalize()
         self._eig_terms = []
         upd = self.training and self.update
-        active = self._active(False)
-        if self.training and self.auto_step:
-            self.step_count.add_(1)
+        active, n_iter = self._schedule(upd, False)
         if not active:
             return self.gammas.new_zeros(())
-        n_iter = max(self.n_iter, self.n_iter_init) if upd and self._needs_warm_start() else self.n_iter
         with torch.no_grad():
             sig, recs = self._sigmas_or_roll_back(upd, n_iter, True)
         if upd:

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from . import layers as _layers
 
-__all__ = ["AUTO", "Selection", "unwrap"]
+__all__ = ["AUTO", "Selection", "unwrap", "watch_activations"]
 
 AUTO = "auto"  # the readout argument's default: found from the forward order
 
@@ -192,3 +192,28 @@ class Selection:
             raise ValueError(f"SpectralPenalty: the model no longer holds the layer(s) {names} that the penalty was "
                              f"built on (replaced or removed after SpectralPenalty(model)); build the penalty after "
                              f"changing the model")
+
+
+_ACTIVATIONS = (nn.GELU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Softplus)
+
+
+def _act_slope_sq_max(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Batch mean of max_j phi'(z_j)^2 for one nonlinearity (the released code's eig-ub
+    term), differentiable in z."""
+    zz = z if z.requires_grad else z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        # act.forward, not act(): calling the module would re-enter the hook
+        (d,) = torch.autograd.grad(act.forward(zz).sum(), zz, create_graph=z.requires_grad)
+    return (d.flatten(1) ** 2).amax(dim=1).mean()
+
+
+def watch_activations(root: nn.Module, take: Callable[[Callable[[], torch.Tensor]], None]) -> None:
+    """For ``eig_ub=True``: after each forward of a nonlinearity module of ``root``,
+    ``take(term)`` with ``term()`` computing its :func:`_act_slope_sq_max` (lazily: the
+    penalty computes it only in training with grad enabled)."""
+    for m in {m: None for m in root.modules()}:  # a module shared by several parents once
+        if isinstance(m, _ACTIVATIONS):
+            def hook(mod, args, out, act=m):
+                if mod is act:
+                    take(lambda: _act_slope_sq_max(act, args[0]))
+            m.register_forward_hook(hook)

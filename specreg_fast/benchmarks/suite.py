@@ -293,8 +293,8 @@ class ReferencePenalty:
         from .. import reference as ref
 
         self.ref = ref
-        self.dense = list(pen._dense)
-        self.convs = list(zip(pen._convs, pen._conv_specs()))
+        self.dense = [mp for mp in pen._layers if not mp.conv]
+        self.convs = [(mp, conv.ConvSpec.from_module(mp.module, pen._input_shapes[mp.owner])) for mp in pen._convs]
         self.gammas = [float(g) for g in pen.gammas]
         like = [mp.like() for mp in self.dense]
         self.v = [F.normalize(torch.randn(w.shape[1], device=w.device, dtype=w.dtype), dim=0) for w in like]
