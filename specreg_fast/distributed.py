@@ -48,15 +48,15 @@ def _is_dtensor(w) -> bool:
     return dist.is_available() and isinstance(w, _dtensor_types()[0])
 
 
-def _fsdp_sharded_weights(root: nn.Module) -> Dict[int, nn.Parameter]:
-    """``id(module) -> FSDP2's sharded (DTensor) weight`` for every module whose ``weight``
-    an FSDP2 ``fully_shard`` manages. Between forward and backward FSDP2 may leave the
-    module's attribute on the unsharded (gathered, plain) parameter (``reshard_after_forward
-    =False``, or the root module, which never reshards after forward); the sharded
-    parameter is the one that persists, that the optimizer updates and whose ``.grad`` FSDP2
-    fills, so the penalty always works on it. (FSDP2's per-parameter records are private
-    attributes: ``_fsdp_param_groups`` of the module's state, ``_fsdp_param_group`` on torch 2.11,
-    ``_module_info``.)"""
+def _fsdp_sharded_weights(root: nn.Module) -> Dict[tuple, nn.Parameter]:
+    """``(id(module), parameter name) -> FSDP2's sharded (DTensor) parameter`` for every
+    parameter an FSDP2 ``fully_shard`` manages. Between forward and backward FSDP2 may leave
+    the module's attribute on the unsharded (gathered, plain) parameter
+    (``reshard_after_forward=False``, or the root module, which never reshards after
+    forward); the sharded parameter is the one that persists, that the optimizer updates and
+    whose ``.grad`` FSDP2 fills, so the penalty always works on it. (FSDP2's per-parameter
+    records are private attributes: ``_fsdp_param_groups`` of the module's state,
+    ``_fsdp_param_group`` on torch 2.11, ``_module_info``.)"""
     from torch.distributed.fsdp import FSDPModule
 
     out = {}
@@ -69,19 +69,32 @@ def _fsdp_sharded_weights(root: nn.Module) -> Dict[int, nn.Parameter]:
                 groups = [] if group is None else [group]
             for group in groups:
                 for p in group.fsdp_params:
-                    if p._module_info.param_name == "weight":
-                        out[id(p._module_info.module)] = p.sharded_param
+                    out[(id(p._module_info.module), p._module_info.param_name)] = p.sharded_param
     return out
 
 
-def regularized_weights(root: nn.Module, modules: Sequence[nn.Module]) -> Optional[List[torch.Tensor]]:
-    """The weights of ``modules`` as the penalty must see them when any is a DTensor (FSDP2's
-    sharded parameter where FSDP2 manages the module), else None: the single-process path
-    (also under DistributedDataParallel), at the cost of one ``is_initialized`` check."""
+def _weight_of(fsdp: dict, mp) -> torch.Tensor:
+    """The tensor a map's weight is made of, as the penalty must see it: FSDP2's sharded
+    parameter where FSDP2 manages it, else the module's own; a LoRA map's base weight; an
+    ``extra=`` map's computed weight."""
+    if mp.lowrank is not None:
+        holder, attr = mp.module.base_layer, "weight"
+    elif mp.attr is None:
+        return mp.weight()
+    else:
+        holder, attr = mp.module, mp.attr
+    return fsdp.get((id(holder), attr), getattr(holder, attr))
+
+
+def regularized_weights(root: nn.Module, maps: Sequence) -> Optional[List[torch.Tensor]]:
+    """The tensors the ``maps`` (:class:`specreg_fast.layers.LinearMap`) are made of, as the
+    penalty must see them, when any is a DTensor (FSDP2's sharded parameter where FSDP2
+    manages the module), else None: the single-process path (also under
+    DistributedDataParallel), at the cost of one ``is_initialized`` check."""
     if not (dist.is_available() and dist.is_initialized()):
         return None
     fsdp = _fsdp_sharded_weights(root)
-    ws = [fsdp.get(id(m), m.weight) for m in modules]
+    ws = [_weight_of(fsdp, mp) for mp in maps]
     return ws if any(_is_dtensor(w) for w in ws) else None
 
 

@@ -427,7 +427,7 @@ class ShardedGroup(MapGroup):
 
     def prepare(self) -> Optional[Call]:
         """None unless a regularized weight is a DTensor (then this group replaces the others)."""
-        ws = _distributed.regularized_weights(self._root, [mp.module for mp in self.maps])
+        ws = _distributed.regularized_weights(self._root, self.maps)
         if ws is None:
             return None
         # distributed.py shards whole weights (a Linear's, a conv's, or a conv kernel as its

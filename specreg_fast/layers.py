@@ -11,7 +11,7 @@ test in ``python_tests/test_layers.py``.
 Layer kinds and the maps they give (``name`` is the module's name in the model):
 
 - ``nn.Linear``: ``W`` (``name``).
-- HF ``transformers`` ``Conv1D`` (GPT-2; recognized by duck typing: class name ``Conv1D``,
+- HF ``transformers`` ``Conv1D`` (GPT-2; recognized by duck typing: a class named ``Conv1D`` in its MRO,
   an ``(in, out)`` weight and ``nf``): ``W^T``, the transposed view.
 - ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``: the conv operator at the input size the
   layer sees (``conv_norm="operator"``), the circular-padding norm (``"fft"``), or the
@@ -169,7 +169,9 @@ def _linear(name: str, m: nn.Module, opts: dict) -> Optional[List[LinearMap]]:
 def _hf_conv1d(name: str, m: nn.Module, opts: dict) -> Optional[List[LinearMap]]:
     # transformers.pytorch_utils.Conv1D, without importing transformers: y = x W + b, W (in, out)
     w = getattr(m, "weight", None)
-    if (type(m).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2
+    # by its class's MRO: FSDP2's fully_shard and replicate() swap the class for a subclass
+    # (FSDPConv1D(FSDPModule, Conv1D))
+    if (any(c.__name__ == "Conv1D" for c in type(m).__mro__) and isinstance(w, torch.Tensor) and w.dim() == 2
             and w.shape[1] == getattr(m, "nf", None)):
         return _split(name, m, _transpose, opts)
     return None
