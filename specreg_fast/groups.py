@@ -222,6 +222,13 @@ class MapGroup:
         """Indices of the maps no parameter of which requires grad."""
         return tuple(i for i, mp in enumerate(self.maps) if _frozen(mp))
 
+    def live(self, call: Call, skip_frozen: bool) -> tuple:
+        """The maps this call steps: all, or with ``skip_frozen`` (once the warm start is
+        done) all but the frozen ones, whose sigma cannot change: their power step would only
+        refine an estimate that is a constant of the loss."""
+        frozen = self.frozen(call) if skip_frozen else ()
+        return tuple(i for i in range(len(self)) if i not in frozen)
+
     def sigmas(self, call: Call, live: Sequence[int], update: bool, n_iter: int, grad: bool, record: bool):
         """``(sigmas of the maps live, record)``: ``n_iter`` power steps when ``update``; with
         ``grad`` differentiable in the weights; with ``record`` (under no_grad) also what

@@ -27,11 +27,14 @@ from .selection import Selection, unwrap, watch_activations
 __all__ = ["SpectralPenalty", "spectral_constraint", "SpectralNormalize"]
 
 _CONV_NORMS = ("operator", "fft", "matrix")
-_VECTOR_PREFIXES = ("u", "v", "x", "y")
+
+
+def _is_vector_key(key: str) -> bool:  # the persistent vectors: u_i, v_i, x_j, y_j
+    return key.split("_")[0] in ("u", "v", "x", "y")
 
 
 def _is_state_key(key: str) -> bool:
-    return key.split("_")[0] in _VECTOR_PREFIXES or key in ("gammas", "last_sigmas")
+    return _is_vector_key(key) or key in ("gammas", "last_sigmas")
 
 
 class SpectralPenalty(nn.Module):
@@ -198,8 +201,7 @@ class SpectralPenalty(nn.Module):
         """Vectors loaded with non-finite entries (a checkpoint of a run that diverged) are
         drawn afresh as at the first call, and the warm start runs again: a NaN vector would
         otherwise keep every later estimate NaN (the power step rolls back on non-finite)."""
-        bad = [k for k, t in self._buffers.items() if k.split("_")[0] in _VECTOR_PREFIXES
-               and not bool(torch.isfinite(t).all())]
+        bad = [k for k, t in self._buffers.items() if _is_vector_key(k) and not bool(torch.isfinite(t).all())]
         if not bad:
             return
         fresh = {}
@@ -263,17 +265,9 @@ class SpectralPenalty(nn.Module):
         if not torch.compiler.is_compiling():
             self._sel.check_attached(self._layers)
         sharded = self._sharded_group.prepare()
-        if sharded is not None:
-            groups, calls = [self._sharded_group], [sharded]
-        else:
-            groups = self._groups
-            calls = [g.prepare() for g in groups]
-        lives = [tuple(range(len(g))) for g in groups]
-        if self._warm_start_done:
-            for k, (g, c) in enumerate(zip(groups, calls)):
-                frozen = g.frozen(c)
-                if frozen:
-                    lives[k] = tuple(i for i in range(len(g)) if i not in frozen)
+        groups, calls = (([self._sharded_group], [sharded]) if sharded is not None
+                         else (self._groups, [g.prepare() for g in self._groups]))
+        lives = [g.live(c, skip_frozen=self._warm_start_done) for g, c in zip(groups, calls)]
         grad = not record and torch.is_grad_enabled()
         parts, recs = [], []
         for g, c, live in zip(groups, calls, lives):
@@ -315,15 +309,7 @@ class SpectralPenalty(nn.Module):
         warm-start steps that they otherwise run, masked, while a warm start is pending. The
         schedule counter and ``last_sigmas`` are untouched."""
         if example_args or example_kwargs:
-            model = self._model[0]
-            modes = [(m, m.training) for m in model.modules()]
-            model.eval()
-            try:
-                with torch.no_grad():
-                    model(*example_args, **example_kwargs)
-            finally:
-                for m, mode in modes:
-                    m.training = mode
+            self._sel.observe(*example_args, **example_kwargs)
         if not self._ready:
             self._finalize_autocast_off()
         if warm_start and not bool(self.initialized):
@@ -393,7 +379,7 @@ class SpectralPenalty(nn.Module):
         if not update:
             return self._sigmas(False, self.n_iter)
         b = self._buffers
-        vectors = [b[k] for k in b if k.split("_")[0] in ("u", "v", "x", "y")]
+        vectors = [b[k] for k in b if _is_vector_key(k)]
         old = [t.clone() for t in vectors]
         extra = self.n_iter_init - self.n_iter
         if extra > 0 and not self._warm_start_done:

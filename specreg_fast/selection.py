@@ -107,6 +107,18 @@ class Selection:
             self.ends.setdefault(name, len(self.starts) + len(self.ends))
         return hook
 
+    def observe(self, *args, **kwargs) -> None:
+        """One forward of the model on example arguments for the hooks (``no_grad``, every
+        module in eval mode for that pass, so no BatchNorm statistics move)."""
+        modes = [(m, m.training) for m in self.root.modules()]
+        self.root.eval()
+        try:
+            with torch.no_grad():
+                self.root(*args, **kwargs)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
     def remove_hooks(self) -> None:
         for h in self.hooks:
             h.remove()
