@@ -1,0 +1,69 @@
+"""The spectral penalty in a Lightning ``Trainer``::
+
+    from specreg_fast.integrations.lightning import SpectralPenaltyCallback
+    trainer = lightning.Trainer(callbacks=[SpectralPenaltyCallback(gamma=1e-2, readout="fc")])
+
+Needs ``lightning`` (``pip install specreg_fast[lightning]``; the ``pytorch_lightning`` package
+is used when ``lightning`` is absent); written against Lightning 2.6.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+try:
+    from lightning.pytorch.callbacks import Callback
+except ImportError:  # the standalone package
+    from pytorch_lightning.callbacks import Callback
+
+from ..penalty import SpectralPenalty
+from .hooks import add_grad, check_penalty_kwargs
+
+__all__ = ["SpectralPenaltyCallback"]
+
+
+class SpectralPenaltyCallback(Callback):
+    """Adds ``gamma * sum_l sigma_max(W_l)^2`` (:class:`specreg_fast.SpectralPenalty`) to the
+    training of a ``LightningModule`` (automatic optimization), and logs it.
+
+    Args:
+        log_sigmas: what is logged beside ``spectral/penalty``: ``"all"`` (default) each map's
+            ``spectral/sigma/<name>`` and ``spectral/sigma_max``/``spectral/sigma_mean``,
+            ``"summary"`` only the max and mean, ``"none"`` nothing more.
+        **penalty_kwargs: the options of :class:`specreg_fast.SpectralPenalty` (``gamma``,
+            ``readout``, ...). ``start_step`` and ``every`` count optimizer steps
+            (``trainer.global_step``), not batches.
+
+    The penalty is built on the LightningModule when fitting begins (``self.penalty``).
+
+    Lightning (2.6) runs, for each optimizer step, the ``accumulate_grad_batches`` backwards
+    (the loss divided by their number, scaled by the GradScaler under ``16-mixed``), then
+    ``scaler.unscale_``, then ``on_before_optimizer_step``, then gradient clipping
+    (``gradient_clip_val``), then the step. The gradient is added in
+    ``on_before_optimizer_step``: once per optimizer step, on unscaled gradients (so not
+    times the scale), and before the clip, which sees the loss's and the penalty's gradient
+    together, as if the penalty were in the loss. Under ``bf16-mixed`` there is no scaler; the
+    power steps run with autocast off, in the weights' dtype. The schedule counter is set to
+    ``trainer.global_step`` before each step.
+
+    The stats (:meth:`SpectralPenalty.stats`, prefixed ``spectral/``) are logged with the
+    module's ``log_dict`` (``on_step=True``), so they reach every logger at the Trainer's
+    ``log_every_n_steps`` and ``trainer.callback_metrics``.
+    """
+
+    def __init__(self, log_sigmas: str = "all", **penalty_kwargs):
+        self.penalty_kwargs = check_penalty_kwargs(penalty_kwargs, log_sigmas)
+        self.log_sigmas = log_sigmas
+        self.prefix = "spectral/"
+        self.penalty: Optional[SpectralPenalty] = None
+        self._module = None
+
+    def on_fit_start(self, trainer, pl_module):
+        if self.penalty is None or self._module is not pl_module:
+            self.penalty = SpectralPenalty(pl_module, auto_step=False, **self.penalty_kwargs)
+            self._module = pl_module
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        add_grad(self.penalty, 1.0, trainer.global_step)
+        stats = self.penalty.stats(self.log_sigmas)
+        if stats:
+            pl_module.log_dict({self.prefix + k: v for k, v in stats.items()}, on_step=True, on_epoch=False)
