@@ -39,8 +39,10 @@ class Module(L.LightningModule):
         x, y = batch
         return F.cross_entropy(self(x), y)
 
+    fused = False
+
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=LR)
+        return torch.optim.SGD(self.parameters(), lr=LR, fused=self.fused or None)
 
 
 def make_data():
@@ -72,28 +74,29 @@ class Recorder(Logger):
         self.metrics.append((step, dict(metrics)))
 
 
-def run_lightning(tmp_path, precision, log_every=5, **penalty_kwargs):
+def run_lightning(tmp_path, precision, log_every=5, fused=False, clip=MAX_NORM, **penalty_kwargs):
     module = Module()
+    module.fused = fused
     x, y = make_data()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BS, shuffle=False)
     rec, cb = Recorder(), SpectralPenaltyCallback(gamma=GAMMA, readout=READOUT, **penalty_kwargs)
     kw = dict(precision=precision)
     if precision == "16-mixed":  # Lightning turns 16-mixed into bf16-mixed on a CPU: the plugin, with a CPU GradScaler
         kw = dict(plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
-    trainer = L.Trainer(max_steps=STEPS, accumulate_grad_batches=ACC, gradient_clip_val=MAX_NORM, accelerator="cpu",
+    trainer = L.Trainer(max_steps=STEPS, accumulate_grad_batches=ACC, gradient_clip_val=clip, accelerator="cpu",
                         devices=1, logger=rec, log_every_n_steps=log_every, callbacks=[cb], enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path), **kw)
     trainer.fit(module, loader)
     return module, trainer, rec, cb
 
 
-def run_reference(precision, **penalty_kwargs):
+def run_reference(precision, fused=False, clip=MAX_NORM, **penalty_kwargs):
     """Each batch's loss / ACC, backward (scaled under 16-mixed), then the penalty's gradient once
     (times the scale), unscale, clip, step."""
     module = Module()
     module.train()
     pen = sf.SpectralPenalty(module, gamma=GAMMA, readout=READOUT, **penalty_kwargs)
-    opt = torch.optim.SGD(module.parameters(), lr=LR)
+    opt = torch.optim.SGD(module.parameters(), lr=LR, fused=fused or None)
     amp = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
     scaler = torch.amp.GradScaler("cpu") if precision == "16-mixed" else None
     x, y = make_data()
@@ -106,9 +109,10 @@ def run_reference(precision, **penalty_kwargs):
                 loss = F.cross_entropy(module(x[i:i + BS]), y[i:i + BS]) / ACC
             (scaler.scale(loss) if scaler is not None else loss).backward()
         values.append(float(pen.accumulate_grad(scale=scaler.get_scale() if scaler is not None else 1.0)))
-        if scaler is not None:
+        if scaler is not None and not fused:  # a fused optimizer unscales in its step
             scaler.unscale_(opt)
-        norms.append(float(torch.nn.utils.clip_grad_norm_(module.parameters(), MAX_NORM)))
+        if clip is not None:
+            norms.append(float(torch.nn.utils.clip_grad_norm_(module.parameters(), clip)))
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
@@ -140,6 +144,16 @@ def test_lightning_matches_reference_loop(tmp_path, precision):
     if precision == "16-mixed":
         assert trainer.precision_plugin.scaler.get_scale() == 2.0 ** 16  # no step skipped
     check(module, ref, trainer, rec, cb, values, norms, 5)
+
+
+def test_lightning_16_mixed_fused_optimizer(tmp_path):
+    """A fused SGD unscales in its own step: Lightning calls on_before_optimizer_step on scaled
+    gradients (and allows no clipping)."""
+    module, trainer, rec, cb = run_lightning(tmp_path, "16-mixed", fused=True, clip=None)
+    ref, pen, values, norms = run_reference("16-mixed", fused=True, clip=None)
+    assert trainer.precision_plugin.scaler.get_scale() == 2.0 ** 16
+    for (name, p), q in zip(module.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_lightning_schedule_counts_optimizer_steps(tmp_path):

@@ -41,13 +41,18 @@ class SpectralPenaltyCallback(Callback):
     (``gradient_clip_val``), then the step. The gradient is added in
     ``on_before_optimizer_step``: once per optimizer step, on unscaled gradients (so not
     times the scale), and before the clip, which sees the loss's and the penalty's gradient
-    together, as if the penalty were in the loss. Under ``bf16-mixed`` there is no scaler; the
+    together, as if the penalty were in the loss. (An optimizer that unscales inside its own
+    step, a fused one, is not unscaled before the hook: there the gradient is added times the
+    scale.) Under ``bf16-mixed`` there is no scaler; the
     power steps run with autocast off, in the weights' dtype. The schedule counter is set to
     ``trainer.global_step`` before each step.
 
     The stats (:meth:`SpectralPenalty.stats`, prefixed ``spectral/``) are logged with the
     module's ``log_dict`` (``on_step=True``), so they reach every logger at the Trainer's
     ``log_every_n_steps`` and ``trainer.callback_metrics``.
+
+    One optimizer holding the penalized weights is assumed (Lightning calls the hook once per
+    optimizer step of each optimizer).
     """
 
     def __init__(self, log_sigmas: str = "all", **penalty_kwargs):
@@ -63,7 +68,18 @@ class SpectralPenaltyCallback(Callback):
             self._module = pl_module
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        add_grad(self.penalty, 1.0, trainer.global_step)
+        add_grad(self.penalty, self._scale(trainer, optimizer), trainer.global_step)
         stats = self.penalty.stats(self.log_sigmas)
         if stats:
             pl_module.log_dict({self.prefix + k: v for k, v in stats.items()}, on_step=True, on_epoch=False)
+
+    @staticmethod
+    def _scale(trainer, optimizer) -> float:
+        """1, except where the gradients are still scaled in ``on_before_optimizer_step``: under a
+        GradScaler with an optimizer that unscales in its own step (Lightning skips
+        ``scaler.unscale_`` for those: ``_step_supports_amp_scaling``, the fused optimizers)."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        opt = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch optimizer
+        return float(scaler.get_scale()) if getattr(opt, "_step_supports_amp_scaling", False) else 1.0

@@ -86,6 +86,8 @@ class SpectralPenaltyCallback(TrainerCallback):
                           RuntimeWarning, stacklevel=2)
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.penalty is None:  # added to a Trainer whose training had already begun
+            self.on_train_begin(args, state, control, model=model)
         scale = self._scale(optimizer)
         step = state.global_step
         if self.penalty._ready:
