@@ -94,7 +94,8 @@ def check_penalty_kwargs(kwargs: dict, log_sigmas: str) -> dict:
     if log_sigmas not in SIGMA_MODES:
         raise ValueError(f"log_sigmas must be one of {SIGMA_MODES}, got {log_sigmas!r}")
     if "model" in kwargs:
-        raise TypeError("model: the callback builds the penalty on the trainer's model; pass only the penalty's options")
+        raise TypeError("model: the callback builds the penalty on the trainer's model; "
+                        "pass only the penalty's options")
     if "auto_step" in kwargs:
         raise TypeError("auto_step: the callback sets the schedule counter to the trainer's optimizer step itself")
     try:

@@ -13,7 +13,6 @@ import sys
 import warnings
 from typing import Optional
 
-import torch
 from transformers import TrainerCallback
 
 from ..penalty import SpectralPenalty
