@@ -10,8 +10,6 @@ import torch.nn.functional as F
 import specreg_fast as sf
 
 L = pytest.importorskip("lightning.pytorch")
-from lightning.pytorch.loggers import Logger  # noqa: E402
-from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
 from specreg_fast.integrations.lightning import SpectralPenaltyCallback  # noqa: E402
 
@@ -26,23 +24,29 @@ def make_net():
                           "fc": nn.Linear(24, 4)})
 
 
-class Module(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        m = make_net()
-        self.net, self.fc = m["net"], m["fc"]
+def module_class(base):
+    class Module(base):
+        def __init__(self):
+            super().__init__()
+            m = make_net()
+            self.net, self.fc = m["net"], m["fc"]
 
-    def forward(self, x):
-        return self.fc(self.net(x))
+        def forward(self, x):
+            return self.fc(self.net(x))
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
 
-    fused = False
+        fused = False
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=LR, fused=self.fused or None)
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=LR, fused=self.fused or None)
+
+    return Module
+
+
+Module = module_class(L.LightningModule)
 
 
 def make_data():
@@ -52,38 +56,41 @@ def make_data():
     return x, y
 
 
-class Recorder(Logger):
-    """A logger that keeps what it is given (stands for TensorBoard, W&B)."""
+def recorder_class(base):
+    class Recorder(base):
+        """A logger that keeps what it is given (stands for TensorBoard, W&B)."""
 
-    def __init__(self):
-        super().__init__()
-        self.metrics = []
+        def __init__(self):
+            super().__init__()
+            self.metrics = []
 
-    @property
-    def name(self):
-        return "recorder"
+        @property
+        def name(self):
+            return "recorder"
 
-    @property
-    def version(self):
-        return 0
+        @property
+        def version(self):
+            return 0
 
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
 
-    def log_metrics(self, metrics, step=None):
-        self.metrics.append((step, dict(metrics)))
+        def log_metrics(self, metrics, step=None):
+            self.metrics.append((step, dict(metrics)))
+
+    return Recorder
 
 
-def run_lightning(tmp_path, precision, log_every=5, fused=False, clip=MAX_NORM, **penalty_kwargs):
-    module = Module()
+def run_lightning(tmp_path, precision, log_every=5, fused=False, clip=MAX_NORM, pl=L, **penalty_kwargs):
+    module = Module() if pl is L else module_class(pl.LightningModule)()
     module.fused = fused
     x, y = make_data()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BS, shuffle=False)
-    rec, cb = Recorder(), SpectralPenaltyCallback(gamma=GAMMA, readout=READOUT, **penalty_kwargs)
+    rec, cb = recorder_class(pl.loggers.Logger)(), SpectralPenaltyCallback(gamma=GAMMA, readout=READOUT, **penalty_kwargs)
     kw = dict(precision=precision)
     if precision == "16-mixed":  # Lightning turns 16-mixed into bf16-mixed on a CPU: the plugin, with a CPU GradScaler
-        kw = dict(plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
-    trainer = L.Trainer(max_steps=STEPS, accumulate_grad_batches=ACC, gradient_clip_val=clip, accelerator="cpu",
+        kw = dict(plugins=[pl.plugins.precision.MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
+    trainer = pl.Trainer(max_steps=STEPS, accumulate_grad_batches=ACC, gradient_clip_val=clip, accelerator="cpu",
                         devices=1, logger=rec, log_every_n_steps=log_every, callbacks=[cb], enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path), **kw)
     trainer.fit(module, loader)
@@ -166,6 +173,15 @@ def test_lightning_schedule_counts_optimizer_steps(tmp_path):
     last = [m for _, m in rec.metrics if "spectral/penalty" in m][-1]
     assert {k for k in last if k.startswith("spectral/")} == {"spectral/penalty", "spectral/sigma_max",
                                                                "spectral/sigma_mean"}
+
+
+def test_standalone_pytorch_lightning_trainer(tmp_path):
+    """lightning 2.x installs pytorch_lightning beside it; its Trainer takes only its own Callback."""
+    pl = pytest.importorskip("pytorch_lightning")
+    module, trainer, rec, cb = run_lightning(tmp_path, "32-true", pl=pl)
+    assert isinstance(cb, pl.Callback) and isinstance(cb, L.Callback)
+    ref, pen, values, norms = run_reference("32-true")
+    check(module, ref, trainer, rec, cb, values, norms, 5)
 
 
 def test_callback_arguments():

@@ -3,17 +3,26 @@
     from specreg_fast.integrations.lightning import SpectralPenaltyCallback
     trainer = lightning.Trainer(callbacks=[SpectralPenaltyCallback(gamma=1e-2, readout="fc")])
 
-Needs ``lightning`` (``pip install specreg_fast[lightning]``; the ``pytorch_lightning`` package
-is used when ``lightning`` is absent); written against Lightning 2.6.
+Needs ``lightning`` (``pip install specreg_fast[lightning]``) or the standalone
+``pytorch_lightning``; the callback is an instance of both packages' ``Callback`` where both
+are installed, so either ``Trainer`` takes it. Written against Lightning 2.6.
 """
 from __future__ import annotations
 
 from typing import Optional
 
-try:
-    from lightning.pytorch.callbacks import Callback
-except ImportError:  # the standalone package
-    from pytorch_lightning.callbacks import Callback
+_bases = []
+for _pkg in ("lightning.pytorch.callbacks", "pytorch_lightning.callbacks"):
+    try:
+        _bases.append(__import__(_pkg, fromlist=["Callback"]).Callback)
+    except ImportError:
+        pass
+if not _bases:
+    raise ImportError("specreg_fast.integrations.lightning needs lightning (pip install specreg_fast[lightning]) "
+                      "or pytorch_lightning")
+# Both packages' Callback where both are installed (lightning 2.x installs pytorch_lightning beside it): each
+# Trainer accepts only its own package's Callback, and the two base classes are plain hook sets.
+Callback = type("Callback", tuple(_bases), {}) if len(_bases) > 1 else _bases[0]
 
 from ..penalty import SpectralPenalty
 from .hooks import add_grad, check_penalty_kwargs
