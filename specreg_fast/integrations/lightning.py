@@ -9,12 +9,18 @@ are installed, so either ``Trainer`` takes it. Written against Lightning 2.6.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
+from ..penalty import SpectralPenalty
+from .hooks import add_grad, check_penalty_kwargs
+
+__all__ = ["SpectralPenaltyCallback"]
+
 _bases = []
-for _pkg in ("lightning.pytorch.callbacks", "pytorch_lightning.callbacks"):
+for _pkg in ("lightning.pytorch", "pytorch_lightning"):
     try:
-        _bases.append(__import__(_pkg, fromlist=["Callback"]).Callback)
+        _bases.append(importlib.import_module(_pkg).Callback)
     except ImportError:
         pass
 if not _bases:
@@ -23,11 +29,6 @@ if not _bases:
 # Both packages' Callback where both are installed (lightning 2.x installs pytorch_lightning beside it): each
 # Trainer accepts only its own package's Callback, and the two base classes are plain hook sets.
 Callback = type("Callback", tuple(_bases), {}) if len(_bases) > 1 else _bases[0]
-
-from ..penalty import SpectralPenalty
-from .hooks import add_grad, check_penalty_kwargs
-
-__all__ = ["SpectralPenaltyCallback"]
 
 
 class SpectralPenaltyCallback(Callback):
