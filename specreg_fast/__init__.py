@@ -13,6 +13,7 @@ from .fft import CircularState, circular_conv_norms, init_circular_state, to_cir
 from .dense import PowerState, as_matrix, init_power_state, spectral_norm, spectral_norms
 from .ops import HAS_CPP_EXT
 from .penalty import SpectralNormalize, SpectralPenalty, spectral_constraint
+from . import integrations  # attach/stats; the trainer callbacks import their framework only when imported
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ __all__ = [
     "spectral_constraint",
     "as_matrix",
     "init_power_state",
+    "integrations",
     "ops",
     "reference",
     "spectral_norm",

@@ -482,6 +482,26 @@ class SpectralPenalty(nn.Module):
             self._finalize()
         return {mp.name: float(v) for mp, v in zip(self._layers, self.last_sigmas.tolist())}
 
+    # ------------------------------------------------ integrations (logic: integrations/hooks.py)
+    def attach(self, optimizer: torch.optim.Optimizer):
+        """Add the penalty's gradient (:meth:`accumulate_grad`) before every ``optimizer.step()``,
+        through ``optimizer.register_step_pre_hook``; returns the handle (``.remove()`` detaches).
+        The hook runs inside ``step()``: after any gradient clipping and after
+        ``scaler.unscale_`` (``scaler.step`` unscales, then calls ``step``), so the penalty's
+        gradient is neither clipped nor scaled, and it is added once per step whatever the
+        gradient accumulation. A step skipped by a GradScaler (inf/NaN) adds nothing. Inside a
+        trainer that clips, use its callback instead (:mod:`specreg_fast.integrations`)."""
+        from .integrations.hooks import attach
+        return attach(self, optimizer)
+
+    def stats(self, sigmas: str = "all") -> Dict[str, float]:
+        """For loggers: ``penalty`` (``sum gamma sigma^2`` at the last estimates: the value of the
+        last penalized step), ``sigma_max``, ``sigma_mean`` and, with ``sigmas="all"``, each map's
+        ``sigma/<name>`` (``"summary"``: without them, ``"none"``: the penalty only); ``{}``
+        before the first call. No computation."""
+        from .integrations.hooks import stats
+        return stats(self, sigmas)
+
     def bounds(self, n_iter: int = 6, max_dim: int = 4096) -> Dict[str, Tuple[float, float, float]]:
         """Name -> ``(lower, upper, rel_gap)``: a certified bracket of each layer's norm
         (see :func:`specreg_fast.bounds.operator_norm_bounds`; ``max_dim`` caps the convs'
