@@ -4,14 +4,17 @@
    percent format, runnable as plain scripts) is executed at build time, each in a subprocess
    (``scripts/docs/run_tutorial.py``), on the CPU; its page is generated from its cells, with
    the output each cell printed and the figures it drew. A tutorial that fails (non-zero exit,
-   or past ``SPECREG_DOCS_TIMEOUT`` seconds, 300 by default) fails the build. A file's header
+   or past ``SPECREG_DOCS_TIMEOUT`` seconds, 300 by default) fails the build. They run with
+   ``SPECREG_DOCS_PYTHON`` (the project's ``.venv/bin/python`` under ``make docs``; mkdocs
+   itself lives in ``.venv-docs``), ``SPECREG_DOCS_JOBS`` (2) at a time. A file's header
    lines ``# docs-launch: torchrun N`` (run under ``torchrun --nproc-per-node N``, gloo) and
-   ``# docs-requires: MODULE`` are read here. ``SPECREG_DOCS_SKIP=a,b`` (``make docs
-   DOCS_SKIP=a,b``) names tutorials that are rendered without being run, with a banner that
-   says so; the build never skips one on its own.
-2. Tables: ``<!-- table: NAME -->`` in a page is replaced by ``scripts/docs/tables.py``'s
+   ``# docs-requires: MODULE`` are read here.
+2. ``SPECREG_DOCS_SKIP=a,b`` (``make docs DOCS_SKIP=a,b``) names tutorials that are rendered
+   without being run, and pages marked ``<!-- docs-skippable: NAME -->`` whose ``:::`` API
+   directives are left out, each with a banner that says so; the build never skips on its own.
+3. Tables: ``<!-- table: NAME -->`` in a page is replaced by ``scripts/docs/tables.py``'s
    ``TABLES[NAME]()``, generated from the committed ``results/*.json``.
-3. The figures of the committed results (``results/**/*.png``) are served under ``results/``.
+4. The figures of the committed results (``results/**/*.png``) are served under ``results/``.
 """
 import concurrent.futures
 import glob
@@ -36,6 +39,9 @@ TABLE = re.compile(r"<!--\s*table:\s*([a-z_]+)\s*-->")
 SKIP = {s.strip() for s in os.environ.get("SPECREG_DOCS_SKIP", "").split(",") if s.strip()}
 TIMEOUT = float(os.environ.get("SPECREG_DOCS_TIMEOUT", "300"))
 JOBS = int(os.environ.get("SPECREG_DOCS_JOBS", "2"))
+PYTHON = os.environ.get("SPECREG_DOCS_PYTHON", sys.executable)
+SKIPPABLE = re.compile(r"<!--\s*docs-skippable:\s*([\w-]+)\s*-->")
+SEEN_SKIPPABLE = set()
 
 
 def _tutorials(docs_dir):
@@ -49,10 +55,10 @@ def _run(path, out_dir):
     runner = os.path.join(HERE, "run_tutorial.py")
     launch = meta.get("launch", "python").split()
     if launch[0] == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={launch[1]}",
+        cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={launch[1]}",
                runner, path, out_dir]
     elif launch == ["python"]:
-        cmd = [sys.executable, runner, path, out_dir]
+        cmd = [PYTHON, runner, path, out_dir]
     else:
         raise PluginError(f"{path}: unknown docs-launch {meta['launch']!r}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
@@ -65,8 +71,10 @@ def _run(path, out_dir):
         raise PluginError(f"tutorial {os.path.relpath(path, ROOT)} ran past {TIMEOUT:.0f} s (SPECREG_DOCS_TIMEOUT)")
     seconds = time.perf_counter() - t0
     if p.returncode != 0:
+        hint = (f"\n(it needs {meta['requires']}; make docs DOCS_SKIP={os.path.splitext(os.path.basename(path))[0]} "
+                f"renders it without running it)" if "requires" in meta else "")
         raise PluginError(f"tutorial {os.path.relpath(path, ROOT)} failed (exit {p.returncode}):\n"
-                          f"{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+                          f"{p.stdout[-3000:]}\n{p.stderr[-6000:]}{hint}")
     with open(os.path.join(out_dir, "cells.json")) as f:
         return json.load(f), seconds
 
@@ -74,6 +82,9 @@ def _run(path, out_dir):
 def _page(path, cells, seconds, skipped):
     rel = os.path.relpath(path, ROOT)
     script = os.path.basename(path)
+    with open(path) as f:
+        launch = run_tutorial.parse(f.read())[1].get("launch", "python").split()
+    command = f"python {rel}" if launch == ["python"] else f"torchrun --nproc-per-node {launch[1]} {rel}"
     out = []
     for k, c in enumerate(cells):
         if c["kind"] == "markdown":
@@ -87,7 +98,7 @@ def _page(path, cells, seconds, skipped):
                     out.append(f'!!! info "Executed when these docs were built"\n    This page is '
                                f'[`{rel}`]({script}) run on the CPU at build time ({seconds:.0f} s); the outputs '
                                f'and figures below are what it printed and drew. Run it yourself with '
-                               f'`python {rel}`{" (under torchrun: see below)" if "fsdp" in script else ""}.')
+                               f'`{command}`.')
             continue
         out.append(f"```python\n{c['source']}\n```")
         if c.get("output", "").strip():
@@ -109,14 +120,10 @@ def on_files(files, config):
             if name in SKIP:
                 with open(path) as f:
                     parsed, _ = run_tutorial.parse(f.read())
-                jobs[path] = (out_dir, None)
                 cells = [{"kind": k, "source": s, "output": "", "figures": []} for k, s in parsed]
                 jobs[path] = (out_dir, (cells, 0.0, True))
             else:
                 jobs[path] = (out_dir, pool.submit(_run, path, out_dir))
-        unknown = SKIP - {os.path.splitext(os.path.basename(p))[0] for p in jobs}
-        if unknown:
-            raise PluginError(f"SPECREG_DOCS_SKIP names no tutorial: {sorted(unknown)}")
         for path, (out_dir, job) in jobs.items():
             cells, seconds, skipped = job if isinstance(job, tuple) else (*job.result(), False)
             src_dir = os.path.dirname(os.path.relpath(path, docs_dir))
@@ -135,6 +142,14 @@ def on_files(files, config):
 
 
 def on_page_markdown(markdown, page, config, files):
+    m = SKIPPABLE.search(markdown)
+    if m:
+        SEEN_SKIPPABLE.add(m.group(1))
+        if m.group(1) in SKIP:
+            kept = [ln for ln in markdown.splitlines() if not ln.startswith(":::")]
+            markdown = "\n".join(kept) + (f'\n\n!!! warning "Left out of this build"\n    This build was made with '
+                                           f'`DOCS_SKIP` naming `{m.group(1)}`: the reference below is missing.\n')
+
     def table(m):
         name = m.group(1)
         if name not in tables.TABLES:
@@ -142,3 +157,10 @@ def on_page_markdown(markdown, page, config, files):
         return tables.TABLES[name]()
 
     return TABLE.sub(table, markdown)
+
+
+def on_post_build(config):
+    names = {os.path.splitext(os.path.basename(p))[0] for p in _tutorials(config["docs_dir"])} | SEEN_SKIPPABLE
+    unknown = SKIP - names
+    if unknown:
+        raise PluginError(f"SPECREG_DOCS_SKIP names no tutorial or skippable page: {sorted(unknown)}")
