@@ -42,24 +42,27 @@ class RandomTokens(torch.utils.data.Dataset):
 # %% [markdown]
 # The penalty's arguments go to the callback. The readout `lm_head` (tied to the token
 # embedding) is named, so it is left free without a warning. Gradient accumulation and clipping
-# are on: the callback handles both.
+# are on: the callback handles both. `log_sigmas="summary"` logs the largest and mean sigma
+# beside `spectral/penalty` (the default, `"all"`, adds every map's sigma). With
+# `disable_tqdm=True` the Trainer prints each log through its own `PrinterCallback`, a
+# reporting callback that runs before ours: the `spectral/` keys reach it too.
 
 # %%
 args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, gradient_accumulation_steps=2,
                          max_steps=10, learning_rate=1e-3, max_grad_norm=1.0, logging_steps=2, use_cpu=True,
                          report_to=[], save_strategy="no", disable_tqdm=True, seed=0)
 trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(),
-                  callbacks=[SpectralPenaltyCallback(gamma=1e-2, readout="lm_head")])
+                  callbacks=[SpectralPenaltyCallback(gamma=1e-2, readout="lm_head", log_sigmas="summary")])
 trainer.train()
 
 # %% [markdown]
-# What was logged, every `logging_steps` optimizer steps:
+# What reached `trainer.state.log_history`, every `logging_steps` optimizer steps:
 
 # %%
 for entry in trainer.state.log_history:
     spectral = {k: round(v, 4) for k, v in entry.items() if k.startswith("spectral/")}
     if spectral:
-        print(f"step {entry['step']}: loss {entry.get('loss')}", dict(list(spectral.items())[:4]))
+        print(f"step {entry['step']}: loss {entry.get('loss')}", spectral)
 
 # %% [markdown]
 # For a training loop of your own, or another trainer, `penalty.attach(optimizer)` adds the
