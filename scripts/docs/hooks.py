@@ -21,6 +21,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,7 @@ JOBS = int(os.environ.get("SPECREG_DOCS_JOBS", "2"))
 PYTHON = os.environ.get("SPECREG_DOCS_PYTHON", sys.executable)
 SKIPPABLE = re.compile(r"<!--\s*docs-skippable:\s*([\w-]+)\s*-->")
 SEEN_SKIPPABLE = set()
+WORK_DIRS = []  # the tutorials' outputs, removed after the build
 
 
 def _tutorials(docs_dir):
@@ -111,6 +113,7 @@ def _page(path, cells, seconds, skipped):
 def on_files(files, config):
     docs_dir = config["docs_dir"]
     work = tempfile.mkdtemp(prefix="specreg-docs-")
+    WORK_DIRS.append(work)
     jobs = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=JOBS) as pool:
         for path in _tutorials(docs_dir):
@@ -160,7 +163,14 @@ def on_page_markdown(markdown, page, config, files):
 
 
 def on_post_build(config):
+    while WORK_DIRS:
+        shutil.rmtree(WORK_DIRS.pop(), ignore_errors=True)
     names = {os.path.splitext(os.path.basename(p))[0] for p in _tutorials(config["docs_dir"])} | SEEN_SKIPPABLE
     unknown = SKIP - names
     if unknown:
         raise PluginError(f"SPECREG_DOCS_SKIP names no tutorial or skippable page: {sorted(unknown)}")
+
+
+def on_build_error(error):
+    while WORK_DIRS:
+        shutil.rmtree(WORK_DIRS.pop(), ignore_errors=True)
