@@ -15,6 +15,8 @@
 3. Tables: ``<!-- table: NAME -->`` in a page is replaced by ``scripts/docs/tables.py``'s
    ``TABLES[NAME]()``, generated from the committed ``results/*.json``.
 4. The figures of the committed results (``results/**/*.png``) are served under ``results/``.
+5. The docstrings' reST roles (``:func:`x```, rendered by mkdocstrings as ``:func:<code>x</code>``)
+   become code, linked to the API reference when the name is a full ``specreg_fast.`` path.
 """
 import concurrent.futures
 import glob
@@ -36,6 +38,7 @@ sys.path.insert(0, HERE)
 import run_tutorial  # noqa: E402
 import tables  # noqa: E402
 
+ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj|exc):<code>~?([^<]*)</code>")
 TABLE = re.compile(r"<!--\s*table:\s*([a-z_]+)\s*-->")
 SKIP = {s.strip() for s in os.environ.get("SPECREG_DOCS_SKIP", "").split(",") if s.strip()}
 TIMEOUT = float(os.environ.get("SPECREG_DOCS_TIMEOUT", "300"))
@@ -160,6 +163,16 @@ def on_page_markdown(markdown, page, config, files):
         return tables.TABLES[name]()
 
     return TABLE.sub(table, markdown)
+
+
+def on_page_content(html, page, config, files):
+    def role(m):
+        name = m.group(1)
+        if name.startswith("specreg_fast."):  # resolved by autorefs after every page is rendered; no warning if absent
+            return f'<autoref identifier="{name}" optional><code>{name}</code></autoref>'
+        return f"<code>{name}</code>"
+
+    return ROLE.sub(role, html)
 
 
 def on_post_build(config):
