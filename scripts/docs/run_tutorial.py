@@ -14,10 +14,12 @@ Used by the docs build (``scripts/docs/hooks.py``); not part of the package.
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import sys
 import traceback
+import warnings
 
 MARKER = re.compile(r"^# %%(?P<md> \[markdown\])?\s*$")
 META = re.compile(r"^# docs-(?P<key>[a-z]+):\s*(?P<value>.*?)\s*$")
@@ -61,6 +63,11 @@ def main(path, out_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # What a page shows of a warning: its category and message, not the build machine's paths.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"{category.__name__}: {message}\n"
+    # torch's note that the build machine has nvcc but no GPU (printed when inductor loads) is
+    # about the machine that built the docs, not the tutorial.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     rank = int(os.environ.get("RANK", "0"))
     with open(path) as f:
         cells, _ = parse(f.read())
