@@ -60,21 +60,24 @@ class SpectralPenalty(nn.Module):
             penalty supports (a custom head), no layer is taken as the readout. Both cases
             warn, naming the layer.
         exclude: names of modules (and their children) to leave out.
-        split / attention / extra: which maps an attention block and fused q/k/v layers give
-            (``split={name: 3}``, ``attention="qkv"`` or ``"v"``), and custom linear maps
-            (``extra={name: fn}``, ``fn()`` returning the 2-D weight matrix); see
-            :mod:`specreg_fast.layers` for every layer kind and its default.
+        split: which maps fused q/k/v layers give: ``{name: 3}`` takes each row block of
+            that layer apart (default: the fused matrix); see :mod:`specreg_fast.layers` for
+            every layer kind and its default.
+        attention: which maps an attention block gives: ``"qkv"`` (default) or ``"v"``.
+        extra: custom linear maps, ``{name: fn}`` with ``fn()`` returning the 2-D weight matrix.
         conv_norm: ``"operator"`` (the true operator norm with the layer's own padding at the
             input size it sees; default), ``"fft"`` (the paper's circular-padding norm, for
             models converted with :func:`specreg_fast.to_circular_padding`) or ``"matrix"``
             (the reshaped-kernel matrix norm, cheap, not an operator norm).
         n_iter: power steps per training step (persistent vectors make 1 enough).
         n_iter_init: power steps on the first active call (warm start).
-        start_step / every: the schedule. The step counter (a buffer) counts training-mode
-            calls (``auto_step=True``); with gradient accumulation pass ``auto_step=False`` and
-            call :meth:`step` after each optimizer step. The penalty is 0 before
-            ``start_step`` and on steps where ``(step - start_step) % every != 0``; it is not
-            rescaled by ``every`` (as the authors do).
+        start_step: the schedule's start: the penalty is 0 before this step.
+        every: the schedule's period: the penalty is 0 on steps where
+            ``(step - start_step) % every != 0``; it is not rescaled by ``every`` (as the
+            authors do).
+        auto_step: the step counter (a buffer) counts training-mode calls; with gradient
+            accumulation pass ``auto_step=False`` and call :meth:`step` after each optimizer
+            step.
         eig_ub: also add, for each nonlinearity module of the model, the batch mean of
             ``max_j phi'(z_j)^2`` (the released code's activation-aware MLP variant).
         input_shapes: ``{conv_name: (C_in, *spatial)}`` for convs whose size should not be

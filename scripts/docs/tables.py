@@ -1,0 +1,249 @@
+"""Markdown tables generated from the committed results (``results/*.json``) for the docs.
+
+Every number in the Benchmarks and Reproduction pages comes from these functions at build
+time (``scripts/docs/hooks.py`` replaces ``<!-- table: NAME -->`` markers with ``TABLES[NAME]()``);
+none is copied by hand. Each table is preceded by the machine and date of its run, read from
+the same JSON. ``python scripts/docs/tables.py NAME`` prints one table (``headline`` is the
+README's; ``python_tests/test_docs.py`` checks that the README holds exactly that output).
+"""
+import json
+import math
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RESULTS = os.path.join(ROOT, "results")
+
+
+def load(name, results=None):
+    with open(os.path.join(results or RESULTS, name)) as f:
+        return json.load(f)
+
+
+def _row(cells):
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def table(header, rows):
+    return "\n".join([_row(header), _row(["---"] * len(header))] + [_row(r) for r in rows])
+
+
+def t(seconds):
+    """A duration with a unit chosen by its size: 38.8 us, 0.58 ms, 1.23 s."""
+    if seconds is None or not math.isfinite(seconds):
+        return "n/a"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} us"
+    if seconds < 1.0:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds:.3g} s"
+
+
+def x(ratio):
+    return "n/a" if ratio is None or not math.isfinite(ratio) else f"{ratio:.2f}x"
+
+
+def e(v):
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.1e}"
+
+
+def nbytes(n):
+    return f"{n / 1e3:.1f} kB" if n < 1e6 else f"{n / 1e6:.1f} MB"
+
+
+def pct(v):
+    return "n/a" if v is None or not math.isfinite(v) else f"{v * 100:+.1f}%"
+
+
+def machine(d):
+    """'vm (x86_64, AVX512), 2 threads, torch 2.14.1+cu130; 2026-11-25 04:41:37 UTC' from a result's header."""
+    m = d.get("machine")
+    if not isinstance(m, dict):  # older files keep the fields at the top level
+        m = d
+    return (f"machine `{m['machine']}` ({m['processor']}, {m['cpu_capability']}), {m['threads']} thread{'' if m['threads'] == 1 else 's'}, "
+            f"torch {m['torch']}; run {m['date']}")
+
+
+def _source(name, d):
+    return f"*From `results/{name}`: {machine(d)}.*\n\n"
+
+
+def ops(results=None):
+    """One row per op and shape of ``specreg-fast bench``: ours against the reference loop, with the other baselines."""
+    name = "bench_cpu.json"
+    d = load(name, results)
+    groups = {}
+    for r in d["rows"]:
+        if r["group"] == "training":
+            continue
+        groups.setdefault((r["group"], r["op"], r["shape"]), []).append(r)
+    rows = []
+    for (group, op, shape), rs in groups.items():
+        ours = next(r for r in rs if r["backend"].startswith("ours"))
+        ref = next(r for r in rs if r["backend"].startswith("reference"))
+        others = "; ".join(f"{r['backend']} {t(r['median_s'])}" + (f" ({r['note']})" if r.get("note") else "")
+                           for r in rs if r is not ours and r is not ref)
+        rows.append([f"{group} {op}", shape, t(ours["median_s"]), t(ref["median_s"]), x(ours["ratio_vs_reference"]),
+                     e(ours["rel_err"]), others])
+    return _source(name, d) + table(
+        ["op", "shape", "ours", "reference", "speed-up", "rel. err vs exact", "other baselines (median)"], rows)
+
+
+def training(results=None):
+    """The penalty inside full training steps (``bench_cpu.json``'s training group)."""
+    name = "bench_cpu.json"
+    d = load(name, results)
+    rows = [[r["shape"], r["backend"], t(r["median_s"]), r.get("note", "")] for r in d["rows"]
+            if r["group"] == "training"]
+    return _source(name, d) + table(["model", "arm", "step (median)", "overhead"], rows)
+
+
+def _models(d):
+    by = {}
+    for r in d["rows"]:
+        by.setdefault(r["model"], {"maps": r["maps"]})[(r["group"], r["arm"])] = r
+    return by
+
+
+def models(results=None, name="bench_models_cpu.json"):
+    """The penalty's cost on real models (``specreg-fast bench --models``)."""
+    d = load(name, results)
+    rows = []
+    for model, m in _models(d).items():
+        cost = lambda arm: m[("penalty cost", arm)]  # noqa: E731
+        share = lambda arm: m[("step share (batch 32)", arm)]["share_of_step"]  # noqa: E731
+        rows.append([f"{model} ({m['maps']})", t(cost("reference")["median_s"]),
+                     x(cost("ours (SpectralPenalty)")["ratio_to_reference"]),
+                     x(cost("ours (accumulate_grad)")["ratio_to_reference"]),
+                     t(m[("step share (batch 32)", "no penalty")]["median_s"]), pct(share("reference")),
+                     pct(share("ours (SpectralPenalty)")), pct(share("ours (accumulate_grad)"))])
+    return _source(name, d) + table(
+        ["model (maps)", "reference penalty", "`penalty()` / ref.", "`accumulate_grad()` / ref.",
+         f"step, batch {d['batch']}, no penalty", "step share: reference", "`penalty()`", "`accumulate_grad()`"], rows)
+
+
+def models_rerun(results=None):
+    return models(results, "bench_models_cpu_rerun.json")
+
+
+def headline(results=None):
+    """The README's one table: the penalty's cost on real models, as a fraction of the reference loop's."""
+    name = "bench_models_cpu.json"
+    d = load(name, results)
+    rows = []
+    for model, m in _models(d).items():
+        cost = lambda arm: m[("penalty cost", arm)]  # noqa: E731
+        rows.append([model, t(cost("reference")["median_s"]), x(cost("ours (SpectralPenalty)")["ratio_to_reference"]),
+                     x(cost("ours (accumulate_grad)")["ratio_to_reference"])])
+    return table(["model (64x64, random weights)", "reference loop", "`penalty()`", "`accumulate_grad()`"], rows)
+
+
+def distributed(results=None):
+    """FSDP2 shards: one all-reduce per power iteration against gathering the weights."""
+    name = "bench_distributed_cpu.json"
+    d = load(name, results)
+    rows = []
+    for r in d["rows"]:
+        rows.append([r["model"], r["ranks"], ", ".join(f"{n} x{c}" for n, c in r["collectives_ours"].items()),
+                     nbytes(r["payload_bytes_ours"]),
+                     ", ".join(f"{n} x{c}" for n, c in r["collectives_naive"].items()),
+                     nbytes(r["payload_bytes_naive"]), f"{r['payload_ratio_naive_to_ours']:.1f}",
+                     t(r.get("ours_s")), t(r.get("naive_s"))])
+    return _source(name, d) + table(
+        ["model", "ranks", "ours: collectives", "ours: payload", "naive: collectives", "naive: payload",
+         "naive / ours bytes", "ours: time", "naive: time"], rows)
+
+
+def bounds(results=None):
+    """Certified upper bounds on the ResNet-18/CIFAR conv shapes against the exact norm."""
+    name = "bench_bounds.json"
+    d = load(name, results)
+    rows = []
+    for r in d["rows"]:
+        c, dn = r.get("cholesky") or {}, r.get("dense") or {}
+        rows.append([r["layer"], f"{r['exact']:.4f}",
+                     f"{c['ratio']:.4f} ({t(c['seconds'])})" if c else "n/a",
+                     f"{dn['ratio']:.4f} ({t(dn['seconds'])})" if dn else "n/a",
+                     f"{t(r['reference_s'])} ({r['reference_steps']} steps)", "yes" if r["target_met"] else "no"])
+    return _source(name, d) + table(
+        ["layer", "exact norm", "circular Cholesky: upper / exact (time)", "dense Cholesky: upper / exact (time)",
+         "reference loop to 1e-3", "within 5% in less time"], rows)
+
+
+def _ms(v, digits=3):
+    return f"{v[0]:.{digits}f}±{v[1]:.{digits}f}"
+
+
+def _pc(v):
+    return f"{v[0] * 100:.1f}±{v[1] * 100:.1f}%"
+
+
+def _settled(r):
+    if r["penalized_steps"] == 0:
+        return ""
+    return "settled" if r["equilibrium_reached"] else f"drift {r['max_drift'] * 100:.1f}%"
+
+
+def _fmt_cert(v):
+    return _ms(v) if abs(v[0]) < 1e3 else f"{v[0]:.1e} (a collapsed seed)"
+
+
+def reproduction(results=None):
+    """``specreg-fast reproduce --full``: each case and arm, mean ± std over seeds."""
+    name = "reproduce_full/summary.json"
+    d = load(name, results)
+    rows = [[r["case"], r["arm"], f"{r['steps']:,} / {r['penalized_steps']:,}, {r['batch_size']}", r["seeds"],
+             _pc(r["probe_acc"]), _ms(r["min_l2"]), _fmt_cert(r["lemma1_cert"]), _settled(r),
+             f"{r['lemma1_points_violated']} of {r['lemma1_points_checked']}"] for r in d["summary"]]
+    return (f"*From `results/{name}`: {d['note'].rstrip('.;')}; wall time {d['wall_time_s'] / 60:.0f} min.*\n\n"
+            + table(["case", "arm", "steps / penalized, batch", "seeds", "probe acc", "min L2", "certified LB",
+                     "penalty settled", "Lemma-1 violations"], rows))
+
+
+def _num(v):
+    return f"{v:.3f}" if abs(v) < 1e3 else f"{v:.2e}"
+
+
+def _paired_rows(ps, only_resolved=False):
+    return [[p["metric"], f"{p['a']} − {p['b']}", p["n"], ("+" if p["mean"] > 0 else "") + _num(p["mean"]),
+             f"[{_num(p['lo_holm'])}, {_num(p['hi_holm'])}]", f"{p['p_adj']:.3g}", p["verdict"]]
+            for p in ps if not only_resolved or p["verdict"] != "no difference resolved"]
+
+
+PAIRED_HEADER = ["metric", "difference", "seeds", "mean", "Holm 95% interval", "p (Holm)", "verdict"]
+
+
+def reproduction_paired(results=None):
+    """Every paired comparison of the ``--full`` run, Holm-corrected over all of them."""
+    d = load("reproduce_full/summary.json", results)
+    ps = d["paired"]["t_holm"]
+    resolved = sum(p["verdict"] != "no difference resolved" for p in ps)
+    return (f"*{len(ps)} comparisons, {resolved} resolved after the Holm correction.*\n\n"
+            + table(PAIRED_HEADER, _paired_rows(ps)))
+
+
+def sweep(results=None):
+    """The gamma sweep on the MNIST MLP (``results/sweep_gamma/sweep.json``)."""
+    name = "sweep_gamma/sweep.json"
+    d = load(name, results)
+    rows, paired = [], []
+    for g in sorted((k for k in d if not k.startswith("_")), key=float):
+        for r in d[g]["summary"]:
+            rows.append([g, r["arm"], f"{r['steps']:,} / {r['penalized_steps']:,}, {r['batch_size']}", r["seeds"],
+                         _pc(r["probe_acc"]), _ms(r["min_l2"]), _ms(r["lemma1_cert"]), _settled(r)])
+        paired += [[g] + row for row in _paired_rows(d[g]["paired"])]
+    return (f"*From `results/{name}` (vanilla runs shared by every gamma: those of gamma "
+            f"{d['_sources']['vanilla_runs_of_gamma']}).*\n\n"
+            + table(["gamma", "arm", "steps / penalized, batch", "seeds", "probe acc", "min L2", "certified LB",
+                     "penalty settled"], rows)
+            + "\n\nPaired comparisons, Holm-corrected over each gamma's six:\n\n"
+            + table(["gamma"] + PAIRED_HEADER, paired))
+
+
+TABLES = {f.__name__: f for f in (ops, training, models, models_rerun, headline, distributed, bounds, reproduction,
+                                  reproduction_paired, sweep)}
+
+if __name__ == "__main__":
+    for n in sys.argv[1:] or sorted(TABLES):
+        print(TABLES[n]())
+        print()
