@@ -111,11 +111,9 @@ sanitize: $(DEPS)
 # build time with .venv's python on the CPU (scripts/docs/hooks.py), and the benchmark tables
 # are generated from results/*.json. DOCS_SKIP=a,b renders those tutorials (or pages marked
 # docs-skippable) without running them, each with a banner that says so.
-# The Trainer integration (specreg_fast.integrations) is not in this tree yet: its tutorial and
-# API page are skipped by default until it lands (then set DOCS_SKIP ?= to nothing).
 DOCS_VENV := .venv-docs
 DOCS_DEPS := $(DOCS_VENV)/.docs-stamp
-DOCS_SKIP ?= hf_trainer,api-integrations
+DOCS_SKIP ?=
 $(DOCS_DEPS): requirements-docs.txt
 	test -x $(DOCS_VENV)/bin/python || $(PYTHON) -m venv $(DOCS_VENV)
 	$(DOCS_VENV)/bin/python -m pip install -q --upgrade pip
