@@ -103,9 +103,9 @@ def test_lora_mlp_effective_maps_sigmas_and_gradients_on_a_and_b_only(route):
 def test_readout_is_the_last_lora_layer_not_its_parts():
     model = _lora_mlp()
     pen = sf.SpectralPenalty(model)
-    model(torch.randn(2, 12))
-    with warnings.catch_warnings(record=True) as w:
+    with warnings.catch_warnings(record=True) as w:  # the readout is found at the end of the first forward
         warnings.simplefilter("always")
+        model(torch.randn(2, 12))
         names = pen.layer_names
     assert names == ["base_model.model.0", "base_model.model.2"]
     assert any("readout taken to be base_model.model.4 " in str(x.message) for x in w)

@@ -89,6 +89,23 @@ def test_cnn_operator_norm_at_the_seen_input_size():
     torch.testing.assert_close(g.double(), gw, rtol=1e-4, atol=1e-6)
 
 
+def test_state_made_at_the_first_forward_follows_a_larger_input_until_the_first_call():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1))
+    pen = sf.SpectralPenalty(model, scope="all")
+    model(torch.randn(1, 2, 6, 6))  # the state is created at the end of this forward
+    assert pen.get_buffer("x_0").shape == (2, 6, 6)
+    model(torch.randn(1, 2, 8, 8))  # a larger input before the first call: made again at 8x8
+    assert pen.get_buffer("x_0").shape == (2, 8, 8) and pen.get_buffer("y_1").shape == (3, 8, 8)
+    pen()
+    model(torch.randn(1, 2, 10, 10))  # after the first call the state stays as it is
+    pen()
+    assert pen._input_shapes["0"] == (2, 8, 8) and pen.get_buffer("x_0").shape == (2, 8, 8)
+    for name, m in (("0", model[0]), ("2", model[2])):
+        exact = ref.conv_sigma_exact(ref.ConvSpec.from_module(m, (m.in_channels, 8, 8))).item()
+        assert 0.98 * exact <= pen.sigmas()[name] <= exact * (1 + 1e-6)  # a power-iteration estimate, from below
+
+
 def test_largest_input_size_is_used():
     model = cnn()
     pen = sf.SpectralPenalty(model, scope="all")

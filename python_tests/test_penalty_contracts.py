@@ -215,15 +215,20 @@ def _loss(model, pen, x):
     return model(x).square().mean() + pen()
 
 
-def _train_side_by_side(kind, backend, rtol, steps=6, warm_start=False):
+def _train_side_by_side(kind, backend, rtol, steps=6, warm_start=False, prepare=True):
     """A compiled (fullgraph, from step 0) and an eager training run from the same prepared
     state; compares after each step the loss, the weights after the SGD step (so every
-    gradient) and every penalty buffer. Returns the penalty and the compile counter."""
+    gradient) and every penalty buffer. Returns the penalty and the compile counter.
+    ``prepare=False``: one eager forward of the model instead of ``prepare()``."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     model, pen, shape = _compile_case(kind)
-    pen.prepare(torch.randn(shape), warm_start=warm_start)
+    if prepare:
+        pen.prepare(torch.randn(shape), warm_start=warm_start)
+    else:
+        with torch.no_grad():
+            model(torch.randn(shape))
     model_e, pen_e = copy.deepcopy((model, pen))
     counter = CompileCounterWithBackend(backend)
     compiled = torch.compile(_loss, backend=counter, fullgraph=True)
@@ -275,6 +280,13 @@ def test_compiled_training_after_an_eager_warm_start_matches_eager():
 @pytest.mark.parametrize("kind", ["dense", "operator"])
 def test_compiled_training_from_step_zero_matches_eager_inductor(kind):
     _train_side_by_side(kind, "inductor", rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dense", "operator"])
+def test_compiled_training_after_one_eager_forward_needs_no_prepare(kind):
+    """As a user types it: one eager forward of the model, then a fullgraph-compiled step
+    that calls penalty(), no prepare(): the state was created at the end of that forward."""
+    _train_side_by_side(kind, "aot_eager", rtol=0.0, prepare=False)
 
 
 def test_first_call_inside_fullgraph_asks_for_prepare():

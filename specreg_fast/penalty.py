@@ -123,7 +123,7 @@ class SpectralPenalty(nn.Module):
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._sel = Selection(self._model[0], gamma, scope, exclude, conv_norm, readout, split, attention, extra,
-                              input_shapes)
+                              input_shapes, after_forward=self._after_forward)
         self._eig_terms: List[torch.Tensor] = []
         if eig_ub:
             watch_activations(self._model[0], self._eig_term)
@@ -158,8 +158,7 @@ class SpectralPenalty(nn.Module):
         self.register_buffer("gammas", torch.tensor(built.gammas, dtype=torch.float32, device=dev))
         self.register_buffer("last_sigmas", torch.zeros(len(self._layers), dtype=torch.float32, device=dev))
         self._assembly = {}
-        self._ready = True
-        self._sel.remove_hooks()  # forward order and conv sizes are known
+        self._ready, self._sized = True, dict(self._input_shapes)
         self._restart_nonfinite()  # a checkpoint loaded before the first call
 
     def _build(self, set_buffer):
@@ -322,6 +321,31 @@ class SpectralPenalty(nn.Module):
         self._warm_start_done = bool(self.initialized)
         return self
 
+    def _after_forward(self) -> None:
+        """End of an eager forward of the model before the penalty's first call: the state is
+        created now, so a compiled step that calls the penalty finds it (no ``prepare()``
+        needed), and re-created while a later forward shows a conv a larger input (the
+        largest size seen before the first call is used). An error waits for that call."""
+        if torch.compiler.is_compiling() or self._called or (self._ready and self._sized == self._input_shapes):
+            return
+        if self._ready and (bool(self.initialized) or int(self.step_count) > 0):  # called, compiled: keep the state
+            self._first_call()
+            return
+        try:
+            if self._ready:
+                self.reset()
+            self._finalize_autocast_off()
+        except (ValueError, RuntimeError):
+            pass
+
+    def _first_call(self) -> None:
+        """The discovery hooks are no longer needed once the penalty is called (eagerly)."""
+        if not torch.compiler.is_compiling():
+            self._called = True
+            self._sel.remove_hooks()
+
+    _called = False
+
     # Under torch.compile a graph break: the state cannot be created inside a graph (a
     # torch.Generator seeds it); with fullgraph=True the reason below is the error.
     @torch.compiler.disable(reason="SpectralPenalty creates its state on the first call, which cannot happen inside "
@@ -340,6 +364,8 @@ class SpectralPenalty(nn.Module):
         """The penalty (a differentiable scalar). In training mode (and ``update`` not False)
         the vectors take ``n_iter`` power steps first; ``penalty.eval()`` or
         ``update=False`` evaluates at the current vectors."""
+        if not self._called:
+            self._first_call()
         if not self._ready:
             self._finalize_autocast_off()
         upd = self.training and self.update if update is None else bool(update)
@@ -455,6 +481,8 @@ class SpectralPenalty(nn.Module):
                              "add penalty() to the loss instead")
         if not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
+        if not self._called:
+            self._first_call()
         if not self._ready:
             self._finalize()
         self._eig_terms = []

@@ -1,8 +1,8 @@
 """Which maps of a model the penalty regularizes, and with which gamma.
 
 :class:`Selection` discovers the model's linear maps (:func:`specreg_fast.layers.discover`),
-records the forward order and each conv's input size with forward hooks (until the penalty
-has selected its maps), and applies ``scope``, ``exclude``, the readout rule and ``gamma``.
+records the forward order and each conv's input size with forward hooks (until the penalty's
+first call), and applies ``scope``, ``exclude``, the readout rule and ``gamma``.
 :class:`specreg_fast.SpectralPenalty` holds one; its argument docs are the user-facing ones.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Selection:
 
     def __init__(self, root: nn.Module, gamma, scope, exclude: Sequence[str], conv_norm: str,
                  readout, split: Optional[Dict[str, int]], attention: str, extra,
-                 input_shapes: Optional[Dict[str, Sequence[int]]]):
+                 input_shapes: Optional[Dict[str, Sequence[int]]], after_forward: Optional[Callable[[], None]] = None):
         if isinstance(gamma, (int, float)) and (gamma < 0 or not math.isfinite(gamma)):
             raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
         self.root, self.gamma, self.scope, self.exclude = root, gamma, scope, tuple(exclude)
@@ -81,6 +81,8 @@ class Selection:
         for n, m in by_name.items():
             self.hooks.append(m.register_forward_pre_hook(self._record_hook(n, m)))
             self.hooks.append(m.register_forward_hook(self._end_hook(n, m)))
+        if after_forward is not None:  # at the end of a forward of the model itself
+            self.hooks.append(root.register_forward_hook(lambda mod, args, out: after_forward() if mod is root else None))
 
     # The hooks act only on the module they were registered on: a deep copy of the model (an
     # EMA/SWA AveragedModel made before the first penalty call) carries copies of them, whose
