@@ -218,6 +218,32 @@ def test_split_fused_qkv(kind):
         sf.SpectralPenalty(model, readout="1", split={"nope": 3})
 
 
+@pytest.mark.parametrize("n", [2, 4, 6])
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_split_into_n_blocks_names_them_by_index_in_row_order(kind, n):
+    """``split={name: n}``, n != 3: ``name[0]`` ... ``name[n-1]``, block i the rows
+    ``[i r, (i+1) r)`` (its SVD norm; the blocks are scaled apart so that any other order
+    shows), all kept with ``attention="v"`` (q/k/v naming is for n = 3 only)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 24) if kind == "linear" else Conv1D(24, 5)
+    W = layer.weight if kind == "linear" else layer.weight.t()  # (24, 5) either way: a view
+    r = 24 // n
+    with torch.no_grad():
+        for i in range(n):
+            W[i * r:(i + 1) * r] *= 2.0 ** i
+    model = nn.Sequential(layer, nn.Linear(24, 2))
+    names = [f"0[{i}]" for i in range(n)]
+    for attention in ("qkv", "v"):
+        assert sf.SpectralPenalty(model, readout="1", split={"0": n}, attention=attention).layer_names == names
+    pen, g_auto, g_acc = _both_routes(model, torch.randn(2, 5), readout="1", split={"0": n})
+    _assert_same_grads(g_auto, g_acc)
+    pen.n_iter = 2000
+    pen()
+    for i in range(n):
+        want = _svd(W[i * r:(i + 1) * r])
+        assert abs(pen.sigmas()[f"0[{i}]"] - want) <= 1e-4 * want, i
+
+
 # ------------------------------------------------------------------ unsupported and extra=
 class Custom(nn.Module):
     def __init__(self):
