@@ -351,6 +351,26 @@ def test_grouped_patch_conv_penalty_is_gamma_max_sigma_squared():
     assert abs(p.item() - 0.5 * exact ** 2) <= 2e-4 * 0.5 * exact ** 2
 
 
+def test_tied_patch_conv_groups_share_one_gamma():
+    """Two groups tied at the max: the operator's term is still ``gamma * max_g sigma_g^2``
+    once, its gradient split evenly between them. 1x1 groups with power-of-two weights make
+    every power-step estimate exact (sigma_g = |w_g|, vectors +-1), so the tie is exact:
+    sigmas (0.5, 0.5, 0.25), value 0.5 * 0.5^2, gradient 2 * 0.5 * 0.5 / 2 on each tied
+    group (u v^T = sign(w) = 1), 0 on the third."""
+    m = nn.Conv2d(3, 3, 1, groups=3, bias=False)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([0.5, 0.5, 0.25]).view(3, 1, 1, 1))
+    model = nn.Sequential(m)
+    pen, g_auto, g_acc = _both_routes(model, torch.randn(2, 3, 4, 4), gamma=0.5, readout=None)
+    assert pen.layer_names == ["0[g0]", "0[g1]", "0[g2]"]
+    assert list(pen.sigmas().values()) == [0.5, 0.5, 0.25]
+    want = torch.tensor([0.25, 0.25, 0.0]).view(3, 1, 1, 1)
+    for g in (g_auto, g_acc):
+        assert torch.equal(g["0.weight"], want)
+    assert pen().item() == 0.5 * 0.5 ** 2
+    assert pen.accumulate_grad().item() == 0.5 * 0.5 ** 2
+
+
 def test_patch_conv_view_is_not_a_copy():
     m = nn.Conv2d(8, 8, 2, stride=2, groups=4)
     (mp,) = L.discover(nn.Sequential(m))[0]
