@@ -169,6 +169,31 @@ def test_attention_separate_projections_and_value_path_only():
         sf.SpectralPenalty(model, attention="qk")
 
 
+def test_value_path_only_gradient_leaves_the_q_and_k_rows_exactly_zero():
+    """``attention="v"``: the map ``attn[v]`` is one row block of ``in_proj_weight``; its
+    gradient fills the v rows (``gamma sigma^2``'s, by autograd through the SVD of the block)
+    and leaves the q and k rows exactly 0, on both routes (the parameter's other rows must not
+    be taken for part of the map's gradient)."""
+    torch.manual_seed(0)
+    e = 8
+    model = AttnLast(e).double()
+    W = model.attn.in_proj_weight
+    for route in ("penalty", "accumulate_grad"):
+        pen = sf.SpectralPenalty(model, gamma=0.5, readout=None, attention="v", n_iter=0, n_iter_init=3000)
+        model(torch.randn(2, 3, 5, dtype=torch.float64))
+        assert pen.layer_names == ["inp", "attn[v]", "attn.out_proj"]
+        for _ in range(3):  # fresh gradient buffers each time, where leftover memory may be reused
+            model.zero_grad(set_to_none=True)
+            junk = torch.full_like(W, float("nan"))  # freed at once: its memory may come back
+            del junk
+            pen().backward() if route == "penalty" else pen.accumulate_grad()
+            got = W.grad.clone()
+            assert torch.equal(got[:2 * e], torch.zeros(2 * e, e, dtype=W.dtype)), route
+        model.zero_grad(set_to_none=True)
+        (0.5 * torch.linalg.matrix_norm(W[2 * e:], 2) ** 2).backward()
+        torch.testing.assert_close(got, W.grad, rtol=1e-7, atol=1e-9, msg=route)
+
+
 class Conv1D(nn.Module):
     """transformers.pytorch_utils.Conv1D as GPT-2 defines it (weight stored (in, out))."""
 
