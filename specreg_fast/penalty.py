@@ -97,6 +97,36 @@ def _frozen(mp: _layers.LinearMap, factors=None) -> bool:
     return not mp.param().requires_grad
 
 
+def _module_links(root: nn.Module, maps: Sequence[_layers.LinearMap]):
+    """Where the maps' modules sit in ``root`` now: ``(links, replaced)``. ``links``: the
+    ``(parent, key, child)`` steps (``parent._modules[key] is child``) of the path from
+    ``root`` along each map's module name (``mp.owner``), each step once; ``replaced``: the
+    module names at which ``root`` no longer holds the map's module (``mp.module``): another
+    module is there, or none (model surgery after the maps were found). ``extra=`` maps are
+    skipped: their weight is the user's function, not a module's."""
+    links, seen, replaced = [], set(), []
+    for mp in maps:
+        if mp.attr is None and mp.lowrank is None:
+            continue
+        path = mp.owner.split(".") if mp.owner else []
+        node, chain = root, []
+        for key in path:
+            child = node._modules.get(key)
+            if child is None:
+                break
+            chain.append((node, key, child))
+            node = child
+        if len(chain) != len(path) or node is not mp.module:
+            if mp.owner not in replaced:
+                replaced.append(mp.owner)
+            continue
+        for link in chain:
+            if (id(link[0]), link[1]) not in seen:
+                seen.add((id(link[0]), link[1]))
+                links.append(link)
+    return links, replaced
+
+
 def _act_slope_sq_max(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """Batch mean of max_j phi'(z_j)^2 for one nonlinearity (the released code's eig-ub
     term), differentiable in z."""
@@ -345,6 +375,7 @@ class SpectralPenalty(nn.Module):
                     m.register_forward_hook(self._make_eig_hook(m))
         self._ready = False
         self._layers: List[_layers.LinearMap] = []
+        self._links: list = []  # _module_links of the selected maps (_check_modules)
         self._plan: Optional[_HotPlan] = None
         self._block_layers: Optional[List[int]] = None
 
@@ -425,8 +456,32 @@ class SpectralPenalty(nn.Module):
                       f"left free; pass readout={last!r} (or another name, or None) to say so")
         return last
 
+    def _modules_in_place(self, maps) -> list:
+        """``_module_links(model, maps)``'s links; a ValueError naming the layers whose module
+        the model no longer holds at that name."""
+        links, replaced = _module_links(self._model[0], maps)
+        if replaced:
+            raise ValueError(f"SpectralPenalty: the model no longer holds the module{'s' * (len(replaced) > 1)} it "
+                             f"found at {', '.join(repr(n) for n in replaced)} (replaced or removed after the penalty "
+                             f"was built), whose weights it would go on regularizing: build the penalty after "
+                             f"changing the model")
+        return links
+
+    def _check_modules(self) -> None:
+        """Model surgery after the penalty was built is an error (:meth:`_modules_in_place`),
+        checked on every eager call at the cost of one identity test per step of the paths
+        to the selected maps' modules (the paths are walked again only when a step changed).
+        Not under torch.compile (a compiled call skips the check; the eager calls make it)."""
+        if torch.compiler.is_compiling():
+            return
+        for parent, key, child in self._links:
+            if parent._modules.get(key) is not child:
+                self._links = self._modules_in_place(self._layers)
+                return
+
     def _finalize(self):
         """Select the layers and create the persistent vectors (first call)."""
+        self._modules_in_place(self._maps)  # the model as the maps were found (hooks, forward order)
         maps = [mp for mp in self._maps if self._in_scope(mp.owner) and not _layers.is_within(mp.owner, self._exclude)]
         if self._scope == "hidden":
             readout = self._readout()
@@ -454,6 +509,7 @@ class SpectralPenalty(nn.Module):
             else:
                 self._dense.append(mp)
         self._layers = self._dense + self._convs
+        self._links = _module_links(self._model[0], self._layers)[0]
         # maps that are blocks of one operator (a grouped patch conv): index of their layer
         owners = [mp.layer for mp in self._layers]
         self._block_layers = ([owners.index(o) for o in owners] if len(set(owners)) < len(owners) else None)
@@ -546,6 +602,7 @@ class SpectralPenalty(nn.Module):
     def layer_names(self) -> List[str]:
         if not self._ready:
             self._finalize()
+        self._check_modules()
         return [mp.name for mp in self._layers]
 
     # ------------------------------------------------------------------ compute
@@ -751,6 +808,7 @@ class SpectralPenalty(nn.Module):
                     m.training = mode
         if not self._ready:
             self._finalize_autocast_off()
+        self._check_modules()
         if warm_start and not bool(self.initialized):
             with torch.no_grad():
                 self._sigmas(True, max(self.n_iter, self.n_iter_init))
@@ -778,6 +836,7 @@ class SpectralPenalty(nn.Module):
         ``update=False`` evaluates at the current vectors."""
         if not self._ready:
             self._finalize_autocast_off()
+        self._check_modules()
         upd = self.training and self.update if update is None else bool(update)
         eig = self._eig_terms
         self._eig_terms = []
@@ -900,6 +959,7 @@ class SpectralPenalty(nn.Module):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
         if not self._ready:
             self._finalize()
+        self._check_modules()
         self._eig_terms = []
         upd = self.training and self.update
         active = self._active(False)
@@ -981,6 +1041,7 @@ class SpectralPenalty(nn.Module):
         """Name -> sigma of the last call (for logging; no computation)."""
         if not self._ready:
             self._finalize()
+        self._check_modules()
         return {mp.name: float(v) for mp, v in zip(self._layers, self.last_sigmas.tolist())}
 
     def bounds(self, n_iter: int = 6, max_dim: int = 4096) -> Dict[str, Tuple[float, float, float]]:
@@ -989,6 +1050,7 @@ class SpectralPenalty(nn.Module):
         dense Gram certificate)."""
         if not self._ready:
             self._finalize()
+        self._check_modules()
         out = {}
         for mp in self._layers:
             shape = self._input_shapes[mp.owner] if mp.conv else None
