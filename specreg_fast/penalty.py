@@ -482,6 +482,7 @@ class SpectralPenalty(nn.Module):
     def _finalize(self):
         """Select the layers and create the persistent vectors (first call)."""
         self._modules_in_place(self._maps)  # the model as the maps were found (hooks, forward order)
+        loaded = bool(getattr(self, "_pending_state", None))
         maps = [mp for mp in self._maps if self._in_scope(mp.owner) and not _layers.is_within(mp.owner, self._exclude)]
         if self._scope == "hidden":
             readout = self._readout()
@@ -492,7 +493,6 @@ class SpectralPenalty(nn.Module):
         if not maps:
             raise ValueError(f"scope={self._scope!r} with exclude={self._exclude} and this gamma selects no layer")
         dev = maps[0].like().device
-        g = torch.Generator().manual_seed(self.seed)
         self._dense, self._convs = [], []
         for mp in maps:
             if mp.conv:
@@ -515,28 +515,77 @@ class SpectralPenalty(nn.Module):
         self._block_layers = ([owners.index(o) for o in owners] if len(set(owners)) < len(owners) else None)
         # LoRA maps take the low-rank step (dense.lowrank_sigmas); their vectors are u_i/v_i too
         self._lowrank_at = [i for i, mp in enumerate(self._dense) if mp.lowrank is not None]
-        dst = _dense.init_power_state([mp.like().detach() for mp in self._dense], generator=g)
-        for i, mp in enumerate(self._dense):
-            self._set_buf(f"u_{i}", dst.us[i].to(dev), mp.name)
-            self._set_buf(f"v_{i}", dst.vs[i].to(dev), mp.name)
-        specs = self._conv_specs()
-        if self.conv_norm == "operator":
-            cst = _distributed.init_conv_state(specs, g, [mp.name for mp in self._convs])  # DTensor weights: on shards
-            for i in range(len(specs)):
-                self._set_buf(f"x_{i}", cst.xs[i], self._convs[i].name)
-                self._set_buf(f"y_{i}", cst.ys[i], self._convs[i].name)
-        elif self.conv_norm == "fft":
-            cst = init_circular_state(specs, generator=g)
-            for i in range(len(specs)):
-                self._set_buf(f"x_{i}", cst.xs[i], self._convs[i].name)
+        for key, (value, name) in self._initial_vectors().items():
+            self._set_buf(key, value, name)  # (a checkpoint loaded before this call: its vectors)
         self.register_buffer("gammas", torch.tensor([gammas[mp.name] for mp in self._layers], dtype=torch.float32,
                                                     device=dev))
         self.register_buffer("last_sigmas", torch.zeros(len(self._layers), dtype=torch.float32, device=dev))
         self._ready = True
+        if loaded:
+            self._restart_nonfinite_vectors()
         # forward order and conv sizes are known: the discovery hooks are no longer needed
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+    def _initial_vectors(self) -> Dict[str, Tuple[torch.Tensor, str]]:
+        """``key -> (vector, map name)``: the persistent vectors as a new penalty creates them,
+        ``u_i``/``v_i`` of the dense maps then ``x_i`` (and ``y_i`` for the operator norm) of the
+        convs, drawn from a generator seeded with ``seed`` (the same on every rank)."""
+        g = torch.Generator().manual_seed(self.seed)
+        dev = self._layers[0].like().device
+        out = {}
+        dst = _dense.init_power_state([mp.like().detach() for mp in self._dense], generator=g)
+        for i, mp in enumerate(self._dense):
+            out[f"u_{i}"], out[f"v_{i}"] = (dst.us[i].to(dev), mp.name), (dst.vs[i].to(dev), mp.name)
+        specs = self._conv_specs()
+        if self.conv_norm == "operator":
+            cst = _distributed.init_conv_state(specs, g, [mp.name for mp in self._convs])  # DTensor weights: on shards
+            for i, mp in enumerate(self._convs):
+                out[f"x_{i}"], out[f"y_{i}"] = (cst.xs[i], mp.name), (cst.ys[i], mp.name)
+        elif self.conv_norm == "fft":
+            cst = init_circular_state(specs, generator=g)
+            for i, mp in enumerate(self._convs):
+                out[f"x_{i}"] = (cst.xs[i], mp.name)
+        return out
+
+    @torch.no_grad()
+    def _restart_nonfinite_vectors(self) -> None:
+        """After a checkpoint is loaded: the maps with a non-finite persistent vector (a run that
+        diverged and was saved; the power step keeps a non-finite vector for good) restart
+        from their initial vectors (:meth:`_initial_vectors`: deterministic, the same on every
+        rank), their estimate (``last_sigmas``) set to 0; a non-finite estimate alone is set to
+        0 too. Either way ``initialized`` is cleared, so the next training call takes the
+        ``n_iter_init`` warm start (of every map: a frozen map is stepped only there), and a
+        warning names the maps. One host read of all the checks."""
+        nd = len(self._dense)
+        keys = [(f"u_{i}", f"v_{i}") for i in range(nd)] + [
+            tuple(k for k in (f"x_{j}", f"y_{j}") if k in self._buffers) for j in range(len(self._convs))]
+        b = self._buffers
+        checks = torch.cat([torch.stack([torch.stack([torch.isfinite(b[k]).all() for k in pair]).all()
+                                         for pair in keys]),
+                            torch.isfinite(self.last_sigmas)]).tolist()  # one host read
+        bad = [l for l in range(len(keys)) if not checks[l]]
+        estimates = [l for l in range(len(keys)) if not checks[len(keys) + l] and l not in bad]
+        if not bad and not estimates:
+            return
+        if bad:
+            init = self._initial_vectors()
+            for l in bad:
+                for k in keys[l]:
+                    b[k].copy_(init[k][0])
+        self.last_sigmas.nan_to_num_(0.0, 0.0, 0.0)
+        self.last_sigmas[bad] = 0.0
+        self.initialized.fill_(False)
+        self._warm_start_done = False
+        names = [self._layers[l].name for l in bad]
+        held = [self._layers[l].name for l in estimates]
+        warnings.warn("SpectralPenalty: the loaded state is not finite: "
+                      + (f"the vectors of {', '.join(map(repr, names))} have non-finite entries and restart from "
+                         f"their initial vectors (seed={self.seed}); " if names else "")
+                      + (f"the estimates of {', '.join(map(repr, held))} are non-finite and are reset; "
+                         if held else "")
+                      + f"the next training call takes the warm start (n_iter_init={self.n_iter_init})")
 
     def _set_buf(self, key, value, layer_name):
         old = self._pending_state.pop(key, None) if hasattr(self, "_pending_state") else None
@@ -573,6 +622,8 @@ class SpectralPenalty(nn.Module):
         self._warm_start_done = False  # the loaded `initialized` may be False
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if self._ready:  # (else when the vectors are created, in _finalize)
+            self._restart_nonfinite_vectors()
 
     def get_extra_state(self):
         return {"conv_input_shapes": dict(self._input_shapes), "order": list(self._forward_order())}
