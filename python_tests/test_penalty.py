@@ -610,6 +610,25 @@ def test_replacing_a_regularized_module_after_building_the_penalty_is_an_error(r
     torch.testing.assert_close(got, W.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_replacing_the_named_readout_before_the_first_call_is_fine():
+    """The readout named by ``readout=`` is left free whichever module holds that name: a new
+    head put in after building the penalty (fine-tuning) changes nothing regularized. With the
+    automatic readout, found from hooks on the modules the penalty was built on, it is the
+    error of any replaced module."""
+    model = mlp()
+    pen = sf.SpectralPenalty(model, gamma=0.1, readout="4", n_iter_init=2000)
+    auto = sf.SpectralPenalty(model, gamma=0.1)
+    model[4] = nn.Linear(24, 3)
+    model(torch.randn(2, 20))
+    pen()
+    assert pen.layer_names == ["0", "2"]
+    for name in ("0", "2"):
+        exact = torch.linalg.svdvals(model.get_submodule(name).weight.detach().double())[0].item()
+        assert abs(pen.sigmas()[name] - exact) <= 1e-4 * exact, name
+    with pytest.raises(ValueError, match=r"at '4' .* build the penalty after changing the model"):
+        auto()
+
+
 def test_per_parameter_gradient_equals_autograd_through_each_maps_view():
     # penalty._per_param_sigma writes every map's u v^T into one gradient per parameter
     # (whole, row blocks, a transposed view, a view that copies); autograd through the

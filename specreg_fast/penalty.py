@@ -481,7 +481,8 @@ class SpectralPenalty(nn.Module):
 
     def _finalize(self):
         """Select the layers and create the persistent vectors (first call)."""
-        self._modules_in_place(self._maps)  # the model as the maps were found (hooks, forward order)
+        if self._scope == "hidden" and self._readout_arg == _AUTO:
+            self._modules_in_place(self._maps)  # the forward order comes from hooks on the modules found
         loaded = bool(getattr(self, "_pending_state", None))
         maps = [mp for mp in self._maps if self._in_scope(mp.owner) and not _layers.is_within(mp.owner, self._exclude)]
         if self._scope == "hidden":
@@ -509,7 +510,7 @@ class SpectralPenalty(nn.Module):
             else:
                 self._dense.append(mp)
         self._layers = self._dense + self._convs
-        self._links = _module_links(self._model[0], self._layers)[0]
+        self._links = self._modules_in_place(self._layers)  # (before any state is created)
         # maps that are blocks of one operator (a grouped patch conv): index of their layer
         owners = [mp.layer for mp in self._layers]
         self._block_layers = ([owners.index(o) for o in owners] if len(set(owners)) < len(owners) else None)
