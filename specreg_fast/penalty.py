@@ -283,7 +283,12 @@ class SpectralPenalty(nn.Module):
         seed: seeds the persistent vectors (identical on every DDP rank).
 
     Persistent vectors are buffers of this module (not of the model), so an EMA/SWA copy of
-    the model never averages them: average ``model``, keep the penalty as it is.
+    the model never averages them: average ``model``, keep the penalty as it is. A checkpoint
+    whose vectors are not finite (a diverged run's) restarts those maps from their initial
+    vectors, with a warning and a warm start at the next training call.
+
+    Build the penalty after changing the model: a module whose maps it regularizes that is
+    replaced or removed afterwards is a ValueError naming the layers (checked on eager calls).
 
     Frozen maps (no parameter requires grad: a frozen backbone, the base layers of a LoRA
     model) take part in the warm start, then take no power step: their term is held at its
