@@ -169,6 +169,38 @@ def _count_collectives():
     return out
 
 
+def _conv_collectives():
+    """The sharded CNN (three hidden convs, FSDP2 per layer): the collectives of creating the
+    state (``layer_names``) and of each penalty call, and the initial ``x_i``, ``y_i``."""
+    import specreg_fast as sf
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    model = _cnn()
+    for m in model:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fully_shard(m)
+    fully_shard(model)
+    pen = sf.SpectralPenalty(model, gamma=0.05, seed=11, n_iter=2, n_iter_init=3)
+    y = model(torch.randn(BATCH, 2, 5, 5)).square().mean()  # the convs' input sizes (and the state)
+    pen.reset()  # the state again, counted: created by layer_names
+    out = {}
+    with CommDebugMode() as comm:
+        names = pen.layer_names
+    out["init"] = {str(k): v for k, v in comm.get_comm_counts().items()}
+    out["state"] = {k: b.clone() for k, b in pen.named_buffers() if k[0] in "xy"}
+    out["names"] = names
+    for call in ("first", "between"):
+        with CommDebugMode() as comm:
+            p = pen()
+        out[call] = {str(k): v for k, v in comm.get_comm_counts().items()}
+    (y + p).backward()
+    with CommDebugMode() as comm:
+        pen.accumulate_grad()
+    out["after"] = {str(k): v for k, v in comm.get_comm_counts().items()}
+    return out
+
+
 def _rejections(world):
     """Placements the penalty refuses, each with a clear error and nothing updated: a
     Shard(1) weight (RowwiseParallel), a sharded ConvTranspose (dim 0 = input channels), a
@@ -280,6 +312,7 @@ def _worker(rank, world, out_dir, names, extra, ckpt=None):
         res = {n: _run_scenario(n, world) for n in names}
         if extra:
             res["comm"] = _count_collectives()
+            res["conv_comm"] = _conv_collectives()
             res["rejected"] = _rejections(world)
             res["nonfinite"] = _nonfinite_rolls_back()
             res["dcp_saved"] = _dcp_save(ckpt)
@@ -376,6 +409,31 @@ def test_fsdp2_two_ranks_match_single_process(two_ranks):
         sig, unchanged = res["nonfinite"]
         assert torch.isnan(sig[0]) and torch.isfinite(sig[1]), sig
         assert unchanged == [True, True, False, False], unchanged
+
+
+def test_fsdp2_sharded_convs_one_all_reduce_for_all_from_the_initial_state_on(two_ranks):
+    """Three sharded convs: creating their state takes one all-reduce for all of them (y = A x
+    from the shards), each power iteration one for all; the initial ``y_i`` on every rank is
+    ``A x_i / |A x_i|`` of the whole conv (the explicit conv of the unsharded weight)."""
+    import specreg_fast as sf
+    from specreg_fast import reference as ref
+
+    results, _ = two_ranks
+    ar = "c10d.allreduce_"
+    model = _cnn()
+    shapes = {"0": (2, 5, 5), "2": (5, 5, 5), "4": (6, 3, 3)}
+    for rank, res in enumerate(results):
+        comm = res["conv_comm"]
+        assert comm["names"] == ["0", "2", "4"]
+        assert comm["init"] == {ar: 1}, (rank, comm["init"])
+        # one per power iteration (n_iter_init=3, then n_iter=2) for the three convs together
+        assert [comm[c] for c in ("first", "between", "after")] == [{ar: 3}, {ar: 2}, {ar: 2}], rank
+        for i, (name, shape) in enumerate(shapes.items()):
+            x, y = comm["state"][f"x_{i}"], comm["state"][f"y_{i}"]
+            assert x.shape == shape and torch.equal(x, results[0]["conv_comm"]["state"][f"x_{i}"])
+            with torch.no_grad():
+                Ax = ref.conv_apply(sf.ConvSpec.from_module(model.get_submodule(name), shape), x.double()[None])[0]
+            _close(y, Ax / torch.linalg.vector_norm(Ax), f"rank {rank}: initial y_{i} of conv {name}")
 
 
 def test_fsdp2_four_ranks_empty_shard_hsdp_and_dcp(tmp_path, two_ranks):

@@ -174,3 +174,85 @@ def test_compiled_penalty_holds_frozen_maps_like_eager():
         assert torch.equal(pb.get_buffer(k), t), k
     assert torch.equal(a[3].weight.grad, b[3].weight.grad)
     assert not torch.equal(pb.get_buffer("v_0"), live)
+
+
+class _RowScale(nn.Module):
+    """A parametrization with a parameter of its own: ``W -> diag(d) W``."""
+
+    def __init__(self, rows):
+        super().__init__()
+        self.d = nn.Parameter(torch.linspace(0.5, 2.0, rows, dtype=torch.float64))
+
+    def forward(self, W):
+        return self.d[:, None] * W
+
+
+class _Product(nn.Module):
+    """A custom linear map ``x -> (a b) x``, given to the penalty as ``extra=``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(7, 4, dtype=torch.float64))
+        self.b = nn.Parameter(torch.randn(4, 9, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ (self.a @ self.b).t()
+
+
+def _partly_trainable(kind):
+    """(model, penalty kwargs, name of the map, the map's weight now (differentiable), the
+    trainable tensor): a map whose stored weight (or one of its parts) is frozen while another
+    tensor it is made of trains, so it is not frozen."""
+    torch.manual_seed(0)
+    if kind == "lora_base":  # the LoRA factors frozen, the base weight trained
+        peft = pytest.importorskip("peft")
+        from specreg_fast.layers import lora_weight
+
+        base = nn.Sequential(nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+        model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0"]))
+        layer = model.base_model.model[0]
+        with torch.no_grad():
+            layer.lora_B["default"].weight.normal_(0, 0.5)
+        for n, q in model.named_parameters():
+            q.requires_grad_("base_layer.weight" in n)
+        return model, {"readout": "base_model.model.2"}, "base_model.model.0", lambda: lora_weight(layer), \
+            layer.base_layer.weight
+    if kind == "extra":  # a computed map: its parameters are unknown to the penalty, never frozen
+        model = nn.Sequential(_Product(), nn.Tanh(), nn.Linear(7, 3)).double()
+        model[0].b.requires_grad_(False)
+        fn = lambda: model[0].a @ model[0].b  # noqa: E731
+        return model, {"readout": "2", "extra": {"0": fn}}, "0", fn, model[0].a
+    # a parametrized weight whose stored original is frozen and the parametrization's d trains
+    model = nn.Sequential(nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    torch.nn.utils.parametrize.register_parametrization(model[0], "weight", _RowScale(7))
+    model[0].parametrizations.weight.original.requires_grad_(False)
+    return model, {"readout": "2"}, "0", lambda: model[0].weight, model[0].parametrizations.weight[0].d
+
+
+@pytest.mark.parametrize("route", ["autograd", "accumulate_grad"])
+@pytest.mark.parametrize("kind", ["lora_base", "extra", "parametrization"])
+def test_a_map_with_a_trainable_part_is_not_frozen(kind, route):
+    """A LoRA map with frozen factors and a trained base weight, an ``extra=`` map, a
+    parametrized weight with a frozen original and a trained parametrization: after the warm
+    start they keep their power steps, so after their trainable tensor changes the estimate
+    reaches the SVD norm of the new weight, and the gradient (float64) is the one of
+    ``gamma sigma_max(W)^2`` by autograd through the SVD, reaching the trainable tensor."""
+    model, kw, name, weight, trainable = _partly_trainable(kind)
+    pen = sf.SpectralPenalty(model, gamma=0.1, n_iter=1, n_iter_init=5, **kw)
+    model(torch.randn(2, 9, dtype=torch.float64))
+    assert pen.layer_names == [name]
+    _call(route, model, pen)  # the warm start
+    with torch.no_grad():  # a training step's change of the trainable tensor
+        trainable.mul_(torch.linspace(0.6, 1.7, trainable.numel(), dtype=trainable.dtype).view(trainable.shape))
+    pen.n_iter = 2000
+    _call(route, model, pen)
+    W = weight()
+    exact = torch.linalg.svdvals(W.detach())[0].item()
+    assert abs(pen.sigmas()[name] - exact) <= 1e-6 * exact  # (sigmas() are float32)
+    got = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+    model.zero_grad(set_to_none=True)
+    (0.1 * torch.linalg.matrix_norm(W, 2) ** 2).backward()
+    want = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+    assert got.keys() == want.keys() and trainable.grad is not None
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-7, atol=1e-9, msg=n)

@@ -119,8 +119,8 @@ def test_attention_out_proj_is_seen_as_the_readout():
     torch.manual_seed(0)
     model = AttnLast()
     pen = sf.SpectralPenalty(model)
-    model(torch.randn(2, 3, 5))
-    names, msgs = _caught(lambda: pen.layer_names)
+    # the readout is found (and the warning given) at the end of the first forward
+    names, msgs = _caught(lambda: (model(torch.randn(2, 3, 5)), pen.layer_names)[1])
     assert names == ["inp", "attn[q]", "attn[k]", "attn[v]"]
     assert any("readout taken to be attn.out_proj" in m for m in msgs)
 
@@ -167,6 +167,31 @@ def test_attention_separate_projections_and_value_path_only():
     assert pen.layer_names == ["inp", "attn[v]", "attn.out_proj"]
     with pytest.raises(ValueError, match="attention must be"):
         sf.SpectralPenalty(model, attention="qk")
+
+
+def test_value_path_only_gradient_leaves_the_q_and_k_rows_exactly_zero():
+    """``attention="v"``: the map ``attn[v]`` is one row block of ``in_proj_weight``; its
+    gradient fills the v rows (``gamma sigma^2``'s, by autograd through the SVD of the block)
+    and leaves the q and k rows exactly 0, on both routes (the parameter's other rows must not
+    be taken for part of the map's gradient)."""
+    torch.manual_seed(0)
+    e = 8
+    model = AttnLast(e).double()
+    W = model.attn.in_proj_weight
+    for route in ("penalty", "accumulate_grad"):
+        pen = sf.SpectralPenalty(model, gamma=0.5, readout=None, attention="v", n_iter=0, n_iter_init=3000)
+        model(torch.randn(2, 3, 5, dtype=torch.float64))
+        assert pen.layer_names == ["inp", "attn[v]", "attn.out_proj"]
+        for _ in range(3):  # fresh gradient buffers each time, where leftover memory may be reused
+            model.zero_grad(set_to_none=True)
+            junk = torch.full_like(W, float("nan"))  # freed at once: its memory may come back
+            del junk
+            pen().backward() if route == "penalty" else pen.accumulate_grad()
+            got = W.grad.clone()
+            assert torch.equal(got[:2 * e], torch.zeros(2 * e, e, dtype=W.dtype)), route
+        model.zero_grad(set_to_none=True)
+        (0.5 * torch.linalg.matrix_norm(W[2 * e:], 2) ** 2).backward()
+        torch.testing.assert_close(got, W.grad, rtol=1e-7, atol=1e-9, msg=route)
 
 
 class Conv1D(nn.Module):
@@ -216,6 +241,32 @@ def test_split_fused_qkv(kind):
         sf.SpectralPenalty(model, readout="1", split={"0": 4})
     with pytest.raises(ValueError, match="split: 'nope'"):
         sf.SpectralPenalty(model, readout="1", split={"nope": 3})
+
+
+@pytest.mark.parametrize("n", [2, 4, 6])
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_split_into_n_blocks_names_them_by_index_in_row_order(kind, n):
+    """``split={name: n}``, n != 3: ``name[0]`` ... ``name[n-1]``, block i the rows
+    ``[i r, (i+1) r)`` (its SVD norm; the blocks are scaled apart so that any other order
+    shows), all kept with ``attention="v"`` (q/k/v naming is for n = 3 only)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 24) if kind == "linear" else Conv1D(24, 5)
+    W = layer.weight if kind == "linear" else layer.weight.t()  # (24, 5) either way: a view
+    r = 24 // n
+    with torch.no_grad():
+        for i in range(n):
+            W[i * r:(i + 1) * r] *= 2.0 ** i
+    model = nn.Sequential(layer, nn.Linear(24, 2))
+    names = [f"0[{i}]" for i in range(n)]
+    for attention in ("qkv", "v"):
+        assert sf.SpectralPenalty(model, readout="1", split={"0": n}, attention=attention).layer_names == names
+    pen, g_auto, g_acc = _both_routes(model, torch.randn(2, 5), readout="1", split={"0": n})
+    _assert_same_grads(g_auto, g_acc)
+    pen.n_iter = 2000
+    pen()
+    for i in range(n):
+        want = _svd(W[i * r:(i + 1) * r])
+        assert abs(pen.sigmas()[f"0[{i}]"] - want) <= 1e-4 * want, i
 
 
 # ------------------------------------------------------------------ unsupported and extra=
@@ -286,6 +337,9 @@ PATCH_CASES = [
     ("k2d2s2_overlap", lambda: nn.Conv1d(3, 4, 2, stride=2, dilation=2), (3, 9), False),
     ("k3s2_overlap", lambda: nn.Conv2d(3, 4, 3, stride=2, groups=1), (3, 7, 7), False),
     ("k2s2p1_no_full_patch", lambda: nn.Conv1d(3, 4, 2, stride=2, padding=1), (3, 1), False),
+    # the same geometry at length 2: two patches, both cut by the padding (operator norm 0.642,
+    # the reshaped kernel's 0.782); at length 1 no patch even starts inside the image
+    ("k2s2p1_len2_no_full_patch", lambda: nn.Conv1d(3, 4, 2, stride=2, padding=1), (3, 2), False),
 ]
 
 
@@ -323,6 +377,26 @@ def test_grouped_patch_conv_penalty_is_gamma_max_sigma_squared():
     p = pen()
     exact = ref.conv_sigma_exact(ref.ConvSpec.from_module(m, (8, 6, 6))).item()
     assert abs(p.item() - 0.5 * exact ** 2) <= 2e-4 * 0.5 * exact ** 2
+
+
+def test_tied_patch_conv_groups_share_one_gamma():
+    """Two groups tied at the max: the operator's term is still ``gamma * max_g sigma_g^2``
+    once, its gradient split evenly between them. 1x1 groups with power-of-two weights make
+    every power-step estimate exact (sigma_g = |w_g|, vectors +-1), so the tie is exact:
+    sigmas (0.5, 0.5, 0.25), value 0.5 * 0.5^2, gradient 2 * 0.5 * 0.5 / 2 on each tied
+    group (u v^T = sign(w) = 1), 0 on the third."""
+    m = nn.Conv2d(3, 3, 1, groups=3, bias=False)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([0.5, 0.5, 0.25]).view(3, 1, 1, 1))
+    model = nn.Sequential(m)
+    pen, g_auto, g_acc = _both_routes(model, torch.randn(2, 3, 4, 4), gamma=0.5, readout=None)
+    assert pen.layer_names == ["0[g0]", "0[g1]", "0[g2]"]
+    assert list(pen.sigmas().values()) == [0.5, 0.5, 0.25]
+    want = torch.tensor([0.25, 0.25, 0.0]).view(3, 1, 1, 1)
+    for g in (g_auto, g_acc):
+        assert torch.equal(g["0.weight"], want)
+    assert pen().item() == 0.5 * 0.5 ** 2
+    assert pen.accumulate_grad().item() == 0.5 * 0.5 ** 2
 
 
 def test_patch_conv_view_is_not_a_copy():

@@ -363,6 +363,32 @@ def test_a_non_finite_factor_leaves_the_vectors_as_they_were(bad):
     assert not torch.equal(pen.v_0, before["v_0"])
 
 
+def test_a_factor_whose_products_overflow_rolls_the_step_back():
+    """A finite B entry of 1e200 (float64): ``M v`` is finite but its norm and ``M^T M v``
+    overflow, so the step's norms are inf, not NaN, and a step that only skipped NaN norms
+    would keep ``u = t / inf = 0`` and ``v = inf / inf = NaN``. The step must roll back: NaN
+    estimate, vectors as they were, and once the factor is finite again the map converges
+    from them to the SVD norm of the layer's applied map."""
+    model = _lora_mlp64().eval()
+    pen = sf.SpectralPenalty(model, gamma=GAMMA, scope="all", n_iter=1, n_iter_init=5)
+    model(torch.randn(2, 12, dtype=torch.float64))
+    pen()
+    before = {k: b.clone() for k, b in pen.named_buffers() if k[0] in "uv"}
+    B = model.base_model.model[2].lora_B["default"].weight
+    kept = B[1, 0].item()
+    with torch.no_grad():
+        B[1, 0] = 1e200
+    pen()
+    got = pen.sigmas()
+    assert math.isnan(got["base_model.model.2"]) and math.isfinite(got["base_model.model.0"])
+    assert torch.equal(pen.u_1, before["u_1"]) and torch.equal(pen.v_1, before["v_1"])
+    with torch.no_grad():
+        B[1, 0] = kept
+    pen.n_iter = 500
+    pen()
+    _check_sigmas(pen, model)
+
+
 class _CountAllocations(TorchDispatchMode):
     """Counts the ops that return a fresh tensor (not a view of an input) of one of ``sizes``."""
 

@@ -586,6 +586,66 @@ def test_cached_geometry_follows_changes_to_the_model():
     assert not torch.equal(pen.get_buffer("x_0").float(), before["x_0"])
 
 
+@pytest.mark.parametrize("when", ["before_the_first_call", "after_the_first_call"])
+@pytest.mark.parametrize("route", ["penalty", "accumulate_grad"])
+def test_replacing_a_regularized_module_after_building_the_penalty_is_an_error(route, when):
+    """Model surgery after ``SpectralPenalty(model)`` (``model[2] = nn.Identity()``,
+    ``model[0] = nn.Linear(...)``): the penalty would go on regularizing the removed modules'
+    weights and never the new layer. Both routes refuse, naming the layers and saying to build
+    the penalty after changing the model, with the state untouched; a penalty built after the
+    change regularizes the model as it is now (the new layer's SVD norm, its gradient)."""
+    model = mlp()
+    x = torch.randn(3, 20)
+    pen = sf.SpectralPenalty(model, gamma=0.1, readout="4")
+    model(x)
+    call = pen if route == "penalty" else pen.accumulate_grad
+    if when == "after_the_first_call":
+        call()
+    before = {k: v.clone() for k, v in pen.state_dict().items() if isinstance(v, torch.Tensor)}
+    old0 = model[0]
+    g0 = None if old0.weight.grad is None else old0.weight.grad.clone()
+    model[2] = nn.Identity()
+    model[0] = nn.Linear(20, 24)
+    for fn in (call, pen.sigmas):
+        with pytest.raises(ValueError, match=r"'0', '2'.* build the penalty after changing the model"):
+            fn()
+    assert {k: v for k, v in pen.state_dict().items() if isinstance(v, torch.Tensor)}.keys() == before.keys()
+    for k, v in pen.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, before[k]), k
+    assert model[0].weight.grad is None
+    assert (old0.weight.grad is None) if g0 is None else torch.equal(old0.weight.grad, g0)
+    pen = sf.SpectralPenalty(model, gamma=0.1, readout="4", n_iter_init=3000)
+    model(x)
+    pen().backward() if route == "penalty" else pen.accumulate_grad()
+    assert pen.layer_names == ["0"]
+    W = model[0].weight
+    exact = torch.linalg.svdvals(W.detach().double())[0].item()
+    assert abs(pen.sigmas()["0"] - exact) <= 1e-4 * exact
+    got, W.grad = W.grad.clone(), None
+    (0.1 * torch.linalg.matrix_norm(W.double(), 2) ** 2).backward()
+    torch.testing.assert_close(got, W.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_replacing_the_named_readout_before_the_first_call_is_fine():
+    """The readout named by ``readout=`` is left free whichever module holds that name: a new
+    head put in after building the penalty (fine-tuning) changes nothing regularized. With the
+    automatic readout, found from hooks on the modules the penalty was built on, it is the
+    error of any replaced module."""
+    model = mlp()
+    pen = sf.SpectralPenalty(model, gamma=0.1, readout="4", n_iter_init=2000)
+    auto = sf.SpectralPenalty(model, gamma=0.1)
+    model[4] = nn.Linear(24, 3)
+    model(torch.randn(2, 20))
+    pen()
+    assert pen.layer_names == ["0", "2"]
+    for name in ("0", "2"):
+        exact = torch.linalg.svdvals(model.get_submodule(name).weight.detach().double())[0].item()
+        assert abs(pen.sigmas()[name] - exact) <= 1e-4 * exact, name
+    with pytest.raises(ValueError, match=r"at '4' .* build the penalty after changing the model"):
+        auto()
+
+
 def test_per_parameter_gradient_equals_autograd_through_each_maps_view():
     # groups._per_param_sigma writes every map's u v^T into one gradient per parameter
     # (whole, row blocks, a transposed view, a view that copies); autograd through the

@@ -28,7 +28,7 @@ from .conv import ConvSpec, ConvState, validate_state as _validate_convs
 from .fft import CircularState, circular_conv_norms, circular_params, circular_power_pairs, init_circular_state
 
 __all__ = ["MapGroup", "DenseGroup", "LowRankGroup", "ConvOperatorGroup", "CircularGroup", "ShardedGroup",
-           "build_groups", "Built", "assembly", "term_gammas"]
+           "build_groups", "Built", "assembly", "term_gammas", "restart_nonfinite"]
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -491,6 +491,33 @@ def term_gammas(gammas: torch.Tensor, sig: torch.Tensor, block_layers: Optional[
     at_max = (s == top[idx]).to(s.dtype)
     ties = torch.zeros_like(s).scatter_add(0, idx, at_max)
     return gammas * (at_max / ties[idx]).to(gammas.dtype)
+
+
+@torch.no_grad()
+def restart_nonfinite(groups: Sequence[MapGroup], last_sigmas: torch.Tensor, maps, initial) -> tuple:
+    """The maps whose persistent vectors are not finite (a loaded checkpoint of a run that
+    diverged: the power step keeps a non-finite vector for good) get their initial vectors
+    back (``initial()``: those of a new penalty of this seed by key, the same on every rank),
+    their estimate 0; a non-finite estimate alone is set to 0 too. One
+    host read of all the checks. Returns the names ``(restarted, estimates reset)``."""
+    keys = [None] * len(maps)
+    for g in groups:
+        for pos, ks in zip(g.positions, g.keys):
+            keys[pos] = [g._buffers[k] for k in ks], ks
+    ok = torch.cat([torch.stack([torch.stack([torch.isfinite(t).all() for t in ts]).all() for ts, _ in keys]),
+                    torch.isfinite(last_sigmas)]).tolist()
+    n = len(keys)
+    bad = [l for l in range(n) if not ok[l]]
+    held = [l for l in range(n) if not ok[n + l] and ok[l]]
+    if bad:
+        fresh = initial()
+        for l in bad:
+            for t, k in zip(*keys[l]):
+                t.copy_(fresh[k])
+    if bad or held:
+        last_sigmas.nan_to_num_(0.0, 0.0, 0.0)
+        last_sigmas[bad] = 0.0
+    return [maps[l].name for l in bad], [maps[l].name for l in held]
 
 
 # ---------------------------------------------------------------------- building

@@ -85,7 +85,11 @@ class SpectralPenalty(nn.Module):
         seed: seeds the persistent vectors (identical on every DDP rank).
 
     Persistent vectors are buffers of this module (not of the model), so an EMA/SWA copy of
-    the model never averages them: average ``model``, keep the penalty as it is.
+    the model never averages them: average ``model``, keep the penalty as it is. A checkpoint
+    whose vectors are not finite (a diverged run's) restarts those maps from their initial
+    vectors, with a warning and a warm start. They are created at the end of the first
+    forward of the model. Build the penalty after changing the model: a module whose maps it
+    regularizes that is replaced or removed afterwards is a ValueError naming the layers.
 
     Frozen maps (no parameter requires grad: a frozen backbone, the base layers of a LoRA
     model) take part in the warm start, then take no power step: their term is held at its
@@ -161,6 +165,11 @@ class SpectralPenalty(nn.Module):
         self._ready, self._sized = True, dict(self._input_shapes)
         self._restart_nonfinite()  # a checkpoint loaded before the first call
 
+    def _initial_vectors(self) -> Dict[str, torch.Tensor]:
+        out: Dict[str, torch.Tensor] = {}
+        self._build(lambda key, value, name: out.__setitem__(key, value))
+        return out
+
     def _build(self, set_buffer):
         g = torch.Generator().manual_seed(self.seed)
         return _groups.build_groups(self._selected, self._gammas, self.conv_norm, self._input_shapes, g, set_buffer,
@@ -200,22 +209,19 @@ class SpectralPenalty(nn.Module):
             self._restart_nonfinite()
 
     def _restart_nonfinite(self) -> None:
-        """Vectors loaded with non-finite entries (a checkpoint of a run that diverged) are
-        drawn afresh as at the first call, and the warm start runs again: a NaN vector would
-        otherwise keep every later estimate NaN (the power step rolls back on non-finite)."""
-        bad = [k for k, t in self._buffers.items() if _is_vector_key(k) and not bool(torch.isfinite(t).all())]
-        if not bad:
+        """Maps whose loaded vectors or estimates are not finite (a checkpoint of a run that
+        diverged) restart (:func:`groups.restart_nonfinite`); the next training call takes the
+        warm start, and a warning names them."""
+        bad, held = _groups.restart_nonfinite(self._groups, self.last_sigmas, self._layers, self._initial_vectors)
+        if not bad and not held:
             return
-        fresh = {}
-        with torch.no_grad():
-            self._build(lambda key, value, name: fresh.__setitem__(key, value))
-            for k in bad:
-                self._buffers[k].copy_(fresh[k])
-            self.last_sigmas.nan_to_num_(0.0, 0.0, 0.0)
-            self.initialized.fill_(False)
+        self.initialized.fill_(False)
         self._warm_start_done = False
-        warnings.warn(f"SpectralPenalty: state_dict vectors {', '.join(bad)} are not finite (a diverged run?): "
-                      f"restarted from the seed, with a new warm start")
+        warnings.warn("SpectralPenalty: the loaded state is not finite: "
+                      + (f"the vectors of {', '.join(map(repr, bad))} have non-finite entries and restart from their "
+                         f"initial vectors (seed={self.seed}); " if bad else "")
+                      + (f"the estimates of {', '.join(map(repr, held))} are non-finite and are reset; " if held else "")
+                      + f"the next training call takes the warm start (n_iter_init={self.n_iter_init})")
 
     def get_extra_state(self):
         return {"conv_input_shapes": dict(self._input_shapes), "order": list(self._sel.forward_order())}
@@ -296,20 +302,16 @@ class SpectralPenalty(nn.Module):
         return out
 
     def prepare(self, *example_args, warm_start: bool = False, **example_kwargs) -> "SpectralPenalty":
-        """Find the layers and create the state now, outside any compiled region; returns the
-        penalty. With example arguments, first runs the model once on them (``no_grad``, every
-        module in eval mode for that pass, so no BatchNorm statistics move) for the discovery
-        that otherwise needs a forward pass before the first call. Call it before compiling a
-        training step that contains the penalty from step 0 (``torch.compile(fullgraph=True)``
-        cannot create the state inside the graph)::
+        """Find the layers and create the state now; returns the penalty. With example
+        arguments, first runs the model once on them (``no_grad``, eval mode for that pass, so
+        no BatchNorm statistics move), the forward that discovery otherwise waits for.
+        ``warm_start=True`` also runs the ``n_iter_init`` warm-start steps now, at the current
+        weights (compiled calls then carry no masked warm-start steps); the schedule counter
+        and ``last_sigmas`` are untouched::
 
             penalty = sf.SpectralPenalty(model, gamma=1e-2).prepare(x_example)
             step = torch.compile(train_step, fullgraph=True)
-
-        ``warm_start=True`` also runs the ``n_iter_init`` warm-start steps now, at the current
-        weights, instead of on the first penalized step: compiled calls then skip the
-        warm-start steps that they otherwise run, masked, while a warm start is pending. The
-        schedule counter and ``last_sigmas`` are untouched."""
+        """
         if example_args or example_kwargs:
             self._sel.observe(*example_args, **example_kwargs)
         if not self._ready:
@@ -427,55 +429,40 @@ class SpectralPenalty(nn.Module):
         return _groups.term_gammas(self.gammas, sig, self._block_layers)
 
     def _schedule(self, update: bool, compiling: bool):
-        """``(active, n_iter)`` of this call, for every route, and the counter advanced:
-        whether it is penalized (:meth:`_active`) and how many power steps it takes,
-        ``max(n_iter, n_iter_init)`` for the warm start (under torch.compile ``n_iter``: the
-        warm start is masked in the graph, :meth:`_compiled_sigmas`)."""
-        active = self._active(compiling)
-        if self.training and self.auto_step:
-            self.step_count.add_(1)
-        warm = not compiling and active and update and self._needs_warm_start()
-        return active, max(self.n_iter, self.n_iter_init) if warm else self.n_iter
-
-    def _active(self, compiling: bool):
-        """Whether this step is penalized (before the counter advances): a bool in eager mode
-        (one read of the counter), a 0-d bool tensor under torch.compile (a mask instead of
-        a graph break)."""
+        """``(active, n_iter)`` of this call, decided here for every route, and the counter
+        advanced. ``active``, whether the step is penalized: a bool in eager mode (no read of
+        the counter on the default schedule: a host sync on a GPU), a 0-d bool tensor under
+        torch.compile (a mask instead of a graph break). ``n_iter``: ``max(n_iter,
+        n_iter_init)`` for the warm start, whose ``initialized`` flag is read only until seen
+        set (under torch.compile ``n_iter``: the graph masks the warm start)."""
         if compiling:
             s = self.step_count - self.start_step
-            return (s >= 0) & (torch.remainder(s.clamp_min(0), self.every) == 0)
-        if self.start_step == 0 and self.every == 1:
-            return True  # the default schedule: no read of the counter (a host sync on a GPU)
-        s = int(self.step_count) - self.start_step
-        return s >= 0 and s % self.every == 0
-
-    def _needs_warm_start(self) -> bool:
-        """Whether this call takes the ``n_iter_init`` warm-start steps: the ``initialized``
-        buffer is read (a host sync on a GPU) only until it is seen set."""
-        if not self._warm_start_done:
+            active = (s >= 0) & (torch.remainder(s.clamp_min(0), self.every) == 0)
+        elif self.start_step == 0 and self.every == 1:
+            active = True
+        else:
+            s = int(self.step_count) - self.start_step
+            active = s >= 0 and s % self.every == 0
+        if self.training and self.auto_step:
+            self.step_count.add_(1)
+        if not compiling and active and update and not self._warm_start_done:
             self._warm_start_done = bool(self.initialized)
-        return not self._warm_start_done
+            if not self._warm_start_done:
+                return active, max(self.n_iter, self.n_iter_init)
+        return active, self.n_iter
 
     def accumulate_grad(self, scale: float = 1.0) -> torch.Tensor:
         """The penalty's gradient added in place into each regularized weight's ``.grad``,
-        without autograd; returns the penalty's value (detached, for logging).
-
-        Call it after ``loss.backward()`` instead of adding ``penalty()`` to the loss: the same
-        power steps, schedule and gradient, ``2 gamma sigma u v^T`` written with one in-place
-        rank-1 update of the existing ``.grad`` per dense layer (``addr_``), where the autograd
-        route materializes ``u v^T`` in fresh memory and then adds it: on a 784-1024x3 MLP that
-        gradient materialization is most of the penalty's cost (``bench/bench_training.py``).
-        A LoRA map's gradient goes into its A and B likewise, as rank-1 updates
-        (the factors' rank-1 terms).
-        Conv layers get the conv weight-gradient of their (x, y) pair, added likewise.
-
-        ``scale`` multiplies the gradient (e.g. ``scaler.get_scale()`` under a GradScaler, or
-        ``1 / accumulation_steps``). It only reaches ``.grad``: not for ``torch.autograd.grad``
-        flows. A computed weight (``parametrize``, ``extra=``) gets it through autograd, from
-        the weight back to its parameters (into their ``.grad``); with
-        ``DistributedDataParallel`` every rank adds the same term after the all-reduce, so the
-        ranks stay identical. ``eig_ub=True`` needs the activations: use ``penalty()`` then.
-        """
+        without autograd; returns the penalty's value (detached, for logging). Call it after
+        ``loss.backward()`` instead of adding ``penalty()`` to the loss: the same steps,
+        schedule and gradient, written as one in-place rank-1 update per dense map (``addr_``;
+        a LoRA map's into its factors) and the conv weight-gradient of each conv's (x, y) pair,
+        where the autograd route materializes ``u v^T`` first (most of the penalty's cost on a
+        784-1024x3 MLP, ``bench/bench_training.py``). ``scale`` multiplies the gradient
+        (``scaler.get_scale()`` under a GradScaler, ``1 / accumulation_steps``); it reaches
+        ``.grad`` only. A computed weight (``parametrize``, ``extra=``) gets it through
+        autograd. Under DDP every rank adds the same term after the all-reduce. ``eig_ub=True``
+        needs the activations: use ``penalty()`` then."""
         if self.eig_ub:
             raise ValueError("accumulate_grad() does not support eig_ub=True (its term depends on the activations): "
                              "add penalty() to the loss instead")
@@ -511,25 +498,21 @@ class SpectralPenalty(nn.Module):
         """Name -> sigma of the last call (for logging; no computation)."""
         if not self._ready:
             self._finalize()
+        self._sel.check_attached(self._layers)
         return {mp.name: float(v) for mp, v in zip(self._layers, self.last_sigmas.tolist())}
 
     # ------------------------------------------------ integrations (logic: integrations/hooks.py)
     def attach(self, optimizer: torch.optim.Optimizer):
-        """Add the penalty's gradient (:meth:`accumulate_grad`) before every ``optimizer.step()``,
-        through ``optimizer.register_step_pre_hook``; returns the handle (``.remove()`` detaches).
-        The hook runs inside ``step()``: after any gradient clipping and after
-        ``scaler.unscale_`` (``scaler.step`` unscales, then calls ``step``), so the penalty's
-        gradient is neither clipped nor scaled, and it is added once per step whatever the
-        gradient accumulation. A step skipped by a GradScaler (inf/NaN) adds nothing. Inside a
-        trainer that clips, use its callback instead (:mod:`specreg_fast.integrations`)."""
+        """Add the penalty's gradient (:meth:`accumulate_grad`) before every ``optimizer.step()``
+        (``register_step_pre_hook``); returns the removable handle. It runs inside ``step()``:
+        after any gradient clipping and after ``scaler.unscale_``, so the gradient is neither
+        clipped nor scaled (:func:`specreg_fast.integrations.hooks.attach`)."""
         from .integrations.hooks import attach
         return attach(self, optimizer)
 
     def stats(self, sigmas: str = "all") -> Dict[str, float]:
-        """For loggers: ``penalty`` (``sum gamma sigma^2`` at the last estimates: the value of the
-        last penalized step), ``sigma_max``, ``sigma_mean`` and, with ``sigmas="all"``, each map's
-        ``sigma/<name>`` (``"summary"``: without them, ``"none"``: the penalty only); ``{}``
-        before the first call. No computation."""
+        """For loggers, no computation: ``penalty``, ``sigma_max``, ``sigma_mean`` and each
+        map's ``sigma/<name>`` (:func:`specreg_fast.integrations.hooks.stats`)."""
         from .integrations.hooks import stats
         return stats(self, sigmas)
 

@@ -78,6 +78,7 @@ class Selection:
         self.order: List[str] = []
         self.input_shapes: Dict[str, Tuple[int, ...]] = {k: tuple(v) for k, v in (input_shapes or {}).items()}
         self.hooks = []
+        self._links: dict = {}  # check_attached's paths, per list of maps
         for n, m in by_name.items():
             self.hooks.append(m.register_forward_pre_hook(self._record_hook(n, m)))
             self.hooks.append(m.register_forward_hook(self._end_hook(n, m)))
@@ -172,6 +173,8 @@ class Selection:
 
     def select(self) -> Tuple[List[_layers.LinearMap], Dict[str, float]]:
         """The regularized maps (model order) and each one's gamma (> 0)."""
+        if self.scope == "hidden" and self.readout_arg == AUTO:
+            self.check_attached(self.maps)  # the forward order comes from hooks on the modules found
         maps = [mp for mp in self.maps if self._in_scope(mp.owner) and not _layers.is_within(mp.owner, self.exclude)]
         if self.scope == "hidden":
             readout = self.readout()
@@ -179,6 +182,7 @@ class Selection:
                 maps = [mp for mp in maps if not _layers.is_within(mp.owner, [readout])]
         gammas = {mp.name: self.gamma_of(mp) for mp in maps}
         maps = [mp for mp in maps if gammas[mp.name] > 0]
+        self.check_attached(maps)
         if not maps:
             raise ValueError(f"scope={self.scope!r} with exclude={self.exclude} and this gamma selects no layer")
         for mp in maps:
@@ -188,24 +192,39 @@ class Selection:
         return maps, gammas
 
     def check_attached(self, maps: Sequence[_layers.LinearMap]) -> None:
-        """Raise if a map's module is no longer the model's module of that name (replaced or
-        removed after the penalty was built): its weight would be regularized, and the
-        module now in its place would not."""
-        gone = []
+        """Model surgery after the penalty was built is a ValueError naming the layers: a
+        map's module is no longer the model's module of that name (replaced or removed), so
+        its weight would go on being regularized and the new module not. One identity test
+        per step of the paths to the maps' modules (``links``, walked again only when a step
+        changed); ``extra=`` maps are skipped (their weight is the user's function)."""
+        links = self._links.get(id(maps))
+        if links is not None and links[0] is maps and all(p._modules.get(k) is c for p, k, c in links[1]):
+            return
+        out, seen, replaced = [], set(), []
         for mp in maps:
-            if mp.module is None:  # an extra= map: its callable is its own
+            if mp.attr is None and mp.lowrank is None:
                 continue
-            try:
-                now = self.root.get_submodule(mp.owner)
-            except AttributeError:
-                now = None
-            if now is not mp.module:  # (every adapter's map holds the module named by its owner)
-                gone.append(mp.owner)
-        if gone:
-            names = ", ".join(dict.fromkeys(gone))
-            raise ValueError(f"SpectralPenalty: the model no longer holds the layer(s) {names} that the penalty was "
-                             f"built on (replaced or removed after SpectralPenalty(model)); build the penalty after "
+            path = mp.owner.split(".") if mp.owner else []
+            node, chain = self.root, []
+            for key in path:
+                child = node._modules.get(key)
+                if child is None:
+                    break
+                chain.append((node, key, child))
+                node = child
+            if len(chain) != len(path) or node is not mp.module:
+                replaced += [mp.owner] if mp.owner not in replaced else []
+                continue
+            for link in chain:
+                if (id(link[0]), link[1]) not in seen:
+                    seen.add((id(link[0]), link[1]))
+                    out.append(link)
+        if replaced:
+            raise ValueError(f"SpectralPenalty: the model no longer holds the module{'s' * (len(replaced) > 1)} it "
+                             f"found at {', '.join(repr(n) for n in replaced)} (replaced or removed after the penalty "
+                             f"was built), whose weights it would go on regularizing: build the penalty after "
                              f"changing the model")
+        self._links[id(maps)] = (maps, out)
 
 
 _ACTIVATIONS = (nn.GELU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Softplus)
