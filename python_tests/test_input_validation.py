@@ -373,4 +373,4 @@ def test_triton_fallback_to_the_reference_warns_once_per_op_and_reason(monkeypat
     assert "batched_power_step_" in msgs[0] and "torch.float64 blocks" in msgs[0] and "reference" in msgs[0]
     assert "batched_power_step_" in msgs[1] and "torch.complex128 blocks" in msgs[1]
     assert "power_step_: float64 weights" in msgs[2]
-    torch.testing.assert_close(s, ops._batched_power_step_reference(blocks, u2, v2, 2))
+    torch.testing.assert_close(s, ops.batched_power_step_reference(blocks, u2, v2, 2))

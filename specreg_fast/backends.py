@@ -109,7 +109,7 @@ def power_step_(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[to
     b = resolve(backend, _device(weights))
     weights, us, vs = list(weights), list(us), list(vs)
     if b == "reference":
-        return ops._power_step_reference(weights, us, vs, int(n_iter), float(tol))
+        return ops.power_step_reference(weights, us, vs, int(n_iter), float(tol))
     if b == "triton":
         from .triton import _power_step_cuda
 

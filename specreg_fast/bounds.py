@@ -225,11 +225,11 @@ def _gram(P: torch.Tensor) -> torch.Tensor:
 def _cholesky_fails(H: torch.Tensor, mu2: float, eps: torch.Tensor) -> torch.Tensor:
     """Mask of the blocks whose ``mu2 (1 - eps) I - H`` has no Cholesky factorization (read
     from the upper triangle; the C++ op on CPU, LAPACK/cuSOLVER elsewhere)."""
-    from .ops import _shifted_cholesky_info_reference, shifted_cholesky_info
+    from .ops import shifted_cholesky_info, shifted_cholesky_info_reference
 
     shift = (mu2 * (1 - eps)).to(H.real.dtype)
     # the unblocked C++ test wins while a block's scratch fits in L2; LAPACK's blocked potrf beyond
-    test = shifted_cholesky_info if H.shape[-1] <= 256 else _shifted_cholesky_info_reference
+    test = shifted_cholesky_info if H.shape[-1] <= 256 else shifted_cholesky_info_reference
     return test(H, shift) != 0
 
 
@@ -565,7 +565,7 @@ def dense_cholesky_bound(m: nn.Module, input_shape: Sequence[int], lower: Option
     The weight is first scaled by a power of two (exact, undone at the end), so the Gram of
     tiny weights cannot underflow (a 1e-200 weight's squares are 0 in float64)."""
     from .conv import conv_operator_norm
-    from .ops import _shifted_cholesky_info_reference
+    from .ops import shifted_cholesky_info_reference
 
     if not isinstance(rtol, (int, float)) or not rtol > 0:
         raise ValueError(f"rtol must be a positive number, got {rtol!r}")
@@ -593,7 +593,7 @@ def dense_cholesky_bound(m: nn.Module, input_shape: Sequence[int], lower: Option
         # Demmel's margin for the factorization, the Gram's rounding and the shifted diagonal
         eps = shift_margin(D, err, mu2, _U64)
         shift = torch.full((M.shape[0],), mu2 * (1 - eps), dtype=M.dtype)
-        if not bool(_shifted_cholesky_info_reference(M, shift).any()):  # every group factored
+        if not bool(shifted_cholesky_info_reference(M, shift).any()):  # every group factored
             return math.ldexp(math.sqrt(mu2) * _ROUND_UP, scale_exp)
         # lower was short of the norm: widen the slack (squared each time, so few retries)
         mu2 *= slack

@@ -162,11 +162,11 @@ def conv_operator_norms(specs: Sequence[ConvSpec], state: ConvState, n_iter: int
     and low-precision weights are upcast to float32 inside the op.
     """
     specs = list(specs)
-    n_iter = ops._iter_arg("conv_operator_norms", "n_iter", n_iter)
+    n_iter = ops.iter_arg("conv_operator_norms", "n_iter", n_iter)
     if tol is not None:
-        tol = ops._tol_arg("conv_operator_norms", tol, finite=True)
+        tol = ops.tol_arg("conv_operator_norms", tol, finite=True)
     if max_iter is not None:
-        max_iter = ops._iter_arg("conv_operator_norms", "max_iter", max_iter, minimum=1)
+        max_iter = ops.iter_arg("conv_operator_norms", "max_iter", max_iter, minimum=1)
     _validate(specs, state, names)
     if not specs:
         return torch.zeros(0)

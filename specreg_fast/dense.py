@@ -44,7 +44,7 @@ def init_power_state(weights: Sequence[torch.Tensor], generator: Optional[torch.
     us, vs = [], []
     for W in weights:
         W = as_matrix(W)
-        acc = ops._acc_dtype(W.dtype)
+        acc = ops.acc_dtype(W.dtype)
         v = torch.randn(W.shape[1], dtype=acc, generator=generator).to(W.device)
         v = v / torch.linalg.vector_norm(v).clamp_min(torch.finfo(acc).tiny)
         u = torch.zeros(W.shape[0], dtype=acc, device=W.device)
@@ -67,7 +67,7 @@ def _validate(weights: Sequence[torch.Tensor], state: PowerState, names: Optiona
             raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(W.shape)}")
         if W.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             raise TypeError(f"{name}: expected a float32/float64/bfloat16/float16 weight, got {W.dtype}")
-        acc = ops._acc_dtype(W.dtype)
+        acc = ops.acc_dtype(W.dtype)
         for vec, what, size in ((state.us[l], "u", W.shape[0]), (state.vs[l], "v", W.shape[1])):
             if not isinstance(vec, torch.Tensor):
                 raise TypeError(f"{name}: state {what} must be a tensor, got {type(vec).__name__}")
@@ -104,11 +104,11 @@ def spectral_norms(weights: Sequence[torch.Tensor], state: PowerState, n_iter: i
     Invalid input raises before anything is modified.
     """
     weights = list(weights)
-    n_iter = ops._iter_arg("spectral_norms", "n_iter", n_iter)
+    n_iter = ops.iter_arg("spectral_norms", "n_iter", n_iter)
     if tol is not None:
-        tol = ops._tol_arg("spectral_norms", tol, finite=False)
+        tol = ops.tol_arg("spectral_norms", tol, finite=False)
     if max_iter is not None:
-        max_iter = ops._iter_arg("spectral_norms", "max_iter", max_iter, minimum=1)
+        max_iter = ops.iter_arg("spectral_norms", "max_iter", max_iter, minimum=1)
     _validate(weights, state, names)
     if backend != "auto":
         backends.resolve(backend, weights[0].device if weights else torch.device("cpu"))  # bad name: raise now
@@ -245,14 +245,14 @@ def lowrank_sigmas(maps, us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor],
     whose gradient is that of the bilinear form (:func:`lowrank_grads`), the exact
     d sigma_max once converged. Invalid input raises before anything is modified."""
     maps, us, vs = list(maps), list(us), list(vs)
-    n_iter = ops._iter_arg("lowrank_sigmas", "n_iter", n_iter)
+    n_iter = ops.iter_arg("lowrank_sigmas", "n_iter", n_iter)
     _validate([M.like() for M in maps], PowerState(us, vs))
     return _lowrank_sigmas(maps, us, vs, n_iter, update)
 
 
 def _lowrank_sigmas(maps, us: List[torch.Tensor], vs: List[torch.Tensor], n_iter: int, update: bool) -> torch.Tensor:
     """:func:`lowrank_sigmas` on validated arguments (the penalty validates once per plan)."""
-    dt = ops._out_dtype([M.like() for M in maps])
+    dt = ops.out_dtype([M.like() for M in maps])
     if not maps:
         return torch.zeros(0, dtype=dt)
     with torch.no_grad():

@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import ops as _ops
+from .geometry import conv_adjoint, conv_apply, decode_conv_params
 
 __all__ = ["regularized_weights", "power_step_", "sigma", "sigma_from_step", "add_grads"]
 
@@ -161,7 +162,7 @@ class _Shard:
             return torch.mv(Wf, x)
         if self.out_hi == self.out_lo:
             return x.new_zeros(0)
-        return _ops._conv_apply_ref(self.local_geometry, Wf, x.view(1, *self.in_shape)).reshape(-1)
+        return conv_apply(self.local_geometry, Wf, x.view(1, *self.in_shape)).reshape(-1)
 
     def adjoint(self, Wf, t):
         """``A_r^T t_r`` on this rank's input slice (flat), ``t_r`` its output entries."""
@@ -169,8 +170,8 @@ class _Shard:
             return torch.mv(Wf.t(), t)
         if self.out_hi == self.out_lo:
             return t.new_zeros(self.in_hi - self.in_lo)
-        return _ops._conv_adjoint_ref(self.local_geometry, Wf, t.view(1, -1, *self.out_spatial),
-                                      t.new_empty((1,) + self.in_shape)).reshape(-1)
+        return conv_adjoint(self.local_geometry, Wf, t.view(1, -1, *self.out_spatial),
+                            t.new_empty((1,) + self.in_shape)).reshape(-1)
 
     def weight(self, dtype):
         """The local weight in the vectors' dtype, as the operator reads it."""
@@ -191,7 +192,7 @@ class _Shard:
 
 
 def _pack_geometry(g):
-    """A geometry dict of ``ops._conv_geometry`` packed back for the conv ops."""
+    """A geometry dict of ``geometry.decode_conv_params`` packed back for the conv ops."""
     return ([int(g["transposed"]), int(g["groups"]), *g["stride"], *g["dilation"], *g["lo"], *g["hi"],
              *g["output_padding"]], [g["mode"]])
 
@@ -200,7 +201,7 @@ def _conv_geometries(specs) -> list:
     if not specs:
         return []
     params, modes = _ops.pack_conv_params(specs)
-    return _ops._conv_geometry("SpectralPenalty", [sp.weight for sp in specs], params, modes)
+    return decode_conv_params("SpectralPenalty", [sp.weight for sp in specs], params, modes)
 
 
 def _shards(weights, outs, ins, names, geometries) -> List[_Shard]:
@@ -236,7 +237,7 @@ def power_step_(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: Lis
     (dense ones the single-process fused op)."""
     names = _names(names, len(weights))
     shards = _shards(weights, us, vs, names, _conv_geometries(conv_specs))
-    est = torch.zeros(len(shards), dtype=_ops._out_dtype([sh.local for sh in shards]),
+    est = torch.zeros(len(shards), dtype=_ops.out_dtype([sh.local for sh in shards]),
                       device=us[0].device if us else torch.device("cpu"))
     fused = [l for l, sh in enumerate(shards) if sh.group is None and sh.geometry is None]
     if fused:
@@ -292,7 +293,7 @@ def power_step_(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: Lis
 def _local_sigmas(shards: Sequence[_Shard], us, vs) -> torch.Tensor:
     """``<u, A v>`` of every layer, detached, identical on every rank: one all-reduce of the
     per-rank partials ``<u_r, A_r v>`` per process group."""
-    out = torch.zeros(len(shards), dtype=_ops._out_dtype([sh.local for sh in shards]),
+    out = torch.zeros(len(shards), dtype=_ops.out_dtype([sh.local for sh in shards]),
                       device=us[0].device if us else torch.device("cpu"))
     with torch.no_grad():
         part = torch.stack([us[l].reshape(-1)[sh.out_lo:sh.out_hi].double()
@@ -404,14 +405,13 @@ def init_conv_state(specs, generator: Optional[torch.Generator] = None, names: O
         return _single(specs, generator=generator)
     xs, ys = [], []
     for sp in specs:
-        acc = _ops._acc_dtype(sp.weight.dtype)
+        acc = _ops.acc_dtype(sp.weight.dtype)
         x = torch.randn(tuple(sp.input_shape), dtype=acc, generator=generator).to(sp.weight.device)
         xs.append(x / torch.linalg.vector_norm(x))
     geos = _conv_geometries(specs)
     with torch.no_grad():
         for sp, x, g in zip(specs, xs, geos):  # output shapes from the meta device: no data, no collective
-            meta = _ops._conv_apply_ref(g, torch.empty(sp.weight.shape, device="meta", dtype=x.dtype),
-                                        x.to("meta")[None])
+            meta = conv_apply(g, torch.empty(sp.weight.shape, device="meta", dtype=x.dtype), x.to("meta")[None])
             ys.append(torch.zeros(meta.shape[1:], dtype=x.dtype, device=x.device))
         shards = _shards([sp.weight for sp in specs], ys, xs, _names(names, len(specs)), geos)
         for ids in _groups(shards) + [[l] for l, sh in enumerate(shards) if sh.group is None]:

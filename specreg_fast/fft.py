@@ -153,7 +153,7 @@ def circular_conv_norms(specs: Sequence[ConvSpec], state: Optional[CircularState
     (float64 if any weight is float64).
     """
     specs = list(specs)
-    n_iter = ops._iter_arg("circular_conv_norms", "n_iter", n_iter)
+    n_iter = ops.iter_arg("circular_conv_norms", "n_iter", n_iter)
     if not specs:
         return torch.zeros(0)
     dt = torch.float64 if any(s.weight.dtype == torch.float64 for s in specs) else torch.float32
@@ -307,7 +307,7 @@ def circular_block_norms(specs: Sequence[ConvSpec], state: CircularBlockState, n
     and small layers. Differentiable: sigma = |P(w*) v| with ``P(w*)`` rebuilt for the top
     block only (its gradient is the closed form ``Re(u^H dP(w*) v)``)."""
     specs = list(specs)
-    n_iter = ops._iter_arg("circular_block_norms", "n_iter", n_iter)
+    n_iter = ops.iter_arg("circular_block_norms", "n_iter", n_iter)
     if len(state) != len(specs) or len(state.us) != len(specs):
         raise ValueError(f"state: expected {len(specs)} (u, v) pairs, one per conv, got {len(state)}")
     # every layer is checked before the first one's vectors move

@@ -53,7 +53,7 @@ def _power_step_cuda(weights, us, vs, n_iter, tol):
         # fp64 has no Triton kernel: the float64 layers take the reference, the rest Triton.
         backends.warn_reference_fallback("power_step_", "float64 weights have no Triton kernel")
         return _split_fp64(weights, us, vs, lambda w, u, v: ps.power_step_(w, u, v, n_iter, tol),
-                           lambda w, u, v: ops._power_step_reference(w, u, v, n_iter, tol))
+                           lambda w, u, v: ops.power_step_reference(w, u, v, n_iter, tol))
     return ps.power_step_(list(weights), list(us), list(vs), n_iter, tol)
 
 
@@ -63,7 +63,7 @@ def _sigma_cuda(weights, us, vs):
 
     if any(w.dtype == torch.float64 for w in weights):
         backends.warn_reference_fallback("sigma", "float64 weights have no Triton kernel")
-        return _split_fp64(weights, us, vs, ps.sigma, ops._sigma_reference)
+        return _split_fp64(weights, us, vs, ps.sigma, ops.sigma_reference)
     return ps.sigma(list(weights), list(us), list(vs))
 
 
@@ -88,11 +88,11 @@ def _batched_power_step_cuda(blocks, us, vs, n_iter):
     from .batched_power import batched_power_iteration
 
     if blocks.dtype in (torch.float32, torch.complex64):
-        ops._check_batched_args(blocks, us, vs, n_iter)
+        ops.check_batched_args(blocks, us, vs, n_iter)
         return batched_power_iteration(blocks.contiguous(), us, vs, n_iter)[0]
     if blocks.dtype in (torch.float64, torch.complex128):
         backends.warn_reference_fallback("batched_power_step_", f"{blocks.dtype} blocks have no Triton kernel")
-    return ops._batched_power_step_reference(blocks, us, vs, n_iter)
+    return ops.batched_power_step_reference(blocks, us, vs, n_iter)
 
 
 def register() -> List[str]:
