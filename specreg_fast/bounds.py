@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import reference as ref
+from .geometry import conv_padding, output_size
 
 __all__ = ["gram_upper_bound", "circular_gram_bound", "circular_cholesky_bound", "conv_upper_bound",
            "dense_cholesky_bound", "dense_operator_gram", "schur_conv_bound", "operator_norm_bounds"]
@@ -430,7 +430,7 @@ def _operator_geometry(m: nn.Module, input_shape: Sequence[int]):
     out_spatial = tuple(out.shape[2:])
     if m.transposed:
         return spatial, out_spatial, tuple(m.padding), "zeros"
-    lo, _ = _pads(m, spatial)
+    lo, _ = conv_padding(m.padding, m.weight.shape[2:], m.dilation)
     return out_spatial, spatial, lo, m.padding_mode
 
 
@@ -626,15 +626,6 @@ def schur_conv_bound(m: nn.Module) -> Optional[float]:
     return float(torch.sqrt(s0 * s1)) / (1 - _gamma(n0 + n1 + 4))
 
 
-def _pads(m: nn.Module, spatial: Sequence[int]):
-    d = len(spatial)
-    k = m.weight.shape[2:]
-    if m.padding == "valid":
-        return (0,) * d, (0,) * d
-    if m.padding == "same":
-        total = [m.dilation[i] * (k[i] - 1) for i in range(d)]
-        return tuple(t // 2 for t in total), tuple(t - t // 2 for t in total)
-    return tuple(m.padding), tuple(m.padding)
 
 
 def conv_upper_bound(m: nn.Module, input_shape: Sequence[int], n_iter: int = 8, lower: Optional[float] = None,
@@ -705,12 +696,12 @@ def _circular_route_bound(m, input_shape, n_iter, lower, rtol, method) -> Option
             # the adjoint of the conv with this weight at the transposed conv's output size
             if any(op >= s for op, s in zip(m.output_padding, m.stride)):
                 return math.inf
-            size = [(spatial[i] - 1) * m.stride[i] - 2 * m.padding[i] + m.dilation[i] * (w.shape[2 + i] - 1)
-                    + m.output_padding[i] + 1 for i in range(d)]
             lo = hi = tuple(m.padding)
+            size = [output_size(spatial[i], w.shape[2 + i], m.stride[i], m.dilation[i], lo[i], hi[i],
+                                m.output_padding[i], transposed=True) for i in range(d)]
         else:
             size = list(spatial)
-            lo, hi = _pads(m, spatial)
+            lo, hi = conv_padding(m.padding, m.weight.shape[2:], m.dilation)
         N = [-(-(size[i] + lo[i] + hi[i]) // m.stride[i]) * m.stride[i] for i in range(d)]
         return circular_bound(w, N, m.stride, m.dilation, m.groups, **kw)
     return None

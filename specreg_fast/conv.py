@@ -18,8 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from . import reference as ref
-from .geometry import ConvSpec
+from .geometry import ConvSpec, conv_apply, decode_conv_params, output_size, pack_conv_params
 
 __all__ = ["ConvSpec", "ConvState", "init_conv_state", "conv_operator_norms", "conv_operator_norm", "set_conv_kernel"]
 
@@ -43,10 +42,6 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _spec_acc(spec: ConvSpec) -> ConvSpec:
-    return ConvSpec(**{**spec.__dict__, "weight": spec.weight.detach().to(_acc(spec.weight.dtype))})
-
-
 def init_conv_state(specs: Sequence[ConvSpec], generator: Optional[torch.Generator] = None) -> ConvState:
     """Random unit input vectors and the matching normalized outputs."""
     xs, ys = [], []
@@ -54,8 +49,10 @@ def init_conv_state(specs: Sequence[ConvSpec], generator: Optional[torch.Generat
         acc = _acc(spec.weight.dtype)
         x = torch.randn(tuple(spec.input_shape), dtype=acc, generator=generator).to(spec.weight.device)
         x = x / torch.linalg.vector_norm(x)
+        params, modes = pack_conv_params([spec])
+        g = decode_conv_params("init_conv_state", [spec.weight], params, modes)[0]
         with torch.no_grad():
-            y = ref.conv_apply(_spec_acc(spec), x[None])[0]
+            y = conv_apply(g, spec.weight.detach().to(acc), x[None])[0]
         y = y / torch.linalg.vector_norm(y).clamp_min(torch.finfo(acc).tiny)
         xs.append(x)
         ys.append(y)
@@ -118,7 +115,7 @@ def _output_shape(spec: ConvSpec, name: str):
         if len(t) != d or any(v < 1 for v in t):
             raise ValueError(f"{name}: {name_} must be {d} positive ints, got {t}")
     try:
-        params, _ = ops.pack_conv_params([spec])
+        params, _ = pack_conv_params([spec])
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
     lo, hi = params[2 + 2 * d:2 + 3 * d], params[2 + 3 * d:2 + 4 * d]
@@ -134,12 +131,9 @@ def _output_shape(spec: ConvSpec, name: str):
             raise ValueError(f"{name}: reflect padding {max(lo[i], hi[i])} must be < the input size {n[1 + i]}")
         if spec.padding_mode == "circular" and max(lo[i], hi[i]) > n[1 + i]:
             raise ValueError(f"{name}: circular padding {max(lo[i], hi[i])} must be <= the input size {n[1 + i]}")
-        if spec.transposed:
-            if op[i] >= max(s, dl):
-                raise ValueError(f"{name}: output_padding {op[i]} must be < stride or dilation")
-            o = (n[1 + i] - 1) * s - lo[i] - hi[i] + dl * (k - 1) + op[i] + 1
-        else:
-            o = (n[1 + i] + lo[i] + hi[i] - dl * (k - 1) - 1) // s + 1
+        if spec.transposed and op[i] >= max(s, dl):
+            raise ValueError(f"{name}: output_padding {op[i]} must be < stride or dilation")
+        o = output_size(n[1 + i], k, s, dl, lo[i], hi[i], op[i], spec.transposed)
         if o < 1:
             raise ValueError(f"{name}: input size {n[1 + i]} (dim {i}) too small for the kernel")
         out.append(o)
@@ -171,7 +165,7 @@ def conv_operator_norms(specs: Sequence[ConvSpec], state: ConvState, n_iter: int
     if not specs:
         return torch.zeros(0)
     steps = n_iter if tol is None else (max_iter or 100)
-    params, modes = ops.pack_conv_params(specs)
+    params, modes = pack_conv_params(specs)
     weights = [s.weight for s in specs]
     if update and steps > 0:
         est = ops.conv_power_step_([w.detach() for w in weights], state.xs, state.ys, params, modes, steps,

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import ops as _ops
-from .geometry import conv_adjoint, conv_apply, decode_conv_params
+from .geometry import conv_adjoint, conv_apply, decode_conv_params, pack_conv_params, pack_geometry
 
 __all__ = ["regularized_weights", "power_step_", "sigma", "sigma_from_step", "add_grads"]
 
@@ -186,21 +186,15 @@ class _Shard:
             return torch.outer(u * scale, x).reshape(self.local.shape)
         if self.out_hi == self.out_lo:
             return self.local.new_zeros(self.local.shape, dtype=u.dtype)
-        params, modes = _pack_geometry(self.local_geometry)
+        params, modes = pack_geometry(self.local_geometry)
         y = (u * scale).view(-1, *self.out_spatial)
         return _ops.conv_weight_grad([self.local.to(u.dtype)], [x.view(self.in_shape)], [y], params, modes)[0]
-
-
-def _pack_geometry(g):
-    """A geometry dict of ``geometry.decode_conv_params`` packed back for the conv ops."""
-    return ([int(g["transposed"]), int(g["groups"]), *g["stride"], *g["dilation"], *g["lo"], *g["hi"],
-             *g["output_padding"]], [g["mode"]])
 
 
 def _conv_geometries(specs) -> list:
     if not specs:
         return []
-    params, modes = _ops.pack_conv_params(specs)
+    params, modes = pack_conv_params(specs)
     return decode_conv_params("SpectralPenalty", [sp.weight for sp in specs], params, modes)
 
 

@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from . import ops
 from . import reference as ref
-from .geometry import ConvSpec
+from .geometry import ConvSpec, conv_padding, output_size, same_padding
 
 __all__ = ["CircularState", "init_circular_state", "circular_conv_norms", "circular_params", "to_circular_padding",
            "circular_blocks", "CircularBlockState", "init_circular_block_state", "circular_block_norms"]
@@ -69,15 +69,9 @@ def init_circular_state(specs: Sequence[ConvSpec], generator: Optional[torch.Gen
 def _full_wrap(spec: ConvSpec) -> bool:
     """Whether the layer's own padding makes it the full wrap-around conv (output N/stride)."""
     k = spec.weight.shape[2:]
-    for i, (n, s) in enumerate(zip(spec.input_shape[1:], spec.stride)):
-        span = spec.dilation[i] * (k[i] - 1)
-        if isinstance(spec.padding, str):
-            total = span if spec.padding == "same" else 0
-        else:
-            total = 2 * spec.padding[i]
-        if (n + total - span - 1) // s + 1 != n // s:
-            return False
-    return True
+    lo, hi = conv_padding(spec.padding, k, spec.dilation)
+    return all(output_size(n, k[i], s, spec.dilation[i], lo[i], hi[i]) == n // s
+               for i, (n, s) in enumerate(zip(spec.input_shape[1:], spec.stride)))
 
 
 def _check_circular(spec: ConvSpec, name: str, assume_circular: bool) -> None:
@@ -120,13 +114,11 @@ def _check_circular(spec: ConvSpec, name: str, assume_circular: bool) -> None:
 
 
 def circular_params(spec: ConvSpec) -> List[int]:
-    """The conv-op packing (``ops.pack_conv_params``) of the full wrap-around conv of ``spec``:
+    """The conv-op packing (``geometry.pack_conv_params``) of the full wrap-around conv of ``spec``:
     total padding ``dilation*(k-1)`` in circular mode. The layer's own padding only shifts the
     input circularly, which changes neither the singular values nor their gradient."""
     d = spec.weight.dim() - 2
-    span = [spec.dilation[i] * (spec.weight.shape[2 + i] - 1) for i in range(d)]
-    lo = [t // 2 for t in span]
-    hi = [t - t // 2 for t in span]
+    lo, hi = same_padding(spec.weight.shape[2:], spec.dilation)
     return [0, int(spec.groups), *map(int, spec.stride), *map(int, spec.dilation), *lo, *hi, *([0] * d)]
 
 

@@ -2,11 +2,11 @@
 
 Everything the package knows about a conv's geometry, in one place: :class:`ConvSpec` (the
 layer at one input size), the packing of the conv ops' ``int[] params`` and its decoding
-(:func:`pack_conv_params`, :func:`decode_conv_params`), output shapes
-(:func:`conv_output_shape`), the split of ``"same"`` padding (:func:`same_padding`), and the
-map and its adjoint in plain PyTorch on decoded geometry (:func:`conv_apply`,
-:func:`conv_adjoint`: the reference kernels of the conv ops and the sharded penalty compute
-with them).
+(:func:`pack_conv_params`, :func:`decode_conv_params`, :func:`pack_geometry`), output sizes
+(:func:`output_size`, :func:`conv_output_shape`), padding splits (:func:`conv_padding`,
+:func:`same_padding`), and the map and its adjoint in plain PyTorch on decoded geometry
+(:func:`conv_apply`, :func:`conv_adjoint`: the reference kernels of the conv ops, the initial
+conv state and the sharded penalty compute with them).
 
 A neutral module: the fast paths (``conv.py``, ``fft.py``, ``bounds.py``), the ops, the
 penalty and the plain references in ``reference.py`` all take its geometry; keeping it here
@@ -22,8 +22,8 @@ import torch.nn as nn
 
 from .contract import require
 
-__all__ = ["ConvSpec", "same_padding", "pack_conv_params", "decode_conv_params", "conv_output_shape",
-           "conv_apply", "conv_adjoint"]
+__all__ = ["ConvSpec", "same_padding", "conv_padding", "output_size", "pack_conv_params", "decode_conv_params",
+           "pack_geometry", "conv_output_shape", "conv_apply", "conv_adjoint"]
 
 
 @dataclass
@@ -84,6 +84,28 @@ def same_padding(kernel: Sequence[int], dilation: Sequence[int]) -> Tuple[Tuple[
     return tuple(t // 2 for t in total), tuple(t - t // 2 for t in total)
 
 
+def conv_padding(padding, kernel: Sequence[int], dilation: Sequence[int]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """``(lo, hi)`` per spatial dim of a conv layer's ``padding``: ``"valid"``, ``"same"``
+    (:func:`same_padding`) or one int per dim (both sides)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0,) * len(kernel), (0,) * len(kernel)
+        if padding == "same":
+            return same_padding(kernel, dilation)
+        raise ValueError(f"padding must be 'same', 'valid' or a tuple, got {padding!r}")
+    lo = tuple(int(p) for p in padding)
+    return lo, lo
+
+
+def output_size(n: int, k: int, stride: int, dilation: int, lo: int, hi: int, output_padding: int = 0,
+                transposed: bool = False) -> int:
+    """The output size along one spatial dim, for input size ``n`` and kernel size ``k``: floor
+    division for a conv (< 1 when the kernel does not fit the padded input)."""
+    if transposed:
+        return (n - 1) * stride - lo - hi + dilation * (k - 1) + output_padding + 1
+    return (n + lo + hi - dilation * (k - 1) - 1) // stride + 1
+
+
 # Per-layer geometry of the conv ops, packed layer after layer into one int[] (2 + 5 d ints
 # for d spatial dims) plus one padding-mode string per layer:
 #     [transposed, groups, stride[d], dilation[d], pad_lo[d], pad_hi[d], output_padding[d]]
@@ -94,16 +116,7 @@ def pack_conv_params(specs) -> "tuple[List[int], List[str]]":
     modes: List[str] = []
     for spec in specs:
         d = spec.weight.dim() - 2
-        k = tuple(spec.weight.shape[2:])
-        if isinstance(spec.padding, str):
-            if spec.padding == "valid":
-                lo = hi = (0,) * d
-            elif spec.padding == "same":
-                lo, hi = same_padding(k, spec.dilation)
-            else:
-                raise ValueError(f"padding must be 'same', 'valid' or a tuple, got {spec.padding!r}")
-        else:
-            lo = hi = tuple(int(p) for p in spec.padding)
+        lo, hi = conv_padding(spec.padding, tuple(spec.weight.shape[2:]), spec.dilation)
         op = tuple(spec.output_padding) if spec.transposed and spec.output_padding else (0,) * d
         params += [int(bool(spec.transposed)), int(spec.groups), *map(int, spec.stride), *map(int, spec.dilation), *lo,
                    *hi, *map(int, op)]
@@ -148,16 +161,21 @@ def decode_conv_params(op: str, weights, params, modes) -> List[dict]:
     return out
 
 
+def pack_geometry(g: dict) -> "tuple[List[int], List[str]]":
+    """One layer's decoded geometry (an entry of :func:`decode_conv_params`) packed back into
+    ``(params, padding_modes)`` for the conv ops."""
+    return ([int(g["transposed"]), int(g["groups"]), *g["stride"], *g["dilation"], *g["lo"], *g["hi"],
+             *g["output_padding"]], [g["mode"]])
+
+
 def conv_output_shape(op: str, l: int, g: dict, W, in_shape) -> list:
     """The layer's output shape ``(C_out, *spatial)`` for an input ``(C_in, *spatial)``, with
     floor division (a kernel larger than the padded input is an error, not an output of 1)."""
     out = [W.shape[1] * g["groups"] if g["transposed"] else W.shape[0]]
     for i in range(g["d"]):
-        n, k, s, dl = in_shape[1 + i], W.shape[2 + i], g["stride"][i], g["dilation"][i]
-        if g["transposed"]:
-            o = (n - 1) * s - g["lo"][i] - g["hi"][i] + dl * (k - 1) + g["output_padding"][i] + 1
-        else:
-            o = (n + g["lo"][i] + g["hi"][i] - dl * (k - 1) - 1) // s + 1  # floor: < 1 when k does not fit
+        s, dl = g["stride"][i], g["dilation"][i]
+        o = output_size(in_shape[1 + i], W.shape[2 + i], s, dl, g["lo"][i], g["hi"][i], g["output_padding"][i],
+                        g["transposed"])
         require(o >= 1, lambda: f"{op}: layer {l}: input {tuple(in_shape)} too small for the kernel")
         entries = (s, dl, g["lo"][i], g["hi"][i], g["output_padding"][i])
         require(max(entries) < 2 ** 31, lambda: f"{op}: layer {l}: stride, dilation, padding and output_padding "
