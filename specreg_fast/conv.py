@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
+from .contract import WEIGHT_DTYPES, acc_dtype
 from .geometry import ConvSpec, conv_apply, decode_conv_params, output_size, pack_conv_params
 
 __all__ = ["ConvSpec", "ConvState", "init_conv_state", "conv_operator_norms", "conv_operator_norm", "set_conv_kernel"]
@@ -35,18 +36,11 @@ class ConvState:
         return len(self.xs)
 
 
-_WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def init_conv_state(specs: Sequence[ConvSpec], generator: Optional[torch.Generator] = None) -> ConvState:
     """Random unit input vectors and the matching normalized outputs."""
     xs, ys = [], []
     for spec in specs:
-        acc = _acc(spec.weight.dtype)
+        acc = acc_dtype(spec.weight.dtype)
         x = torch.randn(tuple(spec.input_shape), dtype=acc, generator=generator).to(spec.weight.device)
         x = x / torch.linalg.vector_norm(x)
         params, modes = pack_conv_params([spec])
@@ -67,13 +61,13 @@ def _validate(specs: Sequence[ConvSpec], state: ConvState, names=None) -> None:
         name = names[l] if names is not None else f"specs[{l}]"
         if not isinstance(spec, ConvSpec):
             raise TypeError(f"{name}: expected a ConvSpec, got {type(spec).__name__}")
-        if not isinstance(spec.weight, torch.Tensor) or spec.weight.dtype not in _WEIGHT_DTYPES:
+        if not isinstance(spec.weight, torch.Tensor) or spec.weight.dtype not in WEIGHT_DTYPES:
             raise TypeError(f"{name}: weight must be a float32/float64/bfloat16/float16 tensor, got "
                             f"{getattr(spec.weight, 'dtype', type(spec.weight).__name__)}")
         if spec.padding_mode not in ("zeros", "circular", "reflect", "replicate"):
             raise ValueError(f"{name}: padding_mode must be zeros/circular/reflect/replicate, got "
                              f"{spec.padding_mode!r}")
-        acc = _acc(spec.weight.dtype)
+        acc = acc_dtype(spec.weight.dtype)
         x, y = state.xs[l], state.ys[l]
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             raise TypeError(f"{name}: state x/y must be tensors")

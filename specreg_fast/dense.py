@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import backends, ops
+from .contract import WEIGHT_DTYPES, acc_dtype, out_dtype
 
 __all__ = ["PowerState", "init_power_state", "spectral_norms", "spectral_norm", "as_matrix", "lowrank_sigmas",
            "lowrank_grads"]
@@ -44,7 +45,7 @@ def init_power_state(weights: Sequence[torch.Tensor], generator: Optional[torch.
     us, vs = [], []
     for W in weights:
         W = as_matrix(W)
-        acc = ops.acc_dtype(W.dtype)
+        acc = acc_dtype(W.dtype)
         v = torch.randn(W.shape[1], dtype=acc, generator=generator).to(W.device)
         v = v / torch.linalg.vector_norm(v).clamp_min(torch.finfo(acc).tiny)
         u = torch.zeros(W.shape[0], dtype=acc, device=W.device)
@@ -65,9 +66,9 @@ def _validate(weights: Sequence[torch.Tensor], state: PowerState, names: Optiona
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(W).__name__}")
         if W.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(W.shape)}")
-        if W.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        if W.dtype not in WEIGHT_DTYPES:
             raise TypeError(f"{name}: expected a float32/float64/bfloat16/float16 weight, got {W.dtype}")
-        acc = ops.acc_dtype(W.dtype)
+        acc = acc_dtype(W.dtype)
         for vec, what, size in ((state.us[l], "u", W.shape[0]), (state.vs[l], "v", W.shape[1])):
             if not isinstance(vec, torch.Tensor):
                 raise TypeError(f"{name}: state {what} must be a tensor, got {type(vec).__name__}")
@@ -252,7 +253,7 @@ def lowrank_sigmas(maps, us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor],
 
 def _lowrank_sigmas(maps, us: List[torch.Tensor], vs: List[torch.Tensor], n_iter: int, update: bool) -> torch.Tensor:
     """:func:`lowrank_sigmas` on validated arguments (the penalty validates once per plan)."""
-    dt = ops.out_dtype([M.like() for M in maps])
+    dt = out_dtype([M.like() for M in maps])
     if not maps:
         return torch.zeros(0, dtype=dt)
     with torch.no_grad():

@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import ops as _ops
+from .contract import acc_dtype, out_dtype
 from .geometry import conv_adjoint, conv_apply, decode_conv_params, pack_conv_params, pack_geometry
 
 __all__ = ["regularized_weights", "power_step_", "sigma", "sigma_from_step", "add_grads"]
@@ -231,7 +232,7 @@ def power_step_(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: Lis
     (dense ones the single-process fused op)."""
     names = _names(names, len(weights))
     shards = _shards(weights, us, vs, names, _conv_geometries(conv_specs))
-    est = torch.zeros(len(shards), dtype=_ops.out_dtype([sh.local for sh in shards]),
+    est = torch.zeros(len(shards), dtype=out_dtype([sh.local for sh in shards]),
                       device=us[0].device if us else torch.device("cpu"))
     fused = [l for l, sh in enumerate(shards) if sh.group is None and sh.geometry is None]
     if fused:
@@ -242,7 +243,7 @@ def power_step_(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: Lis
         groups = _groups(shards) + [[l] for l, sh in enumerate(shards) if sh.group is None and sh.geometry is not None]
         for ids in groups:
             group = shards[ids[0]].group
-            buf_dtype = torch.float64 if any(us[l].dtype == torch.float64 for l in ids) else torch.float32
+            buf_dtype = out_dtype([us[l] for l in ids])
             offs = [0]
             for l in ids:
                 offs.append(offs[-1] + shards[l].m + shards[l].n + 1)
@@ -287,7 +288,7 @@ def power_step_(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: Lis
 def _local_sigmas(shards: Sequence[_Shard], us, vs) -> torch.Tensor:
     """``<u, A v>`` of every layer, detached, identical on every rank: one all-reduce of the
     per-rank partials ``<u_r, A_r v>`` per process group."""
-    out = torch.zeros(len(shards), dtype=_ops.out_dtype([sh.local for sh in shards]),
+    out = torch.zeros(len(shards), dtype=out_dtype([sh.local for sh in shards]),
                       device=us[0].device if us else torch.device("cpu"))
     with torch.no_grad():
         part = torch.stack([us[l].reshape(-1)[sh.out_lo:sh.out_hi].double()
@@ -399,7 +400,7 @@ def init_conv_state(specs, generator: Optional[torch.Generator] = None, names: O
         return _single(specs, generator=generator)
     xs, ys = [], []
     for sp in specs:
-        acc = _ops.acc_dtype(sp.weight.dtype)
+        acc = acc_dtype(sp.weight.dtype)
         x = torch.randn(tuple(sp.input_shape), dtype=acc, generator=generator).to(sp.weight.device)
         xs.append(x / torch.linalg.vector_norm(x))
     geos = _conv_geometries(specs)

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
+from .contract import WEIGHT_DTYPES, acc_dtype, out_dtype
 from . import reference as ref
 from .geometry import ConvSpec, conv_padding, output_size, same_padding
 
@@ -54,14 +55,10 @@ class CircularState:
         return len(self.xs)
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def init_circular_state(specs: Sequence[ConvSpec], generator: Optional[torch.Generator] = None) -> CircularState:
     xs = []
     for spec in specs:
-        xs.append(torch.randn(tuple(spec.input_shape), dtype=_acc(spec.weight.dtype),
+        xs.append(torch.randn(tuple(spec.input_shape), dtype=acc_dtype(spec.weight.dtype),
                               generator=generator).to(spec.weight.device))
     return CircularState(xs)
 
@@ -79,8 +76,7 @@ def _check_circular(spec: ConvSpec, name: str, assume_circular: bool) -> None:
         raise TypeError(f"{name}: expected a ConvSpec, got {type(spec).__name__}")
     if spec.transposed:
         raise ValueError(f"{name}: method='fft' supports ConvNd, not ConvTransposeNd")
-    if not isinstance(spec.weight, torch.Tensor) or spec.weight.dtype not in (torch.float32, torch.float64,
-                                                                              torch.bfloat16, torch.float16):
+    if not isinstance(spec.weight, torch.Tensor) or spec.weight.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"{name}: weight must be a float32/float64/bfloat16/float16 tensor")
     d = spec.weight.dim() - 2
     if not 1 <= d <= 3 or len(spec.input_shape) != d + 1:
@@ -148,11 +144,11 @@ def circular_conv_norms(specs: Sequence[ConvSpec], state: Optional[CircularState
     n_iter = ops.iter_arg("circular_conv_norms", "n_iter", n_iter)
     if not specs:
         return torch.zeros(0)
-    dt = torch.float64 if any(s.weight.dtype == torch.float64 for s in specs) else torch.float32
+    dt = out_dtype([s.weight for s in specs])
     if exact:
         for l, spec in enumerate(specs):
             _check_circular(spec, names[l] if names is not None else f"specs[{l}]", assume_circular)
-        return torch.stack([_exact_norm(ConvSpec(**{**s.__dict__, "weight": s.weight.to(_acc(s.weight.dtype))}))
+        return torch.stack([_exact_norm(ConvSpec(**{**s.__dict__, "weight": s.weight.to(acc_dtype(s.weight.dtype))}))
                             .to(dt) for s in specs])
     weights = [s.weight for s in specs]
     est, x_tops, y_tops, params = circular_power_pairs(specs, state, n_iter, update=update, names=names,
@@ -176,7 +172,7 @@ def circular_power_pairs(specs: Sequence[ConvSpec], state: CircularState, n_iter
                          f"{'None' if state is None else len(state)}")
     for l, (spec, x) in enumerate(zip(specs, state.xs)):
         name = names[l] if names is not None else f"specs[{l}]"
-        acc = _acc(spec.weight.dtype)
+        acc = acc_dtype(spec.weight.dtype)
         if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(spec.input_shape) or x.dtype != acc \
                 or x.device != spec.weight.device or not x.is_contiguous():
             raise ValueError(f"{name}: state vector must be a contiguous {acc} tensor of the input shape "
@@ -228,7 +224,7 @@ def circular_blocks(weight: torch.Tensor, input_size: Sequence[int], stride: Uni
     if cout % groups:
         raise ValueError(f"C_out={cout} is not divisible by groups={groups}")
     S = math.prod(s)
-    real = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    real = acc_dtype(weight.dtype)
     dev = weight.device
     taps = list(itertools.product(*[range(k) for k in ks]))
     a = torch.empty(len(taps), d, dtype=torch.float64)
@@ -336,7 +332,7 @@ def circular_block_norms(specs: Sequence[ConvSpec], state: CircularBlockState, n
         out.append(torch.linalg.vector_norm(Pf @ v[top].clone()))
     if not out:
         return torch.zeros(0)
-    dt = torch.float64 if any(s.weight.dtype == torch.float64 for s in specs) else torch.float32
+    dt = out_dtype([s.weight for s in specs])
     return torch.stack([o.to(dt) for o in out])
 
 
