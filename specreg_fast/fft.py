@@ -36,7 +36,6 @@ import torch.nn as nn
 
 from . import ops
 from .contract import WEIGHT_DTYPES, acc_dtype, out_dtype
-from . import reference as ref
 from .geometry import ConvSpec, conv_padding, output_size, same_padding
 
 __all__ = ["CircularState", "init_circular_state", "circular_conv_norms", "circular_params", "to_circular_padding",
@@ -119,7 +118,8 @@ def circular_params(spec: ConvSpec) -> List[int]:
 
 
 def _exact_norm(spec: ConvSpec) -> torch.Tensor:
-    P = ref.circular_transfer_blocks(spec.weight, spec.input_shape[1:], spec.stride, spec.dilation, 0, spec.groups)
+    # the half-spectrum blocks: a real kernel's P(-w) is the conjugate of P(w), same norm
+    P = circular_blocks(spec.weight, spec.input_shape[1:], spec.stride, spec.dilation, spec.groups)
     return torch.linalg.matrix_norm(P, ord=2).max()
 
 
