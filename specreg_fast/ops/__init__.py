@@ -13,29 +13,26 @@ checks they share and ``_library`` loads the extension. Each module registers it
 once, when this package is imported. The conv geometry the conv ops take (packing, decoding,
 the map in plain PyTorch) is :mod:`specreg_fast.geometry`.
 
-Besides the ops, the package's own modules use the reference kernels
-(``power_step_reference``, ...) and the argument conversions of the public functions
-(``iter_arg``, ``tol_arg``); those names are exported here too, without being part of
-``__all__``.
+Besides the ops, the package's own modules and tests use the reference kernels
+(``power_step_reference``, ...), the argument conversions of the public functions
+(``iter_arg``, ``tol_arg``), ``check_disjoint_state`` and the dtype rule (``acc_dtype``,
+``out_dtype``, from :mod:`specreg_fast.contract`); those names are exported here too, without
+being part of ``__all__``.
 """
 from __future__ import annotations
 
-from ..contract import WEIGHT_DTYPES, acc_dtype, out_dtype  # noqa: F401
-from ..geometry import conv_adjoint as _conv_adjoint_ref, conv_apply as _conv_apply_ref  # noqa: F401
+from ..contract import acc_dtype, out_dtype
+from ..geometry import conv_adjoint as _conv_adjoint_ref, conv_apply as _conv_apply_ref
 from ..geometry import decode_conv_params, pack_conv_params
-from ._checks import (check_disjoint_state, check_writable, int_arg, iter_arg, modes_arg,  # noqa: F401
-                      params_arg, tol_arg)
+from ._checks import check_disjoint_state, iter_arg, tol_arg
 from ._library import HAS_CPP_EXT, MAX_ITER, SCHEMAS
-from .batched_power import batched_power_step_, batched_power_step_reference, check_batched_args  # noqa: F401
-from .circular_conv import (circular_output_shapes, circular_power_step_,  # noqa: F401
-                            circular_power_step_reference, polyphase_merge, polyphase_split)
-from .conv_operator import (conv_adjoint, conv_adjoint_reference, conv_power_step_,  # noqa: F401
-                            conv_power_step_reference, conv_sigma, conv_sigma_from_step, conv_sigma_reference,
-                            conv_weight_grad, conv_weight_grad_add_, conv_weight_grad_add_reference,
-                            conv_weight_grad_reference)
-from .power_step import power_step_, power_step_reference, rank1_grad, sigma, sigma_from_step  # noqa: F401
-from .power_step import sigma_reference  # noqa: F401
-from .shifted_cholesky import shifted_cholesky_info, shifted_cholesky_info_reference  # noqa: F401
+from .batched_power import batched_power_step_, batched_power_step_reference, check_batched_args
+from .circular_conv import circular_output_shapes, circular_power_step_, circular_power_step_reference, polyphase_split
+from .conv_operator import (conv_adjoint, conv_adjoint_reference, conv_power_step_, conv_power_step_reference,
+                            conv_sigma, conv_sigma_from_step, conv_sigma_reference, conv_weight_grad, conv_weight_grad_add_,
+                            conv_weight_grad_add_reference, conv_weight_grad_reference)
+from .power_step import power_step_, power_step_reference, rank1_grad, sigma, sigma_from_step, sigma_reference
+from .shifted_cholesky import shifted_cholesky_info, shifted_cholesky_info_reference
 
 __all__ = ["power_step_", "sigma", "sigma_from_step", "conv_power_step_", "conv_sigma", "conv_adjoint",
            "conv_weight_grad", "conv_weight_grad_add_", "conv_sigma_from_step", "circular_power_step_",
