@@ -1,7 +1,7 @@
 // Op schemas of specreg_fast, declared once. Every build compiles this file; backends add
 // TORCH_LIBRARY_IMPL blocks in their own files (csrc/cpu/*.cpp, csrc/cuda/*.cu), and the
 // Python package registers the plain-PyTorch reference under CompositeExplicitAutograd so
-// that a device without a kernel of its own still runs (specreg_fast/ops/).
+// that a device without a kernel of its own still runs (specreg_fast/ops.py).
 #include <Python.h>
 #include <torch/library.h>
 
