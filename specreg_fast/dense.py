@@ -8,7 +8,6 @@ iterations. ``lowrank_sigmas`` does the same for maps kept as factors, ``W + sum
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
@@ -16,6 +15,7 @@ import torch
 
 from . import backends, ops
 from .contract import WEIGHT_DTYPES, acc_dtype, out_dtype
+from .power_loop import power_iterate
 
 __all__ = ["PowerState", "init_power_state", "spectral_norms", "spectral_norm", "as_matrix", "lowrank_sigmas",
            "lowrank_grads"]
@@ -177,25 +177,8 @@ def _lowrank_power_step_(maps, us: List[torch.Tensor], vs: List[torch.Tensor], n
     ``power_step_`` op's conventions: the estimate is ``|M^T t| / |t|`` (``u^T M v`` at the new
     vectors), a zero map keeps the vectors (estimate 0), and a step that meets a non-finite
     value leaves them as they were and gives NaN. No host synchronization (``torch.where``)."""
-    est = []
-    for M, u, v in zip(maps, us, vs):
-        u1, v1 = u, v
-        e = torch.zeros((), dtype=u.dtype, device=u.device)
-        bad = torch.zeros((), dtype=torch.bool, device=u.device)
-        for _ in range(n_iter):
-            t = _lowrank_apply(M, v1)
-            tn = torch.linalg.vector_norm(t)
-            a = _lowrank_adjoint(M, t)
-            an = torch.linalg.vector_norm(a)
-            bad = bad | ~torch.isfinite(tn) | ~torch.isfinite(an)
-            ok = (tn > 0) & (an > 0)
-            u1 = torch.where(ok, t / tn, u1)
-            v1 = torch.where(ok, a / an, v1)
-            e = torch.where(ok, an / tn, torch.zeros_like(an))
-        u.copy_(torch.where(bad, u, u1))
-        v.copy_(torch.where(bad, v, v1))
-        est.append(torch.where(bad, torch.full_like(e, math.nan), e))
-    return est
+    return [power_iterate(lambda x, M=M: _lowrank_apply(M, x), lambda y, M=M: _lowrank_adjoint(M, y), u, v, n_iter,
+                          rollback=True) for M, u, v in zip(maps, us, vs)]
 
 
 def lowrank_grads(M, u: torch.Tensor, v: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -37,6 +37,7 @@ import torch.nn as nn
 from . import ops as _ops
 from .contract import acc_dtype, out_dtype
 from .geometry import conv_adjoint, conv_apply, decode_conv_params, pack_conv_params, pack_geometry
+from .power_loop import normalize_
 
 __all__ = ["regularized_weights", "power_step_", "sigma", "sigma_from_step", "add_grads"]
 
@@ -268,11 +269,7 @@ def power_step_(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: Lis
                     sh, o = shards[l], offs[j]
                     t = buf[o:o + sh.m].to(us[l].dtype)
                     a = buf[o + sh.m:o + sh.m + sh.n].to(us[l].dtype)
-                    tn, an = torch.linalg.vector_norm(t), torch.linalg.vector_norm(a)
-                    ok = (tn > 0) & (an > 0)
-                    us[l].copy_(torch.where(ok, t / tn, us[l].reshape(-1)).view(us[l].shape))
-                    vs[l].copy_(torch.where(ok, a / an, vs[l].reshape(-1)).view(vs[l].shape))
-                    est[l] = torch.where(ok, an / tn, torch.zeros_like(an)).to(est.dtype)
+                    est[l] = normalize_(t, a, us[l].view(-1), vs[l].view(-1))[0].to(est.dtype)
             if buf is None:  # n_iter == 0: the estimate at the current vectors
                 est[ids] = _local_sigmas([shards[l] for l in ids], [us[l] for l in ids],
                                          [vs[l] for l in ids]).to(est.dtype)

@@ -11,6 +11,7 @@ import torch
 from ..contract import WEIGHT_DTYPES, acc_dtype, out_dtype
 from ..geometry import conv_adjoint as _conv_adjoint, conv_apply as _conv_apply
 from ..geometry import conv_output_shape, decode_conv_params, padded_input
+from ..power_loop import power_iterate
 from ._checks import (check_est, check_from_step, check_n_iter, check_one_device, check_writable, eager_autograd,
                       iter_arg, modes_arg, params_arg, require, tol_arg)
 
@@ -76,22 +77,11 @@ def conv_power_step_reference(weights, xs, ys, params, padding_modes, n_iter, to
                 out[l] = math.nan
                 continue
             x, y = x1[None], y1[None]
-            est = torch.zeros((), dtype=x.dtype, device=x.device)
             if n_iter == 0:
                 est = (y * _conv_apply(g, Wf, x)).sum()
-            prev = None
-            for _ in range(n_iter):
-                t = _conv_apply(g, Wf, x)
-                tn = torch.linalg.vector_norm(t)
-                a = _conv_adjoint(g, Wf, t, x)
-                an = torch.linalg.vector_norm(a)
-                ok = (tn > 0) & (an > 0) & torch.isfinite(tn) & torch.isfinite(an)
-                y.copy_(torch.where(ok, t / tn, y))
-                x.copy_(torch.where(ok, a / an, x))
-                est = torch.where(ok, an / tn, torch.zeros_like(an))
-                if tol > 0 and prev is not None and bool(torch.abs(est - prev) <= tol * torch.abs(est)):
-                    break
-                prev = est
+            else:  # y = u (output side), x = v (input side); a step with a non-finite norm is skipped
+                est = power_iterate(lambda v: _conv_apply(g, Wf, v), lambda t: _conv_adjoint(g, Wf, t, x), y, x,
+                                    n_iter, tol, finite=True)
             out[l] = est.to(out.dtype)
     return out
 

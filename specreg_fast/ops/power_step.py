@@ -8,6 +8,7 @@ from typing import List
 import torch
 
 from ..contract import WEIGHT_DTYPES, acc_dtype, out_dtype
+from ..power_loop import power_iterate
 from ._checks import (check_est, check_from_step, check_n_iter, check_one_device, check_writable, eager_autograd,
                       iter_arg, require, tol_arg)
 
@@ -45,8 +46,9 @@ def _check_power_step_args(op: str, weights, us, vs, n_iter, tol) -> None:
 def power_step_reference(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor], n_iter: int,
                          tol: float) -> torch.Tensor:
     """Reference kernel of ``power_step_`` for any device: the per-layer loop of the PyTorch
-    reference, with the op's conventions (zero W keeps the vectors, non-finite W rolls them
-    back) expressed with ``torch.where`` so no host synchronization is needed."""
+    reference (:func:`specreg_fast.power_loop.power_iterate`), with the op's conventions (zero
+    W keeps the vectors, non-finite W rolls them back) expressed with ``torch.where`` so no
+    host synchronization is needed."""
     _check_power_step_args("specreg_fast::power_step_", weights, us, vs, n_iter, tol)
     out = torch.zeros(len(weights), dtype=out_dtype(weights),
                       device=weights[0].device if weights else "cpu")
@@ -54,20 +56,7 @@ def power_step_reference(weights: List[torch.Tensor], us: List[torch.Tensor], vs
         for l, (W, u, v) in enumerate(zip(weights, us, vs)):
             Wf = W.to(u.dtype)
             u0, v0 = u.clone(), v.clone()
-            est = torch.zeros((), dtype=u.dtype, device=u.device)
-            prev = None
-            for it in range(n_iter):
-                t = Wf @ v
-                tn = torch.linalg.vector_norm(t)
-                a = Wf.t() @ t
-                an = torch.linalg.vector_norm(a)
-                ok = (tn > 0) & (an > 0)
-                u.copy_(torch.where(ok, t / tn, u))
-                v.copy_(torch.where(ok, a / an, v))
-                est = torch.where(ok, an / tn, torch.zeros_like(an))
-                if tol > 0 and prev is not None and bool(torch.abs(est - prev) <= tol * est):
-                    break
-                prev = est
+            est = power_iterate(lambda x: Wf @ x, lambda t: Wf.t() @ t, u, v, n_iter, tol)
             if n_iter == 0:
                 est = u @ Wf @ v
             bad = ~torch.isfinite(Wf).all() if W.numel() else torch.zeros((), dtype=torch.bool, device=W.device)
