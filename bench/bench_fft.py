@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
@@ -169,7 +168,7 @@ def main(argv=None):
         x0 = torch.randn(s.input_shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
         e_ours = fft.circular_conv_norms([s64], fft.CircularState([x0.clone()]), n_iter=args.steps).item()
         # the authors' iteration from the same per-frequency start vectors
-        v = torch.fft.fftn(ops._polyphase_split(x0, list(s.stride)), dim=(1, 2), norm="ortho")
+        v = torch.fft.fftn(ops.polyphase_split(x0, list(s.stride)), dim=(1, 2), norm="ortho")
         v = v.reshape(v.shape[0], -1).t().contiguous()
         v = v / v.norm(dim=1, keepdim=True)
         Pp = ref.circular_transfer_blocks(s64.weight, s.input_shape[1:], s.stride, 1, (s.weight.shape[2] - 1) // 2)

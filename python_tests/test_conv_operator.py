@@ -347,7 +347,7 @@ def test_adjoint_is_exact(case):
     M = ref.conv_operator_matrix(spec)
     torch.testing.assert_close(ATy.reshape(-1), M.t() @ y.reshape(-1), rtol=1e-10, atol=1e-12)
     # the Python reference kernel of the same op agrees
-    (ATy_ref,) = ops._conv_adjoint_reference([spec.weight], [x], [y], params, modes)
+    (ATy_ref,) = ops.conv_adjoint_reference([spec.weight], [x], [y], params, modes)
     torch.testing.assert_close(ATy, ATy_ref, rtol=1e-10, atol=1e-12)
 
 
@@ -480,12 +480,12 @@ def test_weight_grad_add_checks_before_writing_and_opcheck():
     # the registered reference (other devices, no extension) adds the same
     g_ref = [torch.ones_like(w) for w in ws]
     g_op = [torch.ones_like(w) for w in ws]
-    ops._conv_weight_grad_add_reference(g_ref, ws, st.xs, st.ys, params, modes)
+    ops.conv_weight_grad_add_reference(g_ref, ws, st.xs, st.ys, params, modes)
     ops.conv_weight_grad_add_(g_op, ws, st.xs, st.ys, params, modes)
     for a, b in zip(g_op, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="same length"):
-        ops._conv_weight_grad_add_reference(g_ref[:1], ws, st.xs, st.ys, params, modes)
+        ops.conv_weight_grad_add_reference(g_ref[:1], ws, st.xs, st.ys, params, modes)
 
 
 def test_weight_grad_low_precision_weight_gives_float32():
@@ -520,7 +520,7 @@ def test_grouped_call_matches_separate_calls_and_reference_kernel():
     s_a = ops.conv_power_step_([s.weight for s in specs], st_a.xs, st_a.ys, params, modes, 3, 0.0)
     s_b = torch.cat([ops.conv_power_step_([s.weight], [x], [y], *ops.pack_conv_params([s]), 3, 0.0)
                      for s, x, y in zip(specs, st_b.xs, st_b.ys)])
-    s_c = ops._conv_power_step_reference([s.weight for s in specs], st_c.xs, st_c.ys, params, modes, 3, 0.0)
+    s_c = ops.conv_power_step_reference([s.weight for s in specs], st_c.xs, st_c.ys, params, modes, 3, 0.0)
     torch.testing.assert_close(s_a, s_b, rtol=0, atol=0)
     torch.testing.assert_close(s_a, s_c, rtol=1e-10, atol=1e-12)
     for a, c in zip(st_a.xs + st_a.ys, st_c.xs + st_c.ys):

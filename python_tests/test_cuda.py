@@ -115,12 +115,12 @@ def test_dense_ops_match_float64_reference(shape, layout, dtype):
     st = _moved(sf.init_power_state([w.cpu() for w in weights], generator=torch.Generator().manual_seed(1)))
     us64, vs64 = _cpu64(st.us), _cpu64(st.vs)
     est = ops.power_step_(weights, st.us, st.vs, 3, 0.0)
-    est64 = ops._power_step_reference(_cpu64(weights), us64, vs64, 3, 0.0)
+    est64 = ops.power_step_reference(_cpu64(weights), us64, vs64, 3, 0.0)
     assert est.device.type == DEVICE and est.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     _close(est, est64, dtype, "estimates")
     _close(st.us + st.vs, us64 + vs64, dtype, "vectors")
-    _close(ops.sigma(weights, st.us, st.vs), ops._sigma_reference(_cpu64(weights), us64, vs64), dtype, "sigma")
-    _close(ops.power_step_(weights, st.us, st.vs, 0, 0.0), ops._sigma_reference(_cpu64(weights), us64, vs64), dtype,
+    _close(ops.sigma(weights, st.us, st.vs), ops.sigma_reference(_cpu64(weights), us64, vs64), dtype, "sigma")
+    _close(ops.power_step_(weights, st.us, st.vs, 0, 0.0), ops.sigma_reference(_cpu64(weights), us64, vs64), dtype,
            "n_iter=0")
 
 
@@ -132,7 +132,7 @@ def test_dense_zero_nonfinite_and_tol_conventions():
     before = [t.clone() for t in st.us + st.vs]
     us64, vs64 = _cpu64(st.us), _cpu64(st.vs)
     est = ops.power_step_(weights, st.us, st.vs, 40, 1e-4)
-    est64 = ops._power_step_reference(_cpu64(weights), us64, vs64, 40, 1e-4)
+    est64 = ops.power_step_reference(_cpu64(weights), us64, vs64, 40, 1e-4)
     assert est[0] == 0 and torch.isnan(est[1])
     for i in (0, 1):  # zero W keeps the vectors, non-finite W rolls them back
         assert torch.equal(st.us[i], before[i]) and torch.equal(st.vs[i], before[len(weights) + i])
@@ -165,18 +165,18 @@ def test_conv_ops_match_float64_reference(case, dtype):
     W = [spec.weight]
     W64, xs64, ys64 = _cpu64(W), _cpu64(xs), _cpu64(ys)
     # the functional ops first (they read xs/ys), then the in-place step
-    _close(ops.conv_sigma(W, xs, ys, params, modes), ops._conv_sigma_reference(W64, xs64, ys64, params, modes), dtype,
+    _close(ops.conv_sigma(W, xs, ys, params, modes), ops.conv_sigma_reference(W64, xs64, ys64, params, modes), dtype,
            "conv_sigma")
-    _close(ops.conv_adjoint(W, xs, ys, params, modes), ops._conv_adjoint_reference(W64, xs64, ys64, params, modes),
+    _close(ops.conv_adjoint(W, xs, ys, params, modes), ops.conv_adjoint_reference(W64, xs64, ys64, params, modes),
            dtype, "conv_adjoint")
-    gw64 = ops._conv_weight_grad_reference(W64, xs64, ys64, params, modes)
+    gw64 = ops.conv_weight_grad_reference(W64, xs64, ys64, params, modes)
     _close(ops.conv_weight_grad(W, xs, ys, params, modes), gw64, dtype, "conv_weight_grad")
     G = [torch.ones_like(W[0])]
     ops.conv_weight_grad_add_(G, W, xs, ys, params, modes)
     if dtype in (torch.float32, torch.float64):  # (a low-precision .grad rounds the sum itself)
         _close(G, [1 + gw64[0]], dtype, "conv_weight_grad_add_")
     est = ops.conv_power_step_(W, xs, ys, params, modes, 3, 0.0)
-    est64 = ops._conv_power_step_reference(W64, xs64, ys64, params, modes, 3, 0.0)
+    est64 = ops.conv_power_step_reference(W64, xs64, ys64, params, modes, 3, 0.0)
     _close(est, est64, dtype, "conv_power_step_")
     _close(xs + ys, xs64 + ys64, dtype, "conv vectors")
 
@@ -195,7 +195,7 @@ def test_circular_power_step_matches_float64_reference(dtype, stride):
     est, x_tops, y_tops = ops.circular_power_step_(W, xs, params, 3)
     x_t64 = [torch.empty_like(x) for x in xs64]
     y_t64 = [x.new_empty(s) for x, s in zip(xs64, ops.circular_output_shapes(W64, xs64, params))]
-    est64 = ops._circular_power_step_reference(W64, xs64, x_t64, y_t64, params, 3)
+    est64 = ops.circular_power_step_reference(W64, xs64, x_t64, y_t64, params, 3)
     _close(est, est64, dtype, "estimates")
     _close(xs, xs64, dtype, "per-frequency vectors")
     # the top pair is defined up to a sign: compare through <y, A x> = estimate
@@ -213,7 +213,7 @@ def test_batched_power_step_matches_float64_reference(dtype, m, n):
     Pd, ud, vd = P.to(DEVICE), u.to(DEVICE), v.to(DEVICE)
     u64, v64 = _cpu64(u), _cpu64(v)
     s = ops.batched_power_step_(Pd, ud, vd, 4)
-    s64 = ops._batched_power_step_reference(_cpu64(P), u64, v64, 4)
+    s64 = ops.batched_power_step_reference(_cpu64(P), u64, v64, 4)
     real = torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
     _close(s, s64, real, "sigma")
     _close([ud, vd], [u64, v64], real, "vectors")
@@ -438,16 +438,16 @@ def test_penalty_step_in_a_cuda_graph():
     with torch.cuda.stream(s):  # warm-up outside the capture (allocations, table upload)
         ops.power_step_(weights, st.us, st.vs, 1, 0.0)
     torch.cuda.current_stream().wait_stream(s)
-    ops._power_step_reference(weights, eager.us, eager.vs, 1, 0.0)
+    ops.power_step_reference(weights, eager.us, eager.vs, 1, 0.0)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         est = ops.power_step_(weights, st.us, st.vs, 1, 0.0)
         sig = ops.sigma(weights, st.us, st.vs)
     for _ in range(3):
         graph.replay()
-        want = ops._power_step_reference(weights, eager.us, eager.vs, 1, 0.0)
+        want = ops.power_step_reference(weights, eager.us, eager.vs, 1, 0.0)
         torch.cuda.synchronize()
         torch.testing.assert_close(est, want, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(sig, ops._sigma_reference(weights, eager.us, eager.vs), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sig, ops.sigma_reference(weights, eager.us, eager.vs), rtol=1e-5, atol=1e-6)
         for a, b in zip(st.us + st.vs, eager.us + eager.vs):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

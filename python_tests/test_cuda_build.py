@@ -257,7 +257,7 @@ def _fresh(weights, seed=0):
     g = torch.Generator().manual_seed(seed)
     us, vs = [], []
     for W in weights:
-        acc = ops._acc_dtype(W.dtype)
+        acc = ops.acc_dtype(W.dtype)
         v = torch.randn(W.shape[1], generator=g, dtype=acc)
         us.append(torch.zeros(W.shape[0], dtype=acc))
         vs.append(v / v.norm() if W.shape[1] else v)
@@ -280,7 +280,7 @@ def test_emulated_cuda_power_step_matches_reference(cuda_emulator, dtype, sms):
     us, vs = _fresh(weights)
     ur, vr = [u.clone() for u in us], [v.clone() for v in vs]
     est = _emu_power_step(cuda_emulator, weights, us, vs, 3, 0.0, sms)
-    ref = ops._power_step_reference(weights, ur, vr, 3, 0.0)
+    ref = ops.power_step_reference(weights, ur, vr, 3, 0.0)
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-5)
     torch.testing.assert_close(est, ref.to(est.dtype), **tol)
     for a, b in zip(us + vs, ur + vr):
@@ -288,7 +288,7 @@ def test_emulated_cuda_power_step_matches_reference(cuda_emulator, dtype, sms):
                                             else dict(rtol=1e-4, atol=1e-5)))
     uu = [torch.randn(W.shape[0], dtype=us[0].dtype) for W in weights]
     torch.testing.assert_close(_emu_sigma(cuda_emulator, weights, uu, vs, sms),
-                               ops._sigma_reference(weights, uu, vs).to(us[0].dtype), **tol)
+                               ops.sigma_reference(weights, uu, vs).to(us[0].dtype), **tol)
 
 
 def test_emulated_cuda_zero_nonfinite_empty_and_tol(cuda_emulator):
@@ -300,7 +300,7 @@ def test_emulated_cuda_zero_nonfinite_empty_and_tol(cuda_emulator):
     u_before, v_before = [u.clone() for u in us], [v.clone() for v in vs]
     ur, vr = [u.clone() for u in us], [v.clone() for v in vs]
     est = _emu_power_step(cuda_emulator, weights, us, vs, 40, 1e-3, 1)
-    ref = ops._power_step_reference(weights, ur, vr, 40, 1e-3)
+    ref = ops.power_step_reference(weights, ur, vr, 40, 1e-3)
     torch.testing.assert_close(est, ref, rtol=1e-5, atol=1e-6, equal_nan=True)
     assert est[0] == 0 and torch.isnan(est[1])
     for l in (0, 1):

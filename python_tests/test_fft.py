@@ -94,7 +94,7 @@ def test_per_frequency_estimates_match_the_block_power_iteration(d, cin, cout, k
         x = x0.clone()
         est, _, _ = ops.circular_power_step_([spec.weight], [x], fft.circular_params(spec), t)
         # explicit blocks: v(w) from the polyphase DFT of x0 in the block's (channel, phase) order
-        X = torch.fft.fftn(ops._polyphase_split(x0, [stride] * d), dim=list(range(1, d + 1)), norm="ortho")
+        X = torch.fft.fftn(ops.polyphase_split(x0, [stride] * d), dim=list(range(1, d + 1)), norm="ortho")
         V = X.reshape(X.shape[0], -1).t()  # (freq, C_in * phases), channel-major
         V = V / V.norm(dim=1, keepdim=True)
         for _ in range(t - 1):
@@ -112,7 +112,7 @@ def test_one_cpp_step_equals_one_reference_step(d, cin, cout, k, stride, dilatio
     x1, x2 = x.clone(), x.clone()
     e1, xt1, yt1 = ops.circular_power_step_([spec.weight], [x1], params, 1)
     xt2, yt2 = [torch.empty_like(xt1[0])], [torch.empty_like(yt1[0])]
-    e2 = ops._circular_power_step_reference([spec.weight], [x2], xt2, yt2, params, 1)
+    e2 = ops.circular_power_step_reference([spec.weight], [x2], xt2, yt2, params, 1)
     torch.testing.assert_close(e1, e2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x1, x2, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(xt1, xt2, rtol=1e-4, atol=1e-5)
@@ -291,7 +291,7 @@ def test_batched_power_step_matches_reference_and_converges(dtype):
     v = torch.randn(7, 9, generator=g, dtype=real).to(dtype)
     u2, v2 = u.clone(), v.clone()
     s1 = ops.batched_power_step_(P, u, v, 4)
-    s2 = ops._batched_power_step_reference(P, u2, v2, 4)
+    s2 = ops.batched_power_step_reference(P, u2, v2, 4)
     tol = 1e-12 if real == torch.float64 else 1e-5
     torch.testing.assert_close(s1, s2, rtol=tol, atol=tol)
     torch.testing.assert_close(v, v2, rtol=tol, atol=tol)

@@ -351,10 +351,10 @@ def test_triton_fallback_to_the_reference_warns_once_per_op_and_reason(monkeypat
     (op, reason) per process. Run on CPU tensors (the hand-off needs no GPU), results checked
     against the reference itself."""
     pytest.importorskip("triton")
-    from specreg_fast import backends
+    from specreg_fast import fallback
     from specreg_fast import triton as sf_triton
 
-    monkeypatch.setattr(backends, "_FALLBACKS_WARNED", set())
+    monkeypatch.setattr(fallback, "_FALLBACKS_WARNED", set())
     blocks = torch.randn(3, 4, 5, dtype=torch.float64)
     u, v = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
     u2, v2 = u.clone(), v.clone()
@@ -373,4 +373,4 @@ def test_triton_fallback_to_the_reference_warns_once_per_op_and_reason(monkeypat
     assert "batched_power_step_" in msgs[0] and "torch.float64 blocks" in msgs[0] and "reference" in msgs[0]
     assert "batched_power_step_" in msgs[1] and "torch.complex128 blocks" in msgs[1]
     assert "power_step_: float64 weights" in msgs[2]
-    torch.testing.assert_close(s, ops._batched_power_step_reference(blocks, u2, v2, 2))
+    torch.testing.assert_close(s, ops.batched_power_step_reference(blocks, u2, v2, 2))

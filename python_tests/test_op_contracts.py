@@ -220,8 +220,8 @@ def test_circular_step_from_a_zero_state_restarts_like_the_reference():
     x_cpp, x_ref = torch.zeros(3, 8, 8), torch.zeros(3, 8, 8)
     for _ in range(3):
         est, x_top, y_top = ops.circular_power_step_([W], [x_cpp], CIRC3, 1)
-        want = ops._circular_power_step_reference([W], [x_ref], [torch.empty(3, 8, 8)], [torch.empty(4, 8, 8)],
-                                                  CIRC3, 1)
+        want = ops.circular_power_step_reference([W], [x_ref], [torch.empty(3, 8, 8)], [torch.empty(4, 8, 8)],
+                                                 CIRC3, 1)
         torch.testing.assert_close(est, want, rtol=1e-5, atol=0)
         torch.testing.assert_close(x_cpp, x_ref, rtol=1e-4, atol=1e-5)
         assert torch.isfinite(x_top[0]).all() and torch.isfinite(y_top[0]).all()
@@ -305,8 +305,8 @@ def test_power_step_bits_do_not_depend_on_the_thread_count():
     g = torch.Generator().manual_seed(3)
     weights = [torch.randn(700, 900, generator=g), torch.randn(1100, 500, generator=g).t(),
                torch.randn(900, 600, generator=g).to(torch.bfloat16), torch.randn(640, 800, generator=g).double()]
-    us0 = [torch.randn(w.shape[0], generator=g, dtype=ops._acc_dtype(w.dtype)) for w in weights]
-    vs0 = [torch.randn(w.shape[1], generator=g, dtype=ops._acc_dtype(w.dtype)) for w in weights]
+    us0 = [torch.randn(w.shape[0], generator=g, dtype=ops.acc_dtype(w.dtype)) for w in weights]
+    vs0 = [torch.randn(w.shape[1], generator=g, dtype=ops.acc_dtype(w.dtype)) for w in weights]
 
     def run():
         us, vs = [u.clone() for u in us0], [v.clone() for v in vs0]

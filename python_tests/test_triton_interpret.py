@@ -43,7 +43,7 @@ def _run_both(weights, n_iter, tol=0.0):
     us, vs = _state(weights)
     ur, vr = [u.clone() for u in us], [v.clone() for v in vs]
     est = ps.power_step_(weights, us, vs, n_iter, tol)
-    ref = ops._power_step_reference(weights, ur, vr, n_iter, tol)
+    ref = ops.power_step_reference(weights, ur, vr, n_iter, tol)
     return est, ref, us, vs, ur, vr
 
 
@@ -97,7 +97,7 @@ def test_zero_and_nonfinite_weights():
     for l in (0, 1, 3):  # zero W keeps the vectors; non-finite W rolls them back
         assert torch.equal(us[l], u_before[l]) and torch.equal(vs[l], v_before[l])
     ur, vr = [u.clone() for u in u_before], [v.clone() for v in v_before]
-    ref = ops._power_step_reference(weights, ur, vr, 3, 0.0)
+    ref = ops.power_step_reference(weights, ur, vr, 3, 0.0)
     torch.testing.assert_close(est, ref, rtol=2e-5, atol=1e-5, equal_nan=True)
 
 
@@ -127,7 +127,7 @@ def test_sigma_matches_reference(dtype):
     weights = [torch.randn(19, 13).to(dtype), torch.randn(4, 33).to(dtype).t()]
     us = [torch.randn(W.shape[0]) for W in weights]
     vs = [torch.randn(W.shape[1]) for W in weights]
-    torch.testing.assert_close(ps.sigma(weights, us, vs), ops._sigma_reference(weights, us, vs), rtol=1e-5,
+    torch.testing.assert_close(ps.sigma(weights, us, vs), ops.sigma_reference(weights, us, vs), rtol=1e-5,
                                atol=1e-5)
 
 
@@ -216,9 +216,9 @@ def test_every_gpu_config_matches_reference():
         us, vs = _state(weights)
         ur, vr = [u.clone() for u in us], [v.clone() for v in vs]
         est = ps.power_step_(weights, us, vs, 2, 0.0, config=cfg)
-        ref = ops._power_step_reference(weights, ur, vr, 2, 0.0)
+        ref = ops.power_step_reference(weights, ur, vr, 2, 0.0)
         torch.testing.assert_close(est, ref, rtol=2e-5, atol=1e-5, msg=lambda m: f"{cfg}: {m}")
         for a, b in zip(us + vs, ur + vr):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(ps.sigma(weights, us, vs, config=cfg), ops._sigma_reference(weights, us, vs),
+        torch.testing.assert_close(ps.sigma(weights, us, vs, config=cfg), ops.sigma_reference(weights, us, vs),
                                    rtol=1e-5, atol=1e-5)

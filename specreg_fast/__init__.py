@@ -24,7 +24,9 @@ def _has_kernel(op: str, key: str) -> bool:
 
 #: True when the compiled library registered CUDA kernels (built with FORCE_CUDA=1 or on a GPU machine).
 HAS_CUDA_EXT = HAS_CPP_EXT and _has_kernel("power_step_", "CUDA")
-from .triton import autoregister as _triton_autoregister  # noqa: E402,F401  (Triton = CUDA kernel if none built)
+from .backends import register_triton_for_cuda as _register_triton  # noqa: E402
+
+_register_triton()  # the Triton kernels as the CUDA kernels of the dense ops where the extension has none
 
 __all__ = [
     "bounds",

@@ -21,19 +21,20 @@ the reference sits under CompositeExplicitAutograd for everything else.
 An explicitly requested backend that cannot run raises ``ValueError`` (no silent fallback).
 Where the Triton kernels (``"auto"`` on CUDA without the compiled CUDA kernels, or
 ``"triton"``) hand part of a call to the reference because they have no kernel for it
-(float64 weights, float64/complex128 blocks), :func:`warn_reference_fallback` warns once per
+(float64 weights, float64/complex128 blocks), :func:`warn_reference_fallback` (defined in
+:mod:`specreg_fast.fallback`, below this module and the Triton backend) warns once per
 (op, reason).
 """
 from __future__ import annotations
 
 import functools
 import os
-import warnings
-from typing import List, Sequence, Set, Tuple
+from typing import List, Sequence
 
 import torch
 
 from . import ops
+from .fallback import warn_reference_fallback
 
 __all__ = ["BACKENDS", "available", "resolve", "power_step_", "has_triton", "register_triton_for_cuda",
            "warn_reference_fallback"]
@@ -109,27 +110,13 @@ def power_step_(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[to
     b = resolve(backend, _device(weights))
     weights, us, vs = list(weights), list(us), list(vs)
     if b == "reference":
-        return ops._power_step_reference(weights, us, vs, int(n_iter), float(tol))
+        return ops.power_step_reference(weights, us, vs, int(n_iter), float(tol))
     if b == "triton":
         from .triton import _power_step_cuda
 
         return _power_step_cuda(weights, us, vs, int(n_iter), float(tol))
     # cpp / cuda: the compiled kernel behind the dispatcher (the device picks which).
     return ops.power_step_(weights, us, vs, n_iter, tol)
-
-
-_FALLBACKS_WARNED: Set[Tuple[str, str]] = set()
-
-
-def warn_reference_fallback(op: str, reason: str) -> None:
-    """Warn, once per ``(op, reason)`` in a process, that ``specreg_fast::<op>`` runs (part of)
-    a call on the plain-PyTorch reference kernel instead of the fast one, and why: a training
-    loop repeats the same call, so one warning says it all."""
-    if (op, reason) in _FALLBACKS_WARNED:
-        return
-    _FALLBACKS_WARNED.add((op, reason))
-    warnings.warn(f"specreg_fast::{op}: {reason}; running the plain-PyTorch reference kernel instead (slower). "
-                  f"Warned once per op and reason.", RuntimeWarning, stacklevel=3)
 
 
 def register_triton_for_cuda() -> List[str]:

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import reference as ref
+from .geometry import conv_padding, output_size
 
 __all__ = ["gram_upper_bound", "circular_gram_bound", "circular_cholesky_bound", "conv_upper_bound",
            "dense_cholesky_bound", "dense_operator_gram", "schur_conv_bound", "operator_norm_bounds"]
@@ -225,11 +225,11 @@ def _gram(P: torch.Tensor) -> torch.Tensor:
 def _cholesky_fails(H: torch.Tensor, mu2: float, eps: torch.Tensor) -> torch.Tensor:
     """Mask of the blocks whose ``mu2 (1 - eps) I - H`` has no Cholesky factorization (read
     from the upper triangle; the C++ op on CPU, LAPACK/cuSOLVER elsewhere)."""
-    from .ops import _shifted_cholesky_info_reference, shifted_cholesky_info
+    from .ops import shifted_cholesky_info, shifted_cholesky_info_reference
 
     shift = (mu2 * (1 - eps)).to(H.real.dtype)
     # the unblocked C++ test wins while a block's scratch fits in L2; LAPACK's blocked potrf beyond
-    test = shifted_cholesky_info if H.shape[-1] <= 256 else _shifted_cholesky_info_reference
+    test = shifted_cholesky_info if H.shape[-1] <= 256 else shifted_cholesky_info_reference
     return test(H, shift) != 0
 
 
@@ -430,7 +430,7 @@ def _operator_geometry(m: nn.Module, input_shape: Sequence[int]):
     out_spatial = tuple(out.shape[2:])
     if m.transposed:
         return spatial, out_spatial, tuple(m.padding), "zeros"
-    lo, _ = _pads(m, spatial)
+    lo, _ = conv_padding(m.padding, m.weight.shape[2:], m.dilation)
     return out_spatial, spatial, lo, m.padding_mode
 
 
@@ -565,7 +565,7 @@ def dense_cholesky_bound(m: nn.Module, input_shape: Sequence[int], lower: Option
     The weight is first scaled by a power of two (exact, undone at the end), so the Gram of
     tiny weights cannot underflow (a 1e-200 weight's squares are 0 in float64)."""
     from .conv import conv_operator_norm
-    from .ops import _shifted_cholesky_info_reference
+    from .ops import shifted_cholesky_info_reference
 
     if not isinstance(rtol, (int, float)) or not rtol > 0:
         raise ValueError(f"rtol must be a positive number, got {rtol!r}")
@@ -593,7 +593,7 @@ def dense_cholesky_bound(m: nn.Module, input_shape: Sequence[int], lower: Option
         # Demmel's margin for the factorization, the Gram's rounding and the shifted diagonal
         eps = shift_margin(D, err, mu2, _U64)
         shift = torch.full((M.shape[0],), mu2 * (1 - eps), dtype=M.dtype)
-        if not bool(_shifted_cholesky_info_reference(M, shift).any()):  # every group factored
+        if not bool(shifted_cholesky_info_reference(M, shift).any()):  # every group factored
             return math.ldexp(math.sqrt(mu2) * _ROUND_UP, scale_exp)
         # lower was short of the norm: widen the slack (squared each time, so few retries)
         mu2 *= slack
@@ -626,15 +626,6 @@ def schur_conv_bound(m: nn.Module) -> Optional[float]:
     return float(torch.sqrt(s0 * s1)) / (1 - _gamma(n0 + n1 + 4))
 
 
-def _pads(m: nn.Module, spatial: Sequence[int]):
-    d = len(spatial)
-    k = m.weight.shape[2:]
-    if m.padding == "valid":
-        return (0,) * d, (0,) * d
-    if m.padding == "same":
-        total = [m.dilation[i] * (k[i] - 1) for i in range(d)]
-        return tuple(t // 2 for t in total), tuple(t - t // 2 for t in total)
-    return tuple(m.padding), tuple(m.padding)
 
 
 def conv_upper_bound(m: nn.Module, input_shape: Sequence[int], n_iter: int = 8, lower: Optional[float] = None,
@@ -705,12 +696,12 @@ def _circular_route_bound(m, input_shape, n_iter, lower, rtol, method) -> Option
             # the adjoint of the conv with this weight at the transposed conv's output size
             if any(op >= s for op, s in zip(m.output_padding, m.stride)):
                 return math.inf
-            size = [(spatial[i] - 1) * m.stride[i] - 2 * m.padding[i] + m.dilation[i] * (w.shape[2 + i] - 1)
-                    + m.output_padding[i] + 1 for i in range(d)]
             lo = hi = tuple(m.padding)
+            size = [output_size(spatial[i], w.shape[2 + i], m.stride[i], m.dilation[i], lo[i], hi[i],
+                                m.output_padding[i], transposed=True) for i in range(d)]
         else:
             size = list(spatial)
-            lo, hi = _pads(m, spatial)
+            lo, hi = conv_padding(m.padding, m.weight.shape[2:], m.dilation)
         N = [-(-(size[i] + lo[i] + hi[i]) // m.stride[i]) * m.stride[i] for i in range(d)]
         return circular_bound(w, N, m.stride, m.dilation, m.groups, **kw)
     return None

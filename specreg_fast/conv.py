@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from . import reference as ref
-from .geometry import ConvSpec
+from .contract import WEIGHT_DTYPES, acc_dtype
+from .geometry import ConvSpec, conv_apply, decode_conv_params, output_size, pack_conv_params
 
 __all__ = ["ConvSpec", "ConvState", "init_conv_state", "conv_operator_norms", "conv_operator_norm", "set_conv_kernel",
            "validate_state", "step_sigmas"]
@@ -37,26 +37,17 @@ class ConvState:
         return len(self.xs)
 
 
-_WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _spec_acc(spec: ConvSpec) -> ConvSpec:
-    return ConvSpec(**{**spec.__dict__, "weight": spec.weight.detach().to(_acc(spec.weight.dtype))})
-
-
 def init_conv_state(specs: Sequence[ConvSpec], generator: Optional[torch.Generator] = None) -> ConvState:
     """Random unit input vectors and the matching normalized outputs."""
     xs, ys = [], []
     for spec in specs:
-        acc = _acc(spec.weight.dtype)
+        acc = acc_dtype(spec.weight.dtype)
         x = torch.randn(tuple(spec.input_shape), dtype=acc, generator=generator).to(spec.weight.device)
         x = x / torch.linalg.vector_norm(x)
+        params, modes = pack_conv_params([spec])
+        g = decode_conv_params("init_conv_state", [spec.weight], params, modes)[0]
         with torch.no_grad():
-            y = ref.conv_apply(_spec_acc(spec), x[None])[0]
+            y = conv_apply(g, spec.weight.detach().to(acc), x[None])[0]
         y = y / torch.linalg.vector_norm(y).clamp_min(torch.finfo(acc).tiny)
         xs.append(x)
         ys.append(y)
@@ -74,13 +65,13 @@ def validate_state(specs: Sequence[ConvSpec], state: ConvState, names=None) -> N
         name = names[l] if names is not None else f"specs[{l}]"
         if not isinstance(spec, ConvSpec):
             raise TypeError(f"{name}: expected a ConvSpec, got {type(spec).__name__}")
-        if not isinstance(spec.weight, torch.Tensor) or spec.weight.dtype not in _WEIGHT_DTYPES:
+        if not isinstance(spec.weight, torch.Tensor) or spec.weight.dtype not in WEIGHT_DTYPES:
             raise TypeError(f"{name}: weight must be a float32/float64/bfloat16/float16 tensor, got "
                             f"{getattr(spec.weight, 'dtype', type(spec.weight).__name__)}")
         if spec.padding_mode not in ("zeros", "circular", "reflect", "replicate"):
             raise ValueError(f"{name}: padding_mode must be zeros/circular/reflect/replicate, got "
                              f"{spec.padding_mode!r}")
-        acc = _acc(spec.weight.dtype)
+        acc = acc_dtype(spec.weight.dtype)
         x, y = state.xs[l], state.ys[l]
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             raise TypeError(f"{name}: state x/y must be tensors")
@@ -122,7 +113,7 @@ def _output_shape(spec: ConvSpec, name: str):
         if len(t) != d or any(v < 1 for v in t):
             raise ValueError(f"{name}: {name_} must be {d} positive ints, got {t}")
     try:
-        params, _ = ops.pack_conv_params([spec])
+        params, _ = pack_conv_params([spec])
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
     lo, hi = params[2 + 2 * d:2 + 3 * d], params[2 + 3 * d:2 + 4 * d]
@@ -138,12 +129,9 @@ def _output_shape(spec: ConvSpec, name: str):
             raise ValueError(f"{name}: reflect padding {max(lo[i], hi[i])} must be < the input size {n[1 + i]}")
         if spec.padding_mode == "circular" and max(lo[i], hi[i]) > n[1 + i]:
             raise ValueError(f"{name}: circular padding {max(lo[i], hi[i])} must be <= the input size {n[1 + i]}")
-        if spec.transposed:
-            if op[i] >= max(s, dl):
-                raise ValueError(f"{name}: output_padding {op[i]} must be < stride or dilation")
-            o = (n[1 + i] - 1) * s - lo[i] - hi[i] + dl * (k - 1) + op[i] + 1
-        else:
-            o = (n[1 + i] + lo[i] + hi[i] - dl * (k - 1) - 1) // s + 1
+        if spec.transposed and op[i] >= max(s, dl):
+            raise ValueError(f"{name}: output_padding {op[i]} must be < stride or dilation")
+        o = output_size(n[1 + i], k, s, dl, lo[i], hi[i], op[i], spec.transposed)
         if o < 1:
             raise ValueError(f"{name}: input size {n[1 + i]} (dim {i}) too small for the kernel")
         out.append(o)
@@ -166,23 +154,23 @@ def conv_operator_norms(specs: Sequence[ConvSpec], state: ConvState, n_iter: int
     and low-precision weights are upcast to float32 inside the op.
     """
     specs = list(specs)
-    n_iter = ops._iter_arg("conv_operator_norms", "n_iter", n_iter)
+    n_iter = ops.iter_arg("conv_operator_norms", "n_iter", n_iter)
     if tol is not None:
-        tol = ops._tol_arg("conv_operator_norms", tol, finite=True)
+        tol = ops.tol_arg("conv_operator_norms", tol, finite=True)
     if max_iter is not None:
-        max_iter = ops._iter_arg("conv_operator_norms", "max_iter", max_iter, minimum=1)
+        max_iter = ops.iter_arg("conv_operator_norms", "max_iter", max_iter, minimum=1)
     validate_state(specs, state, names)
     if not specs:
         return torch.zeros(0)
     steps = n_iter if tol is None else (max_iter or 100)
-    params, modes = ops.pack_conv_params(specs)
+    params, modes = pack_conv_params(specs)
     return step_sigmas([s.weight for s in specs], state, params, modes, steps, update, 0.0 if tol is None else tol)
 
 
 def step_sigmas(weights: List[torch.Tensor], state: ConvState, params: List[int], modes: List[str], n_iter: int,
                 update: bool, tol: float = 0.0, from_step=ops.conv_sigma_from_step) -> torch.Tensor:
     """The body of :func:`conv_operator_norms` on arguments checked by :func:`validate_state`
-    and packed by ``ops.pack_conv_params``: ``n_iter`` power steps (``update``), then the
+    and packed by :func:`geometry.pack_conv_params`: ``n_iter`` power steps (``update``), then the
     sigmas; ``from_step(weights, xs, ys, params, modes, est)`` makes them from the step's
     estimates."""
     if update and n_iter > 0:

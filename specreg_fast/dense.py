@@ -8,13 +8,14 @@ iterations. ``lowrank_sigmas`` does the same for maps kept as factors, ``W + sum
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from . import backends, ops
+from .contract import WEIGHT_DTYPES, acc_dtype, out_dtype
+from .power_loop import power_iterate
 
 __all__ = ["PowerState", "init_power_state", "spectral_norms", "spectral_norm", "as_matrix", "lowrank_sigmas",
            "lowrank_grads", "validate_state", "step_sigmas"]
@@ -44,7 +45,7 @@ def init_power_state(weights: Sequence[torch.Tensor], generator: Optional[torch.
     us, vs = [], []
     for W in weights:
         W = as_matrix(W)
-        acc = ops._acc_dtype(W.dtype)
+        acc = acc_dtype(W.dtype)
         v = torch.randn(W.shape[1], dtype=acc, generator=generator).to(W.device)
         v = v / torch.linalg.vector_norm(v).clamp_min(torch.finfo(acc).tiny)
         u = torch.zeros(W.shape[0], dtype=acc, device=W.device)
@@ -68,9 +69,9 @@ def validate_state(weights: Sequence[torch.Tensor], state: PowerState, names: Op
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(W).__name__}")
         if W.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(W.shape)}")
-        if W.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        if W.dtype not in WEIGHT_DTYPES:
             raise TypeError(f"{name}: expected a float32/float64/bfloat16/float16 weight, got {W.dtype}")
-        acc = ops._acc_dtype(W.dtype)
+        acc = acc_dtype(W.dtype)
         for vec, what, size in ((state.us[l], "u", W.shape[0]), (state.vs[l], "v", W.shape[1])):
             if not isinstance(vec, torch.Tensor):
                 raise TypeError(f"{name}: state {what} must be a tensor, got {type(vec).__name__}")
@@ -107,11 +108,11 @@ def spectral_norms(weights: Sequence[torch.Tensor], state: PowerState, n_iter: i
     Invalid input raises before anything is modified.
     """
     weights = list(weights)
-    n_iter = ops._iter_arg("spectral_norms", "n_iter", n_iter)
+    n_iter = ops.iter_arg("spectral_norms", "n_iter", n_iter)
     if tol is not None:
-        tol = ops._tol_arg("spectral_norms", tol, finite=False)
+        tol = ops.tol_arg("spectral_norms", tol, finite=False)
     if max_iter is not None:
-        max_iter = ops._iter_arg("spectral_norms", "max_iter", max_iter, minimum=1)
+        max_iter = ops.iter_arg("spectral_norms", "max_iter", max_iter, minimum=1)
     validate_state(weights, state, names)
     if backend != "auto":
         backends.resolve(backend, weights[0].device if weights else torch.device("cpu"))  # bad name: raise now
@@ -187,25 +188,8 @@ def _lowrank_power_step_(maps, us: List[torch.Tensor], vs: List[torch.Tensor], n
     ``power_step_`` op's conventions: the estimate is ``|M^T t| / |t|`` (``u^T M v`` at the new
     vectors), a zero map keeps the vectors (estimate 0), and a step that meets a non-finite
     value leaves them as they were and gives NaN. No host synchronization (``torch.where``)."""
-    est = []
-    for M, u, v in zip(maps, us, vs):
-        u1, v1 = u, v
-        e = torch.zeros((), dtype=u.dtype, device=u.device)
-        bad = torch.zeros((), dtype=torch.bool, device=u.device)
-        for _ in range(n_iter):
-            t = _lowrank_apply(M, v1)
-            tn = torch.linalg.vector_norm(t)
-            a = _lowrank_adjoint(M, t)
-            an = torch.linalg.vector_norm(a)
-            bad = bad | ~torch.isfinite(tn) | ~torch.isfinite(an)
-            ok = (tn > 0) & (an > 0)
-            u1 = torch.where(ok, t / tn, u1)
-            v1 = torch.where(ok, a / an, v1)
-            e = torch.where(ok, an / tn, torch.zeros_like(an))
-        u.copy_(torch.where(bad, u, u1))
-        v.copy_(torch.where(bad, v, v1))
-        est.append(torch.where(bad, torch.full_like(e, math.nan), e))
-    return est
+    return [power_iterate(lambda x, M=M: _lowrank_apply(M, x), lambda y, M=M: _lowrank_adjoint(M, y), u, v, n_iter,
+                          rollback=True) for M, u, v in zip(maps, us, vs)]
 
 
 def lowrank_grads(M, u: torch.Tensor, v: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -259,9 +243,9 @@ def lowrank_sigmas(maps, us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor],
     :func:`validate_state` (the penalty, once per plan)."""
     maps, us, vs = list(maps), list(us), list(vs)
     if validate:
-        n_iter = ops._iter_arg("lowrank_sigmas", "n_iter", n_iter)
+        n_iter = ops.iter_arg("lowrank_sigmas", "n_iter", n_iter)
         validate_state([M.like() for M in maps], PowerState(us, vs))
-    dt = ops._out_dtype([M.like() for M in maps])
+    dt = out_dtype([M.like() for M in maps])
     if not maps:
         return torch.zeros(0, dtype=dt)
     with torch.no_grad():

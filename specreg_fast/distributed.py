@@ -35,6 +35,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import ops as _ops
+from .contract import acc_dtype, out_dtype
+from .geometry import conv_adjoint, conv_apply, decode_conv_params, pack_conv_params, pack_geometry
+from .power_loop import normalize_
 
 __all__ = ["regularized_weights", "power_step_", "sigma", "sigma_from_step", "add_grads"]
 
@@ -174,7 +177,7 @@ class _Shard:
             return torch.mv(Wf, x)
         if self.out_hi == self.out_lo:
             return x.new_zeros(0)
-        return _ops._conv_apply_ref(self.local_geometry, Wf, x.view(1, *self.in_shape)).reshape(-1)
+        return conv_apply(self.local_geometry, Wf, x.view(1, *self.in_shape)).reshape(-1)
 
     def adjoint(self, Wf, t):
         """``A_r^T t_r`` on this rank's input slice (flat), ``t_r`` its output entries."""
@@ -182,8 +185,8 @@ class _Shard:
             return torch.mv(Wf.t(), t)
         if self.out_hi == self.out_lo:
             return t.new_zeros(self.in_hi - self.in_lo)
-        return _ops._conv_adjoint_ref(self.local_geometry, Wf, t.view(1, -1, *self.out_spatial),
-                                      t.new_empty((1,) + self.in_shape)).reshape(-1)
+        return conv_adjoint(self.local_geometry, Wf, t.view(1, -1, *self.out_spatial),
+                            t.new_empty((1,) + self.in_shape)).reshape(-1)
 
     def weight(self, dtype):
         """The local weight in the vectors' dtype, as the operator reads it."""
@@ -198,22 +201,16 @@ class _Shard:
             return torch.outer(u * scale, x).reshape(self.local.shape)
         if self.out_hi == self.out_lo:
             return self.local.new_zeros(self.local.shape, dtype=u.dtype)
-        params, modes = _pack_geometry(self.local_geometry)
+        params, modes = pack_geometry(self.local_geometry)
         y = (u * scale).view(-1, *self.out_spatial)
         return _ops.conv_weight_grad([self.local.to(u.dtype)], [x.view(self.in_shape)], [y], params, modes)[0]
-
-
-def _pack_geometry(g):
-    """A geometry dict of ``ops._conv_geometry`` packed back for the conv ops."""
-    return ([int(g["transposed"]), int(g["groups"]), *g["stride"], *g["dilation"], *g["lo"], *g["hi"],
-             *g["output_padding"]], [g["mode"]])
 
 
 def _conv_geometries(specs) -> list:
     if not specs:
         return []
-    params, modes = _ops.pack_conv_params(specs)
-    return _ops._conv_geometry("SpectralPenalty", [sp.weight for sp in specs], params, modes)
+    params, modes = pack_conv_params(specs)
+    return decode_conv_params("SpectralPenalty", [sp.weight for sp in specs], params, modes)
 
 
 def _shards(weights, outs, ins, names, geometries) -> List[_Shard]:
@@ -249,7 +246,7 @@ def power_step_(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: Lis
     (dense ones the single-process fused op)."""
     names = _names(names, len(weights))
     shards = _shards(weights, us, vs, names, _conv_geometries(conv_specs))
-    est = torch.zeros(len(shards), dtype=_ops._out_dtype([sh.local for sh in shards]),
+    est = torch.zeros(len(shards), dtype=out_dtype([sh.local for sh in shards]),
                       device=us[0].device if us else torch.device("cpu"))
     fused = [l for l, sh in enumerate(shards) if sh.group is None and sh.geometry is None]
     if fused:
@@ -260,7 +257,7 @@ def power_step_(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: Lis
         groups = _groups(shards) + [[l] for l, sh in enumerate(shards) if sh.group is None and sh.geometry is not None]
         for ids in groups:
             group = shards[ids[0]].group
-            buf_dtype = torch.float64 if any(us[l].dtype == torch.float64 for l in ids) else torch.float32
+            buf_dtype = out_dtype([us[l] for l in ids])
             offs = [0]
             for l in ids:
                 offs.append(offs[-1] + shards[l].m + shards[l].n + 1)
@@ -285,11 +282,7 @@ def power_step_(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: Lis
                     sh, o = shards[l], offs[j]
                     t = buf[o:o + sh.m].to(us[l].dtype)
                     a = buf[o + sh.m:o + sh.m + sh.n].to(us[l].dtype)
-                    tn, an = torch.linalg.vector_norm(t), torch.linalg.vector_norm(a)
-                    ok = (tn > 0) & (an > 0)
-                    us[l].copy_(torch.where(ok, t / tn, us[l].reshape(-1)).view(us[l].shape))
-                    vs[l].copy_(torch.where(ok, a / an, vs[l].reshape(-1)).view(vs[l].shape))
-                    est[l] = torch.where(ok, an / tn, torch.zeros_like(an)).to(est.dtype)
+                    est[l] = normalize_(t, a, us[l].view(-1), vs[l].view(-1))[0].to(est.dtype)
             if buf is None:  # n_iter == 0: the estimate at the current vectors
                 est[ids] = _local_sigmas([shards[l] for l in ids], [us[l] for l in ids],
                                          [vs[l] for l in ids]).to(est.dtype)
@@ -305,7 +298,7 @@ def power_step_(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: Lis
 def _local_sigmas(shards: Sequence[_Shard], us, vs) -> torch.Tensor:
     """``<u, A v>`` of every layer, detached, identical on every rank: one all-reduce of the
     per-rank partials ``<u_r, A_r v>`` per process group."""
-    out = torch.zeros(len(shards), dtype=_ops._out_dtype([sh.local for sh in shards]),
+    out = torch.zeros(len(shards), dtype=out_dtype([sh.local for sh in shards]),
                       device=us[0].device if us else torch.device("cpu"))
     with torch.no_grad():
         part = torch.stack([us[l].reshape(-1)[sh.out_lo:sh.out_hi].double()
@@ -417,14 +410,13 @@ def init_conv_state(specs, generator: Optional[torch.Generator] = None, names: O
         return _single(specs, generator=generator)
     xs, ys = [], []
     for sp in specs:
-        acc = _ops._acc_dtype(sp.weight.dtype)
+        acc = acc_dtype(sp.weight.dtype)
         x = torch.randn(tuple(sp.input_shape), dtype=acc, generator=generator).to(sp.weight.device)
         xs.append(x / torch.linalg.vector_norm(x))
     geos = _conv_geometries(specs)
     with torch.no_grad():
         for sp, x, g in zip(specs, xs, geos):  # output shapes from the meta device: no data, no collective
-            meta = _ops._conv_apply_ref(g, torch.empty(sp.weight.shape, device="meta", dtype=x.dtype),
-                                        x.to("meta")[None])
+            meta = conv_apply(g, torch.empty(sp.weight.shape, device="meta", dtype=x.dtype), x.to("meta")[None])
             ys.append(torch.zeros(meta.shape[1:], dtype=x.dtype, device=x.device))
         shards = _shards([sp.weight for sp in specs], ys, xs, _names(names, len(specs)), geos)
         for ids in _groups(shards) + [[l] for l, sh in enumerate(shards) if sh.group is None]:

@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from . import reference as ref
-from .geometry import ConvSpec
+from .contract import WEIGHT_DTYPES, acc_dtype, out_dtype
+from .geometry import ConvSpec, conv_padding, output_size, same_padding
 
 __all__ = ["CircularState", "init_circular_state", "circular_conv_norms", "circular_params", "to_circular_padding",
            "circular_blocks", "CircularBlockState", "init_circular_block_state", "circular_block_norms"]
@@ -54,14 +54,10 @@ class CircularState:
         return len(self.xs)
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def init_circular_state(specs: Sequence[ConvSpec], generator: Optional[torch.Generator] = None) -> CircularState:
     xs = []
     for spec in specs:
-        xs.append(torch.randn(tuple(spec.input_shape), dtype=_acc(spec.weight.dtype),
+        xs.append(torch.randn(tuple(spec.input_shape), dtype=acc_dtype(spec.weight.dtype),
                               generator=generator).to(spec.weight.device))
     return CircularState(xs)
 
@@ -69,15 +65,9 @@ def init_circular_state(specs: Sequence[ConvSpec], generator: Optional[torch.Gen
 def _full_wrap(spec: ConvSpec) -> bool:
     """Whether the layer's own padding makes it the full wrap-around conv (output N/stride)."""
     k = spec.weight.shape[2:]
-    for i, (n, s) in enumerate(zip(spec.input_shape[1:], spec.stride)):
-        span = spec.dilation[i] * (k[i] - 1)
-        if isinstance(spec.padding, str):
-            total = span if spec.padding == "same" else 0
-        else:
-            total = 2 * spec.padding[i]
-        if (n + total - span - 1) // s + 1 != n // s:
-            return False
-    return True
+    lo, hi = conv_padding(spec.padding, k, spec.dilation)
+    return all(output_size(n, k[i], s, spec.dilation[i], lo[i], hi[i]) == n // s
+               for i, (n, s) in enumerate(zip(spec.input_shape[1:], spec.stride)))
 
 
 def _check_circular(spec: ConvSpec, name: str, assume_circular: bool) -> None:
@@ -85,8 +75,7 @@ def _check_circular(spec: ConvSpec, name: str, assume_circular: bool) -> None:
         raise TypeError(f"{name}: expected a ConvSpec, got {type(spec).__name__}")
     if spec.transposed:
         raise ValueError(f"{name}: method='fft' supports ConvNd, not ConvTransposeNd")
-    if not isinstance(spec.weight, torch.Tensor) or spec.weight.dtype not in (torch.float32, torch.float64,
-                                                                              torch.bfloat16, torch.float16):
+    if not isinstance(spec.weight, torch.Tensor) or spec.weight.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"{name}: weight must be a float32/float64/bfloat16/float16 tensor")
     d = spec.weight.dim() - 2
     if not 1 <= d <= 3 or len(spec.input_shape) != d + 1:
@@ -120,18 +109,17 @@ def _check_circular(spec: ConvSpec, name: str, assume_circular: bool) -> None:
 
 
 def circular_params(spec: ConvSpec) -> List[int]:
-    """The conv-op packing (``ops.pack_conv_params``) of the full wrap-around conv of ``spec``:
+    """The conv-op packing (``geometry.pack_conv_params``) of the full wrap-around conv of ``spec``:
     total padding ``dilation*(k-1)`` in circular mode. The layer's own padding only shifts the
     input circularly, which changes neither the singular values nor their gradient."""
     d = spec.weight.dim() - 2
-    span = [spec.dilation[i] * (spec.weight.shape[2 + i] - 1) for i in range(d)]
-    lo = [t // 2 for t in span]
-    hi = [t - t // 2 for t in span]
+    lo, hi = same_padding(spec.weight.shape[2:], spec.dilation)
     return [0, int(spec.groups), *map(int, spec.stride), *map(int, spec.dilation), *lo, *hi, *([0] * d)]
 
 
 def _exact_norm(spec: ConvSpec) -> torch.Tensor:
-    P = ref.circular_transfer_blocks(spec.weight, spec.input_shape[1:], spec.stride, spec.dilation, 0, spec.groups)
+    # the half-spectrum blocks: a real kernel's P(-w) is the conjugate of P(w), same norm
+    P = circular_blocks(spec.weight, spec.input_shape[1:], spec.stride, spec.dilation, spec.groups)
     return torch.linalg.matrix_norm(P, ord=2).max()
 
 
@@ -153,14 +141,14 @@ def circular_conv_norms(specs: Sequence[ConvSpec], state: Optional[CircularState
     (float64 if any weight is float64).
     """
     specs = list(specs)
-    n_iter = ops._iter_arg("circular_conv_norms", "n_iter", n_iter)
+    n_iter = ops.iter_arg("circular_conv_norms", "n_iter", n_iter)
     if not specs:
         return torch.zeros(0)
-    dt = torch.float64 if any(s.weight.dtype == torch.float64 for s in specs) else torch.float32
+    dt = out_dtype([s.weight for s in specs])
     if exact:
         for l, spec in enumerate(specs):
             _check_circular(spec, names[l] if names is not None else f"specs[{l}]", assume_circular)
-        return torch.stack([_exact_norm(ConvSpec(**{**s.__dict__, "weight": s.weight.to(_acc(s.weight.dtype))}))
+        return torch.stack([_exact_norm(ConvSpec(**{**s.__dict__, "weight": s.weight.to(acc_dtype(s.weight.dtype))}))
                             .to(dt) for s in specs])
     weights = [s.weight for s in specs]
     est, x_tops, y_tops, params = circular_power_pairs(specs, state, n_iter, update=update, names=names,
@@ -184,7 +172,7 @@ def circular_power_pairs(specs: Sequence[ConvSpec], state: CircularState, n_iter
                          f"{'None' if state is None else len(state)}")
     for l, (spec, x) in enumerate(zip(specs, state.xs)):
         name = names[l] if names is not None else f"specs[{l}]"
-        acc = _acc(spec.weight.dtype)
+        acc = acc_dtype(spec.weight.dtype)
         if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(spec.input_shape) or x.dtype != acc \
                 or x.device != spec.weight.device or not x.is_contiguous():
             raise ValueError(f"{name}: state vector must be a contiguous {acc} tensor of the input shape "
@@ -236,7 +224,7 @@ def circular_blocks(weight: torch.Tensor, input_size: Sequence[int], stride: Uni
     if cout % groups:
         raise ValueError(f"C_out={cout} is not divisible by groups={groups}")
     S = math.prod(s)
-    real = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    real = acc_dtype(weight.dtype)
     dev = weight.device
     taps = list(itertools.product(*[range(k) for k in ks]))
     a = torch.empty(len(taps), d, dtype=torch.float64)
@@ -307,7 +295,7 @@ def circular_block_norms(specs: Sequence[ConvSpec], state: CircularBlockState, n
     and small layers. Differentiable: sigma = |P(w*) v| with ``P(w*)`` rebuilt for the top
     block only (its gradient is the closed form ``Re(u^H dP(w*) v)``)."""
     specs = list(specs)
-    n_iter = ops._iter_arg("circular_block_norms", "n_iter", n_iter)
+    n_iter = ops.iter_arg("circular_block_norms", "n_iter", n_iter)
     if len(state) != len(specs) or len(state.us) != len(specs):
         raise ValueError(f"state: expected {len(specs)} (u, v) pairs, one per conv, got {len(state)}")
     # every layer is checked before the first one's vectors move
@@ -344,7 +332,7 @@ def circular_block_norms(specs: Sequence[ConvSpec], state: CircularBlockState, n
         out.append(torch.linalg.vector_norm(Pf @ v[top].clone()))
     if not out:
         return torch.zeros(0)
-    dt = torch.float64 if any(s.weight.dtype == torch.float64 for s in specs) else torch.float32
+    dt = out_dtype([s.weight for s in specs])
     return torch.stack([o.to(dt) for o in out])
 
 

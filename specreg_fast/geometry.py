@@ -1,18 +1,29 @@
 """Conv layer geometry: a conv layer seen as a linear map at one input size.
 
-A neutral module: the fast paths (``conv.py``, ``fft.py``, ``bounds.py``), the penalty and
-the plain references in ``reference.py`` all take a :class:`ConvSpec`; keeping it here keeps
-``reference.py`` a leaf that only checks.
+Everything the package knows about a conv's geometry, in one place: :class:`ConvSpec` (the
+layer at one input size), the packing of the conv ops' ``int[] params`` and its decoding
+(:func:`pack_conv_params`, :func:`decode_conv_params`, :func:`pack_geometry`), output sizes
+(:func:`output_size`, :func:`conv_output_shape`), padding splits (:func:`conv_padding`,
+:func:`same_padding`), and the map and its adjoint in plain PyTorch on decoded geometry
+(:func:`conv_apply`, :func:`conv_adjoint`: the reference kernels of the conv ops, the initial
+conv state and the sharded penalty compute with them).
+
+A neutral module: the fast paths (``conv.py``, ``fft.py``, ``bounds.py``), the ops, the
+penalty and the plain references in ``reference.py`` all take its geometry; keeping it here
+keeps ``reference.py`` a leaf that only checks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-__all__ = ["ConvSpec"]
+from .contract import require
+
+__all__ = ["ConvSpec", "same_padding", "conv_padding", "output_size", "pack_conv_params", "decode_conv_params",
+           "pack_geometry", "conv_output_shape", "conv_apply", "conv_adjoint"]
 
 
 @dataclass
@@ -64,3 +75,150 @@ class ConvSpec:
         cout, cin = self.weight.shape[0], self.weight.shape[1] * self.groups
         return cls(cin, cout, k, stride=self.stride, padding=self.padding, dilation=self.dilation,
                    groups=self.groups, bias=False, padding_mode=self.padding_mode, device="meta")
+
+
+def same_padding(kernel: Sequence[int], dilation: Sequence[int]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """``(lo, hi)`` of ``padding="same"``: the total ``dilation * (kernel - 1)`` per spatial dim,
+    the odd unit on the high side (as PyTorch pads)."""
+    total = [dl * (k - 1) for k, dl in zip(kernel, dilation)]
+    return tuple(t // 2 for t in total), tuple(t - t // 2 for t in total)
+
+
+def conv_padding(padding, kernel: Sequence[int], dilation: Sequence[int]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """``(lo, hi)`` per spatial dim of a conv layer's ``padding``: ``"valid"``, ``"same"``
+    (:func:`same_padding`) or one int per dim (both sides)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0,) * len(kernel), (0,) * len(kernel)
+        if padding == "same":
+            return same_padding(kernel, dilation)
+        raise ValueError(f"padding must be 'same', 'valid' or a tuple, got {padding!r}")
+    lo = tuple(int(p) for p in padding)
+    return lo, lo
+
+
+def output_size(n: int, k: int, stride: int, dilation: int, lo: int, hi: int, output_padding: int = 0,
+                transposed: bool = False) -> int:
+    """The output size along one spatial dim, for input size ``n`` and kernel size ``k``: floor
+    division for a conv (< 1 when the kernel does not fit the padded input)."""
+    if transposed:
+        return (n - 1) * stride - lo - hi + dilation * (k - 1) + output_padding + 1
+    return (n + lo + hi - dilation * (k - 1) - 1) // stride + 1
+
+
+# Per-layer geometry of the conv ops, packed layer after layer into one int[] (2 + 5 d ints
+# for d spatial dims) plus one padding-mode string per layer:
+#     [transposed, groups, stride[d], dilation[d], pad_lo[d], pad_hi[d], output_padding[d]]
+# (the single description of the packing is csrc/specreg_fast.cpp; this is its encoder/decoder).
+def pack_conv_params(specs) -> "tuple[List[int], List[str]]":
+    """``(params, padding_modes)`` of the conv ops for a list of :class:`ConvSpec`."""
+    params: List[int] = []
+    modes: List[str] = []
+    for spec in specs:
+        d = spec.weight.dim() - 2
+        lo, hi = conv_padding(spec.padding, tuple(spec.weight.shape[2:]), spec.dilation)
+        op = tuple(spec.output_padding) if spec.transposed and spec.output_padding else (0,) * d
+        params += [int(bool(spec.transposed)), int(spec.groups), *map(int, spec.stride), *map(int, spec.dilation), *lo,
+                   *hi, *map(int, op)]
+        modes.append(str(spec.padding_mode))
+    return params, modes
+
+
+def decode_conv_params(op: str, weights, params, modes) -> List[dict]:
+    """Decode ``params``/``modes`` per layer, with the checks of ``decode`` in
+    csrc/conv_geometry.h (the conv and circular families' shared first step)."""
+    require(len(modes) == len(weights),
+            lambda: f"{op}: padding_modes must have one entry per layer ({len(weights)}), got {len(modes)}")
+    out, off = [], 0
+    for l, (W, mode) in enumerate(zip(weights, modes)):
+        d = W.dim() - 2
+        require(1 <= d <= 3, lambda: f"{op}: weights[{l}] must be 3-D to 5-D (a 1-D to 3-D conv), got "
+                                     f"shape {tuple(W.shape)}")
+        need = 2 + 5 * d
+        require(off + need <= len(params), lambda: f"{op}: params too short for layer {l} (need {need} "
+                                                   f"entries from offset {off}, have {len(params)})")
+        p = list(params[off:off + need])
+        off += need
+        g = dict(transposed=p[0] != 0, groups=p[1], stride=p[2:2 + d], dilation=p[2 + d:2 + 2 * d],
+                 lo=p[2 + 2 * d:2 + 3 * d], hi=p[2 + 3 * d:2 + 4 * d], output_padding=p[2 + 4 * d:2 + 5 * d],
+                 mode=mode, d=d)
+        require(g["groups"] >= 1, lambda: f"{op}: layer {l}: groups must be >= 1, got {g['groups']}")
+        require(all(v >= 1 for v in g["stride"] + g["dilation"]),
+                lambda: f"{op}: layer {l}: stride and dilation must be >= 1")
+        require(all(v >= 0 for v in g["lo"] + g["hi"] + g["output_padding"]),
+                lambda: f"{op}: layer {l}: padding and output_padding must be >= 0")
+        require(mode in ("zeros", "circular", "reflect", "replicate"),
+                lambda: f"{op}: layer {l}: padding mode must be zeros/circular/reflect/replicate, got "
+                        f"{mode!r}")
+        if g["transposed"]:
+            require(mode == "zeros" and g["lo"] == g["hi"],
+                    lambda: f"{op}: layer {l}: a transposed conv takes symmetric zero padding only")
+        else:
+            require(all(v == 0 for v in g["output_padding"]),
+                    lambda: f"{op}: layer {l}: output_padding must be 0 for a conv")
+        out.append(g)
+    require(off == len(params), lambda: f"{op}: params has {len(params)} entries, the layers use {off}")
+    return out
+
+
+def pack_geometry(g: dict) -> "tuple[List[int], List[str]]":
+    """One layer's decoded geometry (an entry of :func:`decode_conv_params`) packed back into
+    ``(params, padding_modes)`` for the conv ops."""
+    return ([int(g["transposed"]), int(g["groups"]), *g["stride"], *g["dilation"], *g["lo"], *g["hi"],
+             *g["output_padding"]], [g["mode"]])
+
+
+def conv_output_shape(op: str, l: int, g: dict, W, in_shape) -> list:
+    """The layer's output shape ``(C_out, *spatial)`` for an input ``(C_in, *spatial)``, with
+    floor division (a kernel larger than the padded input is an error, not an output of 1)."""
+    out = [W.shape[1] * g["groups"] if g["transposed"] else W.shape[0]]
+    for i in range(g["d"]):
+        s, dl = g["stride"][i], g["dilation"][i]
+        o = output_size(in_shape[1 + i], W.shape[2 + i], s, dl, g["lo"][i], g["hi"][i], g["output_padding"][i],
+                        g["transposed"])
+        require(o >= 1, lambda: f"{op}: layer {l}: input {tuple(in_shape)} too small for the kernel")
+        entries = (s, dl, g["lo"][i], g["hi"][i], g["output_padding"][i])
+        require(max(entries) < 2 ** 31, lambda: f"{op}: layer {l}: stride, dilation, padding and output_padding "
+                                                f"must be at most 2^31 - 1 (ATen's convolutions take int32), got "
+                                                f"{entries} in spatial dim {i}")
+        out.append(o)
+    return out
+
+
+# ----------------------------------------------------------------------------- the map in plain PyTorch
+def _pad_vec(g):
+    v = []
+    for i in reversed(range(g["d"])):
+        v += [g["lo"][i], g["hi"][i]]
+    return v
+
+
+def _explicit(g):
+    return not g["transposed"] and (g["mode"] != "zeros" or g["lo"] != g["hi"])
+
+
+def padded_input(g, x):
+    """(input handed to aten.convolution, its padding) for a batched x."""
+    if _explicit(g):
+        mode = "constant" if g["mode"] == "zeros" else g["mode"]
+        return torch.nn.functional.pad(x, _pad_vec(g), mode=mode), [0] * g["d"]
+    return x, list(g["lo"])
+
+
+def conv_apply(g, W, x):
+    """The layer's map on a batch ``x`` ``(B, C_in, *spatial)``, for decoded geometry ``g`` (an
+    entry of :func:`decode_conv_params`) and weight ``W`` in ``x``'s dtype: one
+    ``aten.convolution``, after an explicit pad where aten cannot pad (padding modes other
+    than zeros, asymmetric padding)."""
+    xp, pad = padded_input(g, x)
+    return torch.ops.aten.convolution(xp, W, None, g["stride"], pad, g["dilation"], g["transposed"],
+                                      g["output_padding"], g["groups"])
+
+
+def conv_adjoint(g, W, y, x_like):
+    """The adjoint map on a batch of outputs ``y``, for inputs shaped like ``x_like``: the
+    vector-Jacobian product of the (linear) :func:`conv_apply`, exact for every padding mode."""
+    with torch.enable_grad():
+        x0 = torch.zeros_like(x_like).requires_grad_(True)
+        (gx,) = torch.autograd.grad(conv_apply(g, W.detach(), x0), x0, y)
+    return gx

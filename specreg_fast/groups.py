@@ -26,6 +26,7 @@ from . import ops as _ops
 from .bounds import operator_norm_bounds
 from .conv import ConvSpec, ConvState, validate_state as _validate_convs
 from .fft import CircularState, circular_conv_norms, circular_params, circular_power_pairs, init_circular_state
+from .geometry import pack_conv_params
 
 __all__ = ["MapGroup", "DenseGroup", "LowRankGroup", "ConvOperatorGroup", "CircularGroup", "ShardedGroup",
            "build_groups", "Built", "assembly", "term_gammas", "restart_nonfinite"]
@@ -379,7 +380,7 @@ class ConvOperatorGroup(_ConvGroup):
             xs, ys = self.vectors(0), self.vectors(1)
             specs = self.specs()
             _validate_convs(specs, ConvState(xs, ys), self.names)
-            packed = [_ops.pack_conv_params([sp]) for sp in specs]
+            packed = [pack_conv_params([sp]) for sp in specs]
             return xs, ys, [p for p, _ in packed], [m[0] for _, m in packed], {}
 
         return Call(ws, self._cached(self._key(ws), build))

@@ -20,6 +20,7 @@ from typing import Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .contract import acc_dtype
 from .geometry import ConvSpec  # re-exported: the conv geometry the references take
 
 __all__ = [
@@ -54,7 +55,7 @@ def power_iteration(W: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iter: i
     """
     if W.dim() != 2:
         raise ValueError(f"W must be 2-D, got shape {tuple(W.shape)}")
-    acc = torch.float64 if W.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(W.dtype)
     Wf = W.to(acc)
     u = u.to(acc).clone()
     v = v.to(acc).clone()
@@ -133,7 +134,7 @@ def conv_power_iteration(spec: ConvSpec, x: torch.Tensor, n_iter: int = 1):
     groups); ``x`` is the persistent input-shaped vector. Returns ``(sigma, y, x)`` with
     ``y = A x_old / |A x_old|``, ``x = A^T y / |A^T y|`` and ``sigma = <y, A x>``: the same
     step as the dense :func:`power_iteration` with u = y, v = x."""
-    acc = torch.float64 if spec.weight.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(spec.weight.dtype)
     spec = ConvSpec(**{**spec.__dict__, "weight": spec.weight.detach().to(acc)})
     x = x.detach().to(acc).reshape((1,) + tuple(spec.input_shape)).clone()
     x = x / torch.linalg.vector_norm(x)
@@ -187,7 +188,7 @@ def circular_transfer_blocks(weight: torch.Tensor, input_size: Sequence[int], st
     cout_g = cout // groups
     nphase = math.prod(s)
     cplx = torch.complex128 if weight.dtype == torch.float64 else torch.complex64
-    real = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    real = acc_dtype(weight.dtype)
     K = weight.to(real).reshape(groups, cout_g, cin_g, *ks)  # differentiable in weight
     # frequency grid, shape (*n, d)
     grids = torch.meshgrid(*[torch.arange(m, dtype=real, device=weight.device) for m in n], indexing="ij")

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Callable, Dict, List, Optional
 
 import torch

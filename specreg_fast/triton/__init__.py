@@ -7,7 +7,8 @@ kernel config, used by the tests and ``bench/triton_resource_usage.py``).
 :func:`register` installs the Triton kernels as the CUDA implementation of
 ``specreg_fast::power_step_`` and ``specreg_fast::sigma`` when the compiled extension did not
 register CUDA kernels of its own (the CUDA C++ kernels win when both exist).
-``specreg_fast.backends`` calls it on import when CUDA is available.
+``import specreg_fast`` calls it (through ``specreg_fast.backends.register_triton_for_cuda``) when
+CUDA is available.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import os
 from typing import List
 
 import torch
+
+from ..fallback import warn_reference_fallback
 
 _REGISTERED: List[str] = []
 
@@ -47,23 +50,23 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 
 def _power_step_cuda(weights, us, vs, n_iter, tol):
     from . import power_step as ps
-    from .. import backends, ops
+    from .. import ops
 
     if any(w.dtype == torch.float64 for w in weights):
         # fp64 has no Triton kernel: the float64 layers take the reference, the rest Triton.
-        backends.warn_reference_fallback("power_step_", "float64 weights have no Triton kernel")
+        warn_reference_fallback("power_step_", "float64 weights have no Triton kernel")
         return _split_fp64(weights, us, vs, lambda w, u, v: ps.power_step_(w, u, v, n_iter, tol),
-                           lambda w, u, v: ops._power_step_reference(w, u, v, n_iter, tol))
+                           lambda w, u, v: ops.power_step_reference(w, u, v, n_iter, tol))
     return ps.power_step_(list(weights), list(us), list(vs), n_iter, tol)
 
 
 def _sigma_cuda(weights, us, vs):
     from . import power_step as ps
-    from .. import backends, ops
+    from .. import ops
 
     if any(w.dtype == torch.float64 for w in weights):
-        backends.warn_reference_fallback("sigma", "float64 weights have no Triton kernel")
-        return _split_fp64(weights, us, vs, ps.sigma, ops._sigma_reference)
+        warn_reference_fallback("sigma", "float64 weights have no Triton kernel")
+        return _split_fp64(weights, us, vs, ps.sigma, ops.sigma_reference)
     return ps.sigma(list(weights), list(us), list(vs))
 
 
@@ -84,15 +87,15 @@ def has_cuda_kernel(op: str) -> bool:
 def _batched_power_step_cuda(blocks, us, vs, n_iter):
     """CUDA kernel of ``specreg_fast::batched_power_step_``: the Triton batched power iteration
     for float32/complex64 (all iterations in one launch), the reference for float64/complex128."""
-    from .. import backends, ops
+    from .. import ops
     from .batched_power import batched_power_iteration
 
     if blocks.dtype in (torch.float32, torch.complex64):
-        ops._check_batched_args(blocks, us, vs, n_iter)
+        ops.check_batched_args(blocks, us, vs, n_iter)
         return batched_power_iteration(blocks.contiguous(), us, vs, n_iter)[0]
     if blocks.dtype in (torch.float64, torch.complex128):
-        backends.warn_reference_fallback("batched_power_step_", f"{blocks.dtype} blocks have no Triton kernel")
-    return ops._batched_power_step_reference(blocks, us, vs, n_iter)
+        warn_reference_fallback("batched_power_step_", f"{blocks.dtype} blocks have no Triton kernel")
+    return ops.batched_power_step_reference(blocks, us, vs, n_iter)
 
 
 def register() -> List[str]:
