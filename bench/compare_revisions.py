@@ -63,6 +63,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 GUARD_ROUNDS = 15
 #: A case fails when its interval's lower end is above this ratio.
 THRESHOLD = 1.05
+#: OMP_WAIT_POLICY of both workers ("inherit": the environment's). PASSIVE by default: on a shared,
+#: oversubscribed machine, OpenMP threads that spin at barriers wait for a descheduled partner,
+#: and a call then takes 10-30x its time at random (penalty/mlp at 2 threads under a load of
+#: 11 on 2 cores: 35 ms and 308 ms with the default policy, 16 ms and 13 ms with PASSIVE).
+WAIT_POLICIES = ("PASSIVE", "ACTIVE", "inherit")
 
 # (C_in, C_out, kernel, stride, padding, input size): the layers of ``suite.SIZES`` (RESNET18_CIFAR
 # rows 1 and 7 for conv, row 1 for circular in "quick"; a test checks that they still match).
@@ -304,9 +309,11 @@ def worker() -> None:
 class Worker:
     """One tree's worker process."""
 
-    def __init__(self, label: str, tree: str, threads: int):
+    def __init__(self, label: str, tree: str, threads: int, omp_wait_policy: str = "PASSIVE"):
         self.label, self.tree = label, tree
         env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        if omp_wait_policy != "inherit":
+            env["OMP_WAIT_POLICY"] = omp_wait_policy
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"], cwd=tree, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
@@ -363,7 +370,7 @@ def fmt_time(s: float) -> str:
 
 def compare(a: str, b: str, rounds: int = GUARD_ROUNDS, cases: Optional[Sequence[str]] = None, size: str = "quick",
             threads: int = 2, calls: int = 3, warmup: int = 1, min_time: float = 0.01, n_boot: int = 2000,
-            seed: int = 0, progress: Optional[Callable[[str], None]] = None) -> dict:
+            seed: int = 0, omp_wait_policy: str = "PASSIVE", progress: Optional[Callable[[str], None]] = None) -> dict:
     """Run the comparison; returns the JSON-able result (see :func:`print_table`)."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
@@ -373,11 +380,13 @@ def compare(a: str, b: str, rounds: int = GUARD_ROUNDS, cases: Optional[Sequence
             raise ValueError(f"{arg} must be an int >= {lo}, got {v!r}")
     if not (isinstance(min_time, (int, float)) and 0 <= min_time < 10):
         raise ValueError(f"min_time must be seconds in [0, 10), got {min_time!r}")
+    if omp_wait_policy not in WAIT_POLICIES:
+        raise ValueError(f"omp_wait_policy must be one of {WAIT_POLICIES}, got {omp_wait_policy!r}")
     a, b = check_tree("--a", a), check_tree("--b", b)
     names = select_cases(size, cases)
     say = progress or (lambda s: None)
     t_start = time.perf_counter()
-    workers = {"A": Worker("A", a, threads), "B": Worker("B", b, threads)}
+    workers = {"A": Worker("A", a, threads, omp_wait_policy), "B": Worker("B", b, threads, omp_wait_policy)}
     try:
         info = {}
         for k, w in workers.items():
@@ -418,13 +427,15 @@ def compare(a: str, b: str, rounds: int = GUARD_ROUNDS, cases: Optional[Sequence
     return {"a": {"tree": a, "rev": _git_rev(a), "package": info["A"]["package"]},
             "b": {"tree": b, "rev": _git_rev(b), "package": info["B"]["package"]},
             "machine": info["A"]["machine"], "size": size, "rounds": rounds, "order": order, "threads": threads,
-            "calls": calls, "warmup": warmup, "min_time_s": min_time, "n_boot": n_boot, "level": 0.95,
+            "omp_wait_policy": omp_wait_policy, "calls": calls, "warmup": warmup, "min_time_s": min_time,
+            "n_boot": n_boot, "level": 0.95,
             "seed": seed, "threshold": THRESHOLD, "wall_s": time.perf_counter() - t_start, "rows": rows}
 
 
 def print_table(res: dict, file=None) -> None:
     m = res["machine"]
-    print(f"compare_revisions ({res['size']}, {res['rounds']} rounds, {res['threads']} threads) | "
+    print(f"compare_revisions ({res['size']}, {res['rounds']} rounds, {res['threads']} threads, "
+          f"OMP_WAIT_POLICY {res['omp_wait_policy']}) | "
           f"{m.get('machine', '?')} | {m.get('processor', '?')} | torch {m.get('torch', '?')} | "
           f"{m.get('date', '')}", file=file)
     print(f"A = {res['a']['tree']} ({res['a']['rev']})\nB = {res['b']['tree']} ({res['b']['rev']})", file=file)
@@ -452,6 +463,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", default="quick", choices=sorted(SIZES))
     p.add_argument("--quick", action="store_const", const="quick", dest="size", help="same as --size quick")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in both workers")
+    p.add_argument("--omp-wait-policy", default="PASSIVE", choices=WAIT_POLICIES,
+                   help="OMP_WAIT_POLICY of both workers (default PASSIVE; inherit: the environment's)")
     p.add_argument("--calls", type=int, default=3, help="timed samples per case, tree and round")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before them")
     p.add_argument("--min-time", type=float, default=0.01, help="seconds a sample should last at least")
@@ -473,7 +486,8 @@ def main(argv=None) -> int:
     try:
         res = compare(args.a, args.b, rounds=args.rounds, cases=args.cases, size=args.size, threads=args.threads,
                       calls=args.calls, warmup=args.warmup, min_time=args.min_time, n_boot=args.n_boot,
-                      seed=args.seed, progress=lambda s: print(s, file=sys.stderr, flush=True))
+                      seed=args.seed, omp_wait_policy=args.omp_wait_policy,
+                      progress=lambda s: print(s, file=sys.stderr, flush=True))
     except ValueError as e:
         p.error(str(e))
     print_table(res)
