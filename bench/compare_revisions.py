@@ -36,7 +36,8 @@ Timing. Each round runs every case on A and on B back to back, alternating which
 first from round to round; per case and tree, a few untimed warm-up calls, then ``--calls``
 samples, each the mean of ``inner`` calls (``inner`` chosen once, the same for both trees,
 so that a sample lasts about ``--min-time``). A round's time is the median of its samples.
-Machine drift (other load, frequency) then hits A and B alike within a round.
+Machine drift (other load, frequency) then hits A and B alike within a round. Both workers run
+with ``OMP_WAIT_POLICY=PASSIVE`` unless told otherwise (see ``WAIT_POLICIES``).
 
 Per case: the median over rounds of A and of B, the ratio of medians B/A, and a 95% percentile
 bootstrap interval of that ratio (rounds resampled with replacement, the same rounds for A
