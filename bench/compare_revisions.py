@@ -35,9 +35,11 @@ and ``bench/bench_training.py`` (penalty cost, training step):
 Timing. Each round runs every case on A and on B back to back, alternating which tree goes
 first from round to round; per case and tree, a few untimed warm-up calls, then ``--calls``
 samples, each the mean of ``inner`` calls (``inner`` chosen once, the same for both trees,
-so that a sample lasts about ``--min-time``). A round's time is the median of its samples.
-Machine drift (other load, frequency) then hits A and B alike within a round. Both workers run
-with ``OMP_WAIT_POLICY=PASSIVE`` unless told otherwise (see ``WAIT_POLICIES``).
+so that a sample lasts about ``--min-time``). A round's time is the fastest of its samples
+(``--round-stat min``; the load of a shared machine only ever adds time, so the fastest sample
+is the one least disturbed; ``median`` is the alternative). Machine drift (other load,
+frequency) then hits A and B alike within a round. Both workers run with
+``OMP_WAIT_POLICY=PASSIVE`` unless told otherwise (see ``WAIT_POLICIES``).
 
 Per case: the median over rounds of A and of B, the ratio of medians B/A, and a 95% percentile
 bootstrap interval of that ratio (rounds resampled with replacement, the same rounds for A
@@ -69,6 +71,8 @@ THRESHOLD = 1.05
 #: and a call then takes 10-30x its time at random (penalty/mlp at 2 threads under a load of
 #: 11 on 2 cores: 35 ms and 308 ms with the default policy, 16 ms and 13 ms with PASSIVE).
 WAIT_POLICIES = ("PASSIVE", "ACTIVE", "inherit")
+#: A round's time from its samples.
+ROUND_STATS = {"min": min, "median": statistics.median}
 
 # (C_in, C_out, kernel, stride, padding, input size): the layers of ``suite.SIZES`` (RESNET18_CIFAR
 # rows 1 and 7 for conv, row 1 for circular in "quick"; a test checks that they still match).
@@ -371,7 +375,8 @@ def fmt_time(s: float) -> str:
 
 def compare(a: str, b: str, rounds: int = GUARD_ROUNDS, cases: Optional[Sequence[str]] = None, size: str = "quick",
             threads: int = 2, calls: int = 3, warmup: int = 1, min_time: float = 0.01, n_boot: int = 2000,
-            seed: int = 0, omp_wait_policy: str = "PASSIVE", progress: Optional[Callable[[str], None]] = None) -> dict:
+            seed: int = 0, omp_wait_policy: str = "PASSIVE", round_stat: str = "min",
+            progress: Optional[Callable[[str], None]] = None) -> dict:
     """Run the comparison; returns the JSON-able result (see :func:`print_table`)."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
@@ -383,6 +388,8 @@ def compare(a: str, b: str, rounds: int = GUARD_ROUNDS, cases: Optional[Sequence
         raise ValueError(f"min_time must be seconds in [0, 10), got {min_time!r}")
     if omp_wait_policy not in WAIT_POLICIES:
         raise ValueError(f"omp_wait_policy must be one of {WAIT_POLICIES}, got {omp_wait_policy!r}")
+    if round_stat not in ROUND_STATS:
+        raise ValueError(f"round_stat must be one of {sorted(ROUND_STATS)}, got {round_stat!r}")
     a, b = check_tree("--a", a), check_tree("--b", b)
     names = select_cases(size, cases)
     say = progress or (lambda s: None)
@@ -406,6 +413,7 @@ def compare(a: str, b: str, rounds: int = GUARD_ROUNDS, cases: Optional[Sequence
                       for w in workers.values())
             inner[n] = max(1, int(min_time / max(one, 1e-7)))
         samples = {n: {"A": [], "B": []} for n in names}
+        calls_s = {n: {"A": [], "B": []} for n in names}
         order = []
         for r in range(rounds):
             first = ("A", "B") if r % 2 == 0 else ("B", "A")
@@ -414,7 +422,8 @@ def compare(a: str, b: str, rounds: int = GUARD_ROUNDS, cases: Optional[Sequence
             for n in names:
                 for k in first:
                     times = workers[k].ask(cmd="run", case=n, calls=calls, warmup=warmup, inner=inner[n])["times"]
-                    samples[n][k].append(statistics.median(times))
+                    samples[n][k].append(ROUND_STATS[round_stat](times))
+                    calls_s[n][k].append(times)
             say(f"round {r + 1}/{rounds} ({first[0]} first): {time.perf_counter() - t0:.1f} s")
     finally:
         for w in workers.values():
@@ -423,20 +432,22 @@ def compare(a: str, b: str, rounds: int = GUARD_ROUNDS, cases: Optional[Sequence
     for n in names:
         st = ratio_interval(samples[n]["A"], samples[n]["B"], n_boot=n_boot, seed=seed)
         rows.append({"case": n, "inner": inner[n], "a_s": samples[n]["A"], "b_s": samples[n]["B"],
+                     "a_calls_s": calls_s[n]["A"], "b_calls_s": calls_s[n]["B"],
                      "median_a_s": st["median_a"], "median_b_s": st["median_b"], "ratio": st["ratio"],
                      "ci_low": st["low"], "ci_high": st["high"], "verdict": verdict(st["low"])})
     return {"a": {"tree": a, "rev": _git_rev(a), "package": info["A"]["package"]},
             "b": {"tree": b, "rev": _git_rev(b), "package": info["B"]["package"]},
             "machine": info["A"]["machine"], "size": size, "rounds": rounds, "order": order, "threads": threads,
-            "omp_wait_policy": omp_wait_policy, "calls": calls, "warmup": warmup, "min_time_s": min_time,
-            "n_boot": n_boot, "level": 0.95,
-            "seed": seed, "threshold": THRESHOLD, "wall_s": time.perf_counter() - t_start, "rows": rows}
+            "omp_wait_policy": omp_wait_policy, "round_stat": round_stat, "calls": calls, "warmup": warmup,
+            "min_time_s": min_time, "n_boot": n_boot, "level": 0.95, "seed": seed, "threshold": THRESHOLD,
+            "wall_s": time.perf_counter() - t_start, "rows": rows}
 
 
 def print_table(res: dict, file=None) -> None:
     m = res["machine"]
     print(f"compare_revisions ({res['size']}, {res['rounds']} rounds, {res['threads']} threads, "
-          f"OMP_WAIT_POLICY {res['omp_wait_policy']}) | "
+          f"OMP_WAIT_POLICY {res['omp_wait_policy']}, round time: {res['round_stat']} of {res['calls']} samples) "
+          "| "
           f"{m.get('machine', '?')} | {m.get('processor', '?')} | torch {m.get('torch', '?')} | "
           f"{m.get('date', '')}", file=file)
     print(f"A = {res['a']['tree']} ({res['a']['rev']})\nB = {res['b']['tree']} ({res['b']['rev']})", file=file)
@@ -448,9 +459,9 @@ def print_table(res: dict, file=None) -> None:
         print(f"{r['case']:<34}{fmt_time(r['median_a_s']):>12}{fmt_time(r['median_b_s']):>12}{r['ratio']:>7.3f}x"
               f"{ci:>18}  {r['verdict']}", file=file)
     fails = sum(r["verdict"] == "FAIL" for r in res["rows"])
-    print(f"B/A: ratio of the medians over rounds; interval: percentile bootstrap over rounds ({res['n_boot']} "
-          f"resamples); FAIL: lower end above {res['threshold']}x. {fails} of {len(res['rows'])} cases fail; "
-          f"{res['wall_s']:.0f} s.", file=file)
+    print(f"B/A: ratio of the medians over rounds of each round's time; interval: percentile bootstrap over "
+          f"rounds ({res['n_boot']} resamples); FAIL: lower end above {res['threshold']}x. {fails} of "
+          f"{len(res['rows'])} cases fail; {res['wall_s']:.0f} s.", file=file)
 
 
 def main(argv=None) -> int:
@@ -466,6 +477,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in both workers")
     p.add_argument("--omp-wait-policy", default="PASSIVE", choices=WAIT_POLICIES,
                    help="OMP_WAIT_POLICY of both workers (default PASSIVE; inherit: the environment's)")
+    p.add_argument("--round-stat", default="min", choices=sorted(ROUND_STATS),
+                   help="a round's time from its samples (default: the fastest)")
     p.add_argument("--calls", type=int, default=3, help="timed samples per case, tree and round")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before them")
     p.add_argument("--min-time", type=float, default=0.01, help="seconds a sample should last at least")
@@ -488,6 +501,7 @@ def main(argv=None) -> int:
         res = compare(args.a, args.b, rounds=args.rounds, cases=args.cases, size=args.size, threads=args.threads,
                       calls=args.calls, warmup=args.warmup, min_time=args.min_time, n_boot=args.n_boot,
                       seed=args.seed, omp_wait_policy=args.omp_wait_policy,
+                      round_stat=args.round_stat,
                       progress=lambda s: print(s, file=sys.stderr, flush=True))
     except ValueError as e:
         p.error(str(e))
