@@ -462,6 +462,9 @@ def print_table(res: dict, file=None) -> None:
     print(f"B/A: ratio of the medians over rounds of each round's time; interval: percentile bootstrap over "
           f"rounds ({res['n_boot']} resamples); FAIL: lower end above {res['threshold']}x. {fails} of "
           f"{len(res['rows'])} cases fail; {res['wall_s']:.0f} s.", file=file)
+    if res["rounds"] < GUARD_ROUNDS:
+        print(f"Only {res['rounds']} rounds: too few for the regression guard (at least {GUARD_ROUNDS}); with few "
+              "rounds the bootstrap interval is narrower than the noise.", file=file)
 
 
 def main(argv=None) -> int:

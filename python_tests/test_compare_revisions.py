@@ -135,3 +135,4 @@ def test_two_trees_end_to_end(tmp_path, capsys):
         assert r["case"] in table
     assert rc == (1 if any(r["verdict"] == "FAIL" for r in res["rows"]) else 0)
     assert "95% interval" in table and "verdict" in table
+    assert "Only 3 rounds: too few for the regression guard" in table
