@@ -35,9 +35,9 @@ and ``bench/bench_training.py`` (penalty cost, training step):
 Timing. Each round runs every case on A and on B back to back, alternating which tree goes
 first from round to round; per case and tree, a few untimed warm-up calls, then ``--calls``
 samples, each the mean of ``inner`` calls (``inner`` chosen once, the same for both trees,
-so that a sample lasts about ``--min-time``). A round's time is the fastest of its samples
-(``--round-stat min``; the load of a shared machine only ever adds time, so the fastest sample
-is the one least disturbed; ``median`` is the alternative). Machine drift (other load,
+so that a sample lasts about ``--min-time``). A round's time is the median of its samples
+(``--round-stat min``: the fastest; in an A/A run of the quick cases on a loaded 2-core machine
+it gave intervals as wide as the median's). Machine drift (other load,
 frequency) then hits A and B alike within a round. Both workers run with
 ``OMP_WAIT_POLICY=PASSIVE`` unless told otherwise (see ``WAIT_POLICIES``).
 
@@ -375,7 +375,7 @@ def fmt_time(s: float) -> str:
 
 def compare(a: str, b: str, rounds: int = GUARD_ROUNDS, cases: Optional[Sequence[str]] = None, size: str = "quick",
             threads: int = 2, calls: int = 3, warmup: int = 1, min_time: float = 0.01, n_boot: int = 2000,
-            seed: int = 0, omp_wait_policy: str = "PASSIVE", round_stat: str = "min",
+            seed: int = 0, omp_wait_policy: str = "PASSIVE", round_stat: str = "median",
             progress: Optional[Callable[[str], None]] = None) -> dict:
     """Run the comparison; returns the JSON-able result (see :func:`print_table`)."""
     if size not in SIZES:
@@ -480,8 +480,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in both workers")
     p.add_argument("--omp-wait-policy", default="PASSIVE", choices=WAIT_POLICIES,
                    help="OMP_WAIT_POLICY of both workers (default PASSIVE; inherit: the environment's)")
-    p.add_argument("--round-stat", default="min", choices=sorted(ROUND_STATS),
-                   help="a round's time from its samples (default: the fastest)")
+    p.add_argument("--round-stat", default="median", choices=sorted(ROUND_STATS),
+                   help="a round's time from its samples (default: their median)")
     p.add_argument("--calls", type=int, default=3, help="timed samples per case, tree and round")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before them")
     p.add_argument("--min-time", type=float, default=0.01, help="seconds a sample should last at least")
