@@ -323,8 +323,14 @@ class Worker:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
     def ask(self, **req) -> dict:
+        self.send(**req)
+        return self.receive()
+
+    def send(self, **req) -> None:
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
+
+    def receive(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"the worker of {self.label} ({self.tree}) exited with status {self.proc.wait()}")
@@ -397,9 +403,11 @@ def compare(a: str, b: str, rounds: int = GUARD_ROUNDS, cases: Optional[Sequence
     workers = {"A": Worker("A", a, threads, omp_wait_policy), "B": Worker("B", b, threads, omp_wait_policy)}
     try:
         info = {}
-        for k, w in workers.items():
+        for k, w in workers.items():  # both import and build at once: nothing is timed yet
             say(f"{k}: building {len(names)} cases in {w.tree}")
-            info[k] = w.ask(cmd="setup", size=size, cases=names, threads=threads)
+            w.send(cmd="setup", size=size, cases=names, threads=threads)
+        for k, w in workers.items():
+            info[k] = w.receive()
             pkg_dir = os.path.dirname(info[k]["package"])
             if pkg_dir != os.path.join(w.tree, "specreg_fast"):
                 raise RuntimeError(f"the worker of {k} imported specreg_fast from {pkg_dir}, not from {w.tree}")

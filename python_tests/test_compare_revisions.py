@@ -113,7 +113,7 @@ def test_two_trees_end_to_end(tmp_path, capsys):
                     ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path / "cmp.json"
     rc = cr.main(["--a", ROOT, "--b", str(other), "--rounds", "3", "--size", "tiny", "--cases", "dense_step/*",
-                  "conv_norms/*", "accumulate_grad/mlp", "--n-boot", "200", "--json", str(out)])
+                  "conv_norms/*", "accumulate_grad/mlp", "--n-boot", "200", "--min-time", "0", "--json", str(out)])
     table = capsys.readouterr().out
     res = json.loads(out.read_text())
     assert res["a"]["package"] == os.path.join(ROOT, "specreg_fast", "__init__.py")
@@ -124,7 +124,7 @@ def test_two_trees_end_to_end(tmp_path, capsys):
     assert [r["case"] for r in res["rows"]] == names
     assert res["round_stat"] == "median" and res["calls"] == 3
     for r in res["rows"]:
-        assert len(r["a_s"]) == len(r["b_s"]) == 3 and r["inner"] >= 1
+        assert len(r["a_s"]) == len(r["b_s"]) == 3 and r["inner"] == 1  # --min-time 0: one call a sample
         # a round's time is the median of its samples
         assert r["a_s"] == [statistics.median(c) for c in r["a_calls_s"]]
         assert r["b_s"] == [statistics.median(c) for c in r["b_calls_s"]]
