@@ -15,7 +15,7 @@ FORCE_CUDA ?= $(if $(NVCC),1,0)
 export FORCE_CUDA
 PYTEST_ARGS ?=
 
-.PHONY: all venv build test test-all demo bench docs sanitize clean gpu-check test-compat
+.PHONY: all venv build test test-all demo bench bench-compare docs sanitize clean gpu-check test-compat
 
 all: test
 
@@ -63,6 +63,27 @@ demo: build $(REPRO)
 # The whole suite in one table (the per-op scripts in bench/ give more detail).
 bench: build $(REPRO)
 	$(VENV)/bin/specreg-fast bench --json bench_results.json --plot bench_results.png
+
+# Same-run speed comparison of a base revision (A) and this working tree (B): both timed
+# interleaved over ROUNDS rounds, per case the ratio of medians B/A with a bootstrap interval,
+# FAIL (exit status 1) where its lower end is above 1.05 (bench/compare_revisions.py). BASE is
+# checked out in build/compare-base; its extension is this tree's, copied, when csrc/ and
+# setup.py do not differ from BASE, else built there (CPU kernels only).
+# make bench-compare BASE=main~3 ROUNDS=21 COMPARE_ARGS="--cases 'penalty/*'"
+BASE    ?= main
+ROUNDS  ?= 15
+CMP_DIR := build/compare-base
+COMPARE_ARGS ?=
+bench-compare: build
+	git worktree prune
+	if [ -e $(CMP_DIR)/.git ]; then git -C $(CMP_DIR) checkout -q --force --detach $(BASE); \
+	else rm -rf $(CMP_DIR) && mkdir -p build && git worktree add -q --detach $(CMP_DIR) $(BASE); fi
+	rm -f $(CMP_DIR)/specreg_fast/_C*.so
+	if git diff --quiet $(BASE) -- csrc setup.py && [ -z "$$(git ls-files --others --exclude-standard csrc)" ]; \
+	then cp specreg_fast/_C*.so $(CMP_DIR)/specreg_fast/; \
+	else cd $(CMP_DIR) && FORCE_CUDA=0 $(abspath $(VPY)) setup.py -q build_ext --inplace; fi
+	$(VPY) bench/compare_revisions.py --a $(CMP_DIR) --b . --rounds $(ROUNDS) --json bench_compare.json \
+	  $(COMPARE_ARGS)
 
 # On a GPU machine (no venv, no network): build for the visible GPU, run the CUDA tests and the
 # CUDA benchmarks, report into $(or $(OUT),gpu_check_out)/ (scripts/gpu_check.sh). Without a GPU
