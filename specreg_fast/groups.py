@@ -14,6 +14,7 @@ A new kind of map is one class here and its tests.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
@@ -495,12 +496,13 @@ def term_gammas(gammas: torch.Tensor, sig: torch.Tensor, block_layers: Optional[
 
 
 @torch.no_grad()
-def restart_nonfinite(groups: Sequence[MapGroup], last_sigmas: torch.Tensor, maps, initial) -> tuple:
+def restart_nonfinite(groups: Sequence[MapGroup], last_sigmas: torch.Tensor, maps, initial, seed: str,
+                      warm: str) -> bool:
     """The maps whose persistent vectors are not finite (a loaded checkpoint of a run that
     diverged: the power step keeps a non-finite vector for good) get their initial vectors
     back (``initial()``: those of a new penalty of this seed by key, the same on every rank),
-    their estimate 0; a non-finite estimate alone is set to 0 too. One
-    host read of all the checks. Returns the names ``(restarted, estimates reset)``."""
+    their estimate 0; a non-finite estimate alone is set to 0 too. One host read of all the
+    checks; a warning names the maps. Returns whether anything was restarted or reset."""
     keys = [None] * len(maps)
     for g in groups:
         for pos, ks in zip(g.positions, g.keys):
@@ -510,15 +512,22 @@ def restart_nonfinite(groups: Sequence[MapGroup], last_sigmas: torch.Tensor, map
     n = len(keys)
     bad = [l for l in range(n) if not ok[l]]
     held = [l for l in range(n) if not ok[n + l] and ok[l]]
+    if not bad and not held:
+        return False
     if bad:
         fresh = initial()
         for l in bad:
             for t, k in zip(*keys[l]):
                 t.copy_(fresh[k])
-    if bad or held:
-        last_sigmas.nan_to_num_(0.0, 0.0, 0.0)
-        last_sigmas[bad] = 0.0
-    return [maps[l].name for l in bad], [maps[l].name for l in held]
+    last_sigmas.nan_to_num_(0.0, 0.0, 0.0)
+    last_sigmas[bad] = 0.0
+    names, estimates = ", ".join(repr(maps[l].name) for l in bad), ", ".join(repr(maps[l].name) for l in held)
+    warnings.warn("SpectralPenalty: the loaded state is not finite: "
+                  + (f"the vectors of {names} have non-finite entries and restart from their initial vectors ({seed}); "
+                     if bad else "")
+                  + (f"the estimates of {estimates} are non-finite and are reset; " if held else "")
+                  + f"the next training call takes the warm start ({warm})")
+    return True
 
 
 # ---------------------------------------------------------------------- building

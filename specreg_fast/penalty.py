@@ -12,7 +12,6 @@ step for all its maps; gradients are u v^T (dense) and the conv weight-gradient 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -35,6 +34,17 @@ def _is_vector_key(key: str) -> bool:  # the persistent vectors: u_i, v_i, x_j, 
 
 def _is_state_key(key: str) -> bool:
     return _is_vector_key(key) or key in ("gammas", "last_sigmas")
+
+
+def _set_aside(state_dict, prefix: str, input_shapes: dict) -> tuple:
+    """A checkpoint loaded before the penalty's vectors exist: ``(the rest, its state
+    entries)``, the conv input sizes it records taken into ``input_shapes``."""
+    pending = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)
+               and _is_state_key(k[len(prefix):])}
+    shapes = state_dict.get(prefix + "_conv_input_shapes")
+    if shapes is not None:
+        input_shapes.update(shapes)
+    return {k: v for k, v in state_dict.items() if not (k.startswith(prefix) and k[len(prefix):] in pending)}, pending
 
 
 class SpectralPenalty(nn.Module):
@@ -91,11 +101,8 @@ class SpectralPenalty(nn.Module):
     forward of the model. Build the penalty after changing the model: a module whose maps it
     regularizes that is replaced or removed afterwards is a ValueError naming the layers.
 
-    Frozen maps (no parameter requires grad: a frozen backbone, the base layers of a LoRA
-    model) take part in the warm start, then take no power step: their term is held at its
-    last estimate (``last_sigmas``), a constant of the loss that changes no gradient, until
-    they are unfrozen, when their steps resume from their vectors. (On sharded DTensor weights
-    every map is stepped.)
+    Frozen maps (no parameter requires grad) take part in the warm start, then no power step:
+    their term is held at its last estimate (``last_sigmas``) until they are unfrozen.
 
     The penalty is per linear map (:mod:`specreg_fast.layers`): an attention block gives its
     q, k, v and output maps, each its own term; the groups of a conv with non-overlapping
@@ -189,18 +196,8 @@ class SpectralPenalty(nn.Module):
     # ------------------------------------------------------------------ state
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # Vectors are created on the first call; a checkpoint loaded before that is kept
-        # aside and used when they are created.
-        if not self._ready:
-            self._pending_state = {}
-            for k in list(state_dict):
-                if k.startswith(prefix) and _is_state_key(k[len(prefix):]):
-                    self._pending_state[k[len(prefix):]] = state_dict[k]
-            shapes = state_dict.get(prefix + "_conv_input_shapes")
-            if shapes is not None:
-                self._input_shapes.update(shapes)
-            state_dict = {k: v for k, v in state_dict.items()
-                          if not (k.startswith(prefix) and k[len(prefix):] in self._pending_state)}
+        if not self._ready:  # kept aside, used when the vectors are created (_set_buf)
+            state_dict, self._pending_state = _set_aside(state_dict, prefix, self._input_shapes)
         state_dict.pop(prefix + "_conv_input_shapes", None)
         self._warm_start_done = False  # the loaded `initialized` may be False
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -210,18 +207,12 @@ class SpectralPenalty(nn.Module):
 
     def _restart_nonfinite(self) -> None:
         """Maps whose loaded vectors or estimates are not finite (a checkpoint of a run that
-        diverged) restart (:func:`groups.restart_nonfinite`); the next training call takes the
-        warm start, and a warning names them."""
-        bad, held = _groups.restart_nonfinite(self._groups, self.last_sigmas, self._layers, self._initial_vectors)
-        if not bad and not held:
-            return
-        self.initialized.fill_(False)
-        self._warm_start_done = False
-        warnings.warn("SpectralPenalty: the loaded state is not finite: "
-                      + (f"the vectors of {', '.join(map(repr, bad))} have non-finite entries and restart from their "
-                         f"initial vectors (seed={self.seed}); " if bad else "")
-                      + (f"the estimates of {', '.join(map(repr, held))} are non-finite and are reset; " if held else "")
-                      + f"the next training call takes the warm start (n_iter_init={self.n_iter_init})")
+        diverged) restart (:func:`groups.restart_nonfinite`, which warns naming them); the
+        next training call takes the warm start."""
+        if _groups.restart_nonfinite(self._groups, self.last_sigmas, self._layers, self._initial_vectors,
+                                     f"seed={self.seed}", f"n_iter_init={self.n_iter_init}"):
+            self.initialized.fill_(False)
+            self._warm_start_done = False
 
     def get_extra_state(self):
         return {"conv_input_shapes": dict(self._input_shapes), "order": list(self._sel.forward_order())}
@@ -376,7 +367,7 @@ class SpectralPenalty(nn.Module):
         compiling = torch.compiler.is_compiling()
         active, n_iter = self._schedule(upd, compiling)
         if compiling:
-            sig = self._compiled_sigmas(upd, active)
+            sig = _compiled_sigmas(self, upd, active)
         elif not active:
             # burn-in / skipped step: no work at all
             return self.gammas.new_zeros(())
@@ -392,38 +383,6 @@ class SpectralPenalty(nn.Module):
             g = self.gammas.max() if self.gammas.numel() else 0.0
             total = total + g * torch.stack(eig).sum()
         return torch.where(active, total, torch.zeros_like(total)) if compiling else total
-
-    def _compiled_sigmas(self, update: bool, active: torch.Tensor) -> torch.Tensor:
-        """``_sigmas`` under torch.compile, with eager's schedule as device-side masks.
-
-        A compiled graph has no data-dependent branch (a host read of a mask is a graph
-        break, or a device sync per step) and ``torch.cond`` rejects the in-place power-step
-        ops (torch 2.14), so the graph always does the work and masks it: the vectors are
-        snapshotted; the warm start's extra ``n_iter_init - n_iter`` steps run and are kept
-        only while not ``initialized``; the ``n_iter`` steps run; all of it is kept only where
-        ``active``; the caller masks the value. The ops' ``a + b`` steps are ``a`` steps then
-        ``b``, so this gives eager's vectors and values bit for bit for dense and
-        conv-operator maps (the circular step re-enters the Fourier domain at each call: a
-        split warm start differs by rounding). While a warm start may be pending when traced,
-        every compiled call runs the extra steps: ``prepare(..., warm_start=True)`` before
-        compiling (or one eager call) removes them."""
-        if not update:
-            return self._sigmas(False, self.n_iter)
-        b = self._buffers
-        vectors = [b[k] for k in b if _is_vector_key(k)]
-        old = [t.clone() for t in vectors]
-        extra = self.n_iter_init - self.n_iter
-        if extra > 0 and not self._warm_start_done:
-            with torch.no_grad():
-                self._sigmas(True, extra)  # only the steps: the estimates are not used
-                for t, o in zip(vectors, old):  # (on an inactive call, undone with the rest below)
-                    t.copy_(torch.where(self.initialized, o, t))
-        sig = self._sigmas(True, self.n_iter)
-        with torch.no_grad():
-            for t, o in zip(vectors, old):
-                t.copy_(torch.where(active, t, o))
-            self.initialized.logical_or_(active)
-        return sig
 
     def _term_gammas(self, sig: torch.Tensor) -> torch.Tensor:
         return _groups.term_gammas(self.gammas, sig, self._block_layers)
@@ -530,3 +489,37 @@ class SpectralPenalty(nn.Module):
     def extra_repr(self) -> str:
         return (f"scope={self._scope!r}, conv_norm={self.conv_norm!r}, n_iter={self.n_iter}, "
                 f"start_step={self.start_step}, every={self.every}, eig_ub={self.eig_ub}")
+
+
+# ---------------------------------------------------------------------- the compiled variant
+def _compiled_sigmas(pen: "SpectralPenalty", update: bool, active: torch.Tensor) -> torch.Tensor:
+    """``_sigmas`` under torch.compile, with eager's schedule as device-side masks.
+
+    A compiled graph has no data-dependent branch (a host read of a mask is a graph
+    break, or a device sync per step) and ``torch.cond`` rejects the in-place power-step
+    ops (torch 2.14), so the graph always does the work and masks it: the vectors are
+    snapshotted; the warm start's extra ``n_iter_init - n_iter`` steps run and are kept
+    only while not ``initialized``; the ``n_iter`` steps run; all of it is kept only where
+    ``active``; the caller masks the value. The ops' ``a + b`` steps are ``a`` steps then
+    ``b``, so this gives eager's vectors and values bit for bit for dense and
+    conv-operator maps (the circular step re-enters the Fourier domain at each call: a
+    split warm start differs by rounding). While a warm start may be pending when traced,
+    every compiled call runs the extra steps: ``prepare(..., warm_start=True)`` before
+    compiling (or one eager call) removes them."""
+    if not update:
+        return pen._sigmas(False, pen.n_iter)
+    b = pen._buffers
+    vectors = [b[k] for k in b if _is_vector_key(k)]
+    old = [t.clone() for t in vectors]
+    extra = pen.n_iter_init - pen.n_iter
+    if extra > 0 and not pen._warm_start_done:
+        with torch.no_grad():
+            pen._sigmas(True, extra)  # only the steps: the estimates are not used
+            for t, o in zip(vectors, old):  # (on an inactive call, undone with the rest below)
+                t.copy_(torch.where(pen.initialized, o, t))
+    sig = pen._sigmas(True, pen.n_iter)
+    with torch.no_grad():
+        for t, o in zip(vectors, old):
+            t.copy_(torch.where(active, t, o))
+        pen.initialized.logical_or_(active)
+    return sig
