@@ -481,6 +481,7 @@ class SpectralPenalty(nn.Module):
         dense Gram certificate)."""
         if not self._ready:
             self._finalize()
+        self._sel.check_attached(self._layers)
         out = {}
         for g in self._groups:
             out.update(g.bounds(n_iter, max_dim))
