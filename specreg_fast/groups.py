@@ -30,7 +30,7 @@ from .fft import CircularState, circular_conv_norms, circular_params, circular_p
 from .geometry import pack_conv_params
 
 __all__ = ["MapGroup", "DenseGroup", "LowRankGroup", "ConvOperatorGroup", "CircularGroup", "ShardedGroup",
-           "build_groups", "Built", "assembly", "term_gammas", "restart_nonfinite"]
+           "build_groups", "MapSet"]
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -466,81 +466,126 @@ class ShardedGroup(MapGroup):
         _distributed.add_grads(call.ws, outs, ins, coefs, self.names, specs)
 
 
-# ---------------------------------------------------------------------- the penalty's vector
-def assembly(groups: Sequence[MapGroup], lives: Sequence[tuple], n: int, device) -> tuple:
-    """How the groups' sigmas (the maps ``lives`` of each, concatenated in group order) make
-    the penalty's vector of ``n``: ``(perm, None)``, every map (``cat(parts)[perm]``; perm
-    None when that is the map order already), or ``(None, index)``, some maps frozen
-    (``held.index_put(index, cat(parts))``)."""
-    slots = [g.positions[i] for g, live in zip(groups, lives) for i in live]
-    if len(slots) < n:
-        return None, torch.tensor(slots, dtype=torch.long, device=device)
-    if slots != sorted(slots):
-        return torch.tensor(sorted(range(len(slots)), key=slots.__getitem__), device=device), None
-    return None, None
-
-
-def term_gammas(gammas: torch.Tensor, sig: torch.Tensor, block_layers: Optional[List[int]]) -> torch.Tensor:
-    """Each map's gamma in the penalty: ``gammas``, except that the blocks of one operator
-    (a grouped patch conv, ``block_layers[i]``: the index of map i's first block) share one
-    term, ``gamma * max_g sigma_g^2``: a block's gamma counts where its sigma is its layer's
-    max (split evenly among ties), 0 elsewhere."""
-    if block_layers is None:
-        return gammas
-    idx = torch.tensor(block_layers, device=sig.device)
-    s = sig.detach()
-    top = torch.zeros_like(s).scatter_reduce(0, idx, s, "amax", include_self=False)
-    at_max = (s == top[idx]).to(s.dtype)
-    ties = torch.zeros_like(s).scatter_add(0, idx, at_max)
-    return gammas * (at_max / ties[idx]).to(gammas.dtype)
-
-
-@torch.no_grad()
-def restart_nonfinite(groups: Sequence[MapGroup], last_sigmas: torch.Tensor, maps, initial, seed: str,
-                      warm: str) -> bool:
-    """The maps whose persistent vectors are not finite (a loaded checkpoint of a run that
-    diverged: the power step keeps a non-finite vector for good) get their initial vectors
-    back (``initial()``: those of a new penalty of this seed by key, the same on every rank),
-    their estimate 0; a non-finite estimate alone is set to 0 too. One host read of all the
-    checks; a warning names the maps. Returns whether anything was restarted or reset."""
-    keys = [None] * len(maps)
-    for g in groups:
-        for pos, ks in zip(g.positions, g.keys):
-            keys[pos] = [g._buffers[k] for k in ks], ks
-    ok = torch.cat([torch.stack([torch.stack([torch.isfinite(t).all() for t in ts]).all() for ts, _ in keys]),
-                    torch.isfinite(last_sigmas)]).tolist()
-    n = len(keys)
-    bad = [l for l in range(n) if not ok[l]]
-    held = [l for l in range(n) if not ok[n + l] and ok[l]]
-    if not bad and not held:
-        return False
-    if bad:
-        fresh = initial()
-        for l in bad:
-            for t, k in zip(*keys[l]):
-                t.copy_(fresh[k])
-    last_sigmas.nan_to_num_(0.0, 0.0, 0.0)
-    last_sigmas[bad] = 0.0
-    names, estimates = ", ".join(repr(maps[l].name) for l in bad), ", ".join(repr(maps[l].name) for l in held)
-    warnings.warn("SpectralPenalty: the loaded state is not finite: "
-                  + (f"the vectors of {names} have non-finite entries and restart from their initial vectors ({seed}); "
-                     if bad else "")
-                  + (f"the estimates of {estimates} are non-finite and are reset; " if held else "")
-                  + f"the next training call takes the warm start ({warm})")
-    return True
-
-
 # ---------------------------------------------------------------------- building
-class Built(NamedTuple):
-    groups: List[MapGroup]  # in the order they step
-    sharded: "ShardedGroup"  # over every map: replaces the groups when a weight is a DTensor
-    maps: List[_layers.LinearMap]  # the penalty's maps; the groups' ``positions`` index them
-    gammas: List[float]  # each map's gamma
-    block_layers: Optional[List[int]]  # blocks of one operator (a grouped patch conv): its first block's index
+class MapSet:
+    """Every map of a penalty, by kind: ``groups`` (in the order they step), ``sharded`` (over
+    every map: replaces the groups when a regularized weight is a DTensor), ``maps`` (the
+    penalty's map order: its sigma vector; the groups' ``positions`` index it), ``gammas``
+    and ``block_layers`` (blocks of one operator, a grouped patch conv: its first block's
+    index). :meth:`sigmas` is the loop over the groups."""
+
+    def __init__(self, groups, sharded, maps, gammas, block_layers):
+        self.groups, self.sharded, self.maps, self.gammas = groups, sharded, maps, gammas
+        self.block_layers = block_layers
+        self._assembly: dict = {}
+
+    def sigmas(self, update: bool, n_iter: int, record: bool, skip_frozen: bool, held: torch.Tensor):
+        """The sigmas of every map (the map order), ``held`` (the last estimates) where a
+        frozen map takes no step (``skip_frozen``: once the warm start is done), and with
+        ``record`` (under no_grad) ``[(group, call, live, record)]`` for :meth:`add_grads`.
+        Every group prepares first (its checks raise before any vector moves), then steps."""
+        sharded = self.sharded.prepare()
+        groups, calls = (([self.sharded], [sharded]) if sharded is not None
+                         else (self.groups, [g.prepare() for g in self.groups]))
+        lives = [g.live(c, skip_frozen) for g, c in zip(groups, calls)]
+        grad = not record and torch.is_grad_enabled()
+        parts, recs = [], []
+        for g, c, live in zip(groups, calls, lives):
+            if live:
+                sig, rec = g.sigmas(c, live, update, n_iter, grad, record)
+                parts.append(sig.float())
+                recs.append((g, c, live, rec))
+        perm, index = self._assemble(groups, lives, held.device)
+        if index is not None:  # frozen maps: held at their last estimate
+            held = held.detach()
+            sig = held.index_put((index,), torch.cat(parts)) if parts else held.clone()
+        else:
+            sig = torch.cat(parts) if len(parts) > 1 else parts[0]
+            sig = sig if perm is None else sig[perm]
+        return (sig, recs) if record else sig
+
+    def _assemble(self, groups, lives, device):
+        """How the groups' sigmas (the maps ``lives`` of each, concatenated in group order)
+        make the vector: ``(perm, None)``, every map (``cat(parts)[perm]``; perm None when
+        that is the map order already), or ``(None, index)``, some maps frozen. Cached per set
+        of live maps (eager mode)."""
+        key = (tuple(id(g) for g in groups), tuple(lives))
+        out = self._assembly.get(key)
+        if out is None:
+            slots = [g.positions[i] for g, live in zip(groups, lives) for i in live]
+            if len(slots) < len(self.maps):
+                out = None, torch.tensor(slots, dtype=torch.long, device=device)
+            elif slots != sorted(slots):
+                out = torch.tensor(sorted(range(len(slots)), key=slots.__getitem__), device=device), None
+            else:
+                out = None, None
+            if not torch.compiler.is_compiling():
+                self._assembly[key] = out
+        return out
+
+    @staticmethod
+    def add_grads(recs, coefs) -> None:
+        """``.grad += coef * d sigma / d param`` for every map stepped (``recs`` of
+        :meth:`sigmas`; ``coefs`` per map, the map order)."""
+        for g, call, live, rec in recs:
+            g.add_grads(call, live, rec, [coefs[g.positions[i]] for i in live])
+
+    def term_gammas(self, gammas: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
+        """Each map's gamma in the penalty: ``gammas``, except that the blocks of one operator
+        (a grouped patch conv) share one term, ``gamma * max_g sigma_g^2``: a block's gamma
+        counts where its sigma is its layer's max (split evenly among ties), 0 elsewhere."""
+        if self.block_layers is None:
+            return gammas
+        idx = torch.tensor(self.block_layers, device=sig.device)
+        s = sig.detach()
+        top = torch.zeros_like(s).scatter_reduce(0, idx, s, "amax", include_self=False)
+        at_max = (s == top[idx]).to(s.dtype)
+        ties = torch.zeros_like(s).scatter_add(0, idx, at_max)
+        return gammas * (at_max / ties[idx]).to(gammas.dtype)
+
+    @torch.no_grad()
+    def restart_nonfinite(self, last_sigmas: torch.Tensor, initial, seed: int, n_iter_init: int) -> bool:
+        """The maps whose persistent vectors are not finite (a loaded checkpoint of a run that
+        diverged: the power step keeps a non-finite vector for good) get their initial vectors
+        back (``initial()``: those of a new penalty of this seed by key, the same on every
+        rank), their estimate 0; a non-finite estimate alone is set to 0 too. One host read of
+        all the checks; a warning names the maps. Returns whether anything was reset."""
+        keys = [None] * len(self.maps)
+        for g in self.groups:
+            for pos, ks in zip(g.positions, g.keys):
+                keys[pos] = [g._buffers[k] for k in ks], ks
+        ok = torch.cat([torch.stack([torch.stack([torch.isfinite(t).all() for t in ts]).all() for ts, _ in keys]),
+                        torch.isfinite(last_sigmas)]).tolist()
+        n = len(keys)
+        bad = [l for l in range(n) if not ok[l]]
+        held = [l for l in range(n) if not ok[n + l] and ok[l]]
+        if not bad and not held:
+            return False
+        if bad:
+            fresh = initial()
+            for l in bad:
+                for t, k in zip(*keys[l]):
+                    t.copy_(fresh[k])
+        last_sigmas.nan_to_num_(0.0, 0.0, 0.0)
+        last_sigmas[bad] = 0.0
+        names = ", ".join(repr(self.maps[l].name) for l in bad)
+        estimates = ", ".join(repr(self.maps[l].name) for l in held)
+        warnings.warn("SpectralPenalty: the loaded state is not finite: "
+                      + (f"the vectors of {names} have non-finite entries and restart from their initial vectors "
+                         f"(seed={seed}); " if bad else "")
+                      + (f"the estimates of {estimates} are non-finite and are reset; " if held else "")
+                      + f"the next training call takes the warm start (n_iter_init={n_iter_init})")
+        return True
+
+    def bounds(self, n_iter: int, max_dim: int) -> Dict[str, tuple]:
+        out = {}
+        for g in self.groups:
+            out.update(g.bounds(n_iter, max_dim))
+        return {mp.name: out[mp.name] for mp in self.maps}
 
 
 def build_groups(maps: Sequence[_layers.LinearMap], gammas: Dict[str, float], conv_norm: str,
-                 input_shapes: Dict[str, tuple], generator: torch.Generator, set_buffer, buffers, root) -> Built:
+                 input_shapes: Dict[str, tuple], generator: torch.Generator, set_buffer, buffers, root) -> MapSet:
     """The groups of the selected ``maps`` (dense kinds first, then convs, as the penalty
     lists them; a conv with non-overlapping patches is dense maps, one per group: see
     :func:`layers.patch_maps`), their state created through ``set_buffer(key, tensor,
@@ -589,4 +634,4 @@ def build_groups(maps: Sequence[_layers.LinearMap], gammas: Dict[str, float], co
                            input_shapes, root, conv_norm)
     owners = [mp.layer for mp in every]
     blocks = [owners.index(o) for o in owners] if len(set(owners)) < len(owners) else None
-    return Built(groups, sharded, every, [gammas[mp.name] for mp in every], blocks)
+    return MapSet(groups, sharded, every, [gammas[mp.name] for mp in every], blocks)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import groups as _groups
-from . import layers as _layers
+from .layers import LinearMap
 from .constraint import SpectralNormalize, spectral_constraint
 from .selection import AUTO as _AUTO
 from .selection import Selection, unwrap, watch_activations
@@ -136,18 +136,11 @@ class SpectralPenalty(nn.Module):
         self._sel = Selection(self._model[0], gamma, scope, exclude, conv_norm, readout, split, attention, extra,
                               input_shapes, after_forward=self._after_forward)
         self._eig_terms: List[torch.Tensor] = []
-        if eig_ub:
-            watch_activations(self._model[0], self._eig_term)
-        self._ready = False
-        self._layers: List[_layers.LinearMap] = []
-        self._groups: List[_groups.MapGroup] = []
-        self._sharded_group: Optional[_groups.ShardedGroup] = None
-        self._assembly: dict = {}
-        self._block_layers: Optional[List[int]] = None
-
-    def _eig_term(self, term: Callable[[], torch.Tensor]) -> None:
-        if self.training and torch.is_grad_enabled():
-            self._eig_terms.append(term())
+        if eig_ub:  # the activations' terms, taken in training with grad enabled
+            watch_activations(self._model[0], lambda term: self._eig_terms.append(term()) if (
+                self.training and torch.is_grad_enabled()) else None)
+        self._ready, self._called = False, False
+        self._set: Optional[_groups.MapSet] = None  # the maps by kind, once selected
 
     # the selection's records, under the names the penalty has always had
     @property
@@ -155,29 +148,31 @@ class SpectralPenalty(nn.Module):
         return self._sel.input_shapes
 
     @property
-    def _convs(self) -> List[_layers.LinearMap]:
+    def _layers(self) -> List[LinearMap]:
+        return self._set.maps if self._set is not None else []
+
+    @property
+    def _convs(self) -> List[LinearMap]:
         return [mp for mp in self._layers if mp.conv]
 
     def _finalize(self):
         """Select the maps and create their groups and persistent vectors (first call)."""
         maps, gammas = self._sel.select()
         self._selected, self._gammas = maps, gammas
-        built = self._build(self._set_buf)
-        self._groups, self._sharded_group, self._layers = built.groups, built.sharded, built.maps
-        self._block_layers = built.block_layers
+        self._set = self._build(self._set_buf)
         dev = maps[0].like().device
-        self.register_buffer("gammas", torch.tensor(built.gammas, dtype=torch.float32, device=dev))
+        self.register_buffer("gammas", torch.tensor(self._set.gammas, dtype=torch.float32, device=dev))
         self.register_buffer("last_sigmas", torch.zeros(len(self._layers), dtype=torch.float32, device=dev))
-        self._assembly = {}
         self._ready, self._sized = True, dict(self._input_shapes)
         self._restart_nonfinite()  # a checkpoint loaded before the first call
 
-    def _initial_vectors(self) -> Dict[str, torch.Tensor]:
-        out: Dict[str, torch.Tensor] = {}
-        self._build(lambda key, value, name: out.__setitem__(key, value))
-        return out
-
-    def _build(self, set_buffer):
+    def _build(self, set_buffer=None):
+        """The maps by kind, their vectors (from the seed) created by ``set_buffer(key, tensor,
+        map name)``; without it, just those vectors, by key."""
+        if set_buffer is None:
+            out: Dict[str, torch.Tensor] = {}
+            self._build(lambda key, value, name: out.__setitem__(key, value))
+            return out
         g = torch.Generator().manual_seed(self.seed)
         return _groups.build_groups(self._selected, self._gammas, self.conv_norm, self._input_shapes, g, set_buffer,
                                     self._buffers, self._model[0])
@@ -206,11 +201,8 @@ class SpectralPenalty(nn.Module):
             self._restart_nonfinite()
 
     def _restart_nonfinite(self) -> None:
-        """Maps whose loaded vectors or estimates are not finite (a checkpoint of a run that
-        diverged) restart (:func:`groups.restart_nonfinite`, which warns naming them); the
-        next training call takes the warm start."""
-        if _groups.restart_nonfinite(self._groups, self.last_sigmas, self._layers, self._initial_vectors,
-                                     f"seed={self.seed}", f"n_iter_init={self.n_iter_init}"):
+        # a checkpoint's non-finite vectors restart (groups.MapSet.restart_nonfinite), then a warm start
+        if self._set.restart_nonfinite(self.last_sigmas, self._build, self.seed, self.n_iter_init):
             self.initialized.fill_(False)
             self._warm_start_done = False
 
@@ -235,7 +227,7 @@ class SpectralPenalty(nn.Module):
         self.initialized.fill_(False)
         self._warm_start_done = False
         self._ready = False
-        self._groups, self._sharded_group, self._assembly = [], None, {}
+        self._set = None
         self._pending_state = {}
 
     @property
@@ -256,41 +248,12 @@ class SpectralPenalty(nn.Module):
             raise
 
     def _sigmas(self, update: bool, n_iter: int, record: bool = False):
-        """The sigmas of every map (``layer_names`` order) and, with ``record`` (under
-        no_grad), ``[(group, call, live, record)]`` for :meth:`accumulate_grad`. Every group
-        prepares first (its checks raise before any vector moves), then steps its live maps:
-        once the warm start is done, frozen maps take no step, their sigma held at its last
-        estimate."""
+        """The sigmas of every map (``layer_names`` order), from its groups (:meth:`MapSet.sigmas
+        <specreg_fast.groups.MapSet.sigmas>`: frozen maps held once the warm start is done)
+        and, with ``record``, what :meth:`accumulate_grad` needs."""
         if not torch.compiler.is_compiling():
             self._sel.check_attached(self._layers)
-        sharded = self._sharded_group.prepare()
-        groups, calls = (([self._sharded_group], [sharded]) if sharded is not None
-                         else (self._groups, [g.prepare() for g in self._groups]))
-        lives = [g.live(c, skip_frozen=self._warm_start_done) for g, c in zip(groups, calls)]
-        grad = not record and torch.is_grad_enabled()
-        parts, recs = [], []
-        for g, c, live in zip(groups, calls, lives):
-            if live:
-                sig, rec = g.sigmas(c, live, update, n_iter, grad, record)
-                parts.append(sig.float())
-                recs.append((g, c, live, rec))
-        perm, index = self._assemble(groups, lives)
-        if index is not None:  # frozen maps: held at their last estimate
-            held = self.last_sigmas.detach()
-            sig = held.index_put((index,), torch.cat(parts)) if parts else held.clone()
-        else:
-            sig = torch.cat(parts) if len(parts) > 1 else parts[0]
-            sig = sig if perm is None else sig[perm]
-        return (sig, recs) if record else sig
-
-    def _assemble(self, groups, lives):
-        key = (tuple(id(g) for g in groups), tuple(lives))  # cached per set of live maps
-        out = self._assembly.get(key)
-        if out is None:
-            out = _groups.assembly(groups, lives, len(self._layers), self.last_sigmas.device)
-            if not torch.compiler.is_compiling():
-                self._assembly[key] = out
-        return out
+        return self._set.sigmas(update, n_iter, record, self._warm_start_done, self.last_sigmas)
 
     def prepare(self, *example_args, warm_start: bool = False, **example_kwargs) -> "SpectralPenalty":
         """Find the layers and create the state now; returns the penalty. With example
@@ -333,11 +296,9 @@ class SpectralPenalty(nn.Module):
 
     def _first_call(self) -> None:
         """The discovery hooks are no longer needed once the penalty is called (eagerly)."""
-        if not torch.compiler.is_compiling():
+        if not self._called and not torch.compiler.is_compiling():
             self._called = True
             self._sel.remove_hooks()
-
-    _called = False
 
     # Under torch.compile a graph break: the state cannot be created inside a graph (a
     # torch.Generator seeds it); with fullgraph=True the reason below is the error.
@@ -357,8 +318,7 @@ class SpectralPenalty(nn.Module):
         """The penalty (a differentiable scalar). In training mode (and ``update`` not False)
         the vectors take ``n_iter`` power steps first; ``penalty.eval()`` or
         ``update=False`` evaluates at the current vectors."""
-        if not self._called:
-            self._first_call()
+        self._first_call()
         if not self._ready:
             self._finalize_autocast_off()
         upd = self.training and self.update if update is None else bool(update)
@@ -385,7 +345,7 @@ class SpectralPenalty(nn.Module):
         return torch.where(active, total, torch.zeros_like(total)) if compiling else total
 
     def _term_gammas(self, sig: torch.Tensor) -> torch.Tensor:
-        return _groups.term_gammas(self.gammas, sig, self._block_layers)
+        return self._set.term_gammas(self.gammas, sig)
 
     def _schedule(self, update: bool, compiling: bool):
         """``(active, n_iter)`` of this call, decided here for every route, and the counter
@@ -427,8 +387,7 @@ class SpectralPenalty(nn.Module):
                              "add penalty() to the loss instead")
         if not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
-        if not self._called:
-            self._first_call()
+        self._first_call()
         if not self._ready:
             self._finalize()
         self._eig_terms = []
@@ -448,8 +407,7 @@ class SpectralPenalty(nn.Module):
             coefs = (2.0 * float(scale)) * self._term_gammas(sig) * sig
             if coefs.device.type == "cpu":
                 coefs = coefs.tolist()
-            for g, call, live, rec in recs:
-                g.add_grads(call, live, rec, [coefs[g.positions[i]] for i in live])
+            self._set.add_grads(recs, coefs)
         return (self._term_gammas(sig) * sig.pow(2)).sum()
 
     @torch.no_grad()
@@ -482,10 +440,7 @@ class SpectralPenalty(nn.Module):
         if not self._ready:
             self._finalize()
         self._sel.check_attached(self._layers)
-        out = {}
-        for g in self._groups:
-            out.update(g.bounds(n_iter, max_dim))
-        return {mp.name: out[mp.name] for mp in self._layers}
+        return self._set.bounds(n_iter, max_dim)
 
     def extra_repr(self) -> str:
         return (f"scope={self._scope!r}, conv_norm={self.conv_norm!r}, n_iter={self.n_iter}, "
