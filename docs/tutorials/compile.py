@@ -3,10 +3,11 @@
 #
 # The penalty's ops are registered custom ops with fake (meta) implementations and a registered
 # backward, so `torch.compile(..., fullgraph=True)` traces a training step that contains
-# `penalty()` as one graph. The penalty creates its state (persistent vectors, the layer list,
-# each conv's input size) on its first call, which cannot happen inside a compiled graph:
-# `penalty.prepare(example_input)` does it beforehand (one no-grad forward, every module in eval
-# mode, so no BatchNorm statistics move).
+# `penalty()` as one graph. The penalty's state (persistent vectors, the layer list, each conv's
+# input size) cannot be created inside a compiled graph: it is created at the end of the first
+# eager forward of the model, so one eager forward before the compiled step is all it takes
+# (or `penalty.prepare(example_input)`: one no-grad forward with every module in eval mode, so
+# no BatchNorm statistics move).
 
 # %%
 import time
@@ -27,13 +28,15 @@ g = torch.Generator().manual_seed(0)
 batches = [(torch.randn(32, 1, 16, 16, generator=g), torch.randint(0, 10, (32,), generator=g)) for _ in range(6)]
 
 # %% [markdown]
-# The compiled run: `prepare()` first, then the whole step (forward, loss with the penalty)
-# under `torch.compile(fullgraph=True)`. The schedule (`start_step`, `every`) is a mask inside
+# The compiled run: one eager forward (here the first batch, without grad), then the whole step
+# (forward, loss with the penalty) under `torch.compile(fullgraph=True)`, no `prepare()`. The schedule (`start_step`, `every`) is a mask inside
 # the graph, so a step with the penalty off does not recompile.
 
 # %%
 model = make()
-penalty = sf.SpectralPenalty(model, gamma=1e-2, readout="7", every=2).prepare(batches[0][0])
+penalty = sf.SpectralPenalty(model, gamma=1e-2, readout="7", every=2)
+with torch.no_grad():
+    model(batches[0][0])  # the penalty's state is created at the end of this forward
 opt = torch.optim.SGD(model.parameters(), lr=0.05)
 
 
@@ -71,6 +74,7 @@ print("sigmas, eager:   ", {k: round(v, 5) for k, v in penalty_e.sigmas().items(
 # %% [markdown]
 # The losses agree to float32 rounding (the compiled graph fuses the model's own ops
 # differently; with `backend="aot_eager"` the tests find the penalty's vectors and values bit
-# for bit equal to eager's). Compiled with `fullgraph=True` from step 0 without `prepare()`,
-# the first call stops with an error that asks for `penalty.prepare(example_input)`; without
-# `fullgraph` the state is created at a graph break on the first call.
+# for bit equal to eager's). When the model's first forward is itself inside the compiled
+# step (no eager forward before it), `fullgraph=True` stops at the first call with an error that
+# asks for `penalty.prepare(example_input)`; without `fullgraph` the state is created at a graph
+# break on the first call.
