@@ -17,7 +17,7 @@ from typing import List, Sequence
 import torch
 
 __all__ = ["power_step_", "sigma", "sigma_from_step", "conv_power_step_", "conv_sigma", "conv_adjoint",
-           "conv_weight_grad", "conv_weight_grad_add_", "conv_sigma_from_step", "circular_power_step_", "batched_power_step_", "shifted_cholesky_info", "pack_conv_params", "HAS_CPP_EXT", "SCHEMAS"]
+           "conv_weight_grad", "conv_weight_grad_add_", "conv_sigma_from_step", "circular_power_step_", "batched_power_step_", "shifted_cholesky_info", "pack_conv_params", "HAS_CPP_EXT", "HAS_CONV_EXT", "SCHEMAS"]
 
 # Kept identical to csrc/specreg_fast.cpp (a test compares them): used only when the
 # compiled library is missing.
@@ -47,12 +47,52 @@ SCHEMAS = {
 # 10^6 steps are minutes on a 1024 x 1024 weight; a larger count is a bug, not a budget.
 MAX_ITER = 1_000_000
 
-try:
-    from . import _C  # noqa: F401  (loading the library registers the ops)
+def _load(name: str):
+    """Import the compiled library ``specreg_fast.<name>`` (its static initializers register
+    kernels); the ImportError on failure, else None."""
+    import importlib
 
-    HAS_CPP_EXT = True
-except ImportError as _err:  # ABI mismatch, or built without the extension
-    HAS_CPP_EXT = False
+    try:
+        importlib.import_module(f"{__package__}.{name}")
+        return None
+    except ImportError as err:  # ABI mismatch, or built without it
+        return err
+
+
+def _cuda_major(version) -> "int | None":
+    return int(str(version).split(".")[0]) if version else None
+
+
+# specreg_fast._C: the schemas and the CPU kernels on the LibTorch stable ABI (one binary for
+# every torch from the floor on); _C_conv: the CPU conv kernels (ATen's C++ API: the torch they
+# were built with only); _C_cuda: the CUDA kernels, loaded only on a torch of the CUDA major they
+# were built for. What does not load leaves its ops to the reference (or Triton, on a GPU).
+_err = _load("_C")
+HAS_CPP_EXT = _err is None
+HAS_CONV_EXT = False
+#: The CUDA major specreg_fast._C_cuda was built for (None: built without it).
+BUILT_CUDA = None
+if HAS_CPP_EXT:
+    _conv_err = _load("_C_conv")
+    HAS_CONV_EXT = _conv_err is None
+    if not HAS_CONV_EXT:
+        warnings.warn(f"specreg_fast: the CPU conv kernels were not loaded ({_conv_err}); the conv ops use the "
+                      f"pure-PyTorch reference on CPU (the dense ops keep their kernels)", RuntimeWarning, stacklevel=2)
+    try:
+        from ._build_info import CUDA_VERSION as BUILT_CUDA
+    except ImportError:
+        BUILT_CUDA = None
+    if BUILT_CUDA is not None and torch.version.cuda is not None:
+        if _cuda_major(BUILT_CUDA) == _cuda_major(torch.version.cuda):
+            _cuda_err = _load("_C_cuda")
+            if _cuda_err is not None:
+                warnings.warn(f"specreg_fast: the CUDA kernels were not loaded ({_cuda_err}); on a GPU the ops use "
+                              f"Triton or the reference", RuntimeWarning, stacklevel=2)
+        else:
+            warnings.warn(f"specreg_fast: the CUDA kernels were built for CUDA {BUILT_CUDA}, torch has CUDA "
+                          f"{torch.version.cuda}: not loaded; on a GPU the ops use Triton or the reference (the CPU "
+                          f"kernels are loaded)", RuntimeWarning, stacklevel=2)
+else:
     warnings.warn(f"specreg_fast: compiled extension not loaded ({_err}); using the pure-PyTorch reference",
                   RuntimeWarning, stacklevel=2)
     _fallback_lib = torch.library.Library("specreg_fast", "DEF")
@@ -147,6 +187,8 @@ def _check_est(op: str, est, weights) -> None:
     _require(est.dim() == 1 and est.shape[0] == len(weights),
              lambda: f"{op}: est must be a 1-D tensor with one entry per weight ({len(weights)}), got "
                      f"shape {tuple(est.shape)}")
+    want = _out_dtype(weights)
+    _require(est.dtype == want, lambda: f"{op}: est must be {want} (the power step's dtype), got {est.dtype}", TypeError)
     if weights:
         _check_one_device(op, (("weights", weights[0]), ("est", est)))
 
@@ -404,6 +446,26 @@ def _eager_autograd(weights) -> bool:
 
 
 # ----------------------------------------------------------------------------- typed wrappers
+def _typed_call(fn, args, check):
+    """``fn(*args)``, with the typed errors of the front. The kernels of specreg_fast._C are built
+    on the LibTorch stable ABI, whose errors all reach Python as RuntimeError; when one of their
+    argument checks fails (a message ``specreg_fast::<op>: ...``), ``check(*args)`` (the same
+    checks in Python, the fakes') raises the ValueError/TypeError naming the argument, and a
+    check it does not repeat (memory shared by written vectors) becomes a ValueError with the
+    kernel's message. An interrupt stays a RuntimeError. Free on success: nothing runs before
+    the call."""
+    if torch.compiler.is_compiling():  # the fakes run the checks
+        return fn(*args)
+    try:
+        return fn(*args)
+    except RuntimeError as err:
+        msg = str(err)
+        if not msg.startswith("specreg_fast::") or "interrupted (KeyboardInterrupt)" in msg:
+            raise
+        check(*args)
+        raise ValueError(msg) from None
+
+
 def power_step_(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor], n_iter: int = 1,
                 tol: float = 0.0) -> torch.Tensor:
     """Run ``n_iter`` grouped power-iteration steps in place on ``us``/``vs``; returns the
@@ -412,13 +474,15 @@ def power_step_(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[to
     us, vs = list(us), list(vs)
     _check_writable(op, "us", us)
     _check_writable(op, "vs", vs)
-    return torch.ops.specreg_fast.power_step_(list(weights), us, vs, _iter_arg(op, "n_iter", n_iter),
-                                              _tol_arg(op, tol, finite=False))
+    return _typed_call(torch.ops.specreg_fast.power_step_, (list(weights), us, vs, _iter_arg(op, "n_iter", n_iter),
+                                                            _tol_arg(op, tol, finite=False)),
+                       lambda w, u, v, n, t: _check_power_step_args(op, w, u, v, n, t))
 
 
 def sigma(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor]) -> torch.Tensor:
     """``u_l^T W_l v_l`` for each layer, differentiable in the weights (gradient ``u v^T``)."""
-    return torch.ops.specreg_fast.sigma(list(weights), list(us), list(vs))
+    return _typed_call(torch.ops.specreg_fast.sigma, (list(weights), list(us), list(vs)),
+                       lambda w, u, v: _check_dense_args("specreg_fast::sigma", w, u, v))
 
 
 def sigma_from_step(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor],
@@ -428,7 +492,13 @@ def sigma_from_step(weights: List[torch.Tensor], us: List[torch.Tensor], vs: Lis
     if _eager_autograd(weights):
         _check_from_step(weights, us, vs, est)
         return _SigmaFromStep.apply(est, list(us), list(vs), *weights)
-    return torch.ops.specreg_fast.sigma_from_step(list(weights), list(us), list(vs), est)
+    op = "specreg_fast::sigma_from_step"
+
+    def check(w, u, v, e):
+        _check_dense_args(op, w, u, v)
+        _check_est(op, e, w)
+
+    return _typed_call(torch.ops.specreg_fast.sigma_from_step, (list(weights), list(us), list(vs), est), check)
 
 
 def _check_from_step(weights, xs, ys, est):
@@ -1049,13 +1119,30 @@ def _batched_power_step_fake(blocks, us, vs, n_iter):
 torch.library.impl("specreg_fast::batched_power_step_", "CompositeExplicitAutograd")(_batched_power_step_reference)
 
 
+def _batched_power_step_lazy_view(blocks, us, vs, n_iter):
+    """The kernel of the Conjugate and Negative keys, reached only when some argument is a lazy
+    conj/neg view (x.conj(), torch._neg_view): PyTorch's fallback would materialize it, but for
+    a written Tensor argument it stops at an internal assert. Written views get a clear error,
+    the read-only blocks are materialized. (In Python: torch 2.11's stable ABI, which the
+    compiled library is built on, has neither is_conj nor a typed dispatcher call.)"""
+    _require(not (us.is_conj() or us.is_neg() or vs.is_conj() or vs.is_neg()),
+             lambda: "specreg_fast::batched_power_step_: us/vs are lazy conj/neg views (x.conj()), which the op "
+                     "cannot write in place; pass x.resolve_conj()")
+    return torch.ops.specreg_fast.batched_power_step_(blocks.resolve_conj().resolve_neg(), us, vs, n_iter)
+
+
+for _key in ("Conjugate", "Negative"):
+    torch.library.impl("specreg_fast::batched_power_step_", _key)(_batched_power_step_lazy_view)
+
+
 def batched_power_step_(blocks: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, n_iter: int = 1) -> torch.Tensor:
     """``n_iter`` power steps on every block of ``blocks`` (B, m, n), in place on ``us``
     (B, m) / ``vs`` (B, n); returns ``|P_b v_b|`` per block (see ``csrc/specreg_fast.cpp``)."""
     op = "specreg_fast::batched_power_step_"
     _check_writable(op, "us", us)
     _check_writable(op, "vs", vs)
-    return torch.ops.specreg_fast.batched_power_step_(blocks, us, vs, _iter_arg(op, "n_iter", n_iter))
+    return _typed_call(torch.ops.specreg_fast.batched_power_step_, (blocks, us, vs, _iter_arg(op, "n_iter", n_iter)),
+                       _check_batched_args)
 
 
 # ----------------------------------------------------------------------------- Cholesky test (certified bounds)
@@ -1103,4 +1190,4 @@ def shifted_cholesky_info(H: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
                          f"{tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__}")
     if not isinstance(shift, torch.Tensor) or shift.shape != (H.shape[0],) or shift.dtype != H.real.dtype:
         raise ValueError(f"shift must be a {H.real.dtype} tensor of shape ({H.shape[0]},)")
-    return torch.ops.specreg_fast.shifted_cholesky_info(H, shift)
+    return _typed_call(torch.ops.specreg_fast.shifted_cholesky_info, (H, shift), _check_cholesky_args)
