@@ -71,12 +71,20 @@ STABLE_SOURCES = ["specreg_fast.cpp", "cpu/power_step_cpu.cpp", "cpu/batched_pow
 CONV_SOURCES = ["conv_module.cpp", "cpu/conv_operator_cpu.cpp", "cpu/circular_conv_cpu.cpp", "cpu/conv_gemm_cpu.cpp"]
 
 
-def _write_build_info(cuda_version):
-    # What specreg_fast/ops.py reads before it loads _C_cuda: the CUDA the kernels were built
-    # against (the library links that major's runtime, so another major cannot load it).
-    with open(os.path.join(ROOT, "specreg_fast", "_build_info.py"), "w") as f:
-        f.write('"""Written by setup.py: the build of the compiled libraries."""\n')
-        f.write(f"CUDA_VERSION = {cuda_version!r}  # torch.version.cuda of the build; None: no _C_cuda\n")
+class BuildExt(BuildExtension):
+    """torch's BuildExtension, then specreg_fast/_build_info.py beside the built libraries (the
+    source tree with --inplace, the wheel's build dir otherwise): the CUDA that _C_cuda was
+    built against, which specreg_fast/ops.py reads before it loads the library (the library
+    links that major's runtime, so another major cannot load it)."""
+
+    def run(self):
+        super().run()
+        with_cuda = any(e.name == "specreg_fast._C_cuda" for e in self.extensions)
+        out = os.path.join(ROOT if self.inplace else self.build_lib, "specreg_fast")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "_build_info.py"), "w") as f:
+            f.write('"""Written by setup.py (BuildExt): the build of the compiled libraries."""\n')
+            f.write(f"CUDA_VERSION = {torch.version.cuda if with_cuda else None!r}  # None: built without _C_cuda\n")
 
 
 def get_extensions():
@@ -121,13 +129,12 @@ def get_extensions():
             "specreg_fast._C_cuda", sources, define_macros=[("WITH_CUDA", None)], extra_link_args=extra_link,
             extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": nvcc},
             include_dirs=include + _nvidia_wheel_includes(), py_limited_api=True))
-    _write_build_info(torch.version.cuda if with_cuda else None)
     return exts
 
 
 setup(
     packages=find_packages(include=["specreg_fast", "specreg_fast.*"]),
     ext_modules=get_extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
+    cmdclass={"build_ext": BuildExt.with_options(no_python_abi_suffix=True)},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},  # abi3, from requires-python's 3.10
 )
