@@ -117,7 +117,7 @@ wheel: $(DEPS)
 	rm -rf dist/specreg_fast-*.whl build/wheel-raw
 	TORCH_CUDA_ARCH_LIST="$(WHEEL_ARCHS)" $(VPY) -m pip wheel --no-build-isolation --no-deps -w build/wheel-raw .
 	if $(VPY) -m auditwheel --version >/dev/null 2>&1; then \
-	  LD_LIBRARY_PATH="$$($(VPY) -c 'import torch,os;print(os.path.join(os.path.dirname(torch.__file__),"lib"))')" \
+	  PATH="$(abspath $(dir $(VPY))):$$PATH" LD_LIBRARY_PATH="$$($(VPY) -c 'import torch,os;print(os.path.join(os.path.dirname(torch.__file__),"lib"))')" \
 	  $(VPY) -m auditwheel repair $(addprefix --exclude ,$(AUDIT_EXCLUDES)) -w dist build/wheel-raw/specreg_fast-*.whl; \
 	else mkdir -p dist && cp build/wheel-raw/specreg_fast-*.whl dist/ && echo "no auditwheel: dist/ has a local-only wheel"; fi
 	ls -l dist/

@@ -85,6 +85,8 @@ class BuildExt(BuildExtension):
         with open(os.path.join(out, "_build_info.py"), "w") as f:
             f.write('"""Written by setup.py (BuildExt): the build of the compiled libraries."""\n')
             f.write(f"CUDA_VERSION = {torch.version.cuda if with_cuda else None!r}  # None: built without _C_cuda\n")
+            # _C_conv and _C_cuda are on ATen's C++ API: they load on this torch's minor only
+            f.write(f"TORCH_VERSION = {torch.__version__.split('+')[0]!r}\n")
 
 
 def get_extensions():

@@ -73,25 +73,30 @@ HAS_CONV_EXT = False
 #: The CUDA major specreg_fast._C_cuda was built for (None: built without it).
 BUILT_CUDA = None
 if HAS_CPP_EXT:
-    _conv_err = _load("_C_conv")
-    HAS_CONV_EXT = _conv_err is None
-    if not HAS_CONV_EXT:
-        warnings.warn(f"specreg_fast: the CPU conv kernels were not loaded ({_conv_err}); the conv ops use the "
-                      f"pure-PyTorch reference on CPU (the dense ops keep their kernels)", RuntimeWarning, stacklevel=2)
     try:
         from ._build_info import CUDA_VERSION as BUILT_CUDA
     except ImportError:
         BUILT_CUDA = None
+    try:  # the torch _C_conv and _C_cuda were built with: ATen's C++ API ties them to its minor
+        from ._build_info import TORCH_VERSION as _BUILT_TORCH
+    except ImportError:
+        _BUILT_TORCH = None
+    _same_minor = _BUILT_TORCH is None or torch.__version__.split("+")[0].split(".")[:2] == _BUILT_TORCH.split(".")[:2]
+    _conv_err = _load("_C_conv") if _same_minor else f"built for torch {_BUILT_TORCH}, this is {torch.__version__}"
+    HAS_CONV_EXT = _conv_err is None
+    if not HAS_CONV_EXT:
+        warnings.warn(f"specreg_fast: the CPU conv kernels were not loaded ({_conv_err}); the conv ops use the "
+                      f"pure-PyTorch reference on CPU (the dense ops keep their kernels)", RuntimeWarning, stacklevel=2)
     if BUILT_CUDA is not None and torch.version.cuda is not None:
-        if _cuda_major(BUILT_CUDA) == _cuda_major(torch.version.cuda):
-            _cuda_err = _load("_C_cuda")
-            if _cuda_err is not None:
-                warnings.warn(f"specreg_fast: the CUDA kernels were not loaded ({_cuda_err}); on a GPU the ops use "
-                              f"Triton or the reference", RuntimeWarning, stacklevel=2)
-        else:
+        if _cuda_major(BUILT_CUDA) != _cuda_major(torch.version.cuda):
             warnings.warn(f"specreg_fast: the CUDA kernels were built for CUDA {BUILT_CUDA}, torch has CUDA "
                           f"{torch.version.cuda}: not loaded; on a GPU the ops use Triton or the reference (the CPU "
                           f"kernels are loaded)", RuntimeWarning, stacklevel=2)
+        else:
+            _cuda_err = _load("_C_cuda") if _same_minor else f"built for torch {_BUILT_TORCH}"
+            if _cuda_err is not None:
+                warnings.warn(f"specreg_fast: the CUDA kernels were not loaded ({_cuda_err}); on a GPU the ops use "
+                              f"Triton or the reference", RuntimeWarning, stacklevel=2)
 else:
     warnings.warn(f"specreg_fast: compiled extension not loaded ({_err}); using the pure-PyTorch reference",
                   RuntimeWarning, stacklevel=2)
