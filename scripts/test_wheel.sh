@@ -31,14 +31,22 @@ status=0
 for T in $TORCHES; do
   V="$WORK/venv-$T"
   echo "=== torch==$T"
-  rm -rf "$V"
-  "$PYTHON" -m venv "$V"
-  "$V/bin/pip" install -q --upgrade pip
-  "$V/bin/pip" install -q "torch==$T" numpy pytest hypothesis expecttest
-  # the interpreter under the loader, without its cache (see the top)
+  # a venv of an earlier run is reused when it holds this torch (REUSE_VENVS=0: always fresh);
+  # the package under test is uninstalled first either way
+  if [ "${REUSE_VENVS:-1}" = "1" ] && "$V/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$T')" \
+      2>/dev/null; then
+    "$V/bin/pip" uninstall -q -y specreg_fast 2>/dev/null || true
+  else
+    rm -rf "$V"
+    "$PYTHON" -m venv "$V"
+    "$V/bin/pip" install -q --upgrade pip
+    "$V/bin/pip" install -q "torch==$T" numpy pytest hypothesis expecttest
+  fi
+  # the interpreter under the loader, without its cache (see the top); --argv0 keeps the venv's
+  # path as sys.executable, so that python finds its pyvenv.cfg
   cat > "$V/bin/py-nocache" <<EOF
 #!/bin/sh
-exec "$LOADER" --inhibit-cache "$(readlink -f "$V/bin/python")" "\$@"
+exec "$LOADER" --inhibit-cache --argv0 "$V/bin/python" "$V/bin/python" "\$@"
 EOF
   chmod +x "$V/bin/py-nocache"
   start=$(date +%s.%N)
