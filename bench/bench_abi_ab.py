@@ -61,6 +61,7 @@ WORKER = textwrap.dedent(r"""
         model = torch.nn.Sequential(torch.nn.Linear(784, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
                                     torch.nn.ReLU(), torch.nn.Linear(1024, 10))
         pen = sf.SpectralPenalty(model, gamma=0.01, seed=0)
+        model(torch.randn(2, 784))  # the forward order tells the penalty which layer is the readout
         def step():
             for p in model.parameters():
                 p.grad = None
