@@ -80,6 +80,7 @@ WORKER = textwrap.dedent(r"""
         "SpectralPenalty fwd+bwd MLP": penalty(),
     }
     calls = int(sys.argv[1])
+    torch.set_num_threads(int(sys.argv[2]))
     print(json.dumps({"ready": True, "has_cpp": sf.HAS_CPP_EXT}), flush=True)
     for line in sys.stdin:
         out = {}
@@ -96,9 +97,9 @@ WORKER = textwrap.dedent(r"""
 """)
 
 
-def _start(tree, calls):
+def _start(tree, calls, threads):
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
-    p = subprocess.Popen([sys.executable, "-c", WORKER, str(calls)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-c", WORKER, str(calls), str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          text=True, env=env, cwd=os.path.abspath(tree))
     hello = json.loads(p.stdout.readline())
     assert hello["has_cpp"], f"{tree}: compiled extension not loaded"
@@ -130,10 +131,13 @@ def main():
     ap.add_argument("--new", default=".")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--calls", type=int, default=15)
+    # 1 by default: on a machine whose cores other processes hold, a parallel region waits for a
+    # descheduled thread (100x outliers with 2 threads under load 15 on 2 cores)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fail-above", type=float, default=1.05)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    workers = {"old": _start(args.old, args.calls), "new": _start(args.new, args.calls)}
+    workers = {"old": _start(args.old, args.calls, args.threads), "new": _start(args.new, args.calls, args.threads)}
     times = {"old": [], "new": []}
     t0 = time.time()
     for r in range(args.rounds):

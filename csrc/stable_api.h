@@ -115,8 +115,22 @@ class NoGradGuard {
   bool prev_;
 };
 
+// A new contiguous tensor, straight through the C shim's allocator (aoti_torch_empty_strided):
+// torch::stable::empty goes through a boxed dispatcher call, measurable on the small ops.
 inline Tensor empty(const std::vector<int64_t>& sizes, ScalarType dtype, const Device& device) {
-  return torch::stable::empty(sizes, dtype, std::nullopt, device);
+  std::vector<int64_t> strides(sizes.size());
+  int64_t stride = 1;
+  for (size_t i = sizes.size(); i-- > 0;) {
+    strides[i] = stride;
+    stride *= std::max<int64_t>(sizes[i], 1);
+  }
+  const auto dtype_code = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
+  const auto device_code = torch::stable::detail::to<int32_t>(torch::stable::detail::from(device.type()));
+  AtenTensorHandle handle = nullptr;
+  STD_TORCH_CHECK(aoti_torch_empty_strided(static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(), dtype_code,
+                                           device_code, device.has_index() ? device.index() : 0, &handle) == 0,
+                  "specreg_fast: allocation failed");
+  return Tensor(handle);
 }
 inline Tensor zeros(const std::vector<int64_t>& sizes, ScalarType dtype, const Device& device) {
   Tensor t = empty(sizes, dtype, device);
