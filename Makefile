@@ -15,7 +15,7 @@ FORCE_CUDA ?= $(if $(NVCC),1,0)
 export FORCE_CUDA
 PYTEST_ARGS ?=
 
-.PHONY: all venv build test test-all demo bench bench-compare docs sanitize clean gpu-check test-compat
+.PHONY: all venv build test test-all demo bench bench-compare docs sanitize clean gpu-check test-compat test-isa-default test-generic wheel test-wheel
 
 all: test
 
@@ -144,6 +144,46 @@ $(DOCS_DEPS): requirements-docs.txt
 docs: build $(REPRO) $(DOCS_DEPS)
 	SPECREG_DOCS_PYTHON=$(abspath $(VPY)) SPECREG_DOCS_SKIP=$(DOCS_SKIP) NO_MKDOCS_2_WARNING=1 \
 	  $(DOCS_VENV)/bin/mkdocs build --strict
+
+# The wheel, into dist/ (the libraries built against .venv's torch; _C on the stable ABI of torch
+# 2.11 on). CUDA kernels for every GPU from Turing to Blackwell plus PTX for later ones, whatever
+# GPU the build machine has (an unset TORCH_CUDA_ARCH_LIST builds sm_80 and sm_90 only). Then
+# auditwheel, when installed, gives it a manylinux tag; torch's own libraries, the CUDA runtime
+# and libgomp are left out (torch ships them): without auditwheel the wheel is for this machine's
+# glibc only (the linux_x86_64 tag says so).
+WHEEL_ARCHS ?= 7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX
+AUDIT_EXCLUDES := libtorch.so libtorch_cpu.so libtorch_cuda.so libtorch_python.so libc10.so libc10_cuda.so \
+                  libcudart.so.13 libcudart.so.12 libgomp.so.1
+wheel: $(DEPS)
+	rm -rf dist/specreg_fast-*.whl build/wheel-raw
+	TORCH_CUDA_ARCH_LIST="$(WHEEL_ARCHS)" $(VPY) -m pip wheel --no-build-isolation --no-deps -w build/wheel-raw .
+	if $(VPY) -m auditwheel --version >/dev/null 2>&1; then \
+	  PATH="$(abspath $(dir $(VPY))):$$PATH" LD_LIBRARY_PATH="$$($(VPY) -c 'import torch,os;print(os.path.join(os.path.dirname(torch.__file__),"lib"))')" \
+	  $(VPY) -m auditwheel repair $(addprefix --exclude ,$(AUDIT_EXCLUDES)) -w dist build/wheel-raw/specreg_fast-*.whl; \
+	else mkdir -p dist && cp build/wheel-raw/specreg_fast-*.whl dist/ && echo "no auditwheel: dist/ has a local-only wheel"; fi
+	ls -l dist/
+
+# The wheel installed with no compiler into fresh venvs of torch 2.14.1 and 2.11.0 from the
+# registry, the op tests run against it (scripts/test_wheel.sh; downloads torch: not part of CI).
+test-wheel:
+	PYTHON=$(PYTHON) bash scripts/test_wheel.sh
+
+# The op tests on the code a CPU without AVX2/AVX-512 runs (not part of CI; each run is a
+# portability check, the suite must pass on every CPU): `test-isa-default` with ATen's own
+# kernels held to their baseline (ATEN_CPU_CAPABILITY=default), `test-generic` on a build of
+# the extension whose hot loops have only their generic path (SPECREG_FAST_GENERIC=1, no
+# target_clones), built into build/generic beside the regular build.
+ISA_TESTS := test_dense.py test_conv_operator.py test_fft.py test_op_contracts.py test_input_validation.py \
+             test_bounds.py test_reference.py test_native_crashes.py test_fuzz.py
+GEN_DIR := build/generic
+test-isa-default: build
+	ATEN_CPU_CAPABILITY=default $(VPY) -m pytest $(addprefix python_tests/,$(ISA_TESTS)) -m "not slow" $(PYTEST_ARGS)
+test-generic: $(DEPS)
+	rm -rf $(GEN_DIR)/specreg_fast $(GEN_DIR)/python_tests
+	mkdir -p $(GEN_DIR) && cp -r specreg_fast python_tests pyproject.toml $(GEN_DIR)/
+	rm -f $(GEN_DIR)/specreg_fast/*.so
+	SPECREG_FAST_GENERIC=1 FORCE_CUDA=0 $(VPY) setup.py -q build_ext --build-lib $(GEN_DIR) --build-temp $(GEN_DIR)/obj
+	cd $(GEN_DIR) && $(abspath $(VPY)) -m pytest $(addprefix python_tests/,$(ISA_TESTS)) -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info specreg_fast/*.so site

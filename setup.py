@@ -1,9 +1,11 @@
 """Build script for specreg_fast.
 
-The C++ extension ``specreg_fast._C`` holds the op schemas (``csrc/specreg_fast.cpp``)
-and the CPU kernels (``csrc/cpu/*.cpp``). CUDA sources (``csrc/cuda/*.cu``) are added
-only when ``FORCE_CUDA=1`` or a GPU is visible, and ``CUDA_HOME`` points at a toolkit;
-a missing toolkit is never an error for a CPU build (the pytorch_scatter convention).
+The compiled libraries (see get_extensions): ``specreg_fast._C`` holds the op schemas
+(``csrc/specreg_fast.cpp``) and the CPU kernels already on the LibTorch stable ABI,
+``specreg_fast._C_conv`` the CPU conv kernels, ``specreg_fast._C_cuda`` the CUDA kernels
+(``csrc/cuda/``), built only when ``FORCE_CUDA=1`` or a GPU is visible, and ``CUDA_HOME``
+points at a toolkit; a missing toolkit is never an error for a CPU build (the pytorch_scatter
+convention).
 
 Switches (environment variables):
   FORCE_CUDA=1      build the CUDA sources even without a visible GPU
@@ -11,6 +13,9 @@ Switches (environment variables):
   DEBUG=1           -O0 -g instead of -O3
   SPECREG_FAST_SANITIZE=1  AddressSanitizer + UBSan (-O1 -g, CPU only; `make sanitize`,
                     which builds into build/sanitize and preloads libasan into python)
+  SPECREG_FAST_GENERIC=1  only the generic path of the CPU hot loops (no target_clones ISA
+                    clones, no AVX-512 conv tiles; csrc/cpu/simd.h): to test what a CPU without
+                    AVX2 runs (`make test-generic`)
   MAX_JOBS=N        parallel compile jobs (ninja)
 """
 import glob
@@ -58,53 +63,80 @@ def _nvidia_wheel_includes():
     return out
 
 
+# The oldest torch the stable-ABI library must load on: it is compiled against that torch's
+# stable headers (TORCH_TARGET_VERSION), whatever torch builds it; pyproject.toml's torch floor.
+TORCH_TARGET = (2, 11)
+STABLE_SOURCES = ["specreg_fast.cpp", "cpu/power_step_cpu.cpp", "cpu/batched_power_cpu.cpp",
+                  "cpu/shifted_cholesky_cpu.cpp", "cpu/simd.cpp"]
+CONV_SOURCES = ["conv_module.cpp", "cpu/conv_operator_cpu.cpp", "cpu/circular_conv_cpu.cpp", "cpu/conv_gemm_cpu.cpp"]
+
+
+class BuildExt(BuildExtension):
+    """torch's BuildExtension, then specreg_fast/_build_info.py beside the built libraries (the
+    source tree with --inplace, the wheel's build dir otherwise): the CUDA that _C_cuda was
+    built against, which specreg_fast/ops.py reads before it loads the library (the library
+    links that major's runtime, so another major cannot load it)."""
+
+    def run(self):
+        super().run()
+        with_cuda = any(e.name == "specreg_fast._C_cuda" for e in self.extensions)
+        out = os.path.join(ROOT if self.inplace else self.build_lib, "specreg_fast")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "_build_info.py"), "w") as f:
+            f.write('"""Written by setup.py (BuildExt): the build of the compiled libraries."""\n')
+            f.write(f"CUDA_VERSION = {torch.version.cuda if with_cuda else None!r}  # None: built without _C_cuda\n")
+            # _C_conv and _C_cuda are on ATen's C++ API: they load on this torch's minor only
+            f.write(f"TORCH_VERSION = {torch.__version__.split('+')[0]!r}\n")
+
+
 def get_extensions():
+    """Three libraries, so that each loads where it can:
+
+    * ``_C``: the schemas and the dense, batched and Cholesky CPU kernels, on the LibTorch stable
+      ABI (one binary for every torch from ``TORCH_TARGET`` on; no CUDA dependency);
+    * ``_C_conv``: the CPU conv kernels, on ATen's C++ API (the torch it was built with only);
+    * ``_C_cuda``: every CUDA kernel (with ``FORCE_CUDA=1`` or a visible GPU), loaded only on a
+      torch of the same CUDA major."""
     debug = _flag("DEBUG")
     sanitize = _flag("SPECREG_FAST_SANITIZE")
     with_cuda = _want_cuda() and not sanitize
-    sources = [os.path.join("csrc", "specreg_fast.cpp")]
-    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # No -march=native: wheels must run on any x86-64. Hot loops pick their ISA at run time
     # through GCC function multi-versioning (see csrc/cpu/simd.h).
     cxx = opt + ["-fopenmp", "-fopenmp-simd", "-std=c++20"]  # torch adds -DPy_LIMITED_API itself
-    define_macros = []
+    if _flag("SPECREG_FAST_GENERIC"):
+        cxx.append("-DSPECREG_GENERIC_ONLY")
     extra_link = ["-fopenmp"]
     if sanitize:
         san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
         cxx = ["-O1", "-g"] + cxx[len(opt):] + san
         extra_link += san
-    ext_cls = CppExtension
-    kwargs = {}
+    include = [os.path.join(ROOT, "csrc")]
+    target = f"-DTORCH_TARGET_VERSION=0x{TORCH_TARGET[0]:02x}{TORCH_TARGET[1]:02x}000000000000"
+    src = lambda names: [os.path.join("csrc", n) for n in names]  # noqa: E731
+    exts = [
+        CppExtension("specreg_fast._C", src(STABLE_SOURCES), include_dirs=include, extra_link_args=extra_link,
+                     extra_compile_args={"cxx": cxx + [target]}, py_limited_api=True),
+        CppExtension("specreg_fast._C_conv", src(CONV_SOURCES), include_dirs=include, extra_link_args=extra_link,
+                     extra_compile_args={"cxx": cxx}, py_limited_api=True),
+    ]
     if with_cuda:
-        ext_cls = CUDAExtension
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
-        define_macros.append(("WITH_CUDA", None))
         arch = os.getenv("TORCH_CUDA_ARCH_LIST")
         nvcc = opt + ["-std=c++20", "--expt-relaxed-constexpr", "-Xptxas=-v", "-lineinfo"]
         if not arch:
             nvcc += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
-        kwargs["extra_compile_args"] = {"cxx": cxx + ["-DWITH_CUDA"], "nvcc": nvcc}
-        kwargs["include_dirs"] = [os.path.join(ROOT, "csrc")] + _nvidia_wheel_includes()
-    else:
-        kwargs["extra_compile_args"] = {"cxx": cxx}
-        kwargs["include_dirs"] = [os.path.join(ROOT, "csrc")]
-    return [
-        ext_cls(
-            "specreg_fast._C",
-            sources,
-            define_macros=define_macros,
-            extra_link_args=extra_link,
-            py_limited_api=True,
-            **kwargs,
-        )
-    ]
+        exts.append(CUDAExtension(
+            "specreg_fast._C_cuda", sources, define_macros=[("WITH_CUDA", None)], extra_link_args=extra_link,
+            extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": nvcc},
+            include_dirs=include + _nvidia_wheel_includes(), py_limited_api=True))
+    return exts
 
 
 setup(
     packages=find_packages(include=["specreg_fast", "specreg_fast.*"]),
     ext_modules=get_extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    cmdclass={"build_ext": BuildExt.with_options(no_python_abi_suffix=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},  # abi3, from requires-python's 3.10
 )

@@ -1,6 +1,6 @@
 """Register / spill / shared-memory report of the compiled CUDA kernels (no GPU needed).
 
-Runs ``cuobjdump --dump-resource-usage`` on the built extension (``specreg_fast/_C.so``, built
+Runs ``cuobjdump --dump-resource-usage`` on the built extension (``specreg_fast/_C_cuda.so``, built
 with FORCE_CUDA=1) and writes bench/cuda_resource_usage.txt: one line per (arch, kernel) with
 REG (registers per thread), STACK and LOCAL (bytes; nonzero LOCAL means spills) and SHARED
 (static shared memory, bytes). The raw cuobjdump output is appended.
@@ -36,9 +36,9 @@ def cuobjdump_path() -> str:
 
 
 def extension_path() -> str:
-    hits = sorted(glob.glob(os.path.join(ROOT, "specreg_fast", "_C*.so")))
+    hits = sorted(glob.glob(os.path.join(ROOT, "specreg_fast", "_C_cuda*.so")))  # the CUDA kernels' library
     if not hits:
-        raise FileNotFoundError("specreg_fast/_C*.so not built (FORCE_CUDA=1 python setup.py build_ext --inplace)")
+        raise FileNotFoundError("specreg_fast/_C_cuda*.so not built (FORCE_CUDA=1 python setup.py build_ext --inplace)")
     return hits[0]
 
 

@@ -1,13 +1,15 @@
-// Op schemas of specreg_fast, declared once. Every build compiles this file; backends add
-// TORCH_LIBRARY_IMPL blocks in their own files (csrc/cpu/*.cpp, csrc/cuda/*.cu), and the
-// Python package registers the plain-PyTorch reference under CompositeExplicitAutograd so
-// that a device without a kernel of its own still runs (specreg_fast/ops.py).
+// Op schemas of specreg_fast, declared once, in specreg_fast._C: the library built on the
+// LibTorch stable ABI (csrc/stable_api.h), which loads on every torch from the one named by
+// TORCH_TARGET_VERSION (setup.py) on. Its CPU kernels: csrc/cpu/power_step_cpu.cpp,
+// batched_power_cpu.cpp, shifted_cholesky_cpu.cpp. The kernels still written against ATen's
+// C++ API live in two more libraries that only add implementations: specreg_fast._C_conv (the
+// CPU conv kernels, csrc/conv_module.cpp) and specreg_fast._C_cuda (every CUDA kernel,
+// csrc/cuda/); each loads only when its torch matches. The Python package registers the
+// plain-PyTorch reference under CompositeExplicitAutograd, so a device or op without a kernel
+// of its own still runs (specreg_fast/ops.py).
 #include <Python.h>
-#include <torch/library.h>
 
-#include <string>
-
-#include "op_contracts.h"
+#include "stable_api.h"
 
 namespace specreg_fast {
 // Runs Python's pending signal handlers under the GIL (the op may run with it released). A
@@ -23,41 +25,17 @@ bool python_signal_raised() {
 }
 }  // namespace specreg_fast
 
-namespace specreg_fast::cpu {
-std::string set_conv_kernel(const std::string& choice);  // csrc/cpu/conv_gemm_cpu.cpp
-}
-
-namespace {
-// _C._set_conv_kernel(choice) -> previous choice (specreg_fast.conv.set_conv_kernel).
-PyObject* set_conv_kernel_py(PyObject*, PyObject* arg) {
-  PyObject* bytes = PyUnicode_AsUTF8String(arg);
-  if (bytes == nullptr) return nullptr;
-  const std::string choice(PyBytes_AsString(bytes));
-  Py_DECREF(bytes);
-  try {
-    return PyUnicode_FromString(specreg_fast::cpu::set_conv_kernel(choice).c_str());
-  } catch (const c10::Error& e) {
-    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
-    return nullptr;
-  }
-}
-
-PyMethodDef module_methods[] = {
-    {"_set_conv_kernel", set_conv_kernel_py, METH_O, "Set the CPU conv kernel choice; returns the previous one."},
-    {nullptr, nullptr, 0, nullptr}};
-}  // namespace
-
 extern "C" {
 // `from specreg_fast import _C` loads this shared library, whose static initializers register
-// the ops; the module itself holds one non-op helper, _set_conv_kernel. No pybind11, so the
-// extension can use the limited API.
+// the schemas and the stable CPU kernels; the module itself is empty. No pybind11, so the
+// extension uses the limited API (abi3).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
 }
 
-TORCH_LIBRARY(specreg_fast, m) {
+STABLE_TORCH_LIBRARY(specreg_fast, m) {
   // Every op with n_iter takes 0 <= n_iter <= 10^6 (kMaxIter, csrc/op_contracts.h; Python
   // specreg_fast.ops.MAX_ITER) and polls for Ctrl-C between steps (a RuntimeError naming the
   // KeyboardInterrupt, the persistent vectors as before the call). Arguments are checked before

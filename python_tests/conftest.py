@@ -45,6 +45,14 @@ def pytest_report_header(config):
             f"torch={torch.__version__} threads={torch.get_num_threads()} FORCE_CUDA={os.getenv('FORCE_CUDA')}")
 
 
+def _triton_is_cuda():
+    try:
+        from specreg_fast.triton import registered
+    except ImportError:
+        return False
+    return "power_step_" in registered()
+
+
 def pytest_sessionstart(session):
     # A compiled extension older than the C++ sources it is built from runs yesterday's kernels:
     # the tests then pass or fail for code that is no longer there (a stale build showed three
@@ -56,13 +64,24 @@ def pytest_sessionstart(session):
 
     if not specreg_fast.HAS_CPP_EXT:
         return
-    from specreg_fast import _C
+    from specreg_fast import ops
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(specreg_fast.__file__)))
-    patterns = ["*.h", "*.cpp", "cpu/*"] + (["cuda/*"] if specreg_fast.HAS_CUDA_EXT else [])
-    sources = [f for p in patterns for f in glob.glob(os.path.join(root, "csrc", p))]
-    if sources:
+    # each library against its own sources (setup.py): one may be rebuilt without the others
+    conv = ["conv_module.cpp", "conv_geometry.h", "op_contracts.h", "power_step_checks.h", "cpu/conv_*",
+            "cpu/circular_conv_cpu.cpp"]
+    libs = {"_C": ["specreg_fast.cpp", "stable_*.h", "cpu/power_step_cpu.cpp", "cpu/batched_power_cpu.cpp",
+                   "cpu/shifted_cholesky_cpu.cpp", "cpu/simd.*"]}
+    if ops.HAS_CONV_EXT:
+        libs["_C_conv"] = conv
+    if specreg_fast.HAS_CUDA_EXT and not _triton_is_cuda():
+        libs["_C_cuda"] = conv + ["cuda/*"]
+    for name, patterns in libs.items():
+        lib = glob.glob(os.path.join(os.path.dirname(specreg_fast.__file__), f"{name}.*so"))
+        sources = [f for p in patterns for f in glob.glob(os.path.join(root, "csrc", p))]
+        if not lib or not sources:
+            continue
         newest = max(sources, key=os.path.getmtime)
-        if os.path.getmtime(newest) > os.path.getmtime(_C.__file__):
-            pytest.exit(f"the compiled extension {_C.__file__} is older than {newest}: rebuild it "
+        if os.path.getmtime(newest) > os.path.getmtime(lib[0]):
+            pytest.exit(f"the compiled extension {lib[0]} is older than {newest}: rebuild it "
                         f"(python setup.py build_ext --inplace, or make build) before testing", returncode=4)

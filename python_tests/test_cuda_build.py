@@ -57,7 +57,7 @@ def test_cuda_cubins_for_sm80_sm90_without_spills():
         so = cru.extension_path()
     except FileNotFoundError as e:
         pytest.fail(str(e))
-    import specreg_fast._C as C
+    import specreg_fast._C_cuda as C
 
     assert os.path.samefile(so, C.__file__), "report must be about the extension that was imported"
     rows, _ = cru.resource_usage(so)

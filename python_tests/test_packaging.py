@@ -75,3 +75,46 @@ def test_wheel_builds_and_imports_from_non_editable_install(tmp_path):
             "print('ok')\n")
     r = _run(code, tmp_path, site)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+_LOAD_WITH_CUDA = r"""
+import sys, types, warnings
+import torch
+info = types.ModuleType("specreg_fast._build_info")
+info.CUDA_VERSION = {built!r}
+if {built_torch!r} is not None:
+    info.TORCH_VERSION = {built_torch!r}
+sys.modules["specreg_fast._build_info"] = info
+torch.version.cuda = {torch_cuda!r}
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    import specreg_fast as sf
+    from specreg_fast import ops
+cuda_warnings = [str(x.message) for x in w if "CUDA kernels" in str(x.message)]
+conv_warnings = [str(x.message) for x in w if "conv kernels were not loaded" in str(x.message)]
+print(sf.HAS_CPP_EXT, ops.HAS_CONV_EXT, "specreg_fast._C_cuda" in sys.modules, len(cuda_warnings))
+print(cuda_warnings + conv_warnings)
+"""
+
+
+@pytest.mark.skipif(not ops.HAS_CPP_EXT, reason="the compiled libraries are not built")
+@pytest.mark.parametrize("built,torch_cuda,built_torch,conv,warns", [
+    ("99.0", "13.0", None, True, 1),       # another CUDA major: not loaded, one warning, CPU kernels kept
+    ("99.0", None, None, True, 0),         # a CPU-only torch: nothing to warn about
+    (None, "13.0", None, True, 0),         # built without CUDA kernels
+    (None, "13.0", "2.99.0", False, 0),    # another torch minor: only the stable-ABI library loads
+], ids=["cuda-major-mismatch", "cpu-only-torch", "no-cuda-library", "torch-minor-mismatch"])
+def test_cuda_library_loads_only_on_its_cuda_major(built, torch_cuda, built_torch, conv, warns):
+    """The CUDA kernels' library is loaded only when torch's CUDA major is the one it was built
+    for, and the libraries on ATen's C++ API only on the build's torch minor (both read from
+    specreg_fast/_build_info.py, faked here); the stable-ABI library loads regardless."""
+    code = _LOAD_WITH_CUDA.format(built=built, torch_cuda=torch_cuda, built_torch=built_torch)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    flags, msgs = r.stdout.strip().splitlines()[-2:]
+    assert flags == f"True {conv and ops.HAS_CONV_EXT} False {warns}", (flags, msgs)
+    if warns:
+        assert "built for CUDA 99.0" in msgs and "CPU kernels are loaded" in msgs, msgs
+    if not conv:
+        assert "built for torch 2.99.0" in msgs, msgs

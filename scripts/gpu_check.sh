@@ -82,8 +82,31 @@ if [ "$ARCH" = "none" ]; then
 fi
 
 # ---------------------------------------------------------------------------- build
+# A prebuilt wheel in dist/ (make wheel) whose CUDA major and torch minor are this torch's (its
+# CUDA library is still on ATen's C++ API): its libraries are
+# unpacked into the tree (the tests below use the package from the tree), and nothing compiles,
+# so the GPU minutes go to the tests. Otherwise the build, as before.
+PREBUILT=
+[ "${GPU_CHECK_SKIP_BUILD:-0}" = "1" ] || PREBUILT=$("$PY" - "$(ls -t dist/specreg_fast-*.whl 2>/dev/null | head -1)" <<'PYEOF' 2>/dev/null || true
+import re, sys, zipfile
+import torch
+path = sys.argv[1]
+if path and torch.version.cuda:
+    with zipfile.ZipFile(path) as z:
+        info = z.read("specreg_fast/_build_info.py").decode()
+        m = re.search(r"CUDA_VERSION = '([0-9.]+)'", info)
+        t = re.search(r"TORCH_VERSION = '([0-9]+[.][0-9]+)", info)  # _C_cuda: ATen's C++ API, one torch minor
+        if m and m.group(1).split(".")[0] == torch.version.cuda.split(".")[0] and t and \
+                torch.__version__.startswith(t.group(1) + "."):
+            names = [n for n in z.namelist() if re.fullmatch(r"specreg_fast/(_C[a-z_]*\.[^/]*so|_build_info\.py)", n)]
+            z.extractall(".", names)
+            print(path)
+PYEOF
+)
 if [ "${GPU_CHECK_SKIP_BUILD:-0}" = "1" ]; then
     say "build: skipped (GPU_CHECK_SKIP_BUILD=1)"
+elif [ -n "$PREBUILT" ]; then
+    say "build: none, the libraries of the prebuilt wheel $(basename "$PREBUILT") (its CUDA major is torch's)"
 else
     if [ $HAVE_GPU = 1 ]; then limit=${GPU_CHECK_BUILD_TIMEOUT:-120}; else limit=${GPU_CHECK_BUILD_TIMEOUT:-1800}; fi
     if ! run_stage build "$limit" "$OUT/build.log" \

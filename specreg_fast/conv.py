@@ -198,10 +198,10 @@ def set_conv_kernel(choice: str) -> str:
     and is read once, at the first conv call; this replaces it. Returns the previous choice
     (``"invalid"`` for a bad environment value). Transposed convs take the ATen path always;
     without the compiled extension there is one path and this only checks ``choice``."""
-    if ops.HAS_CPP_EXT:
-        from . import _C
+    if ops.HAS_CONV_EXT:
+        from . import _C_conv
 
-        return _C._set_conv_kernel(choice)  # a ValueError for a bad choice
+        return _C_conv._set_conv_kernel(choice)  # a ValueError for a bad choice
     if choice not in ("auto", "direct", "aten"):
         raise ValueError(f"the conv kernel must be 'auto', 'direct' or 'aten', got {choice!r}")
     return "auto"

@@ -10,16 +10,13 @@
 // count). A block whose t or
 // a vanishes keeps its vectors (sigma 0), as the dense op does. The CUDA implementation of the
 // same schema is the Triton kernel (specreg_fast/triton/batched_power.py).
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
+#include <algorithm>
 #include <cmath>
 #include <complex>
 #include <type_traits>
 #include <vector>
 
-#include "op_contracts.h"
+#include "stable_contracts.h"
 
 namespace specreg_fast {
 
@@ -31,7 +28,7 @@ struct Scalar {
   static constexpr bool complex = false;
 };
 template <typename T>
-struct Scalar<c10::complex<T>> {
+struct Scalar<std::complex<T>> {
   using real = T;
   static constexpr bool complex = true;
 };
@@ -111,15 +108,15 @@ R block_sigma(const R* P, const R* v, int64_t m, int64_t n) {
 // Returns false when interrupted (between two rounds of steps), the vectors then partly
 // updated: the caller restores them.
 template <typename S>
-bool run(const at::Tensor& P, const at::Tensor& us, const at::Tensor& vs, int64_t n_iter, const at::Tensor& sigma,
-         InterruptPoll& poll) {
+bool run(const Tensor& P, const Tensor& us, const Tensor& vs, int64_t n_iter, const Tensor& sigma,
+         InterruptPollStable& poll) {
   using R = typename Scalar<S>::real;
   constexpr bool C = Scalar<S>::complex;
   const int64_t B = P.size(0), m = P.size(1), n = P.size(2);
-  const R* p = reinterpret_cast<const R*>(P.data_ptr<S>());
-  R* u = reinterpret_cast<R*>(us.data_ptr<S>());
-  R* v = reinterpret_cast<R*>(vs.data_ptr<S>());
-  R* out = sigma.data_ptr<R>();
+  const R* p = static_cast<const R*>(P.const_data_ptr());
+  R* u = static_cast<R*>(us.mutable_data_ptr());
+  R* v = static_cast<R*>(vs.mutable_data_ptr());
+  R* out = sigma.mutable_data_ptr<R>();
   constexpr int64_t w = C ? 2 : 1;
   // grain: enough blocks per task to amortize the scheduling (about 64K complex MACs)
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, m * n));
@@ -129,13 +126,13 @@ bool run(const at::Tensor& P, const at::Tensor& us, const at::Tensor& vs, int64_
   for (int64_t done = 0; done < n_iter; done += per_round) {
     if (done > 0 && poll.interrupted()) return false;
     const int64_t steps = std::min(per_round, n_iter - done);
-    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    torch::stable::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
       std::vector<R> t(m * w), a(n * w);
       for (int64_t b = b0; b < b1; ++b)
         block_power<R, C>(p + b * m * n * w, u + b * m * w, v + b * n * w, m, n, steps, t, a);
     });
   }
-  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+  torch::stable::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) out[b] = block_sigma<R, C>(p + b * m * n * w, v + b * n * w, m, n);
   });
   return true;
@@ -143,69 +140,60 @@ bool run(const at::Tensor& P, const at::Tensor& us, const at::Tensor& vs, int64_
 
 }  // namespace
 
-at::Tensor batched_power_step_impl(const at::Tensor& blocks, const at::Tensor& us, const at::Tensor& vs,
-                                   int64_t n_iter) {
+Tensor batched_power_step_impl(const Tensor& blocks, const Tensor& us, const Tensor& vs, int64_t n_iter) {
   const char* op = "specreg_fast::batched_power_step_";
-  at::NoGradGuard no_grad;
-  TORCH_CHECK_VALUE(blocks.dim() == 3, op, ": blocks must be a (B, m, n) stack, got shape ", blocks.sizes());
+  NoGradGuard no_grad;
+  SF_CHECK_VALUE(blocks.dim() == 3, op, ": blocks must be a (B, m, n) stack, got shape ", shape_of(blocks));
   const auto st = blocks.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kComplexFloat || st == at::kComplexDouble, op,
-                   ": blocks must be float32/float64/complex64/complex128, got ", st);
+  SF_CHECK_TYPE(st == kFloat || st == kDouble || st == kComplexFloat || st == kComplexDouble, op,
+                ": blocks must be float32/float64/complex64/complex128, got ", dtype_name(st));
   const int64_t B = blocks.size(0), m = blocks.size(1), n = blocks.size(2);
-  TORCH_CHECK_VALUE(us.sizes() == at::IntArrayRef({B, m}) && vs.sizes() == at::IntArrayRef({B, n}), op,
-                    ": us must be (", B, ", ", m, ") and vs (", B, ", ", n, "), got ", us.sizes(), " and ", vs.sizes());
-  TORCH_CHECK_TYPE(us.scalar_type() == st && vs.scalar_type() == st, op, ": us/vs must have the blocks' dtype ", st);
-  TORCH_CHECK_VALUE(us.is_contiguous() && vs.is_contiguous(), op, ": us/vs must be contiguous");
-  TORCH_CHECK_VALUE(us.device() == blocks.device() && vs.device() == blocks.device(), op,
-                    ": us/vs must be on the blocks' device");
-  check_n_iter(op, n_iter);
+  const bool shapes_ok = us.dim() == 2 && us.size(0) == B && us.size(1) == m && vs.dim() == 2 && vs.size(0) == B &&
+                        vs.size(1) == n;
+  SF_CHECK_VALUE(shapes_ok, op, ": us must be (", B, ", ", m, ") and vs (", B, ", ", n, "), got ", shape_of(us), " and ",
+                 shape_of(vs));
+  SF_CHECK_TYPE(us.scalar_type() == st && vs.scalar_type() == st, op, ": us/vs must have the blocks' dtype ",
+                dtype_name(st));
+  SF_CHECK_VALUE(us.is_contiguous() && vs.is_contiguous(), op, ": us/vs must be contiguous");
+  SF_CHECK_VALUE(us.device() == blocks.device() && vs.device() == blocks.device(), op,
+                 ": us/vs must be on the blocks' device");
+  check_n_iter_stable(op, n_iter);
   // The written vectors must not share memory with each other or the blocks.
-  MemoryArgs mem;
+  MemoryArgsStable mem;
   mem.add_one("blocks", 0, blocks, false);
   mem.add_one("us", 0, us, true);
   mem.add_one("vs", 0, vs, true);
   mem.check(op);
-  const at::Tensor P = blocks.contiguous();
-  at::Tensor sigma = at::zeros({B}, blocks.options().dtype(c10::toRealValueType(st)));
+  const Tensor P = torch::stable::contiguous(blocks);
+  const ScalarType real = st == kComplexFloat ? kFloat : st == kComplexDouble ? kDouble : st;
+  Tensor sigma = zeros({B}, real, blocks.device());
   if (B == 0 || m == 0 || n == 0) return sigma;
-  InterruptPoll poll(op);
-  const at::Tensor u0 = n_iter > 1 ? us.clone() : at::Tensor(), v0 = n_iter > 1 ? vs.clone() : at::Tensor();
+  InterruptPollStable poll(op);
+  const Tensor u0 = n_iter > 1 ? torch::stable::clone(us) : Tensor(), v0 = n_iter > 1 ? torch::stable::clone(vs) : Tensor();
   bool done = true;
   switch (st) {
-    case at::kFloat: done = run<float>(P, us, vs, n_iter, sigma, poll); break;
-    case at::kDouble: done = run<double>(P, us, vs, n_iter, sigma, poll); break;
-    case at::kComplexFloat: done = run<c10::complex<float>>(P, us, vs, n_iter, sigma, poll); break;
-    default: done = run<c10::complex<double>>(P, us, vs, n_iter, sigma, poll); break;
+    case kFloat: done = run<float>(P, us, vs, n_iter, sigma, poll); break;
+    case kDouble: done = run<double>(P, us, vs, n_iter, sigma, poll); break;
+    case kComplexFloat: done = run<std::complex<float>>(P, us, vs, n_iter, sigma, poll); break;
+    default: done = run<std::complex<double>>(P, us, vs, n_iter, sigma, poll); break;
   }
   if (!done) {
-    us.copy_(u0);
-    vs.copy_(v0);
+    Tensor u = us, v = vs;
+    torch::stable::copy_(u, u0);
+    torch::stable::copy_(v, v0);
     poll.raise();
   }
   return sigma;
 }
 
 // Lazy conj/neg views (x.conj(), torch._neg_view): PyTorch's fallback materializes them before
-// the kernel, but for a written Tensor argument it stops at an internal assert. This kernel of
-// the Conjugate and Negative keys, reached only when some argument is such a view, rejects
-// written views with a clear error and materializes the read-only blocks.
-at::Tensor batched_power_step_lazy_view(const at::Tensor& blocks, const at::Tensor& us, const at::Tensor& vs,
-                                        int64_t n_iter) {
-  TORCH_CHECK_VALUE(!us.is_conj() && !us.is_neg() && !vs.is_conj() && !vs.is_neg(),
-                    "specreg_fast::batched_power_step_: us/vs are lazy conj/neg views (x.conj()), which the op "
-                    "cannot write in place; pass x.resolve_conj()");
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("specreg_fast::batched_power_step_", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
-  return op.call(blocks.resolve_conj().resolve_neg(), us, vs, n_iter);
-}
+// the kernel, but for a written Tensor argument it stops at an internal assert. The kernel of
+// the Conjugate and Negative keys that rejects written views with a clear error and
+// materializes the read-only blocks is registered from Python (specreg_fast/ops.py): the stable
+// ABI of torch 2.11 has neither is_conj nor a typed call back into the dispatcher.
 
 }  // namespace specreg_fast
 
-TORCH_LIBRARY_IMPL(specreg_fast, CPU, m) { m.impl("batched_power_step_", &specreg_fast::batched_power_step_impl); }
-TORCH_LIBRARY_IMPL(specreg_fast, Conjugate, m) {
-  m.impl("batched_power_step_", &specreg_fast::batched_power_step_lazy_view);
-}
-TORCH_LIBRARY_IMPL(specreg_fast, Negative, m) {
-  m.impl("batched_power_step_", &specreg_fast::batched_power_step_lazy_view);
+STABLE_TORCH_LIBRARY_IMPL(specreg_fast, CPU, m) {
+  m.impl("batched_power_step_", TORCH_BOX(&specreg_fast::batched_power_step_impl));
 }

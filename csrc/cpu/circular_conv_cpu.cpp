@@ -464,6 +464,8 @@ at::Tensor circular_power_step_impl(at::TensorList weights, at::TensorList xs, a
 
 }  // namespace specreg_fast
 
+#ifndef SPECREG_NO_CPU_IMPL  // the CUDA library's copy of this file (csrc/conv_module.cpp)
 TORCH_LIBRARY_IMPL(specreg_fast, CPU, m) {
   m.impl("circular_power_step_", &specreg_fast::circular_power_step_impl);
 }
+#endif

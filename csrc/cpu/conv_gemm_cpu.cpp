@@ -24,7 +24,7 @@
 #include <string>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(SPECREG_GENERIC_ONLY)  // csrc/cpu/simd.h
 #include <immintrin.h>
 #define SPECREG_HAVE_AVX512_PATH 1
 #else

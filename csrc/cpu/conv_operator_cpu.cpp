@@ -345,6 +345,7 @@ std::vector<at::Tensor> conv_adjoint_impl(at::TensorList weights, at::TensorList
 
 }  // namespace specreg_fast
 
+#ifndef SPECREG_NO_CPU_IMPL  // the CUDA library's copy of this file (csrc/conv_module.cpp)
 TORCH_LIBRARY_IMPL(specreg_fast, CPU, m) {
   m.impl("conv_power_step_", &specreg_fast::conv_power_step_impl);
   m.impl("conv_sigma", &specreg_fast::conv_sigma_impl);
@@ -353,3 +354,4 @@ TORCH_LIBRARY_IMPL(specreg_fast, CPU, m) {
   m.impl("conv_weight_grad", &specreg_fast::conv_weight_grad_impl);
   m.impl("conv_weight_grad_add_", &specreg_fast::conv_weight_grad_add_impl);
 }
+#endif

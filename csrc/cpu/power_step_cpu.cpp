@@ -11,16 +11,13 @@
 // summed in chunk order. So the result depends neither on timing (no atomics) nor on
 // torch.get_num_threads(): ranks of a data-parallel job that run different thread counts keep
 // bit-identical vectors (on CPUs that pick the same SIMD clone, see simd.h).
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
-#include "power_step_checks.h"
+#include "stable_contracts.h"
 
 #include "simd.h"
 
@@ -44,22 +41,22 @@ constexpr int64_t kChunkElems = 1 << 17;
 enum class Layout { RowMajor, ColMajor };
 
 struct LayerView {
-  at::Tensor W;  // possibly a contiguous copy of the user's weight (unusual strides only)
+  Tensor W;  // possibly a contiguous copy of the user's weight (unusual strides only)
   int64_t m = 0, n = 0, ld = 0;
   Layout layout = Layout::RowMajor;
-  at::ScalarType st;
+  ScalarType st;
 };
 
 // The kernels address W[i, j] as W + i ld + j (row-major) or W + i + j ld (column-major),
 // with rows (columns) that do not overlap. Any other layout (a stride-0 dim of an expand(),
 // overlapping or doubly strided views) is copied first; the stride of a size-1 dim is
 // meaningless and ignored.
-LayerView make_view(const at::Tensor& W_in) {
+LayerView make_view(const Tensor& W_in) {
   LayerView L;
   L.m = W_in.size(0);
   L.n = W_in.size(1);
   L.st = W_in.scalar_type();
-  const bool low = L.st == at::kBFloat16 || L.st == at::kHalf;
+  const bool low = L.st == kBFloat16 || L.st == kHalf;
   const bool row_unit = L.n <= 1 || W_in.stride(1) == 1, col_unit = L.m <= 1 || W_in.stride(0) == 1;
   const bool rows_apart = L.m <= 1 || W_in.stride(0) >= L.n, cols_apart = L.n <= 1 || W_in.stride(1) >= L.m;
   if (row_unit && rows_apart) {
@@ -73,7 +70,7 @@ LayerView make_view(const at::Tensor& W_in) {
     L.ld = L.n <= 1 ? L.m : W_in.stride(1);
     L.layout = Layout::ColMajor;
   } else {
-    L.W = W_in.contiguous();
+    L.W = torch::stable::contiguous(W_in);
     L.ld = L.n;
     L.layout = Layout::RowMajor;
   }
@@ -111,15 +108,15 @@ template <typename acc_t>
 const acc_t* rows_as(const LayerView& L, int64_t r0, int64_t rows, std::vector<float>& scratch, int64_t& ld) {
   if constexpr (std::is_same_v<acc_t, double>) {
     ld = L.ld;
-    return L.W.data_ptr<double>() + r0 * L.ld;
+    return L.W.const_data_ptr<double>() + r0 * L.ld;
   } else {
-    if (L.st == at::kFloat) {
+    if (L.st == kFloat) {
       ld = L.ld;
-      return L.W.data_ptr<float>() + r0 * L.ld;
+      return L.W.const_data_ptr<float>() + r0 * L.ld;
     }
     scratch.resize(static_cast<size_t>(rows * L.n));
-    const auto* src = reinterpret_cast<const uint16_t*>(L.W.data_ptr()) + r0 * L.ld;
-    if (L.st == at::kBFloat16) {
+    const auto* src = static_cast<const uint16_t*>(L.W.const_data_ptr()) + r0 * L.ld;
+    if (L.st == kBFloat16) {
       widen_rows_bf16(src, L.ld, rows, L.n, scratch.data());
     } else {
       widen_rows_f16(src, L.ld, rows, L.n, scratch.data());
@@ -163,14 +160,14 @@ Plan make_plan(const std::vector<LayerView>& layers, const std::vector<int64_t>&
   return p;
 }
 
-void check_list(at::TensorList weights, at::TensorList us, at::TensorList vs, const char* op, bool writes) {
-  check_power_step_list(weights, us, vs, op, c10::DeviceType::CPU, writes);
+void check_list(const TensorList& weights, const TensorList& us, const TensorList& vs, const char* op, bool writes) {
+  check_power_step_list_stable(weights, us, vs, op, DeviceType::CPU, writes);
 }
 
-at::ScalarType out_type(at::TensorList weights) {
+ScalarType out_type(const TensorList& weights) {
   for (const auto& W : weights)
-    if (W.scalar_type() == at::kDouble) return at::kDouble;
-  return at::kFloat;
+    if (W.scalar_type() == kDouble) return kDouble;
+  return kFloat;
 }
 
 // One grouped power step on the active layers `which` (all with accumulator type acc_t):
@@ -194,7 +191,7 @@ void grouped_sweep(const std::vector<LayerView>& layers, const std::vector<int64
     }
   }
   std::vector<std::vector<acc_t>> partial(nch);
-  at::parallel_for(0, nch, 1, [&](int64_t cb, int64_t ce) {
+  torch::stable::parallel_for(0, nch, 1, [&](int64_t cb, int64_t ce) {
     std::vector<float> scratch;
     for (int64_t c = cb; c < ce; ++c) {
       partial[c].assign(static_cast<size_t>(chunk_size[c]), acc_t(0));
@@ -229,13 +226,13 @@ void grouped_sweep(const std::vector<LayerView>& layers, const std::vector<int64
   for (int64_t l : which) {
     const LayerView& L = layers[l];
     if (L.layout != Layout::ColMajor) continue;
-    const acc_t* W = L.W.data_ptr<acc_t>();
+    const acc_t* W = L.W.const_data_ptr<acc_t>();
     const int64_t n = L.n, m = L.m, ld = L.ld;
     // Column chunks of kChunkElems elements (not one per thread): a fixed summation order.
     const int64_t cols = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(m, 1));
     const int64_t nch = (n + cols - 1) / cols;
     std::vector<std::vector<acc_t>> tp(nch, std::vector<acc_t>(m, acc_t(0)));
-    at::parallel_for(0, nch, 1, [&](int64_t cb, int64_t ce) {
+    torch::stable::parallel_for(0, nch, 1, [&](int64_t cb, int64_t ce) {
       for (int64_t c = cb; c < ce; ++c) {
         const int64_t j0 = c * cols, j1 = std::min(n, j0 + cols);
         for (int64_t j = j0; j < j1; ++j) K<acc_t>::axpy(v[l][j], W + j * ld, tp[c].data(), m);
@@ -243,7 +240,7 @@ void grouped_sweep(const std::vector<LayerView>& layers, const std::vector<int64
     });
     std::fill(t[l].begin(), t[l].end(), acc_t(0));
     for (int64_t c = 0; c < nch; ++c) K<acc_t>::axpy(acc_t(1), tp[c].data(), t[l].data(), m);
-    at::parallel_for(0, n, std::max<int64_t>(64, cols), [&](int64_t jb, int64_t je) {
+    torch::stable::parallel_for(0, n, std::max<int64_t>(64, cols), [&](int64_t jb, int64_t je) {
       for (int64_t j = jb; j < je; ++j) a[l][j] = K<acc_t>::dot(W + j * ld, t[l].data(), m);
     });
   }
@@ -257,8 +254,8 @@ acc_t norm2(const std::vector<acc_t>& x) {
 // Returns false when interrupted between two steps, with the group's vectors given back.
 template <typename acc_t>
 bool power_step_group(const std::vector<LayerView>& layers, const std::vector<int64_t>& group,
-                      at::TensorList us, at::TensorList vs, int64_t n_iter, double tol, double* est,
-                      InterruptPoll& poll) {
+                      const TensorList& us, const TensorList& vs, int64_t n_iter, double tol, double* est,
+                      InterruptPollStable& poll) {
   if (group.empty()) return true;
   const size_t L = layers.size();
   std::vector<std::vector<acc_t>> t(L), a(L), u0(L), v0(L);
@@ -267,19 +264,19 @@ bool power_step_group(const std::vector<LayerView>& layers, const std::vector<in
   for (int64_t l : group) {
     t[l].assign(layers[l].m, acc_t(0));
     a[l].assign(layers[l].n, acc_t(0));
-    const acc_t* up = us[l].data_ptr<acc_t>();
-    const acc_t* vp = vs[l].data_ptr<acc_t>();
+    const acc_t* up = us[l].mutable_data_ptr<acc_t>();
+    const acc_t* vp = vs[l].mutable_data_ptr<acc_t>();
     u0[l].assign(up, up + layers[l].m);  // for the roll-back on non-finite input
     v0[l].assign(vp, vp + layers[l].n);
-    vptr[l] = vs[l].data_ptr<acc_t>();
+    vptr[l] = vs[l].mutable_data_ptr<acc_t>();
     est[l] = 0.0;
     if (layers[l].m > 0 && layers[l].n > 0) active.push_back(l);
   }
   for (int64_t it = 0; it < n_iter && !active.empty(); ++it) {
     if (it > 0 && poll.interrupted()) {
       for (int64_t l : group) {
-        std::copy(u0[l].begin(), u0[l].end(), us[l].data_ptr<acc_t>());
-        std::copy(v0[l].begin(), v0[l].end(), vs[l].data_ptr<acc_t>());
+        std::copy(u0[l].begin(), u0[l].end(), us[l].mutable_data_ptr<acc_t>());
+        std::copy(v0[l].begin(), v0[l].end(), vs[l].mutable_data_ptr<acc_t>());
       }
       return false;
     }
@@ -288,8 +285,8 @@ bool power_step_group(const std::vector<LayerView>& layers, const std::vector<in
     for (int64_t l : active) {
       const acc_t tn = norm2(t[l]);
       const acc_t an = norm2(a[l]);
-      acc_t* up = us[l].data_ptr<acc_t>();
-      acc_t* vp = vs[l].data_ptr<acc_t>();
+      acc_t* up = us[l].mutable_data_ptr<acc_t>();
+      acc_t* vp = vs[l].mutable_data_ptr<acc_t>();
       if (!std::isfinite(tn) || !std::isfinite(an)) {
         // Non-finite weight: give the vectors back as they were when the call started.
         std::copy(u0[l].begin(), u0[l].end(), up);
@@ -315,60 +312,61 @@ bool power_step_group(const std::vector<LayerView>& layers, const std::vector<in
   return true;
 }
 
-at::Tensor sigma_cpu(at::TensorList weights, at::TensorList us, at::TensorList vs);
+Tensor sigma_cpu(const TensorList& weights, const TensorList& us, const TensorList& vs);
 
-at::Tensor power_step_cpu(at::TensorList weights, at::TensorList us, at::TensorList vs, int64_t n_iter,
+Tensor power_step_cpu(const TensorList& weights, const TensorList& us, const TensorList& vs, int64_t n_iter,
                           double tol) {
   const char* op = "specreg_fast::power_step_";
   check_list(weights, us, vs, op, /*writes=*/true);
-  check_n_iter(op, n_iter);
-  TORCH_CHECK_VALUE(tol >= 0.0 && std::isfinite(tol), op, ": tol must be finite and >= 0, got ", tol);
+  check_n_iter_stable(op, n_iter);
+  SF_CHECK_VALUE(tol >= 0.0 && std::isfinite(tol), op, ": tol must be finite and >= 0, got ", tol);
   const int64_t L = static_cast<int64_t>(weights.size());
   std::vector<LayerView> layers;
   layers.reserve(L);
   std::vector<int64_t> g32, g64;
   for (int64_t l = 0; l < L; ++l) {
     layers.push_back(make_view(weights[l]));
-    (weights[l].scalar_type() == at::kDouble ? g64 : g32).push_back(l);
+    (weights[l].scalar_type() == kDouble ? g64 : g32).push_back(l);
   }
   std::vector<double> est(L, 0.0);
-  at::NoGradGuard no_grad;
-  InterruptPoll poll(op);
+  NoGradGuard no_grad;
+  InterruptPollStable poll(op);
   // An interrupted call gives every vector back: the float32 group has already finished when
   // the float64 one is interrupted, so its vectors are saved for that case.
-  std::vector<at::Tensor> saved;
+  std::vector<Tensor> saved;
   if (n_iter > 1 && !g64.empty())
     for (int64_t l : g32) {
-      saved.push_back(us[l].clone());
-      saved.push_back(vs[l].clone());
+      saved.push_back(torch::stable::clone(us[l]));
+      saved.push_back(torch::stable::clone(vs[l]));
     }
   if (!power_step_group<float>(layers, g32, us, vs, n_iter, tol, est.data(), poll)) poll.raise();
   if (!power_step_group<double>(layers, g64, us, vs, n_iter, tol, est.data(), poll)) {
     for (size_t i = 0; i < g32.size(); ++i) {
-      us[g32[i]].copy_(saved[2 * i]);
-      vs[g32[i]].copy_(saved[2 * i + 1]);
+      Tensor u = us[g32[i]], v = vs[g32[i]];
+      torch::stable::copy_(u, saved[2 * i]);
+      torch::stable::copy_(v, saved[2 * i + 1]);
     }
     poll.raise();
   }
   if (n_iter == 0) return sigma_cpu(weights, us, vs);  // no step: u^T W v at the current vectors
-  auto out = at::empty({L}, at::TensorOptions().dtype(out_type(weights)));
+  Tensor out = empty({L}, out_type(weights), Device(DeviceType::CPU));
   for (int64_t l = 0; l < L; ++l) {
-    if (out.scalar_type() == at::kDouble)
-      out.data_ptr<double>()[l] = est[l];
+    if (out.scalar_type() == kDouble)
+      out.mutable_data_ptr<double>()[l] = est[l];
     else
-      out.data_ptr<float>()[l] = static_cast<float>(est[l]);
+      out.mutable_data_ptr<float>()[l] = static_cast<float>(est[l]);
   }
   return out;
 }
 
 template <typename acc_t>
-void sigma_group(const std::vector<LayerView>& layers, const std::vector<int64_t>& group, at::TensorList us,
-                 at::TensorList vs, double* out) {
+void sigma_group(const std::vector<LayerView>& layers, const std::vector<int64_t>& group, const TensorList& us,
+                 const TensorList& vs, double* out) {
   if (group.empty()) return;
   const Plan plan = make_plan(layers, group);
   const int64_t nch = plan.nchunks();
   std::vector<std::vector<std::pair<int64_t, acc_t>>> partial(nch);
-  at::parallel_for(0, nch, 1, [&](int64_t cb, int64_t ce) {
+  torch::stable::parallel_for(0, nch, 1, [&](int64_t cb, int64_t ce) {
     std::vector<float> scratch;
     for (int64_t c = cb; c < ce; ++c) {
       for (int64_t i = plan.chunk_begin[c]; i < plan.chunk_begin[c + 1]; ++i) {
@@ -376,8 +374,8 @@ void sigma_group(const std::vector<LayerView>& layers, const std::vector<int64_t
         const LayerView& L = layers[tk.layer];
         int64_t ld = 0;
         const acc_t* rows = rows_as<acc_t>(L, tk.r0, tk.rows, scratch, ld);
-        const acc_t s = K<acc_t>::bilinear(rows, ld, tk.rows, L.n, us[tk.layer].data_ptr<acc_t>() + tk.r0,
-                                           vs[tk.layer].data_ptr<acc_t>());
+        const acc_t s = K<acc_t>::bilinear(rows, ld, tk.rows, L.n, us[tk.layer].mutable_data_ptr<acc_t>() + tk.r0,
+                                           vs[tk.layer].mutable_data_ptr<acc_t>());
         if (!partial[c].empty() && partial[c].back().first == tk.layer)
           partial[c].back().second += s;
         else
@@ -392,9 +390,9 @@ void sigma_group(const std::vector<LayerView>& layers, const std::vector<int64_t
   for (int64_t l : group) {
     const LayerView& L = layers[l];
     if (L.layout == Layout::ColMajor) {
-      const acc_t* W = L.W.data_ptr<acc_t>();
-      const acc_t* u = us[l].data_ptr<acc_t>();
-      const acc_t* v = vs[l].data_ptr<acc_t>();
+      const acc_t* W = L.W.const_data_ptr<acc_t>();
+      const acc_t* u = us[l].mutable_data_ptr<acc_t>();
+      const acc_t* v = vs[l].mutable_data_ptr<acc_t>();
       acc_t s = 0;
       for (int64_t j = 0; j < L.n; ++j) s += v[j] * K<acc_t>::dot(W + j * L.ld, u, L.m);
       sum[l] = s;
@@ -403,24 +401,24 @@ void sigma_group(const std::vector<LayerView>& layers, const std::vector<int64_t
   }
 }
 
-at::Tensor sigma_cpu(at::TensorList weights, at::TensorList us, at::TensorList vs) {
+Tensor sigma_cpu(const TensorList& weights, const TensorList& us, const TensorList& vs) {
   check_list(weights, us, vs, "specreg_fast::sigma", /*writes=*/false);
   const int64_t L = static_cast<int64_t>(weights.size());
   std::vector<LayerView> layers;
   std::vector<int64_t> g32, g64;
   for (int64_t l = 0; l < L; ++l) {
     layers.push_back(make_view(weights[l]));
-    (weights[l].scalar_type() == at::kDouble ? g64 : g32).push_back(l);
+    (weights[l].scalar_type() == kDouble ? g64 : g32).push_back(l);
   }
   std::vector<double> res(L, 0.0);
   sigma_group<float>(layers, g32, us, vs, res.data());
   sigma_group<double>(layers, g64, us, vs, res.data());
-  auto out = at::empty({L}, at::TensorOptions().dtype(out_type(weights)));
+  Tensor out = empty({L}, out_type(weights), Device(DeviceType::CPU));
   for (int64_t l = 0; l < L; ++l) {
-    if (out.scalar_type() == at::kDouble)
-      out.data_ptr<double>()[l] = res[l];
+    if (out.scalar_type() == kDouble)
+      out.mutable_data_ptr<double>()[l] = res[l];
     else
-      out.data_ptr<float>()[l] = static_cast<float>(res[l]);
+      out.mutable_data_ptr<float>()[l] = static_cast<float>(res[l]);
   }
   return out;
 }
@@ -430,18 +428,18 @@ at::Tensor sigma_cpu(at::TensorList weights, at::TensorList us, at::TensorList v
 // The value of sigma read off `est` (power_step_'s return at these us/vs): checks what sigma
 // checks, on the weights' own device type, and that est is one estimate per layer of the op's
 // dtype. Registered for CUDA too (csrc/cuda/power_step_cuda.cu).
-at::Tensor sigma_from_step_impl(at::TensorList weights, at::TensorList us, at::TensorList vs, const at::Tensor& est) {
+Tensor sigma_from_step_impl(const TensorList& weights, const TensorList& us, const TensorList& vs, const Tensor& est) {
   const char* op = "specreg_fast::sigma_from_step";
   const auto type = weights.empty() ? est.device().type() : weights[0].device().type();
-  check_power_step_list(weights, us, vs, op, type, /*writes=*/false);
-  check_step_estimate(op, weights, est, out_type(weights));
-  return est.clone();
+  check_power_step_list_stable(weights, us, vs, op, type, /*writes=*/false);
+  check_step_estimate_stable(op, weights, est, out_type(weights));
+  return torch::stable::clone(est);
 }
 
-TORCH_LIBRARY_IMPL(specreg_fast, CPU, m) {
-  m.impl("power_step_", &power_step_cpu);
-  m.impl("sigma", &sigma_cpu);
-  m.impl("sigma_from_step", &sigma_from_step_impl);
+STABLE_TORCH_LIBRARY_IMPL(specreg_fast, CPU, m) {
+  m.impl("power_step_", TORCH_BOX(&power_step_cpu));
+  m.impl("sigma", TORCH_BOX(&sigma_cpu));
+  m.impl("sigma_from_step", TORCH_BOX(&sigma_from_step_impl));
 }
 
 }  // namespace cpu

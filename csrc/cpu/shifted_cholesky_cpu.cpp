@@ -15,14 +15,12 @@
 // complex entry). Blocks are small (C_out x C_in Fourier blocks, c <= a few hundred), the
 // scratch stays in L2, and the floating-point Cholesky error bound (Demmel) the certificate
 // relies on holds for any summation order.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "simd.h"
+#include "stable_api.h"
 
 namespace specreg_fast {
 
@@ -75,14 +73,14 @@ int32_t block_info(const R* H, R shift, int64_t c, std::vector<R>& re, std::vect
 }
 
 template <typename R>
-void run(const at::Tensor& H, const at::Tensor& shift, at::Tensor& info) {
+void run(const Tensor& H, const Tensor& shift, Tensor& info) {
   const int64_t B = H.size(0), c = H.size(1);
-  const R* h = reinterpret_cast<const R*>(H.data_ptr());
-  const R* s = shift.data_ptr<R>();
-  int32_t* out = info.data_ptr<int32_t>();
+  const R* h = static_cast<const R*>(H.const_data_ptr());
+  const R* s = shift.const_data_ptr<R>();
+  int32_t* out = info.mutable_data_ptr<int32_t>();
   // one block per task once a block is worth it (about c^3 / 6 complex MACs each)
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, c * c * c / 6));
-  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+  torch::stable::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     std::vector<R> re(c * c), im(c * c);
     for (int64_t b = b0; b < b1; ++b) out[b] = block_info<R>(h + 2 * b * c * c, s[b], c, re, im);
   });
@@ -90,24 +88,24 @@ void run(const at::Tensor& H, const at::Tensor& shift, at::Tensor& info) {
 
 }  // namespace
 
-at::Tensor shifted_cholesky_info_impl(const at::Tensor& H, const at::Tensor& shift) {
+Tensor shifted_cholesky_info_impl(const Tensor& H, const Tensor& shift) {
   const char* op = "specreg_fast::shifted_cholesky_info";
-  at::NoGradGuard no_grad;
-  TORCH_CHECK_VALUE(H.dim() == 3 && H.size(1) == H.size(2), op, ": H must be a (B, c, c) stack, got shape ",
-                    H.sizes());
+  NoGradGuard no_grad;
+  SF_CHECK_VALUE(H.dim() == 3 && H.size(1) == H.size(2), op, ": H must be a (B, c, c) stack, got shape ",
+                 shape_of(H));
   const auto st = H.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kComplexFloat || st == at::kComplexDouble, op,
-                   ": H must be complex64/complex128, got ", st);
-  const auto rt = c10::toRealValueType(st);
-  TORCH_CHECK_VALUE(shift.dim() == 1 && shift.size(0) == H.size(0), op, ": shift must have shape (", H.size(0),
-                    "), got ", shift.sizes());
-  TORCH_CHECK_TYPE(shift.scalar_type() == rt, op, ": shift must be ", rt, " (the real dtype of H), got ",
-                   shift.scalar_type());
-  TORCH_CHECK_VALUE(shift.device() == H.device(), op, ": shift must be on H's device");
-  at::Tensor info = at::zeros({H.size(0)}, H.options().dtype(at::kInt));
+  SF_CHECK_TYPE(st == kComplexFloat || st == kComplexDouble, op, ": H must be complex64/complex128, got ",
+                dtype_name(st));
+  const auto rt = st == kComplexFloat ? kFloat : kDouble;
+  SF_CHECK_VALUE(shift.dim() == 1 && shift.size(0) == H.size(0), op, ": shift must have shape (", H.size(0),
+                 "), got ", shape_of(shift));
+  SF_CHECK_TYPE(shift.scalar_type() == rt, op, ": shift must be ", dtype_name(rt), " (the real dtype of H), got ",
+                dtype_name(shift.scalar_type()));
+  SF_CHECK_VALUE(shift.device() == H.device(), op, ": shift must be on H's device");
+  Tensor info = zeros({H.size(0)}, kInt, H.device());
   if (H.size(0) == 0 || H.size(1) == 0) return info;
-  const at::Tensor Hc = H.contiguous(), sc = shift.contiguous();
-  if (st == at::kComplexFloat)
+  const Tensor Hc = torch::stable::contiguous(H), sc = torch::stable::contiguous(shift);
+  if (st == kComplexFloat)
     run<float>(Hc, sc, info);
   else
     run<double>(Hc, sc, info);
@@ -116,4 +114,6 @@ at::Tensor shifted_cholesky_info_impl(const at::Tensor& H, const at::Tensor& shi
 
 }  // namespace specreg_fast
 
-TORCH_LIBRARY_IMPL(specreg_fast, CPU, m) { m.impl("shifted_cholesky_info", &specreg_fast::shifted_cholesky_info_impl); }
+STABLE_TORCH_LIBRARY_IMPL(specreg_fast, CPU, m) {
+  m.impl("shifted_cholesky_info", TORCH_BOX(&specreg_fast::shifted_cholesky_info_impl));
+}

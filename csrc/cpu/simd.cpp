@@ -2,7 +2,7 @@
 
 #include <bit>
 
-#include <c10/util/Half.h>
+#include <torch/headeronly/util/Half.h>
 
 namespace specreg_fast {
 namespace cpu {
@@ -77,7 +77,7 @@ void widen_rows_f16(const uint16_t* src, int64_t ld, int64_t nrows, int64_t n, f
   for (int64_t i = 0; i < nrows; ++i) {
     const uint16_t* s = src + i * ld;
     float* d = dst + i * n;
-    for (int64_t j = 0; j < n; ++j) d[j] = c10::detail::fp16_ieee_to_fp32_value(s[j]);
+    for (int64_t j = 0; j < n; ++j) d[j] = torch::headeronly::detail::fp16_ieee_to_fp32_value(s[j]);
   }
 }
 

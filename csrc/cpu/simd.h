@@ -6,10 +6,15 @@
 // loops are written so that `#pragma omp simd` vectorizes the reductions without
 // -ffast-math; each clone's summation order is fixed, so results are deterministic on a
 // given machine.
+//
+// SPECREG_GENERIC_ONLY (setup.py: SPECREG_FAST_GENERIC=1) compiles the baseline path alone:
+// no clones here and no AVX-512 conv tiles (csrc/cpu/conv_gemm_cpu.cpp), so the tests can run
+// on the code a CPU without AVX2 would run.
 #pragma once
 #include <cstdint>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    !defined(SPECREG_GENERIC_ONLY)
 #define SPECREG_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define SPECREG_MULTIVERSION

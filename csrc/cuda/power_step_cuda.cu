@@ -33,9 +33,6 @@
 #include "power_step_kernels.cuh"
 
 namespace specreg_fast {
-namespace cpu {
-at::Tensor sigma_from_step_impl(at::TensorList weights, at::TensorList us, at::TensorList vs, const at::Tensor& est);
-}
 namespace cuda {
 namespace {
 
@@ -224,12 +221,21 @@ at::Tensor power_step_cuda(at::TensorList weights, at::TensorList us, at::Tensor
   });
 }
 
+// The value of sigma read off `est` (power_step_'s return at these us/vs): sigma's checks, and
+// est one estimate per layer of the op's dtype; a copy (as the CPU kernel, csrc/cpu/power_step_cpu.cpp).
+at::Tensor sigma_from_step_cuda(at::TensorList weights, at::TensorList us, at::TensorList vs, const at::Tensor& est) {
+  const char* op = "specreg_fast::sigma_from_step";
+  check_list(weights, us, vs, op, /*writes=*/false);
+  check_step_estimate(op, weights, est, out_type(weights));
+  return est.clone();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(specreg_fast, CUDA, m) {
   m.impl("power_step_", &power_step_cuda);
   m.impl("sigma", &sigma_cuda);
-  m.impl("sigma_from_step", &cpu::sigma_from_step_impl);  // device-agnostic checks and a copy
+  m.impl("sigma_from_step", &sigma_from_step_cuda);
 }
 
 }  // namespace cuda

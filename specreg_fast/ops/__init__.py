@@ -24,7 +24,7 @@ from __future__ import annotations
 from ..contract import acc_dtype, out_dtype
 from ..geometry import decode_conv_params, pack_conv_params
 from ._checks import check_disjoint_state, iter_arg, tol_arg
-from ._library import HAS_CPP_EXT, MAX_ITER, SCHEMAS
+from ._library import BUILT_CUDA, HAS_CONV_EXT, HAS_CPP_EXT, MAX_ITER, SCHEMAS
 from .batched_power import batched_power_step_, batched_power_step_reference, check_batched_args
 from .circular_conv import circular_output_shapes, circular_power_step_, circular_power_step_reference, polyphase_split
 from .conv_operator import (conv_adjoint, conv_adjoint_reference, conv_power_step_, conv_power_step_reference,
@@ -35,4 +35,5 @@ from .shifted_cholesky import shifted_cholesky_info, shifted_cholesky_info_refer
 
 __all__ = ["power_step_", "sigma", "sigma_from_step", "conv_power_step_", "conv_sigma", "conv_adjoint",
            "conv_weight_grad", "conv_weight_grad_add_", "conv_sigma_from_step", "circular_power_step_",
-           "batched_power_step_", "shifted_cholesky_info", "pack_conv_params", "HAS_CPP_EXT", "SCHEMAS"]
+           "batched_power_step_", "shifted_cholesky_info", "pack_conv_params", "HAS_CPP_EXT", "HAS_CONV_EXT",
+           "SCHEMAS"]

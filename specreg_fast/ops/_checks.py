@@ -8,7 +8,7 @@ from typing import List
 
 import torch
 
-from ..contract import require
+from ..contract import out_dtype, require
 from ._library import MAX_ITER
 
 # ----------------------------------------------------------------------------- argument checks
@@ -50,6 +50,8 @@ def check_est(op: str, est, weights) -> None:
     require(est.dim() == 1 and est.shape[0] == len(weights),
             lambda: f"{op}: est must be a 1-D tensor with one entry per weight ({len(weights)}), got "
                     f"shape {tuple(est.shape)}")
+    want = out_dtype(weights)
+    require(est.dtype == want, lambda: f"{op}: est must be {want} (the power step's dtype), got {est.dtype}", TypeError)
     if weights:
         check_one_device(op, (("weights", weights[0]), ("est", est)))
 
@@ -153,3 +155,23 @@ def check_from_step(weights, xs, ys, est):
     if not isinstance(est, torch.Tensor) or est.shape != (len(weights),):
         raise ValueError(f"est must be a 1-D tensor with one entry per weight ({len(weights)}), got "
                          f"{getattr(est, 'shape', type(est).__name__)}")
+
+
+def typed_call(fn, args, check):
+    """``fn(*args)``, with the typed errors of the front. The kernels of specreg_fast._C are built
+    on the LibTorch stable ABI, whose errors all reach Python as RuntimeError; when one of their
+    argument checks fails (a message ``specreg_fast::<op>: ...``), ``check(*args)`` (the same
+    checks in Python, the fakes') raises the ValueError/TypeError naming the argument, and a
+    check it does not repeat (memory shared by written vectors) becomes a ValueError with the
+    kernel's message. An interrupt stays a RuntimeError. Free on success: nothing runs before
+    the call."""
+    if torch.compiler.is_compiling():  # the fakes run the checks
+        return fn(*args)
+    try:
+        return fn(*args)
+    except RuntimeError as err:
+        msg = str(err)
+        if not msg.startswith("specreg_fast::") or "interrupted (KeyboardInterrupt)" in msg:
+            raise
+        check(*args)
+        raise ValueError(msg) from None

@@ -1,4 +1,5 @@
-"""Loading the compiled library, and the op schemas it declares (defined here when it cannot be
+"""Loading the compiled libraries (``_C`` on the stable ABI, ``_C_conv`` and ``_C_cuda`` where
+their torch and CUDA match), and the op schemas ``_C`` declares (defined here when it cannot be
 loaded, so that the plain-PyTorch reference kernels still run: ``HAS_CPP_EXT = False``)."""
 from __future__ import annotations
 
@@ -34,12 +35,58 @@ SCHEMAS = {
 # 10^6 steps are minutes on a 1024 x 1024 weight; a larger count is a bug, not a budget.
 MAX_ITER = 1_000_000
 
-try:
-    from .. import _C  # noqa: F401  (loading the library registers the ops)
 
-    HAS_CPP_EXT = True
-except ImportError as _err:  # ABI mismatch, or built without the extension
-    HAS_CPP_EXT = False
+def _load(name: str):
+    """Import the compiled library ``specreg_fast.<name>`` (its static initializers register
+    kernels); the ImportError on failure, else None."""
+    import importlib
+
+    try:
+        importlib.import_module(f"specreg_fast.{name}")
+        return None
+    except ImportError as err:  # ABI mismatch, or built without it
+        return err
+
+
+def _cuda_major(version) -> "int | None":
+    return int(str(version).split(".")[0]) if version else None
+
+
+# specreg_fast._C: the schemas and the CPU kernels on the LibTorch stable ABI (one binary for
+# every torch from the floor on); _C_conv: the CPU conv kernels (ATen's C++ API: the torch they
+# were built with only); _C_cuda: the CUDA kernels, loaded only on a torch of the CUDA major they
+# were built for. What does not load leaves its ops to the reference (or Triton, on a GPU).
+_err = _load("_C")
+HAS_CPP_EXT = _err is None
+HAS_CONV_EXT = False
+#: The CUDA major specreg_fast._C_cuda was built for (None: built without it).
+BUILT_CUDA = None
+if HAS_CPP_EXT:
+    try:
+        from .._build_info import CUDA_VERSION as BUILT_CUDA
+    except ImportError:
+        BUILT_CUDA = None
+    try:  # the torch _C_conv and _C_cuda were built with: ATen's C++ API ties them to its minor
+        from .._build_info import TORCH_VERSION as _BUILT_TORCH
+    except ImportError:
+        _BUILT_TORCH = None
+    _same_minor = _BUILT_TORCH is None or torch.__version__.split("+")[0].split(".")[:2] == _BUILT_TORCH.split(".")[:2]
+    _conv_err = _load("_C_conv") if _same_minor else f"built for torch {_BUILT_TORCH}, this is {torch.__version__}"
+    HAS_CONV_EXT = _conv_err is None
+    if not HAS_CONV_EXT:
+        warnings.warn(f"specreg_fast: the CPU conv kernels were not loaded ({_conv_err}); the conv ops use the "
+                      f"pure-PyTorch reference on CPU (the dense ops keep their kernels)", RuntimeWarning, stacklevel=2)
+    if BUILT_CUDA is not None and torch.version.cuda is not None:
+        if _cuda_major(BUILT_CUDA) != _cuda_major(torch.version.cuda):
+            warnings.warn(f"specreg_fast: the CUDA kernels were built for CUDA {BUILT_CUDA}, torch has CUDA "
+                          f"{torch.version.cuda}: not loaded; on a GPU the ops use Triton or the reference (the CPU "
+                          f"kernels are loaded)", RuntimeWarning, stacklevel=2)
+        else:
+            _cuda_err = _load("_C_cuda") if _same_minor else f"built for torch {_BUILT_TORCH}"
+            if _cuda_err is not None:
+                warnings.warn(f"specreg_fast: the CUDA kernels were not loaded ({_cuda_err}); on a GPU the ops use "
+                              f"Triton or the reference", RuntimeWarning, stacklevel=2)
+else:
     warnings.warn(f"specreg_fast: compiled extension not loaded ({_err}); using the pure-PyTorch reference",
                   RuntimeWarning, stacklevel=2)
     _fallback_lib = torch.library.Library("specreg_fast", "DEF")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_n_iter, check_one_device, check_writable, iter_arg, require
+from ._checks import check_n_iter, check_one_device, check_writable, iter_arg, require, typed_call
 
 
 def check_batched_args(blocks, us, vs, n_iter) -> None:
@@ -49,10 +49,27 @@ def _batched_power_step_fake(blocks, us, vs, n_iter):
 torch.library.impl("specreg_fast::batched_power_step_", "CompositeExplicitAutograd")(batched_power_step_reference)
 
 
+def _batched_power_step_lazy_view(blocks, us, vs, n_iter):
+    """The kernel of the Conjugate and Negative keys, reached only when some argument is a lazy
+    conj/neg view (x.conj(), torch._neg_view): PyTorch's fallback would materialize it, but for
+    a written Tensor argument it stops at an internal assert. Written views get a clear error,
+    the read-only blocks are materialized. (In Python: torch 2.11's stable ABI, which the
+    compiled library is built on, has neither is_conj nor a typed dispatcher call.)"""
+    require(not (us.is_conj() or us.is_neg() or vs.is_conj() or vs.is_neg()),
+            lambda: "specreg_fast::batched_power_step_: us/vs are lazy conj/neg views (x.conj()), which the op "
+                    "cannot write in place; pass x.resolve_conj()")
+    return torch.ops.specreg_fast.batched_power_step_(blocks.resolve_conj().resolve_neg(), us, vs, n_iter)
+
+
+for _key in ("Conjugate", "Negative"):
+    torch.library.impl("specreg_fast::batched_power_step_", _key)(_batched_power_step_lazy_view)
+
+
 def batched_power_step_(blocks: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, n_iter: int = 1) -> torch.Tensor:
     """``n_iter`` power steps on every block of ``blocks`` (B, m, n), in place on ``us``
     (B, m) / ``vs`` (B, n); returns ``|P_b v_b|`` per block (see ``csrc/specreg_fast.cpp``)."""
     op = "specreg_fast::batched_power_step_"
     check_writable(op, "us", us)
     check_writable(op, "vs", vs)
-    return torch.ops.specreg_fast.batched_power_step_(blocks, us, vs, iter_arg(op, "n_iter", n_iter))
+    return typed_call(torch.ops.specreg_fast.batched_power_step_, (blocks, us, vs, iter_arg(op, "n_iter", n_iter)),
+                      check_batched_args)

@@ -9,7 +9,7 @@ import torch
 
 from ..contract import WEIGHT_DTYPES, acc_dtype, out_dtype
 from ..power_loop import power_iterate
-from ._checks import (check_est, check_from_step, check_n_iter, check_one_device, check_writable, eager_autograd,
+from ._checks import (typed_call, check_est, check_from_step, check_n_iter, check_one_device, check_writable, eager_autograd,
                       iter_arg, require, tol_arg)
 
 
@@ -188,13 +188,15 @@ def power_step_(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[to
     us, vs = list(us), list(vs)
     check_writable(op, "us", us)
     check_writable(op, "vs", vs)
-    return torch.ops.specreg_fast.power_step_(list(weights), us, vs, iter_arg(op, "n_iter", n_iter),
-                                              tol_arg(op, tol, finite=False))
+    return typed_call(torch.ops.specreg_fast.power_step_, (list(weights), us, vs, iter_arg(op, "n_iter", n_iter),
+                                                           tol_arg(op, tol, finite=False)),
+                      lambda w, u, v, n, t: _check_power_step_args(op, w, u, v, n, t))
 
 
 def sigma(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor]) -> torch.Tensor:
     """``u_l^T W_l v_l`` for each layer, differentiable in the weights (gradient ``u v^T``)."""
-    return torch.ops.specreg_fast.sigma(list(weights), list(us), list(vs))
+    return typed_call(torch.ops.specreg_fast.sigma, (list(weights), list(us), list(vs)),
+                      lambda w, u, v: _check_dense_args("specreg_fast::sigma", w, u, v))
 
 
 def sigma_from_step(weights: List[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor],
@@ -204,4 +206,10 @@ def sigma_from_step(weights: List[torch.Tensor], us: List[torch.Tensor], vs: Lis
     if eager_autograd(weights):
         check_from_step(weights, us, vs, est)
         return _SigmaFromStep.apply(est, list(us), list(vs), *weights)
-    return torch.ops.specreg_fast.sigma_from_step(list(weights), list(us), list(vs), est)
+    op = "specreg_fast::sigma_from_step"
+
+    def check(w, u, v, e):
+        _check_dense_args(op, w, u, v)
+        check_est(op, e, w)
+
+    return typed_call(torch.ops.specreg_fast.sigma_from_step, (list(weights), list(us), list(vs), est), check)

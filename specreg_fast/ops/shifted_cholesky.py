@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_one_device, require
+from ._checks import check_one_device, require, typed_call
 
 
 def _check_cholesky_args(H, shift, allow_real: bool = False) -> None:
@@ -51,4 +51,4 @@ def shifted_cholesky_info(H: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
                          f"{tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__}")
     if not isinstance(shift, torch.Tensor) or shift.shape != (H.shape[0],) or shift.dtype != H.real.dtype:
         raise ValueError(f"shift must be a {H.real.dtype} tensor of shape ({H.shape[0]},)")
-    return torch.ops.specreg_fast.shifted_cholesky_info(H, shift)
+    return typed_call(torch.ops.specreg_fast.shifted_cholesky_info, (H, shift), _check_cholesky_args)
