@@ -94,8 +94,8 @@ class SpectralPenalty(nn.Module):
     Frozen maps (no parameter requires grad: a frozen backbone, the base layers of a LoRA
     model) take part in the warm start, then take no power step: their term is held at its
     last estimate (``last_sigmas``), a constant of the loss that changes no gradient, until
-    they are unfrozen, when their steps resume from their vectors. (On sharded DTensor weights
-    every map is stepped.)
+    they are unfrozen, when their steps resume from their vectors (on sharded DTensor weights
+    too, with no collective for them).
 
     The penalty is per linear map (:mod:`specreg_fast.layers`): an attention block gives its
     q, k, v and output maps, each its own term; the groups of a conv with non-overlapping
