@@ -48,9 +48,11 @@ class _Attn(nn.Module):
         return self.head(torch.tanh(self.fc(h))).mean(1)
 
 
-MODELS = {"gpt2": _gpt2, "mlp_tp": _MLP, "mha": _Attn, "mlp_tp_frozen": _MLP}
-SCENARIOS = [(m, mode) for m in MODELS for mode in ("loss", "accumulate_grad") if m != "mlp_tp_frozen"]
-SCENARIOS.append(("mlp_tp_frozen", "loss"))
+MODELS = {"gpt2": _gpt2, "mlp_tp": _MLP, "mha": _Attn, "mlp_tp_frozen": _MLP, "gpt2_split": _gpt2}
+SCENARIOS = [(m, mode) for m in ("gpt2", "mlp_tp", "mha") for mode in ("loss", "accumulate_grad")]
+SCENARIOS += [("mlp_tp_frozen", "loss"), ("gpt2_split", "accumulate_grad")]
+# gpt2_split: c_attn split into its q/k/v maps (split=): column blocks of each under FSDP2
+SPLIT = {f"transformer.h.{i}.attn.c_attn": 3 for i in range(2)}
 
 
 def _freeze(name, model):
@@ -63,9 +65,9 @@ def _freeze(name, model):
 def _batches(model):
     """Per step, one batch per rank (TP: every rank sees the first)."""
     g = torch.Generator().manual_seed(5)
-    if model == "gpt2":
+    if model.startswith("gpt2"):
         return [[torch.randint(0, 32, (2, 8), generator=g) for _ in range(WORLD)] for _ in range(STEPS)]
-    shape = (6,) if model == "mlp_tp" else (5, 6)
+    shape = (6,) if model.startswith("mlp_tp") else (5, 6)
     return [[torch.randn(2, *shape, generator=g) for _ in range(WORLD)] for _ in range(STEPS)]
 
 
@@ -74,9 +76,9 @@ def _out(model, x):
     return (y.logits if hasattr(y, "logits") else y).square().mean()
 
 
-def _penalty(model):
+def _penalty(model, name):
     import specreg_fast as sf
-    return sf.SpectralPenalty(model, gamma=0.05, seed=11)
+    return sf.SpectralPenalty(model, gamma=0.05, seed=11, **({"split": SPLIT} if name == "gpt2_split" else {}))
 
 
 def _train(model, pen, batches, mode, rank):
@@ -119,7 +121,7 @@ def _shard(name, model):
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
         parallelize_module(model, init_device_mesh("cpu", (WORLD,)), {"0": ColwiseParallel(), "2": RowwiseParallel()})
-    elif name == "gpt2":
+    elif name.startswith("gpt2"):
         for block in model.transformer.h:
             fully_shard(block)
         fully_shard(model)
@@ -130,7 +132,7 @@ def _shard(name, model):
 
 def _run(name, mode, rank):
     model = MODELS[name]()
-    pen = _penalty(model)
+    pen = _penalty(model, name)
     _shard(name, model)
     _freeze(name, model)
     hist, first = _train(model, pen, _batches(name), mode, 0 if name.startswith("mlp_tp") else rank)
@@ -169,7 +171,7 @@ def _worker(rank, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
     try:
         res = {(n, m): _run(n, m, rank) for n, m in SCENARIOS}
-        res["comm"] = {n: _count(n, rank) for n in MODELS}
+        res["comm"] = {n: _count(n, rank) for n in MODELS if n != "gpt2_split"}
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -199,7 +201,7 @@ def _sliced(T, local, off):
 @pytest.mark.parametrize("name,mode", SCENARIOS)
 def test_views_of_sharded_parameters_match_single_process(ranks, name, mode):
     model = MODELS[name]()
-    pen = _penalty(model)
+    pen = _penalty(model, name)
     _freeze(name, model)
     hist, first = _train(model, pen, _batches(name), mode, 0 if name.startswith("mlp_tp") else None)
     want_w = [p.detach() for p in model.parameters()]
@@ -218,6 +220,8 @@ def test_views_of_sharded_parameters_match_single_process(ranks, name, mode):
     if name == "gpt2":  # the Conv1D maps of both blocks are regularized
         assert {f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
                                                                       "mlp.c_proj")} <= set(pen.sigmas())
+    if name == "gpt2_split":
+        assert {f"transformer.h.{i}.attn.c_attn[{t}]" for i in range(2) for t in "qkv"} <= set(pen.sigmas())
     if name == "mha":
         assert {"attn[q]", "attn[k]", "attn[v]", "attn.out_proj"} <= set(pen.sigmas())
 

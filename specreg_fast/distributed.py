@@ -16,6 +16,15 @@ rank, so the penalty's state is plain replicated buffers (checkpoints need no re
 Weights whose placements shard nothing (``Replicate``, plain tensors) take the
 single-process op on their local copy, with no collective.
 
+Maps that are views of a sharded parameter (:class:`_Block`): the rank's shard is one block
+``A[rows, cols]`` of the map. A row block (the sharded dim splits the map's rows: FSDP2 or
+``ColwiseParallel`` on a Linear, the q/k/v rows of ``in_proj_weight``) goes in the buffer
+above. A column block (``A = [A_1 | ... | A_R]``: ``RowwiseParallel``, a transformers
+``Conv1D`` under FSDP2) gives a partial of every output entry: its ``A_r v_r`` goes in the
+first buffer (summed: ``t``), then ``A_r^T t`` into a zero-padded n-vector, summed by a
+second all-reduce that carries every column-sharded map of the process group, so ``v`` stays
+replicated: at most 2 all-reduces per power iteration for the whole model, whatever its mix.
+
 The gradient stays local: ``d sigma / dW = u v^T`` restricted to the shard is
 ``u[rows of r] v^T``, computed on the rank and returned as a DTensor with the weight's
 placements (:class:`_ShardedSigma`), or added into the local shard of the DTensor ``.grad``
