@@ -203,7 +203,7 @@ def _conv_collectives():
 
 def _rejections(world):
     """Placements the penalty refuses, each with a clear error and nothing updated: a
-    Shard(1) weight (RowwiseParallel), a sharded ConvTranspose (dim 0 = input channels), a
+    Partial weight (a pending sum), a sharded ConvTranspose (dim 0 = input channels), a
     grouped conv whose shards split a group. Returns ``{case: (message, state unchanged)}``."""
     import specreg_fast as sf
     from torch.distributed.device_mesh import init_device_mesh
@@ -211,17 +211,22 @@ def _rejections(world):
     from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
 
     torch.manual_seed(0)
-    rowwise = _mlp()
-    parallelize_module(rowwise, init_device_mesh("cpu", (world,)), {"2": RowwiseParallel()})
+    partial = _mlp()  # a Partial placement: a weight that is a pending sum over ranks
+    parallelize_module(partial, init_device_mesh("cpu", (world,)), {"2": RowwiseParallel()})
+    with torch.no_grad():
+        from torch.distributed.tensor import DTensor, Partial
+        w = partial[2].weight
+        partial[2].weight = nn.Parameter(DTensor.from_local(w.to_local().new_zeros(7, 9), w.device_mesh, (Partial(),),
+                                                            run_check=False, shape=w.shape, stride=w.stride()))
     # 6 output channels in groups of 2 at 2 ranks: shards [0, 3) and [3, 6) cut group 1
     grouped = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, groups=3), nn.Tanh(), nn.Conv2d(6, 2, 1))
     transposed = nn.Sequential(nn.ConvTranspose2d(4, 2, 3), nn.Tanh(), nn.Conv2d(2, 2, 1))
-    # (no forward of the Rowwise model: it expects its input sharded)
-    cases = {"rowwise": (rowwise, None), "grouped": (grouped, torch.randn(2, 6, 4, 4)),
+    # (no forward of the Partial model)
+    cases = {"partial": (partial, None), "grouped": (grouped, torch.randn(2, 6, 4, 4)),
              "transposed": (transposed, torch.randn(2, 4, 4, 4))}
     out = {}
     for case, (model, x) in cases.items():
-        if case != "rowwise":
+        if case != "partial":
             fully_shard(model[0])
             fully_shard(model)
         pen = sf.SpectralPenalty(model, gamma=0.05, scope="all")  # "all": the readout is regularized
@@ -400,7 +405,7 @@ def test_fsdp2_two_ranks_match_single_process(two_ranks):
     _check_against_single(results, 2, TWO_RANKS)
     _check_comm(results[0]["comm"])
     rejected = results[0]["rejected"]
-    for case, (start, words) in {"rowwise": ("2: ", "Shard(dim=1)"), "grouped": ("0: ", "splits a group"),
+    for case, (start, words) in {"partial": ("2: ", "Partial"), "grouped": ("0: ", "splits a group"),
                                  "transposed": ("0: ", "ConvTranspose")}.items():
         msg, unchanged = rejected[case]
         assert msg is not None and msg.startswith(start) and words in msg, (case, msg)

@@ -16,6 +16,15 @@ rank, so the penalty's state is plain replicated buffers (checkpoints need no re
 Weights whose placements shard nothing (``Replicate``, plain tensors) take the
 single-process op on their local copy, with no collective.
 
+Maps that are views of a sharded parameter (:class:`_Block`): the rank's shard is one block
+``A[rows, cols]`` of the map. A row block (the sharded dim splits the map's rows: FSDP2 or
+``ColwiseParallel`` on a Linear, the q/k/v rows of ``in_proj_weight``) goes in the buffer
+above. A column block (``A = [A_1 | ... | A_R]``: ``RowwiseParallel``, a transformers
+``Conv1D`` under FSDP2) gives a partial of every output entry: its ``A_r v_r`` goes in the
+first buffer (summed: ``t``), then ``A_r^T t`` into a zero-padded n-vector, summed by a
+second all-reduce that carries every column-sharded map of the process group, so ``v`` stays
+replicated: at most 2 all-reduces per power iteration for the whole model, whatever its mix.
+
 The gradient stays local: ``d sigma / dW = u v^T`` restricted to the shard is
 ``u[rows of r] v^T``, computed on the rank and returned as a DTensor with the weight's
 placements (:class:`_ShardedSigma`), or added into the local shard of the DTensor ``.grad``
@@ -107,6 +116,8 @@ class _Shard:
     of the output vector, exactly (no other rank's weights enter those output entries).
     ``group``: the process group its rows are split over; None when the rank holds the
     whole weight (plain tensor, Replicate)."""
+
+    two_pass = False
 
     def __init__(self, W: torch.Tensor, name: str, out_vec: torch.Tensor, in_vec: torch.Tensor, geometry=None):
         shape = tuple(W.shape)
@@ -206,6 +217,158 @@ class _Shard:
         return _ops.conv_weight_grad([self.local.to(u.dtype)], [x.view(self.in_shape)], [y], params, modes)[0]
 
 
+
+def _unravel(idx: torch.Tensor, shape) -> List[torch.Tensor]:
+    out = []
+    for d in reversed(shape):
+        out.append(idx % d)
+        idx = idx // d
+    return out[::-1]
+
+
+_PLANS: Dict[tuple, tuple] = {}
+
+
+def _block_plan(view, gshape, lshape, offset, shard_dims, name, placements):
+    """Where this rank's box ``offset + [0, lshape)`` of the parameter (global shape
+    ``gshape``) lies in the map ``view(parameter)``: ``(out_lo, out_hi, in_lo, in_hi, two_pass,
+    index)``. ``index``: the local flat position of each entry of the block, as ``(base, s0,
+    s1)`` when it is affine (a strided view of the contiguous local shard: identity, the
+    transpose of a Conv1D, a row block of q/k/v), else an int64 matrix (a gather). ``two_pass``:
+    the sharded dims split the map's columns (each output entry is a sum over ranks), the same
+    on every rank. Computed once per (view, shapes, placements, offset), on index tensors."""
+    key = (view, tuple(gshape), tuple(lshape), tuple(offset), tuple(shard_dims))
+    if key in _PLANS:
+        return _PLANS[key]
+    G = torch.arange(math.prod(gshape)).view(tuple(gshape))
+    M = view(G)
+    M = M.reshape(M.shape[0], -1)
+    coords = _unravel(M, tuple(gshape))
+    two_pass = any(bool((coords[d] != coords[d][:, :1]).any()) for d in shard_dims)
+    inside = torch.ones(M.shape, dtype=torch.bool)
+    for c, o, l in zip(coords, offset, lshape):
+        inside &= (c >= o) & (c < o + l)
+    rows, cols = inside.any(1).nonzero().flatten(), inside.any(0).nonzero().flatten()
+    if rows.numel() == 0:
+        plan = (0, 0, 0, 0, two_pass, (0, 0, 0))
+        _PLANS[key] = plan
+        return plan
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    if (r1 - r0) * (c1 - c0) != int(inside.sum()) or not bool(inside[r0:r1, c0:c1].all()):
+        raise ValueError(f"{name}: this rank's shard of the parameter (placements {tuple(placements)}) is not one "
+                         f"rectangular block of the map's matrix, which the sharded penalty needs")
+    local = torch.zeros_like(M[r0:r1, c0:c1])
+    stride = 1
+    for c, o, l in reversed(list(zip(coords, offset, lshape))):
+        local += (c[r0:r1, c0:c1] - o) * stride
+        stride *= l
+    base = int(local[0, 0])
+    s0 = int(local[1, 0] - base) if local.shape[0] > 1 else 0
+    s1 = int(local[0, 1] - base) if local.shape[1] > 1 else 0
+    affine = base + s0 * torch.arange(local.shape[0])[:, None] + s1 * torch.arange(local.shape[1])[None]
+    index = (base, s0, s1) if torch.equal(affine, local) else local
+    plan = (r0, r1, c0, c1, two_pass, index)
+    _PLANS[key] = plan
+    return plan
+
+
+class _Block:
+    """A dense map (a view of a possibly sharded parameter: a Linear's weight, a Conv1D's
+    transpose, a q/k/v row block) on this rank: the block ``A[out_lo:out_hi, in_lo:in_hi]``
+    of the map that the rank's shard holds. A row block (``two_pass`` False: the parameter's
+    sharded dim splits the map's rows, e.g. FSDP2 / ColwiseParallel on a Linear) reads the
+    whole input and produces its output entries exactly; a column block (``two_pass``:
+    RowwiseParallel, FSDP2 on a Conv1D) produces a partial of every output entry, so its
+    ``t`` is summed before ``A_r^T t`` (the second all-reduce of the power step)."""
+
+    geometry = None
+
+    def __init__(self, W: torch.Tensor, view, name: str, out_vec: torch.Tensor, in_vec: torch.Tensor):
+        self.name, self.shape = name, tuple(W.shape)
+        self.m, self.n = out_vec.numel(), in_vec.numel()
+        self.group, offset, shard_dims, placements = None, (0,) * W.dim(), (), ()
+        if _is_dtensor(W):
+            _, Replicate, Shard = _dtensor_types()
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+            placements = tuple(W.placements)
+            sharded = [i for i, p in enumerate(placements) if not isinstance(p, Replicate)]
+            bad = [p for p in placements if not isinstance(p, Replicate) and type(p) is not Shard]
+            if bad or len(sharded) > 1:
+                raise ValueError(f"{name}: the sharded penalty supports a weight sharded (Shard(d)) over one mesh "
+                                 f"dimension or replicated, not partial sums, strided shards or 2-D meshes; got the "
+                                 f"weight's placements {placements}")
+            self.local = W.detach().to_local()
+            if sharded:
+                _, offset = compute_local_shape_and_global_offset(W.shape, W.device_mesh, W.placements)
+                self.group = W.device_mesh.get_group(sharded[0])
+                shard_dims = (placements[sharded[0]].dim,)
+        else:
+            self.local = W.detach()
+        with torch.no_grad():
+            probe = view(torch.empty(self.shape, device="meta"))
+        if (probe.shape[0], math.prod(probe.shape[1:])) != (self.m, self.n) or out_vec.dim() != 1 or in_vec.dim() != 1:
+            raise ValueError(f"{name}: state u, v must have shapes ({probe.shape[0]},), "
+                             f"({math.prod(probe.shape[1:])},) for its map, got {tuple(out_vec.shape)}, "
+                             f"{tuple(in_vec.shape)}")
+        (self.out_lo, self.out_hi, self.in_lo, self.in_hi, self.two_pass, self.index) = _block_plan(
+            view, self.shape, tuple(self.local.shape), tuple(offset), shard_dims, name, placements)
+        if self.group is None:
+            self.two_pass = False
+
+    def _block(self, T: torch.Tensor) -> torch.Tensor:
+        """The block of a local-shard-shaped tensor ``T``: a view when the index is affine
+        and ``T`` contiguous, else a gather (a copy)."""
+        shape = (self.out_hi - self.out_lo, self.in_hi - self.in_lo)
+        if isinstance(self.index, tuple):
+            if T.is_contiguous() or 0 in shape:
+                base, s0, s1 = self.index
+                if 0 in shape:
+                    return T.new_zeros(shape)
+                return T.as_strided(shape, (s0, s1), T.storage_offset() + base)
+            T = T.contiguous()
+            return self._block(T)
+        return T.reshape(-1)[self.index.to(T.device)]
+
+    @property
+    def local2d(self) -> torch.Tensor:
+        return self._block(self.local)
+
+    def weight(self, dtype):
+        return self.local2d.to(dtype)
+
+    def apply(self, Wf, x):
+        return torch.mv(Wf, x)
+
+    def adjoint(self, Wf, t):
+        return torch.mv(Wf.t(), t)
+
+    def weight_grad(self, out_vec, in_vec, scale):
+        """``d <out, A in> / dW`` on this rank's shard, times ``scale``, in the local shard's shape."""
+        u = out_vec.reshape(-1)[self.out_lo:self.out_hi]
+        x = in_vec.reshape(-1)[self.in_lo:self.in_hi]
+        g = torch.zeros(self.local.shape, dtype=u.dtype, device=u.device)
+        self.add_grad_(g, u, x, scale)
+        return g
+
+    def add_grad_(self, G, u, x, scale):
+        """``G += scale * outer(u, x)`` on the block (``u``, ``x``: the block's slices)."""
+        if self.out_hi == self.out_lo or self.in_hi == self.in_lo:
+            return
+        upd = torch.outer(u.to(G.dtype) * (scale if isinstance(scale, float) else scale.to(G.dtype)), x.to(G.dtype))
+        if isinstance(self.index, tuple) and G.is_contiguous():
+            self._block(G).add_(upd)
+        elif isinstance(self.index, tuple):
+            G.add_(self._scatter(G, upd))
+        else:
+            G.view(-1).index_put_((self.index.reshape(-1).to(G.device),), upd.reshape(-1), accumulate=True)
+
+    def _scatter(self, G, upd):
+        z = torch.zeros(G.shape, dtype=G.dtype, device=G.device)
+        self._block(z).copy_(upd)
+        return z
+
+
 def _conv_geometries(specs) -> list:
     if not specs:
         return []
@@ -213,11 +376,14 @@ def _conv_geometries(specs) -> list:
     return decode_conv_params("SpectralPenalty", [sp.weight for sp in specs], params, modes)
 
 
-def _shards(weights, outs, ins, names, geometries) -> List[_Shard]:
+def _shards(weights, outs, ins, names, geometries, views=None) -> list:
+    """One :class:`_Shard` (conv, or a dense weight taken whole) or :class:`_Block` (a dense
+    map given as ``views[l](weights[l])``) per weight."""
     if len(outs) != len(weights) or len(ins) != len(weights):
         raise ValueError(f"state: expected {len(weights)} vector pairs, one per weight, got {len(outs)} and {len(ins)}")
     nd = len(weights) - len(geometries)
-    return [_Shard(W, nm, o, i, None if l < nd else geometries[l - nd])
+    return [_Block(W, views[l], nm, o, i) if views is not None and l < nd
+            else _Shard(W, nm, o, i, None if l < nd else geometries[l - nd])
             for l, (W, o, i, nm) in enumerate(zip(weights, outs, ins, names))]
 
 
@@ -236,7 +402,7 @@ def _names(names, k):
 
 
 def power_step_(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor], n_iter: int = 1,
-                names: Optional[Sequence[str]] = None, conv_specs: Sequence = ()) -> torch.Tensor:
+                names: Optional[Sequence[str]] = None, conv_specs: Sequence = (), views=None) -> torch.Tensor:
     """``n_iter`` power steps on (possibly sharded) weights, in place on the replicated
     vectors, with the conventions of ``ops.power_step_`` / ``ops.conv_power_step_`` (a zero
     weight keeps its vectors, a non-finite one rolls them back and gets a NaN estimate);
@@ -245,7 +411,7 @@ def power_step_(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: Lis
     all-reduce per step per process group; layers that are not sharded take no collective
     (dense ones the single-process fused op)."""
     names = _names(names, len(weights))
-    shards = _shards(weights, us, vs, names, _conv_geometries(conv_specs))
+    shards = _shards(weights, us, vs, names, _conv_geometries(conv_specs), views)
     est = torch.zeros(len(shards), dtype=out_dtype([sh.local for sh in shards]),
                       device=us[0].device if us else torch.device("cpu"))
     fused = [l for l, sh in enumerate(shards) if sh.group is None and sh.geometry is None]
@@ -258,30 +424,45 @@ def power_step_(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: Lis
         for ids in groups:
             group = shards[ids[0]].group
             buf_dtype = out_dtype([us[l] for l in ids])
-            offs = [0]
-            for l in ids:
-                offs.append(offs[-1] + shards[l].m + shards[l].n + 1)
             ws = [shards[l].weight(us[l].dtype) for l in ids]
             # a float64 sum is non-finite iff an entry is (float32/bf16 weights cannot overflow
             # it): one read of the shard, with no bool temporary (isfinite().all() took 3x the
             # two mv of a 512x1024 shard here)
             nonfinite = [(~torch.isfinite(w.sum(dtype=torch.float64))).to(buf_dtype) for w in ws]
             saved = [(us[l].clone(), vs[l].clone()) for l in ids]
+            # the first buffer: [t | a | flag] of a row block, [t | flag] of a column block;
+            # the second (only when some map is column-sharded): the column blocks' a
+            offs, offs2 = [0], [0]
+            for l in ids:
+                sh = shards[l]
+                offs.append(offs[-1] + sh.m + (0 if sh.two_pass else sh.n) + 1)
+                offs2.append(offs2[-1] + (sh.n if sh.two_pass else 0))
+            dev = us[ids[0]].device
             buf = None
             for _ in range(n_iter):
-                buf = torch.zeros(offs[-1], dtype=buf_dtype, device=us[ids[0]].device)
+                buf = torch.zeros(offs[-1], dtype=buf_dtype, device=dev)
                 for j, l in enumerate(ids):
                     sh, o = shards[l], offs[j]
                     t_r = sh.apply(ws[j], vs[l].reshape(-1)[sh.in_lo:sh.in_hi])
                     buf[o + sh.out_lo:o + sh.out_hi] = t_r
-                    buf[o + sh.m + sh.in_lo:o + sh.m + sh.in_hi] = sh.adjoint(ws[j], t_r)
-                    buf[o + sh.m + sh.n] = nonfinite[j]
+                    if not sh.two_pass:
+                        buf[o + sh.m + sh.in_lo:o + sh.m + sh.in_hi] = sh.adjoint(ws[j], t_r)
+                    buf[offs[j + 1] - 1] = nonfinite[j]
                 if group is not None:
                     dist.all_reduce(buf, group=group)
+                buf2 = None
+                if offs2[-1]:
+                    buf2 = torch.zeros(offs2[-1], dtype=buf_dtype, device=dev)
+                    for j, l in enumerate(ids):
+                        sh = shards[l]
+                        if sh.two_pass:
+                            t = buf[offs[j] + sh.out_lo:offs[j] + sh.out_hi].to(us[l].dtype)
+                            buf2[offs2[j] + sh.in_lo:offs2[j] + sh.in_hi] = sh.adjoint(ws[j], t)
+                    dist.all_reduce(buf2, group=group)
                 for j, l in enumerate(ids):
                     sh, o = shards[l], offs[j]
                     t = buf[o:o + sh.m].to(us[l].dtype)
-                    a = buf[o + sh.m:o + sh.m + sh.n].to(us[l].dtype)
+                    a = (buf2[offs2[j]:offs2[j + 1]] if sh.two_pass else buf[o + sh.m:o + sh.m + sh.n]).to(us[l].dtype)
                     est[l] = normalize_(t, a, us[l].view(-1), vs[l].view(-1))[0].to(est.dtype)
             if buf is None:  # n_iter == 0: the estimate at the current vectors
                 est[ids] = _local_sigmas([shards[l] for l in ids], [us[l] for l in ids],
@@ -351,28 +532,28 @@ def _with_grad(weights, shards, us, vs, est):
 
 def sigma_from_step(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor],
                     est: torch.Tensor, names: Optional[Sequence[str]] = None,
-                    conv_specs: Sequence = ()) -> torch.Tensor:
+                    conv_specs: Sequence = (), views=None) -> torch.Tensor:
     """``<u, A v>`` with the value ``est`` of the :func:`power_step_` that left ``us``/``vs``
     as they are (no second pass over W, no collective), differentiable in the weights."""
-    shards = _shards(weights, us, vs, _names(names, len(weights)), _conv_geometries(conv_specs))
+    shards = _shards(weights, us, vs, _names(names, len(weights)), _conv_geometries(conv_specs), views)
     return _with_grad(weights, shards, us, vs, est)
 
 
 def sigma(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor],
-          names: Optional[Sequence[str]] = None, conv_specs: Sequence = ()) -> torch.Tensor:
+          names: Optional[Sequence[str]] = None, conv_specs: Sequence = (), views=None) -> torch.Tensor:
     """``<u, A v>`` of every (possibly sharded) weight at the current vectors,
     differentiable in the weights; one all-reduce per process group."""
-    shards = _shards(weights, us, vs, _names(names, len(weights)), _conv_geometries(conv_specs))
+    shards = _shards(weights, us, vs, _names(names, len(weights)), _conv_geometries(conv_specs), views)
     return _with_grad(weights, shards, us, vs, _local_sigmas(shards, us, vs))
 
 
 @torch.no_grad()
 def add_grads(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor],
-              coefs, names: Optional[Sequence[str]] = None, conv_specs: Sequence = ()) -> None:
+              coefs, names: Optional[Sequence[str]] = None, conv_specs: Sequence = (), views=None) -> None:
     """``W.grad += coef d<u, A v>/dW`` on each rank's shard only (the local shard of a
     DTensor ``.grad``), for the weights that require grad; ``coefs`` are Python floats or
     0-d tensors. No communication."""
-    shards = _shards(weights, us, vs, _names(names, len(weights)), _conv_geometries(conv_specs))
+    shards = _shards(weights, us, vs, _names(names, len(weights)), _conv_geometries(conv_specs), views)
     for l, (W, sh) in enumerate(zip(weights, shards)):
         if not W.requires_grad:
             continue
@@ -380,6 +561,9 @@ def add_grads(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor], vs: S
             W.grad = torch.zeros_like(W)
         G = W.grad.to_local() if _is_dtensor(W.grad) else W.grad
         c = coefs[l]
+        if isinstance(sh, _Block):
+            sh.add_grad_(G, us[l].reshape(-1)[sh.out_lo:sh.out_hi], vs[l].reshape(-1)[sh.in_lo:sh.in_hi], c)
+            continue
         if sh.geometry is None and isinstance(c, float):
             u = us[l][sh.out_lo:sh.out_hi].to(G.dtype)
             if G.is_contiguous():  # one in-place rank-1 update, no weight-sized temporary
@@ -389,14 +573,15 @@ def add_grads(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor], vs: S
 
 
 def penalty_sigmas(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor],
-                   names: Sequence[str], conv_specs: Sequence, update: bool, n_iter: int) -> torch.Tensor:
+                   names: Sequence[str], conv_specs: Sequence, update: bool, n_iter: int,
+                   views=None) -> torch.Tensor:
     """The sigmas of ``SpectralPenalty`` on sharded weights (dense layers, then the convs of
     ``conv_specs``): ``n_iter`` steps then ``<u, A v>`` from the last step's estimate, or at
     the current vectors (``update=False``); differentiable in the weights."""
     if update:
-        est = power_step_(weights, us, vs, n_iter, names, conv_specs)
-        return sigma_from_step(weights, us, vs, est, names, conv_specs)
-    return sigma(weights, us, vs, names, conv_specs)
+        est = power_step_(weights, us, vs, n_iter, names, conv_specs, views)
+        return sigma_from_step(weights, us, vs, est, names, conv_specs, views)
+    return sigma(weights, us, vs, names, conv_specs, views)
 
 
 def init_conv_state(specs, generator: Optional[torch.Generator] = None, names: Optional[Sequence[str]] = None):

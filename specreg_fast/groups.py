@@ -168,6 +168,11 @@ class Call(NamedTuple):
     plan: object
 
 
+def _parametrized(module, attr) -> bool:
+    from torch.nn.utils import parametrize
+    return module is not None and parametrize.is_parametrized(module, attr)
+
+
 # ---------------------------------------------------------------------- the kinds
 class MapGroup:
     """The maps of one kind. ``positions``: each map's slot among the penalty's maps (its
@@ -426,7 +431,7 @@ class CircularGroup(_ConvGroup):
 class ShardedGroup(MapGroup):
     """Every map when a regularized weight is a DTensor (FSDP2): the power step on the local
     shards with one all-reduce per iteration for all layers (:mod:`specreg_fast.distributed`),
-    so dense and conv maps are one group. Frozen maps are stepped."""
+    so dense and conv maps are one group. Frozen maps take no step (as on one process)."""
 
     kind = "sharded"
 
@@ -439,31 +444,50 @@ class ShardedGroup(MapGroup):
         ws = _distributed.regularized_weights(self._root, self.maps)
         if ws is None:
             return None
-        # distributed.py shards whole weights (a Linear's, a conv's, or a conv kernel as its
-        # reshaped matrix); views of part of a parameter (attention q/k/v, a transposed HF
-        # Conv1D, a grouped patch conv's blocks) and extra= maps are not sharded there
-        partial = [mp.name for mp in self.maps if mp.attr != "weight" or mp.layer != mp.name
-                   or mp.view not in (_layers._identity, _layers._reshaped)]
-        if partial:
-            raise ValueError(f"sharded (DTensor) weights: {', '.join(partial)} regularize part of a parameter or a "
-                             f"computed weight, which the sharded path does not support; exclude them")
+        # a dense map is any view of its parameter whose shard on each rank is one block of
+        # the map (distributed._Block: whole weights, a Conv1D's transpose, q/k/v row blocks,
+        # split fused qkv); computed weights, low-rank factors, parametrized weights and the
+        # blocks of a patch conv are refused by name
+        refused = []
+        for mp in self.maps:
+            why = ("an extra= map's weight is computed by a callable" if mp.attr is None else
+                   "LoRA on a sharded base layer is not supported" if mp.lowrank is not None else
+                   "a parametrized weight (torch.nn.utils.parametrize) is not supported"
+                   if _parametrized(mp.module, mp.attr) else
+                   "the blocks of a patch conv are not supported (use conv_norm='operator' on a conv with "
+                   "overlapping patches, or exclude it)" if mp.layer != mp.name else None)
+            if why is not None:
+                refused.append(f"{mp.name} ({why})")
+        if refused:
+            raise ValueError(f"sharded (DTensor) weights: the sharded penalty cannot regularize {'; '.join(refused)}; "
+                             f"exclude them")
         convs = [mp for mp in self.maps if mp.conv]
         if convs and self._conv_norm != "operator":
             raise ValueError(f"conv_norm={self._conv_norm!r} on sharded (DTensor) weights is not supported; use "
                              f"'operator' or 'matrix'")
         specs = [ConvSpec.from_module(mp.module, self._input_shapes[mp.owner]) for mp in convs]
-        return Call(ws, (self.vectors(0), self.vectors(1), specs))
+        views = [mp.view for mp in self.maps if not mp.conv]
+        return Call(ws, (self.vectors(0), self.vectors(1), specs, views))
 
     def frozen(self, call):
-        return ()
+        # the (sharded) parameters the penalty works on: the same flags on every rank
+        return tuple(i for i, w in enumerate(call.ws) if not w.requires_grad)
+
+    def _live(self, call, live):
+        """The plan's lists restricted to the maps ``live`` (dense maps first, then convs)."""
+        outs, ins, specs, views = call.plan
+        nd = len(views)
+        return ([call.ws[i] for i in live], [outs[i] for i in live], [ins[i] for i in live],
+                [self.names[i] for i in live], [specs[i - nd] for i in live if i >= nd],
+                [views[i] for i in live if i < nd])
 
     def sigmas(self, call, live, update, n_iter, grad, record):
-        outs, ins, specs = call.plan
-        return _distributed.penalty_sigmas(call.ws, outs, ins, self.names, specs, update, n_iter), None
+        ws, outs, ins, names, specs, views = self._live(call, live)
+        return _distributed.penalty_sigmas(ws, outs, ins, names, specs, update, n_iter, views), None
 
     def add_grads(self, call, live, record, coefs):
-        outs, ins, specs = call.plan
-        _distributed.add_grads(call.ws, outs, ins, coefs, self.names, specs)
+        ws, outs, ins, names, specs, views = self._live(call, live)
+        _distributed.add_grads(ws, outs, ins, coefs, names, specs, views)
 
 
 # ---------------------------------------------------------------------- building

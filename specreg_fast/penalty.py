@@ -102,7 +102,8 @@ class SpectralPenalty(nn.Module):
     regularizes that is replaced or removed afterwards is a ValueError naming the layers.
 
     Frozen maps (no parameter requires grad) take part in the warm start, then no power step:
-    their term is held at its last estimate (``last_sigmas``) until they are unfrozen.
+    their term is held at its last estimate (``last_sigmas``) until they are unfrozen (on
+    sharded weights too, with no collective for them).
 
     The penalty is per linear map (:mod:`specreg_fast.layers`): an attention block gives its
     q, k, v and output maps, each its own term; the groups of a conv with non-overlapping

@@ -77,8 +77,10 @@ dist.destroy_process_group()
 
 # %% [markdown]
 # One all-reduce for all the sharded layers together, and no all-gather. What is refused, with
-# an error naming the layer: `RowwiseParallel` (Shard(1)) weights, sharded `ConvTranspose`
-# weights, conv shards that split a group, `conv_norm="fft"` on sharded convs, and maps that are
-# part of a parameter (attention q/k/v row blocks, a transposed HF `Conv1D`). See
+# an error naming the layer: placements other than `Shard(d)` on one mesh dimension or
+# `Replicate`, sharded `ConvTranspose` weights, conv shards that split a group,
+# `conv_norm="fft"` on sharded convs, and `extra=`, LoRA, parametrized or patch-conv maps.
+# Column-sharded maps (`RowwiseParallel`, a transformers `Conv1D` under FSDP2) take a second
+# all-reduce per power iteration; attention q/k/v row blocks ride in the first. See
 # [Distributed training](../distributed.md) and the measured payloads in
 # [Benchmarks](../benchmarks.md#distributed).

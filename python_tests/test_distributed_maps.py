@@ -1,0 +1,242 @@
+"""SpectralPenalty on maps that are views of sharded parameters (specreg_fast/distributed.py,
+``_Block``): column blocks (RowwiseParallel, transformers Conv1D under FSDP2) and the q/k/v
+row blocks of a dim-0-sharded ``in_proj_weight``, on 2 gloo ranks, against the single-process
+run on the full weights. One spawned group runs every scenario."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+STEPS = 20
+WORLD = 2
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=8, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg)
+
+
+class _MLP(nn.Sequential):
+    def __init__(self):
+        torch.manual_seed(0)
+        # 10 hidden: 5/5 (RowwiseParallel's forward assumes even shards of its input)
+        super().__init__(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+class _Attn(nn.Module):
+    """in_proj_weight (18, 6) at 2 ranks: rows 0-8 (q and k's first 3 rows), 9-17 (k's last 3, v)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.fc = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.attn(x, x, x, need_weights=False)[0]
+        return self.head(torch.tanh(self.fc(h))).mean(1)
+
+
+MODELS = {"gpt2": _gpt2, "mlp_tp": _MLP, "mha": _Attn, "mlp_tp_frozen": _MLP, "gpt2_split": _gpt2}
+SCENARIOS = [(m, mode) for m in ("gpt2", "mlp_tp", "mha") for mode in ("loss", "accumulate_grad")]
+SCENARIOS += [("mlp_tp_frozen", "loss"), ("gpt2_split", "accumulate_grad")]
+# gpt2_split: c_attn split into its q/k/v maps (split=): column blocks of each under FSDP2
+SPLIT = {f"transformer.h.{i}.attn.c_attn": 3 for i in range(2)}
+
+
+def _freeze(name, model):
+    """mlp_tp_frozen: the RowwiseParallel layer (its only column-sharded map) is frozen."""
+    if name == "mlp_tp_frozen":
+        for p in model[2].parameters():
+            p.requires_grad_(False)
+
+
+def _batches(model):
+    """Per step, one batch per rank (TP: every rank sees the first)."""
+    g = torch.Generator().manual_seed(5)
+    if model.startswith("gpt2"):
+        return [[torch.randint(0, 32, (2, 8), generator=g) for _ in range(WORLD)] for _ in range(STEPS)]
+    shape = (6,) if model.startswith("mlp_tp") else (5, 6)
+    return [[torch.randn(2, *shape, generator=g) for _ in range(WORLD)] for _ in range(STEPS)]
+
+
+def _out(model, x):
+    y = model(x)
+    return (y.logits if hasattr(y, "logits") else y).square().mean()
+
+
+def _penalty(model, name):
+    import specreg_fast as sf
+    return sf.SpectralPenalty(model, gamma=0.05, seed=11, **({"split": SPLIT} if name == "gpt2_split" else {}))
+
+
+def _train(model, pen, batches, mode, rank):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    hist, first = [], None
+    for xs in batches:
+        x = torch.cat(xs) if rank is None else xs[rank]
+        opt.zero_grad()
+        data = _out(model, x)
+        if mode == "loss":
+            p = pen()
+            (data + p).backward()
+        else:
+            data.backward()
+            p = pen.accumulate_grad()
+        hist.append(float(p.detach()))
+        if first is None:
+            first = [q.grad.detach().clone() if q.grad is not None else torch.zeros(q.shape)
+                     for q in model.parameters()]
+        opt.step()
+    return hist, first
+
+
+def _box(t):
+    """(local tensor, global offset per dim) of a DTensor or a plain tensor."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(t, DTensor):
+        return t.detach().clone(), (0,) * t.dim()
+    _, off = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return t.to_local().detach().clone(), tuple(off)
+
+
+def _shard(name, model):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if name.startswith("mlp_tp"):
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        parallelize_module(model, init_device_mesh("cpu", (WORLD,)), {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    elif name.startswith("gpt2"):
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+    else:
+        fully_shard(model.attn)
+        fully_shard(model)
+
+
+def _run(name, mode, rank):
+    model = MODELS[name]()
+    pen = _penalty(model, name)
+    _shard(name, model)
+    _freeze(name, model)
+    hist, first = _train(model, pen, _batches(name), mode, 0 if name.startswith("mlp_tp") else rank)
+    return {"pen": hist, "grads": [_box(g) for g in first], "weights": [_box(p) for p in model.parameters()],
+            "sigmas": pen.sigmas(), "buffers": {k: b.clone() for k, b in pen.state_dict().items()
+                                                if isinstance(b, torch.Tensor)}}
+
+
+def _count(name, rank):
+    """All-reduces of one pen() with n_iter=2 between forward and backward, and of one
+    accumulate_grad() after it."""
+    import specreg_fast as sf
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    model = MODELS[name]()
+    pen = sf.SpectralPenalty(model, gamma=0.05, n_iter=2, n_iter_init=3)
+    _shard(name, model)
+    _freeze(name, model)
+    x = _batches(name)[0][0 if name.startswith("mlp_tp") else rank]
+    y = _out(model, x)
+    pen()  # the warm start
+    out = {}
+    with CommDebugMode() as comm:
+        p = pen()
+    out["pen"] = {str(k): v for k, v in comm.get_comm_counts().items()}
+    (y + p).backward()
+    with CommDebugMode() as comm:
+        pen.accumulate_grad()
+    out["acc"] = {str(k): v for k, v in comm.get_comm_counts().items()}
+    return out
+
+
+def _worker(rank, out_dir):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
+    try:
+        res = {(n, m): _run(n, m, rank) for n, m in SCENARIOS}
+        res["comm"] = {n: _count(n, rank) for n in MODELS if n != "gpt2_split"}
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # as in test_penalty_ddp.py
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("maps")
+    mp.spawn(_worker, args=(str(out),), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _close(a, b, what, rel=1e-5):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    err = (a - b).abs().max() if a.numel() else torch.zeros(())
+    assert a.shape == b.shape and err <= rel * max(float(b.abs().max()) if b.numel() else 0.0, 1e-12), \
+        f"{what}: max abs error {float(err):.3g} (shapes {tuple(a.shape)} / {tuple(b.shape)})"
+
+
+def _sliced(T, local, off):
+    return T[tuple(slice(o, o + n) for o, n in zip(off, local.shape))]
+
+
+@pytest.mark.parametrize("name,mode", SCENARIOS)
+def test_views_of_sharded_parameters_match_single_process(ranks, name, mode):
+    model = MODELS[name]()
+    pen = _penalty(model, name)
+    _freeze(name, model)
+    hist, first = _train(model, pen, _batches(name), mode, 0 if name.startswith("mlp_tp") else None)
+    want_w = [p.detach() for p in model.parameters()]
+    for rank, res in enumerate(ranks):
+        r = res[(name, mode)]
+        assert r["sigmas"].keys() == pen.sigmas().keys()
+        _close(list(r["sigmas"].values()), list(pen.sigmas().values()), f"{name} {mode} rank {rank} sigmas")
+        _close(r["pen"], hist, f"{name} {mode} rank {rank} penalties")
+        for j, ((g, off), G) in enumerate(zip(r["grads"], first)):
+            _close(g, _sliced(G, g, off), f"{name} {mode} rank {rank} first-step grad of param {j}")
+        for j, ((w, off), W) in enumerate(zip(r["weights"], want_w)):
+            _close(w, _sliced(W, w, off), f"{name} {mode} rank {rank} param {j} after {STEPS} steps")
+        for k, b in pen.state_dict().items():
+            if isinstance(b, torch.Tensor) and b.is_floating_point():
+                _close(r["buffers"][k], b, f"{name} {mode} rank {rank} buffer {k}")
+    if name == "gpt2":  # the Conv1D maps of both blocks are regularized
+        assert {f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                      "mlp.c_proj")} <= set(pen.sigmas())
+    if name == "gpt2_split":
+        assert {f"transformer.h.{i}.attn.c_attn[{t}]" for i in range(2) for t in "qkv"} <= set(pen.sigmas())
+    if name == "mha":
+        assert {"attn[q]", "attn[k]", "attn[v]", "attn.out_proj"} <= set(pen.sigmas())
+
+
+def test_column_and_row_blocks_two_all_reduces_per_iteration(ranks):
+    ar = "c10d.allreduce_"
+    for res in ranks:
+        c = res["comm"]
+        # column blocks (Conv1D under FSDP2; RowwiseParallel next to ColwiseParallel): t, then A^T t,
+        # for every map of the model at once: 2 per power iteration (n_iter=2), whatever the layer count
+        assert c["gpt2"]["pen"] == {ar: 4}, c["gpt2"]
+        assert c["mlp_tp"]["pen"] == {ar: 4}, c["mlp_tp"]
+        # row blocks only (q/k/v of in_proj_weight, out_proj, fc under FSDP2): one per iteration
+        assert c["mha"]["pen"] == {ar: 2}, c["mha"]
+        # frozen maps take no step: the frozen Rowwise layer's second all-reduce is gone
+        assert c["mlp_tp_frozen"]["pen"] == {ar: 2}, c["mlp_tp_frozen"]
+        for n in c:
+            assert c[n]["acc"] == c[n]["pen"], (n, c[n])
