@@ -35,7 +35,6 @@ W + sBA per map. ``gpt2-tiny`` needs ``transformers``.
 """
 from __future__ import annotations
 
-import statistics
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -50,7 +49,6 @@ __all__ = ["MODELS", "run", "print_table"]
 #: rounds below which a share gets no verdict (reported "unresolved" whatever its interval)
 MIN_ROUNDS = 15
 GAMMA = 1e-4
-PENALTY_ARMS = ("reference", "ours (SpectralPenalty)", "ours (accumulate_grad)")
 
 
 def _tv(name: str, sized: bool = False) -> Callable[[int], nn.Module]:
