@@ -1,8 +1,10 @@
 """The penalty's cost on real models: per model, the penalty alone (reference loop,
-``penalty()`` + backward, ``accumulate_grad()``) and its share of a training step at batch 32.
+``penalty()`` + backward, ``accumulate_grad()``, ``accumulate_grad()`` at ``every=k``) as a share
+of an unpenalized training step at batch 32, with a bootstrap interval, and against the floor.
 What is timed and how: ``specreg_fast/benchmarks/models.py``.
 
-    python bench/bench_models.py [--models resnet50,vit_b_16,...] [--batch 32] [--reps 7] [--no-step] [--json out.json]
+    python bench/bench_models.py [--models resnet50,vit_b_16,...] [--batch 32] [--rounds 15] [--every 4]
+        [--image-size 64] [--json out.json]
 """
 from __future__ import annotations
 
@@ -20,11 +22,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(models.MODELS))
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--no-step", action="store_true", help="the penalty cost only, not the training step")
+    ap.add_argument("--rounds", type=int, default=models.MIN_ROUNDS)
+    ap.add_argument("--every", type=int, default=4)
+    ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    res = models.run(args.models.split(","), batch=args.batch, repeats=args.reps, step=not args.no_step,
+    res = models.run(args.models.split(","), batch=args.batch, rounds=args.rounds, every=args.every,
+                     image_size=args.image_size,
                      progress=lambda s: print(f"... {s}", file=sys.stderr, flush=True))
     models.print_table(res)
     if args.json:

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn as nn
 
 from specreg_fast import cli
 from specreg_fast.benchmarks import suite
@@ -172,17 +173,45 @@ def test_reference_penalty_builds_lora_maps_in_full():
 
 def test_bench_models_cli(tmp_path, capsys):
     out = tmp_path / "m.json"
-    assert cli.main(["bench", "--models", "mobilenet_v3_small", "--quick", "--batch", "2", "--json", str(out)]) == 0
+    assert cli.main(["bench", "--models", "mobilenet_v3_small", "--batch", "2", "--rounds", "2", "--every", "3",
+                     "--image-size", "32", "--json", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "mobilenet_v3_small:" in table and "share of step" in table
+    assert "mobilenet_v3_small: 41 dense + 12 conv maps" in table and "share of step" in table
     res = json.loads(out.read_text())
-    arms = {(r["group"], r["arm"]) for r in res["rows"]}
-    assert {("penalty cost", "reference"), ("penalty cost", "ours (SpectralPenalty)"),
-            ("penalty cost", "ours (accumulate_grad)"), ("step share (batch 2)", "no penalty"),
-            ("step share (batch 2)", "ours (accumulate_grad)")} <= arms
-    for r in res["rows"]:
-        assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
-    ref = next(r for r in res["rows"] if r["arm"] == "reference" and r["group"] == "penalty cost")
-    assert ref["ratio_to_reference"] == 1.0
+    assert (res["batch"], res["rounds"], res["every"], res["image_size"], res["gamma"]) == (2, 2, 3, 32, 1e-4)
+    assert res["read_bandwidth"] > 0
+    rows = {r["arm"]: r for r in res["rows"]}
+    assert list(rows) == ["no penalty (step)", "reference", "ours (SpectralPenalty)", "ours (accumulate_grad)",
+                          "ours (accumulate_grad, every=3)"]
+    step = rows.pop("no penalty (step)")
+    assert "share_of_step" not in step and len(step["samples_s"]) == 2
+    for arm, r in rows.items():
+        assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"] and len(r["samples_s"]) == 2
+        # the share is the ratio of the two medians, inside its interval; 2 rounds give no verdict
+        assert r["share_of_step"] == pytest.approx(r["median_s"] / step["median_s"], rel=1e-12)
+        assert r["share_low"] <= r["share_of_step"] <= r["share_high"]
+        assert r["verdict"].startswith("unresolved (") and "2 < 15 rounds" in r["verdict"]
+        assert r["ratio_to_reference"] == pytest.approx(r["median_s"] / rows["reference"]["median_s"], rel=1e-12)
+        assert r["verdict"] in table
+    acc = rows["ours (accumulate_grad)"]
+    assert acc["floor_s"] == pytest.approx(acc["floor_bytes"] / res["read_bandwidth"], rel=1e-12)
+    assert acc["x_floor"] == pytest.approx(acc["median_s"] / acc["floor_s"], rel=1e-12)
+    assert "floor_s" not in rows["reference"]
     assert cli.main(["bench", "--models", "alexnet"]) == 2
     assert "unknown model 'alexnet'" in capsys.readouterr().err
+    assert cli.main(["bench", "--models", "mobilenet_v3_small", "--rounds", "1"]) == 2
+    assert "rounds must be an int >= 2" in capsys.readouterr().err
+
+
+def test_floor_bytes_by_hand():
+    """One Linear 5->3 (dense: one read of W, the .grad read and written) and one conv 2->4,
+    3x3, padding 1 on 2x6x6 inputs (three convolutions reading input and weight and writing
+    the output, then the .grad update), float32."""
+    from specreg_fast.benchmarks.models import floor_bytes
+    from specreg_fast.benchmarks.suite import penalized_model
+
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Flatten(), nn.Linear(144, 3), nn.ReLU(),
+                          nn.Linear(3, 5))
+    refpen, _ = penalized_model(model, torch.randn(2, 2, 6, 6), readout="4")
+    nw, nx, ny = 4 * 2 * 9, 2 * 36, 4 * 36
+    assert floor_bytes(refpen) == 4 * (3 * 144 * 3) + 4 * (3 * nx + 3 * ny + 5 * nw)

@@ -178,7 +178,9 @@ def bench_models(args) -> int:
     else:
         names = [n.strip() for n in args.models.split(",") if n.strip()]
     try:
-        res = models.run(names, batch=args.batch, repeats=3 if args.quick else 7, device=args.device,
+        rounds = args.rounds if args.rounds is not None else (5 if args.quick else models.MIN_ROUNDS)
+        res = models.run(names, batch=args.batch, rounds=rounds, every=args.every, image_size=args.image_size,
+                         device=args.device,
                          progress=lambda s: print(f"... {s}", file=sys.stderr, flush=True))
     except ValueError as e:
         print(f"specreg-fast bench: {e}", file=sys.stderr)
@@ -227,9 +229,15 @@ def main(argv=None) -> int:
     b.add_argument("--sizes", default=None, choices=("full", "quick", "tiny"), help=argparse.SUPPRESS)
     b.add_argument("--models", nargs="?", const="all", default=None,
                    help="instead: the penalty's cost on real models (comma list of resnet50, vit_b_16, convnext_tiny, "
-                        "efficientnet_b0, mobilenet_v3_small, vit_b_16-lora; default all, with --quick resnet50 and "
-                        "convnext_tiny): vs the reference loop and as a share of a training step")
+                        "efficientnet_b0, mobilenet_v3_small, regnet_x_400mf, densenet121, swin_t, resnext50_32x4d, "
+                        "gpt2-tiny, vit_b_16-lora; default all, with --quick resnet50 and convnext_tiny): as a share "
+                        "of a training step with a bootstrap interval, vs the reference loop and vs the floor")
     b.add_argument("--batch", type=int, default=32, help="with --models: the training step's batch size")
+    b.add_argument("--rounds", type=int, default=None, help="with --models: interleaved rounds (default 15, with "
+                                                            "--quick 5; fewer than 15 give no verdict)")
+    b.add_argument("--every", type=int, default=4, help="with --models: k of the accumulate_grad every=k row "
+                                                        "(1: no such row)")
+    b.add_argument("--image-size", type=int, default=64, help="with --models: the images' height and width")
     b.set_defaults(func=bench)
     args = p.parse_args(argv)
     return args.func(args)

@@ -7,10 +7,12 @@ with the min-max range.
 from __future__ import annotations
 
 import json
+import math
 import platform
+import random
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -46,6 +48,48 @@ def paired_overhead(t: Dict[str, Dict[str, object]], arm: str, base: str) -> flo
     one round: a machine whose speed drifts between rounds (a shared VM) moves both sides of
     a ratio together, where the ratio of two medians mixes rounds."""
     return statistics.median(a / b - 1 for a, b in zip(t[arm]["samples"], t[base]["samples"]))
+
+
+def bootstrap_ratio_interval(num: Sequence[float], den: Sequence[float], level: float = 0.95,
+                             n_boot: int = 2000, seed: int = 0) -> Tuple[float, float, float]:
+    """``(ratio, low, high)``: ``median(num) / median(den)`` and its percentile bootstrap interval.
+
+    ``num[i]`` and ``den[i]`` are the times of round ``i`` of :func:`interleaved` (paired): each
+    resample draws rounds with replacement and takes the same rounds of both. ``low`` and
+    ``high`` are the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the resampled
+    ratios (``n_boot`` resamples from ``random.Random(seed)``: the same numbers every run)."""
+    num, den = [float(x) for x in num], [float(x) for x in den]
+    if len(num) != len(den):
+        raise ValueError(f"num and den must have one time per round each, got {len(num)} and {len(den)}")
+    if len(num) < 2:
+        raise ValueError(f"num and den need at least 2 rounds for a bootstrap interval, got {len(num)}")
+    if not all(math.isfinite(x) and x > 0 for x in num + den):
+        raise ValueError("num and den must hold positive finite times")
+    if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive int, got {n_boot!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    rng = random.Random(seed)
+    n = len(num)
+    ratios = []
+    for _ in range(n_boot):
+        idx = [rng.randrange(n) for _ in range(n)]
+        ratios.append(statistics.median(num[i] for i in idx) / statistics.median(den[i] for i in idx))
+    ratios.sort()
+    lo = ratios[int(math.floor((1 - level) / 2 * (n_boot - 1)))]
+    hi = ratios[int(math.ceil((1 + level) / 2 * (n_boot - 1)))]
+    return statistics.median(num) / statistics.median(den), lo, hi
+
+
+def verdict(low: float, high: float, threshold: float = 0.05) -> str:
+    """``"below 5%"`` / ``"above 5%"`` where the whole interval ``[low, high]`` of a share is
+    on one side of ``threshold``, else ``"unresolved (low-high)"`` (in percent)."""
+    t = f"{100 * threshold:g}%"
+    if high < threshold:
+        return f"below {t}"
+    if low > threshold:
+        return f"above {t}"
+    return f"unresolved ({100 * low:.1f}-{100 * high:.1f}%)"
 
 
 def read_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> float:
