@@ -14,7 +14,8 @@ from ._library import MAX_ITER
 # ----------------------------------------------------------------------------- argument checks
 # The checks of the compiled kernels (csrc/power_step_checks.h, csrc/conv_geometry.h,
 # csrc/cpu/circular_conv_cpu.cpp, batched_power_cpu.cpp, shifted_cholesky_cpu.cpp), one checker
-# per op family, run by the fakes and the reference kernels. The fakes need them: a fake wins
+# per op family (in the family's module; the parts they share here), run by the fakes and the
+# reference kernels. The fakes need them: a fake wins
 # dispatch whenever one argument is a meta (or fake) tensor, so without them a call mixing meta
 # and CPU tensors returned uninitialized memory and an all-meta call accepted any shape, params
 # and n_iter. On top of the kernels' own checks, every tensor argument of one call must be on
