@@ -1,6 +1,6 @@
 // specreg_fast._C_conv: the CPU kernels of the conv ops (csrc/cpu/conv_operator_cpu.cpp,
 // circular_conv_cpu.cpp, conv_gemm_cpu.cpp), still written against ATen's C++ API, so this
-// library loads only on the torch it was built with (specreg_fast/ops.py falls back to the
+// library loads only on the torch it was built with (specreg_fast/ops/_library.py falls back to the
 // reference for these ops elsewhere). It registers implementations only: the schemas are
 // specreg_fast._C's (csrc/specreg_fast.cpp), loaded first. Also the CUDA library's copy of the
 // conv code (csrc/cuda/cuda_module.cpp) is built from the same sources with

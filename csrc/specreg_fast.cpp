@@ -6,7 +6,7 @@
 // CPU conv kernels, csrc/conv_module.cpp) and specreg_fast._C_cuda (every CUDA kernel,
 // csrc/cuda/); each loads only when its torch matches. The Python package registers the
 // plain-PyTorch reference under CompositeExplicitAutograd, so a device or op without a kernel
-// of its own still runs (specreg_fast/ops.py).
+// of its own still runs (specreg_fast/ops/).
 #include <Python.h>
 
 #include "stable_api.h"

@@ -189,7 +189,7 @@ Tensor batched_power_step_impl(const Tensor& blocks, const Tensor& us, const Ten
 // Lazy conj/neg views (x.conj(), torch._neg_view): PyTorch's fallback materializes them before
 // the kernel, but for a written Tensor argument it stops at an internal assert. The kernel of
 // the Conjugate and Negative keys that rejects written views with a clear error and
-// materializes the read-only blocks is registered from Python (specreg_fast/ops.py): the stable
+// materializes the read-only blocks is registered from Python (specreg_fast/ops/batched_power.py): the stable
 // ABI of torch 2.11 has neither is_conj nor a typed call back into the dispatcher.
 
 }  // namespace specreg_fast

@@ -383,7 +383,7 @@ at::Tensor circular_power_step_impl(at::TensorList weights, at::TensorList xs, a
     // the Rayleigh-type |P X(w)| / |X(w)|, so a state that is already normalized, as this op
     // leaves it, needs no normalization pass). A frequency with X(w) = 0 (an all-zero or
     // degenerate state) restarts at e_0, the first unit vector, before the first step, as the
-    // reference does (specreg_fast/ops.py); on the CPU only when one is zero (a free check).
+    // reference does (specreg_fast/ops/circular_conv.py); on the CPU only when one is zero (a free check).
     const double tiny = tiny_of(x_state);
     at::Tensor X = F.forward_in(x_state);
     at::Tensor nx = freq_norms(X);

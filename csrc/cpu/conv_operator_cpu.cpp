@@ -24,7 +24,7 @@
 //     [transposed, groups, stride[d], dilation[d], pad_lo[d], pad_hi[d], output_padding[d]]
 // pad_lo/pad_hi are the padding before/after each spatial dim (asymmetric for 'same' with an
 // even receptive field). `padding_modes` (str[]) holds one of zeros/circular/reflect/replicate
-// per layer. specreg_fast/ops.py:pack_conv_params builds both from ConvSpec objects.
+// per layer. specreg_fast/geometry.py:pack_conv_params builds both from ConvSpec objects.
 //
 // Bad geometry is a ValueError before anything is written (conv_geometry.h): a dilated kernel
 // larger than the padded input, an int64 overflow in any size, kernel size 0. A layer with an
