@@ -6,7 +6,7 @@
 //
 // Errors: every check throws std::runtime_error, which PyTorch turns into a RuntimeError (the
 // stable ABI has no typed C++ errors). The typed ValueError/TypeError of the ops come from the
-// Python front (specreg_fast/ops.py), which runs the same checks, with the same messages,
+// Python front (specreg_fast/ops/_checks.py: typed_call), which runs the same checks, with the same messages,
 // before it calls the op; the kernels check again, so that a direct torch.ops call cannot
 // reach unchecked memory.
 #pragma once

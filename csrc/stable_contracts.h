@@ -3,7 +3,7 @@
 // tensor and any other argument, the dense ops' argument checks; and the interrupt poll of the
 // long loops. The same contracts, on ATen types, for the kernels not yet on the stable ABI:
 // csrc/op_contracts.h and csrc/power_step_checks.h. The messages are those of the Python front
-// (specreg_fast/ops.py), which raises them as ValueError/TypeError before calling the op.
+// (specreg_fast/ops/_checks.py), which raises them as ValueError/TypeError before calling the op.
 #pragma once
 #include <algorithm>
 #include <chrono>

@@ -1,7 +1,7 @@
 // specreg_fast._C_cuda: every CUDA kernel (csrc/cuda/*.cu, conv_operator_cuda.cpp, and the
 // device-generic conv code of csrc/cpu/ built with SPECREG_NO_CPU_IMPL), apart from the CPU
 // kernels so that a torch of another CUDA major, or a CPU-only torch, still loads those.
-// specreg_fast/ops.py loads it only when torch.version.cuda has the CUDA major it was built
+// specreg_fast/ops/_library.py loads it only when torch.version.cuda has the CUDA major it was built
 // for (specreg_fast/_build_info.py). Implementations only: the schemas are specreg_fast._C's.
 #include <Python.h>
 
