@@ -16,19 +16,34 @@
 // |a|/|t| = u^T W v_new, with the op's conventions: zero W keeps the vectors (estimate 0),
 // non-finite |t| or |a| restores the start-of-call vectors (estimate NaN), and tol > 0 turns a
 // converged layer's device-side flag off so later steps skip it.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+//
+// On the LibTorch stable ABI (csrc/stable_api.h): setup.py compiles every .cu with
+// TORCH_TARGET_VERSION, so no ATen or c10 header can be included here, and the code reaches
+// torch only through torch::stable and the C shim (python_tests/test_abi_symbols.py checks the
+// object's undefined symbols). The current stream comes from the C shim, the SM count from the
+// CUDA runtime, errors are std::runtime_error (RuntimeError in Python; the Python front raises
+// the typed ValueError/TypeError first, specreg_fast/ops/_checks.py).
+#ifndef TORCH_TARGET_VERSION
+#error "csrc/cuda/power_step_cuda.cu is built with TORCH_TARGET_VERSION (setup.py), on the stable ABI only"
+#endif
+#ifndef USE_CUDA
+#define USE_CUDA  // the CUDA entries of the C shim (aoti_torch_get_current_cuda_stream, torch_c10_cuda_check_msg)
+#endif
+#include <cuda_runtime.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/macros.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <map>
+#include <mutex>
 #include <vector>
 
-#include "power_step_checks.h"
+#include "stable_contracts.h"
 
 #include "power_step_kernels.cuh"
 
@@ -37,36 +52,79 @@ namespace cuda {
 namespace {
 
 // ----------------------------------------------------------------------------- host side
-void check_list(at::TensorList weights, at::TensorList us, at::TensorList vs, const char* op, bool writes) {
-  check_power_step_list(weights, us, vs, op, c10::DeviceType::CUDA, writes);
+void check_list(const TensorList& weights, const TensorList& us, const TensorList& vs, const char* op, bool writes) {
+  check_power_step_list_stable(weights, us, vs, op, DeviceType::CUDA, writes);
+}
+
+// An ATen op by name through the stable dispatcher call (those torch::stable has no wrapper for
+// at TORCH_TARGET_VERSION); the stack holds the arguments and gets the first return.
+template <size_t N>
+Tensor call_aten(const char* name, const char* overload, std::array<StableIValue, N>& stack) {
+  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
+  return torch::stable::detail::to<Tensor>(stack[0]);
+}
+
+Tensor cat0(const TensorList& xs) {
+  std::array<StableIValue, 2> stack{torch::stable::detail::from(xs), torch::stable::detail::from(int64_t{0})};
+  return call_aten("aten::cat", "", stack);
+}
+
+// out[index[i]] = src[i] (aten::index_copy_ along dim 0).
+void index_copy0_(Tensor& out, const Tensor& index, const Tensor& src) {
+  std::array<StableIValue, 4> stack{torch::stable::detail::from(out), torch::stable::detail::from(int64_t{0}),
+                                    torch::stable::detail::from(index), torch::stable::detail::from(src)};
+  call_aten("aten::index_copy_", "", stack);
+}
+
+// The current CUDA stream of `device` (the C shim: torch::stable's Stream::nativeHandle needs
+// torch 2.13).
+cudaStream_t current_stream(int32_t device) {
+  void* stream = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream));
+  return static_cast<cudaStream_t>(stream);
+}
+
+// The SM count of `device`, asked of the CUDA runtime once per device.
+int64_t multiprocessor_count(int32_t device) {
+  static std::mutex mu;
+  static std::vector<int> counts;  // 0: not asked yet
+  const std::lock_guard<std::mutex> lock(mu);
+  if (counts.empty()) {
+    int n = 0;
+    STD_CUDA_CHECK(cudaGetDeviceCount(&n));
+    counts.assign(static_cast<size_t>(std::max(n, 0)), 0);
+  }
+  SF_CHECK(device >= 0 && static_cast<size_t>(device) < counts.size(), "specreg_fast: no CUDA device ", device,
+           " (", counts.size(), " visible)");
+  int& c = counts[static_cast<size_t>(device)];
+  if (c == 0) STD_CUDA_CHECK(cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, device));
+  return c;
 }
 
 // Table, tile map, flags and tile counts of one dtype group, in one pinned buffer copied
 // to the device on the current stream without waiting.
 struct Plan {
-  at::Tensor dev;  // bytes on the device
+  Tensor dev;  // bytes on the device
   const LayerDesc* tab = nullptr;
   const int* tile_layer = nullptr;
   int* flags = nullptr;
   int64_t L = 0, ntiles = 0, sum_m = 0, sum_n = 0, sum_part = 0, max_n = 0;
 };
 
-std::vector<HostLayer> host_layers(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& us,
-                                   const std::vector<at::Tensor>& vs) {
+std::vector<HostLayer> host_layers(const TensorList& ws, const TensorList& us, const TensorList& vs) {
   std::vector<HostLayer> out;
   for (size_t l = 0; l < ws.size(); ++l)
-    out.push_back({ws[l].data_ptr(), us[l].data_ptr(), vs[l].data_ptr(), ws[l].size(0), ws[l].size(1), ws[l].stride(0),
-                   ws[l].stride(1)});
+    out.push_back({ws[l].const_data_ptr(), us[l].mutable_data_ptr(), vs[l].mutable_data_ptr(), ws[l].size(0),
+                   ws[l].size(1), ws[l].stride(0), ws[l].stride(1)});
   return out;
 }
 
-int64_t rows_per_tile_for(const std::vector<at::Tensor>& ws) {
-  return pick_rows_per_tile(host_layers(ws, ws, ws), ws[0].element_size(),
-                            at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+int64_t rows_per_tile_for(const TensorList& ws) {
+  return pick_rows_per_tile(host_layers(ws, ws, ws), static_cast<int64_t>(ws[0].element_size()),
+                            multiprocessor_count(ws[0].get_device_index()));
 }
 
-Plan make_plan(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& us,
-               const std::vector<at::Tensor>& vs, int64_t rows_per_tile) {
+Plan make_plan(const TensorList& ws, const TensorList& us, const TensorList& vs, int64_t rows_per_tile) {
   Plan p;
   p.L = static_cast<int64_t>(ws.size());
   HostTable ht = build_table(host_layers(ws, us, vs), rows_per_tile);
@@ -81,141 +139,150 @@ Plan make_plan(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>&
   const size_t b_tab = sizeof(LayerDesc) * p.L;
   const size_t b_tiles = sizeof(int) * tile_layer.size();
   const size_t bytes = b_tab + b_tiles + sizeof(int) * p.L;
-  auto host = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  auto* h = host.data_ptr<uint8_t>();
+  // pinned (the page-locked host allocator, through aten::empty), so the upload below is async
+  Tensor host = torch::stable::empty({static_cast<int64_t>(bytes)}, ScalarType::Byte, std::nullopt,
+                                     Device(DeviceType::CPU), /*pin_memory=*/true);
+  auto* h = static_cast<uint8_t*>(host.mutable_data_ptr());
   std::memcpy(h, descs.data(), b_tab);
   if (b_tiles) std::memcpy(h + b_tab, tile_layer.data(), b_tiles);
   std::memcpy(h + b_tab + b_tiles, flags.data(), sizeof(int) * p.L);
-  p.dev = host.to(ws[0].device(), /*non_blocking=*/true);
-  auto* d = p.dev.data_ptr<uint8_t>();
+  p.dev = torch::stable::to(host, ws[0].device(), /*non_blocking=*/true);
+  auto* d = static_cast<uint8_t*>(p.dev.mutable_data_ptr());
   p.tab = reinterpret_cast<const LayerDesc*>(d);
   p.tile_layer = reinterpret_cast<const int*>(d + b_tab);
   p.flags = reinterpret_cast<int*>(d + b_tab + b_tiles);
   return p;
 }
 
-at::Tensor cat_or_empty(const std::vector<at::Tensor>& xs, const at::TensorOptions& opt) {
-  std::vector<at::Tensor> nz;
+Tensor cat_or_empty(const TensorList& xs, ScalarType dtype, const Device& device) {
+  TensorList nz;
   for (const auto& x : xs)
     if (x.numel()) nz.push_back(x);
-  return nz.empty() ? at::empty({1}, opt) : at::cat(nz);
+  return nz.empty() ? empty({1}, dtype, device) : cat0(nz);
 }
 
 template <typename scalar_t>
-at::Tensor power_step_group(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& us,
-                            const std::vector<at::Tensor>& vs, int64_t n_iter, double tol) {
+Tensor power_step_group(const TensorList& ws, const TensorList& us, const TensorList& vs, int64_t n_iter, double tol) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const auto opt = us[0].options();
+  const ScalarType acc = us[0].scalar_type();
+  const Device dev = us[0].device();
   Plan p = make_plan(ws, us, vs, rows_per_tile_for(ws));
-  auto t = at::empty({std::max<int64_t>(p.sum_m, 1)}, opt);
-  auto a = at::empty({std::max<int64_t>(p.sum_n, 1)}, opt);
-  auto part = at::empty({std::max<int64_t>(p.sum_part, 1)}, opt);
-  auto u0 = cat_or_empty(us, opt);  // start-of-call copies for the roll-back
-  auto v0 = cat_or_empty(vs, opt);
-  auto est = at::zeros({p.L}, opt);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  Tensor t = empty({std::max<int64_t>(p.sum_m, 1)}, acc, dev);
+  Tensor a = empty({std::max<int64_t>(p.sum_n, 1)}, acc, dev);
+  Tensor part = empty({std::max<int64_t>(p.sum_part, 1)}, acc, dev);
+  Tensor u0 = cat_or_empty(us, acc, dev);  // start-of-call copies for the roll-back
+  Tensor v0 = cat_or_empty(vs, acc, dev);
+  Tensor est = zeros({p.L}, acc, dev);
+  const cudaStream_t stream = current_stream(dev.index());
   const unsigned col_blocks = static_cast<unsigned>((p.max_n + kReduceCols - 1) / kReduceCols);
-  InterruptPoll poll("specreg_fast::power_step_");
+  InterruptPollStable poll("specreg_fast::power_step_");
   for (int64_t it = 0; it < n_iter; ++it) {
     if (it > 0 && poll.interrupted()) {  // the launch queue is full: this runs at the GPU's pace
       int64_t ou = 0, ov = 0;
       for (size_t l = 0; l < us.size(); ++l) {
-        if (us[l].numel()) us[l].copy_(u0.narrow(0, ou, us[l].numel()));
-        if (vs[l].numel()) vs[l].copy_(v0.narrow(0, ov, vs[l].numel()));
-        ou += us[l].numel();
-        ov += vs[l].numel();
+        Tensor u = us[l], v = vs[l];
+        if (u.numel()) torch::stable::copy_(u, torch::stable::narrow(u0, 0, ou, u.numel()));
+        if (v.numel()) torch::stable::copy_(v, torch::stable::narrow(v0, 0, ov, v.numel()));
+        ou += u.numel();
+        ov += v.numel();
       }
       poll.raise();
     }
     if (p.ntiles > 0) {
       fused_rows_kernel<scalar_t, acc_t><<<static_cast<unsigned>(p.ntiles), kThreads, 0, stream>>>(
-          p.tab, p.tile_layer, p.flags, t.data_ptr<acc_t>(), part.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          p.tab, p.tile_layer, p.flags, t.mutable_data_ptr<acc_t>(), part.mutable_data_ptr<acc_t>());
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
       reduce_partials_kernel<acc_t><<<dim3(col_blocks, static_cast<unsigned>(p.L)), dim3(kReduceCols, kReduceLanes), 0,
                                       stream>>>(
-          p.tab, p.flags, part.data_ptr<acc_t>(), a.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          p.tab, p.flags, part.mutable_data_ptr<acc_t>(), a.mutable_data_ptr<acc_t>());
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     }
     finalize_kernel<acc_t><<<static_cast<unsigned>(p.L), kReduceThreads, 0, stream>>>(
-        p.tab, p.flags, est.data_ptr<acc_t>(), t.data_ptr<acc_t>(), a.data_ptr<acc_t>(), u0.data_ptr<acc_t>(),
-        v0.data_ptr<acc_t>(), tol, it == 0);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        p.tab, p.flags, est.mutable_data_ptr<acc_t>(), t.mutable_data_ptr<acc_t>(), a.mutable_data_ptr<acc_t>(),
+        u0.mutable_data_ptr<acc_t>(), v0.mutable_data_ptr<acc_t>(), tol, it == 0);
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return est;
 }
 
 template <typename scalar_t>
-at::Tensor sigma_group(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& us,
-                       const std::vector<at::Tensor>& vs) {
+Tensor sigma_group(const TensorList& ws, const TensorList& us, const TensorList& vs) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const auto opt = us[0].options();
+  const ScalarType acc = us[0].scalar_type();
+  const Device dev = us[0].device();
   Plan p = make_plan(ws, us, vs, rows_per_tile_for(ws));
-  auto out = at::zeros({p.L}, opt);
+  Tensor out = zeros({p.L}, acc, dev);
   if (p.ntiles == 0) return out;
-  auto part = at::empty({p.ntiles}, opt);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  Tensor part = empty({p.ntiles}, acc, dev);
+  const cudaStream_t stream = current_stream(dev.index());
   bilinear_rows_kernel<scalar_t, acc_t><<<static_cast<unsigned>(p.ntiles), kThreads, 0, stream>>>(
-      p.tab, p.tile_layer, part.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  sum_tiles_kernel<acc_t><<<static_cast<unsigned>(p.L), 1, 0, stream>>>(p.tab, part.data_ptr<acc_t>(),
-                                                                          out.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      p.tab, p.tile_layer, part.mutable_data_ptr<acc_t>());
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
+  sum_tiles_kernel<acc_t><<<static_cast<unsigned>(p.L), 1, 0, stream>>>(p.tab, part.mutable_data_ptr<acc_t>(),
+                                                                          out.mutable_data_ptr<acc_t>());
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
-at::ScalarType out_type(at::TensorList weights) {
+ScalarType out_type(const TensorList& weights) {
   for (const auto& W : weights)
-    if (W.scalar_type() == at::kDouble) return at::kDouble;
-  return at::kFloat;
+    if (W.scalar_type() == kDouble) return kDouble;
+  return kFloat;
 }
 
 // Runs `fn(group weights, us, vs)` (returning the group's estimates) once per weight dtype
 // and scatters into one output of the op's dtype.
 template <typename F>
-at::Tensor by_dtype(at::TensorList weights, at::TensorList us, at::TensorList vs, F&& fn) {
-  const auto dev = weights[0].device();
-  std::map<at::ScalarType, std::vector<int64_t>> groups;
+Tensor by_dtype(const TensorList& weights, const TensorList& us, const TensorList& vs, F&& fn) {
+  const Device dev = weights[0].device();
+  std::map<ScalarType, std::vector<int64_t>> groups;
   for (int64_t l = 0; l < static_cast<int64_t>(weights.size()); ++l) groups[weights[l].scalar_type()].push_back(l);
-  const auto odt = out_type(weights);
-  auto out = at::empty({static_cast<int64_t>(weights.size())}, at::TensorOptions().dtype(odt).device(dev));
+  const ScalarType odt = out_type(weights);
+  Tensor out = empty({static_cast<int64_t>(weights.size())}, odt, dev);
   for (const auto& [st, idx] : groups) {
-    std::vector<at::Tensor> gw, gu, gv;
+    TensorList gw, gu, gv;
     for (int64_t l : idx) {
       gw.push_back(weights[l]);
       gu.push_back(us[l]);
       gv.push_back(vs[l]);
     }
-    at::Tensor est;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "specreg_fast_dense_cuda",
-                                    [&] { est = fn.template operator()<scalar_t>(gw, gu, gv); });
-    if (groups.size() == 1) return est.to(odt);  // the usual case: one dtype
-    auto host = at::empty({static_cast<int64_t>(idx.size())}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-    std::memcpy(host.data_ptr<int64_t>(), idx.data(), sizeof(int64_t) * idx.size());
-    out.index_copy_(0, host.to(dev, /*non_blocking=*/true), est.to(odt));
+    Tensor est;
+    switch (st) {  // the dtypes check_list admits
+      case kFloat: est = fn.template operator()<float>(gw, gu, gv); break;
+      case kDouble: est = fn.template operator()<double>(gw, gu, gv); break;
+      case kHalf: est = fn.template operator()<c10::Half>(gw, gu, gv); break;
+      case kBFloat16: est = fn.template operator()<c10::BFloat16>(gw, gu, gv); break;
+      default: SF_CHECK(false, "specreg_fast: no CUDA kernel for weights of dtype ", dtype_name(st));
+    }
+    if (groups.size() == 1) return torch::stable::to(est, odt);  // the usual case: one dtype
+    Tensor host = torch::stable::empty({static_cast<int64_t>(idx.size())}, ScalarType::Long, std::nullopt,
+                                       Device(DeviceType::CPU), /*pin_memory=*/true);
+    std::memcpy(host.mutable_data_ptr(), idx.data(), sizeof(int64_t) * idx.size());
+    index_copy0_(out, torch::stable::to(host, dev, /*non_blocking=*/true), torch::stable::to(est, odt));
   }
   return out;
 }
 
-at::Tensor sigma_cuda(at::TensorList weights, at::TensorList us, at::TensorList vs) {
+Tensor sigma_cuda(const TensorList& weights, const TensorList& us, const TensorList& vs) {
   check_list(weights, us, vs, "specreg_fast::sigma", /*writes=*/false);
-  if (weights.empty()) return at::zeros({0}, at::TensorOptions().dtype(at::kFloat));
-  const c10::cuda::CUDAGuard guard(weights[0].device());
-  at::NoGradGuard no_grad;
+  if (weights.empty()) return zeros({0}, kFloat, Device(DeviceType::CPU));
+  const torch::stable::accelerator::DeviceGuard guard(weights[0].get_device_index());
+  const NoGradGuard no_grad;
   return by_dtype(weights, us, vs, []<typename scalar_t>(const auto& w, const auto& u, const auto& v) {
     return sigma_group<scalar_t>(w, u, v);
   });
 }
 
-at::Tensor power_step_cuda(at::TensorList weights, at::TensorList us, at::TensorList vs, int64_t n_iter,
-                           double tol) {
+Tensor power_step_cuda(const TensorList& weights, const TensorList& us, const TensorList& vs, int64_t n_iter,
+                       double tol) {
   const char* op = "specreg_fast::power_step_";
   check_list(weights, us, vs, op, /*writes=*/true);
-  check_n_iter(op, n_iter);
-  TORCH_CHECK_VALUE(tol >= 0.0 && std::isfinite(tol), op, ": tol must be finite and >= 0, got ", tol);
-  if (weights.empty()) return at::zeros({0}, at::TensorOptions().dtype(at::kFloat));
+  check_n_iter_stable(op, n_iter);
+  SF_CHECK_VALUE(tol >= 0.0 && std::isfinite(tol), op, ": tol must be finite and >= 0, got ", tol);
+  if (weights.empty()) return zeros({0}, kFloat, Device(DeviceType::CPU));
   if (n_iter == 0) return sigma_cuda(weights, us, vs);  // no step: u^T W v at the current vectors
-  const c10::cuda::CUDAGuard guard(weights[0].device());
-  at::NoGradGuard no_grad;
+  const torch::stable::accelerator::DeviceGuard guard(weights[0].get_device_index());
+  const NoGradGuard no_grad;
   return by_dtype(weights, us, vs, [n_iter, tol]<typename scalar_t>(const auto& w, const auto& u, const auto& v) {
     return power_step_group<scalar_t>(w, u, v, n_iter, tol);
   });
@@ -223,19 +290,19 @@ at::Tensor power_step_cuda(at::TensorList weights, at::TensorList us, at::Tensor
 
 // The value of sigma read off `est` (power_step_'s return at these us/vs): sigma's checks, and
 // est one estimate per layer of the op's dtype; a copy (as the CPU kernel, csrc/cpu/power_step_cpu.cpp).
-at::Tensor sigma_from_step_cuda(at::TensorList weights, at::TensorList us, at::TensorList vs, const at::Tensor& est) {
+Tensor sigma_from_step_cuda(const TensorList& weights, const TensorList& us, const TensorList& vs, const Tensor& est) {
   const char* op = "specreg_fast::sigma_from_step";
   check_list(weights, us, vs, op, /*writes=*/false);
-  check_step_estimate(op, weights, est, out_type(weights));
-  return est.clone();
+  check_step_estimate_stable(op, weights, est, out_type(weights));
+  return torch::stable::clone(est);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(specreg_fast, CUDA, m) {
-  m.impl("power_step_", &power_step_cuda);
-  m.impl("sigma", &sigma_cuda);
-  m.impl("sigma_from_step", &sigma_from_step_cuda);
+STABLE_TORCH_LIBRARY_IMPL(specreg_fast, CUDA, m) {
+  m.impl("power_step_", TORCH_BOX(&power_step_cuda));
+  m.impl("sigma", TORCH_BOX(&sigma_cuda));
+  m.impl("sigma_from_step", TORCH_BOX(&sigma_from_step_cuda));
 }
 
 }  // namespace cuda
