@@ -6,10 +6,15 @@ functions), never a C++ symbol (``at::``, ``c10::``, ``torch::``), which would t
 torch minor it was built with. Read off the dynamic symbol table (``nm -D --undefined-only``),
 as a user's loader sees it. The CPU libraries must not need a CUDA library either, so that a
 torch of another CUDA major, or a CPU-only one, still loads them.
+
+specreg_fast._C_cuda's CUDA kernels (csrc/cuda/*.cu) are on the stable ABI too (nvcc compiles
+them with TORCH_TARGET_VERSION): their objects are held to the same rule, and the library as a
+whole is, once its conv sources (still ATen, csrc/cuda/*.cpp) are ported.
 """
 import functools
 import glob
 import os
+import re
 import shutil
 import subprocess
 
@@ -20,9 +25,10 @@ import specreg_fast
 from specreg_fast import ops
 
 PKG = os.path.dirname(specreg_fast.__file__)
+ROOT = os.path.dirname(PKG)
 TORCH_LIB = os.path.join(os.path.dirname(torch.__file__), "lib")
 # The libraries still written against ATen's C++ API (the rest of the port: csrc/conv_module.cpp,
-# csrc/cuda/cuda_module.cpp); checked for the CUDA dependency only.
+# and the conv sources of _C_cuda, csrc/cuda/*.cpp); checked for the CUDA dependency only.
 NOT_YET_STABLE = ("_C_conv", "_C_cuda")
 
 pytestmark = pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils)")
@@ -34,7 +40,10 @@ def _lib(name):
 
 
 def _nm(path, *flags):
-    out = subprocess.run(["nm", "-D", *flags, path], check=True, capture_output=True, text=True).stdout
+    # a shared library: its dynamic symbols (what the loader resolves); an object file has none,
+    # so there the whole symbol table
+    dyn = ["-D"] if not path.endswith(".o") else []
+    out = subprocess.run(["nm", *dyn, *flags, path], check=True, capture_output=True, text=True).stdout
     return [line.split()[-1] for line in out.splitlines() if line.strip()]
 
 
@@ -95,6 +104,84 @@ def test_the_check_sees_a_library_on_atens_cpp_api():
     """The same check flags the conv library, still on ATen's C++ API: the check can fail."""
     bad = unstable_symbols(_lib("_C_conv"))
     assert any(s.startswith(("at::", "c10::")) for s in bad), bad[:10]
+
+
+# ----------------------------------------------------------------------------- _C_cuda
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
+_ATEN_INCLUDE = re.compile(r"^\s*#\s*include\s+<(ATen/|c10/|torch/library\.h|torch/extension\.h)", re.M)
+
+
+def _includes_aten(path, seen=None):
+    """Whether `path`, or a file of the project it includes, includes an ATen/c10 header."""
+    seen = set() if seen is None else seen
+    path = os.path.normpath(path)
+    if path in seen or not os.path.exists(path):
+        return False
+    seen.add(path)
+    with open(path) as f:
+        text = f.read()
+    if _ATEN_INCLUDE.search(text):
+        return True
+    here = os.path.dirname(path)
+    return any(_includes_aten(os.path.join(base, inc), seen)
+               for inc in _LOCAL_INCLUDE.findall(text) for base in (here, os.path.join(ROOT, "csrc")))
+
+
+def _cuda_sources():
+    """The sources of _C_cuda (setup.py: csrc/cuda/*.cu and *.cpp)."""
+    return sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) +
+                  glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+
+
+_ATEN_CUDA_SOURCES = [os.path.relpath(p, ROOT) for p in _cuda_sources() if _includes_aten(p)]
+
+
+def test_cuda_kernels_include_no_aten():
+    """The dense CUDA kernels are on the stable ABI (their host code reaches torch through
+    torch::stable and the C shim): no ATen/c10 header, directly or through a project header."""
+    cu = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
+    assert cu
+    assert [p for p in cu if _includes_aten(p)] == []
+    # the scan sees an ATen source (else it could not fail)
+    assert _includes_aten(os.path.join(ROOT, "csrc", "power_step_checks.h"))
+
+
+def _cuda_objects():
+    """The objects of the stable .cu sources from this tree's last build_ext (build/temp*), when
+    they are not older than their source (an editable or wheel build may keep them elsewhere)."""
+    out = []
+    for src in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
+        rel = os.path.relpath(src, ROOT)
+        objs = glob.glob(os.path.join(ROOT, "build", "temp*", os.path.splitext(rel)[0] + ".o"))
+        objs = [o for o in objs if os.path.getmtime(o) >= os.path.getmtime(src)]
+        if objs:
+            out.append(max(objs, key=os.path.getmtime))
+    return out
+
+
+@pytest.mark.skipif(not _cuda_objects(), reason="no up-to-date object of csrc/cuda/*.cu under build/ "
+                                                "(FORCE_CUDA=1 setup.py build_ext --inplace makes them)")
+@pytest.mark.parametrize("obj", _cuda_objects(), ids=os.path.basename)
+def test_cuda_kernel_objects_use_only_the_stable_c_shim(obj):
+    """Each object of the dense CUDA kernels, as linked into _C_cuda: no C++ symbol of torch,
+    only the stable C shim, the CUDA runtime and the C/C++ runtime."""
+    bad = unstable_symbols(obj)
+    assert bad == [], f"{os.path.basename(obj)} uses {len(bad)} symbols outside the stable C shim: {bad[:20]}"
+    undefined = _nm(obj, "--undefined-only")
+    assert any(s == "aoti_torch_get_current_cuda_stream" for s in undefined)  # the stream, through the shim
+    assert any(s.startswith("cuda") for s in undefined)  # and the runtime (the SM count)
+
+
+@pytest.mark.skipif(_lib("_C_cuda") is None, reason="specreg_fast._C_cuda is not built")
+@pytest.mark.xfail(bool(_ATEN_CUDA_SOURCES), strict=True,
+                   reason=f"the conv sources of _C_cuda are still on ATen's C++ API: {_ATEN_CUDA_SOURCES}")
+def test_cuda_library_uses_only_the_stable_c_shim():
+    """_C_cuda as a whole. Expected to fail (strict) while ATen sources remain in it; once the
+    conv port lands, the same test must pass."""
+    path = _lib("_C_cuda")
+    bad = unstable_symbols(path)
+    assert bad == [], f"{os.path.basename(path)} uses {len(bad)} symbols outside the stable C shim: {bad[:20]}"
+    assert any(_is_stable_shim(s) for s in _nm(path, "--undefined-only"))
 
 
 @pytest.mark.parametrize("name", ["_C", "_C_conv"])

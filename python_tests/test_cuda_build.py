@@ -7,6 +7,7 @@ GPU execution itself is tested only where ``torch.cuda.is_available()`` (never o
 """
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -199,7 +200,7 @@ def test_gpu_batched_power_matches_reference(m, n):
 # one std::thread per CUDA thread, barriers for __syncthreads and warp shuffles) and run with
 # the table and launch sequence of power_step_cuda.cu. What this checks: the device code's
 # indexing, vectorized/strided loads, warp and block reductions, the partial-sum layout and
-# the finalize conventions. What it cannot: the ATen glue of power_step_cuda.cu (allocation,
+# the finalize conventions. What it cannot: the stable-ABI glue of power_step_cuda.cu (allocation,
 # pinned upload, stream), timing, and anything specific to real GPU memory ordering.
 _EMU_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
@@ -214,7 +215,11 @@ def cuda_emulator(tmp_path_factory):
     out = tmp_path_factory.mktemp("cuda_emu") / "emu.so"
     tinc = os.path.join(os.path.dirname(torch.__file__), "include")
     src = os.path.join(ROOT, "scripts", "cuda_emulate", "emulate_power_step.cpp")
-    r = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-I", os.path.join(ROOT, "csrc"),
+    # setup.py's stable-ABI target, as nvcc compiles the kernels: only torch's header-only types
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        major, minor = map(int, re.search(r"^TORCH_TARGET = \((\d+), (\d+)\)", f.read(), re.M).groups())
+    target = f"-DTORCH_TARGET_VERSION=0x{major:02x}{minor:02x}000000000000"
+    r = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", target, "-I", os.path.join(ROOT, "csrc"),
                         "-I", os.path.join(ROOT, "scripts", "cuda_emulate"), "-I", tinc, src, "-o", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]

@@ -1,27 +1,41 @@
 """Every CUDA kernel of the package runs under the host emulation (scripts/cuda_emulate, the
-tests in test_cuda_build.py): each ``__global__`` function of csrc/cuda/ is launched by the
-emulator. A new kernel fails this test until the emulator drives it too."""
+tests in test_cuda_build.py): each ``__global__`` function of csrc/cuda/ is launched by a launch
+sequence of csrc/cuda/power_step_kernels.cuh (launch_power_steps, launch_sigma), the host code
+launches kernels only through those sequences, and the emulator runs every sequence. A new kernel
+fails this test until the emulator drives it too."""
 import glob
 import os
 import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _GLOBAL = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(")
-_LAUNCH = re.compile(r"\b(\w+_kernel)\s*<[^;]*?>\s*\(")
+# a kernel named in a launch sequence: launch(&name_kernel<...>, grid, block, args...)
+_SEQ_LAUNCH = re.compile(r"\blaunch\(\s*&(\w+_kernel)\s*<")
+_SEQUENCE = re.compile(r"^void\s+(launch_\w+)\s*\(", re.M)
 
 
-def _kernels_in(paths, pattern):
-    found = set()
+def _read(paths):
+    out = ""
     for p in paths:
         with open(p) as f:
-            found |= set(pattern.findall(f.read()))
-    return found
+            out += f.read()
+    return out
 
 
 def test_every_cuda_kernel_is_emulated():
     cuda_sources = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu*"))
-    kernels = _kernels_in(cuda_sources, _GLOBAL)
+    kernels = set(_GLOBAL.findall(_read(cuda_sources)))
     assert {"fused_rows_kernel", "reduce_partials_kernel", "finalize_kernel", "bilinear_rows_kernel",
             "sum_tiles_kernel"} <= kernels, kernels
-    emulated = _kernels_in(glob.glob(os.path.join(ROOT, "scripts", "cuda_emulate", "*.cpp")), _LAUNCH)
-    assert kernels <= emulated, f"CUDA kernels not run by scripts/cuda_emulate: {sorted(kernels - emulated)}"
+    seq_header = _read([os.path.join(ROOT, "csrc", "cuda", "power_step_kernels.cuh")])
+    launched = set(_SEQ_LAUNCH.findall(seq_header))
+    assert kernels <= launched, f"CUDA kernels in no launch sequence: {sorted(kernels - launched)}"
+    sequences = set(_SEQUENCE.findall(seq_header))
+    assert {"launch_power_steps", "launch_sigma"} <= sequences, sequences
+    emulator = _read(glob.glob(os.path.join(ROOT, "scripts", "cuda_emulate", "*.cpp")))
+    missing = [s for s in sorted(sequences) if not re.search(rf"\b{s}\s*<", emulator)]
+    assert not missing, f"launch sequences not run by scripts/cuda_emulate: {missing}"
+    # the host code launches through the sequences only: one <<<...>>> (its launcher), no kernel by name
+    host = _read(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    assert host.count("<<<") == 1, "csrc/cuda/*.cu launch kernels outside the shared launch sequences"
+    assert not {k for k in kernels if re.search(rf"\b{k}\b", host)}, "a .cu names a kernel directly"

@@ -104,11 +104,22 @@ int64_t multiprocessor_count(int32_t device) {
 // Table, tile map, flags and tile counts of one dtype group, in one pinned buffer copied
 // to the device on the current stream without waiting.
 struct Plan {
-  Tensor dev;  // bytes on the device
+  HostTable ht;  // the host copy (sizes and counts)
+  Tensor dev;    // bytes on the device
   const LayerDesc* tab = nullptr;
   const int* tile_layer = nullptr;
   int* flags = nullptr;
   int64_t L = 0, ntiles = 0, sum_m = 0, sum_n = 0, sum_part = 0, max_n = 0;
+};
+
+// Launches a kernel of the shared sequence (power_step_kernels.cuh) on `stream`.
+struct StreamLauncher {
+  cudaStream_t stream;
+  template <typename... KArgs, typename... Args>
+  void operator()(void (*kernel)(KArgs...), LaunchDim grid, LaunchDim block, Args... args) const {
+    kernel<<<dim3(grid.x, grid.y), dim3(block.x, block.y), 0, stream>>>(args...);
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 };
 
 std::vector<HostLayer> host_layers(const TensorList& ws, const TensorList& us, const TensorList& vs) {
@@ -127,7 +138,8 @@ int64_t rows_per_tile_for(const TensorList& ws) {
 Plan make_plan(const TensorList& ws, const TensorList& us, const TensorList& vs, int64_t rows_per_tile) {
   Plan p;
   p.L = static_cast<int64_t>(ws.size());
-  HostTable ht = build_table(host_layers(ws, us, vs), rows_per_tile);
+  p.ht = build_table(host_layers(ws, us, vs), rows_per_tile);
+  const HostTable& ht = p.ht;
   const auto& descs = ht.descs;
   const auto& tile_layer = ht.tile_layer;
   const auto& flags = ht.flags;
@@ -173,35 +185,29 @@ Tensor power_step_group(const TensorList& ws, const TensorList& us, const Tensor
   Tensor u0 = cat_or_empty(us, acc, dev);  // start-of-call copies for the roll-back
   Tensor v0 = cat_or_empty(vs, acc, dev);
   Tensor est = zeros({p.L}, acc, dev);
-  const cudaStream_t stream = current_stream(dev.index());
-  const unsigned col_blocks = static_cast<unsigned>((p.max_n + kReduceCols - 1) / kReduceCols);
   InterruptPollStable poll("specreg_fast::power_step_");
-  for (int64_t it = 0; it < n_iter; ++it) {
-    if (it > 0 && poll.interrupted()) {  // the launch queue is full: this runs at the GPU's pace
-      int64_t ou = 0, ov = 0;
-      for (size_t l = 0; l < us.size(); ++l) {
-        Tensor u = us[l], v = vs[l];
-        if (u.numel()) torch::stable::copy_(u, torch::stable::narrow(u0, 0, ou, u.numel()));
-        if (v.numel()) torch::stable::copy_(v, torch::stable::narrow(v0, 0, ov, v.numel()));
-        ou += u.numel();
-        ov += v.numel();
-      }
-      poll.raise();
+  auto before_step = [&](int64_t it) {
+    if (it == 0 || !poll.interrupted()) return;  // the launch queue is full: this runs at the GPU's pace
+    int64_t ou = 0, ov = 0;
+    for (size_t l = 0; l < us.size(); ++l) {
+      Tensor u = us[l], v = vs[l];
+      if (u.numel()) torch::stable::copy_(u, torch::stable::narrow(u0, 0, ou, u.numel()));
+      if (v.numel()) torch::stable::copy_(v, torch::stable::narrow(v0, 0, ov, v.numel()));
+      ou += u.numel();
+      ov += v.numel();
     }
-    if (p.ntiles > 0) {
-      fused_rows_kernel<scalar_t, acc_t><<<static_cast<unsigned>(p.ntiles), kThreads, 0, stream>>>(
-          p.tab, p.tile_layer, p.flags, t.mutable_data_ptr<acc_t>(), part.mutable_data_ptr<acc_t>());
-      STD_CUDA_KERNEL_LAUNCH_CHECK();
-      reduce_partials_kernel<acc_t><<<dim3(col_blocks, static_cast<unsigned>(p.L)), dim3(kReduceCols, kReduceLanes), 0,
-                                      stream>>>(
-          p.tab, p.flags, part.mutable_data_ptr<acc_t>(), a.mutable_data_ptr<acc_t>());
-      STD_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    finalize_kernel<acc_t><<<static_cast<unsigned>(p.L), kReduceThreads, 0, stream>>>(
-        p.tab, p.flags, est.mutable_data_ptr<acc_t>(), t.mutable_data_ptr<acc_t>(), a.mutable_data_ptr<acc_t>(),
-        u0.mutable_data_ptr<acc_t>(), v0.mutable_data_ptr<acc_t>(), tol, it == 0);
-    STD_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+    poll.raise();
+  };
+  const StepBuffers<acc_t> b{p.tab,
+                             p.tile_layer,
+                             p.flags,
+                             t.mutable_data_ptr<acc_t>(),
+                             a.mutable_data_ptr<acc_t>(),
+                             part.mutable_data_ptr<acc_t>(),
+                             est.mutable_data_ptr<acc_t>(),
+                             u0.const_data_ptr<acc_t>(),
+                             v0.const_data_ptr<acc_t>()};
+  launch_power_steps<scalar_t, acc_t>(p.ht, b, n_iter, tol, StreamLauncher{current_stream(dev.index())}, before_step);
   return est;
 }
 
@@ -214,13 +220,8 @@ Tensor sigma_group(const TensorList& ws, const TensorList& us, const TensorList&
   Tensor out = zeros({p.L}, acc, dev);
   if (p.ntiles == 0) return out;
   Tensor part = empty({p.ntiles}, acc, dev);
-  const cudaStream_t stream = current_stream(dev.index());
-  bilinear_rows_kernel<scalar_t, acc_t><<<static_cast<unsigned>(p.ntiles), kThreads, 0, stream>>>(
-      p.tab, p.tile_layer, part.mutable_data_ptr<acc_t>());
-  STD_CUDA_KERNEL_LAUNCH_CHECK();
-  sum_tiles_kernel<acc_t><<<static_cast<unsigned>(p.L), 1, 0, stream>>>(p.tab, part.mutable_data_ptr<acc_t>(),
-                                                                          out.mutable_data_ptr<acc_t>());
-  STD_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_sigma<scalar_t, acc_t>(p.ht, p.tab, p.tile_layer, part.mutable_data_ptr<acc_t>(), out.mutable_data_ptr<acc_t>(),
+                                StreamLauncher{current_stream(dev.index())});
   return out;
 }
 

@@ -264,5 +264,56 @@ inline HostTable build_table(const std::vector<HostLayer>& layers, int64_t rows_
   return p;
 }
 
+// ----------------------------------------------------------------------------- launch sequence (host)
+// The kernels of one power_step_ / sigma call, in order and with their grids, shared by
+// power_step_cuda.cu (which launches them on the current stream) and scripts/cuda_emulate/
+// (which runs them on the host), so that the emulator tests this sequence itself.
+// `launch(kernel, grid, block, args...)` runs one kernel.
+struct LaunchDim {
+  unsigned x = 1, y = 1;
+};
+
+// The device buffers of a power step: the table, tile map and flags (build_table's, uploaded),
+// t (sum_m), a (sum_n), the partials (sum_part), the estimates (L, zeroed) and the start-of-call
+// vectors u0 (sum_m) and v0 (sum_n).
+template <typename acc_t>
+struct StepBuffers {
+  const LayerDesc* tab;
+  const int* tile_layer;
+  int* flags;
+  acc_t *t, *a, *part, *est;
+  const acc_t *u0, *v0;
+};
+
+// n_iter steps; `before_step(it)` runs on the host before each (the interrupt poll).
+template <typename scalar_t, typename acc_t, typename Launch, typename BeforeStep>
+void launch_power_steps(const HostTable& p, const StepBuffers<acc_t>& b, int64_t n_iter, double tol, Launch&& launch,
+                        BeforeStep&& before_step) {
+  const auto L = static_cast<unsigned>(p.descs.size());
+  const auto tiles = static_cast<unsigned>(p.ntiles);
+  const auto col_blocks = static_cast<unsigned>((p.max_n + kReduceCols - 1) / kReduceCols);
+  for (int64_t it = 0; it < n_iter; ++it) {
+    before_step(it);
+    if (tiles > 0) {
+      launch(&fused_rows_kernel<scalar_t, acc_t>, LaunchDim{tiles}, LaunchDim{kThreads}, b.tab, b.tile_layer, b.flags,
+             b.t, b.part);
+      launch(&reduce_partials_kernel<acc_t>, LaunchDim{col_blocks, L}, LaunchDim{kReduceCols, kReduceLanes}, b.tab,
+             b.flags, b.part, b.a);
+    }
+    launch(&finalize_kernel<acc_t>, LaunchDim{L}, LaunchDim{kReduceThreads}, b.tab, b.flags, b.est, b.t, b.a, b.u0,
+           b.v0, tol, it == 0);
+  }
+}
+
+// u^T W v per layer into out (L, zeroed): part holds one partial per tile (ntiles).
+template <typename scalar_t, typename acc_t, typename Launch>
+void launch_sigma(const HostTable& p, const LayerDesc* tab, const int* tile_layer, acc_t* part, acc_t* out,
+                  Launch&& launch) {
+  if (p.ntiles == 0) return;
+  launch(&bilinear_rows_kernel<scalar_t, acc_t>, LaunchDim{static_cast<unsigned>(p.ntiles)}, LaunchDim{kThreads}, tab,
+         tile_layer, part);
+  launch(&sum_tiles_kernel<acc_t>, LaunchDim{static_cast<unsigned>(p.descs.size())}, LaunchDim{1}, tab, part, out);
+}
+
 }  // namespace cuda
 }  // namespace specreg_fast

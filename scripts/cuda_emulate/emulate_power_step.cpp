@@ -1,11 +1,14 @@
 // The CUDA dense power-step kernels (csrc/cuda/power_step_kernels.cuh), compiled as host C++
-// over cuda_shim.h and driven with the same table and launch sequence as
-// csrc/cuda/power_step_cuda.cu. Built into a shared library by python_tests/test_cuda_build.py
-// and called through ctypes on CPU tensors; checks the device code without a GPU.
+// over cuda_shim.h and driven by the same table (build_table) and the same launch sequence
+// (launch_power_steps, launch_sigma) as csrc/cuda/power_step_cuda.cu. Built into a shared
+// library by python_tests/test_cuda_build.py and called through ctypes on CPU tensors; checks the
+// device code and its launch sequence without a GPU.
 #include "cuda_shim.h"
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+// the header-only half types, as csrc/cuda/power_step_cuda.cu instantiates the kernels with
+// (the stable ABI: no c10 library code)
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <cstring>
 
@@ -22,6 +25,14 @@ std::vector<HostLayer> layers_of(int L, const int64_t* dims, void* const* w, voi
   return out;
 }
 
+// Runs a kernel of the shared launch sequence (power_step_kernels.cuh) as a grid of host threads.
+struct EmuLauncher {
+  template <typename... KArgs, typename... Args>
+  void operator()(void (*kernel)(KArgs...), LaunchDim grid, LaunchDim block, Args... args) const {
+    emu::launch({grid.x, grid.y, 1}, {block.x, block.y, 1}, [&] { kernel(args...); });
+  }
+};
+
 template <typename scalar_t>
 void power_step(int L, const int64_t* dims, void* const* w, void* const* u, void* const* v, int64_t n_iter, double tol,
                 int64_t sms, void* est_out) {
@@ -31,28 +42,15 @@ void power_step(int L, const int64_t* dims, void* const* w, void* const* u, void
   HostTable p = build_table(layers, rows);
   std::vector<acc_t> t(std::max<int64_t>(p.sum_m, 1)), a(std::max<int64_t>(p.sum_n, 1)),
       part(std::max<int64_t>(p.sum_part, 1)), u0(std::max<int64_t>(p.sum_m, 1)), v0(std::max<int64_t>(p.sum_n, 1));
-  for (int l = 0; l < L; ++l) {  // start-of-call copies (at::cat in the CUDA glue)
+  for (int l = 0; l < L; ++l) {  // start-of-call copies (aten::cat in the CUDA glue)
     std::memcpy(u0.data() + p.descs[l].t_off, u[l], sizeof(acc_t) * p.descs[l].m);
     std::memcpy(v0.data() + p.descs[l].a_off, v[l], sizeof(acc_t) * p.descs[l].n);
   }
   std::vector<acc_t> est(L, acc_t(0));
   std::vector<int> flags = p.flags;
-  const unsigned col_blocks = static_cast<unsigned>((p.max_n + kReduceCols - 1) / kReduceCols);
-  for (int64_t it = 0; it < n_iter; ++it) {
-    if (p.ntiles > 0) {
-      emu::launch({static_cast<unsigned>(p.ntiles), 1, 1}, {kThreads, 1, 1}, [&] {
-        fused_rows_kernel<scalar_t, acc_t>(p.descs.data(), p.tile_layer.data(), flags.data(), t.data(), part.data());
-      });
-      emu::launch({col_blocks, static_cast<unsigned>(L), 1}, {kReduceCols, kReduceLanes, 1}, [&] {
-        reduce_partials_kernel<acc_t>(p.descs.data(), flags.data(), part.data(), a.data());
-      });
-    }
-    const bool first = it == 0;
-    emu::launch({static_cast<unsigned>(L), 1, 1}, {kReduceThreads, 1, 1}, [&] {
-      finalize_kernel<acc_t>(p.descs.data(), flags.data(), est.data(), t.data(), a.data(), u0.data(), v0.data(), tol,
-                             first);
-    });
-  }
+  const StepBuffers<acc_t> b{p.descs.data(), p.tile_layer.data(), flags.data(), t.data(), a.data(), part.data(),
+                             est.data(),     u0.data(),           v0.data()};
+  launch_power_steps<scalar_t, acc_t>(p, b, n_iter, tol, EmuLauncher{}, [](int64_t) {});
   std::memcpy(est_out, est.data(), sizeof(acc_t) * L);
 }
 
@@ -62,13 +60,7 @@ void sigma(int L, const int64_t* dims, void* const* w, void* const* u, void* con
   auto layers = layers_of(L, dims, w, u, v);
   HostTable p = build_table(layers, pick_rows_per_tile(layers, sizeof(scalar_t), sms));
   std::vector<acc_t> part(std::max<int64_t>(p.ntiles, 1)), res(L, acc_t(0));
-  if (p.ntiles > 0) {
-    emu::launch({static_cast<unsigned>(p.ntiles), 1, 1}, {kThreads, 1, 1}, [&] {
-      bilinear_rows_kernel<scalar_t, acc_t>(p.descs.data(), p.tile_layer.data(), part.data());
-    });
-    emu::launch({static_cast<unsigned>(L), 1, 1}, {1, 1, 1},
-                [&] { sum_tiles_kernel<acc_t>(p.descs.data(), part.data(), res.data()); });
-  }
+  launch_sigma<scalar_t, acc_t>(p, p.descs.data(), p.tile_layer.data(), part.data(), res.data(), EmuLauncher{});
   std::memcpy(out, res.data(), sizeof(acc_t) * L);
 }
 
