@@ -96,7 +96,9 @@ def get_extensions():
       ABI (one binary for every torch from ``TORCH_TARGET`` on; no CUDA dependency);
     * ``_C_conv``: the CPU conv kernels, on ATen's C++ API (the torch it was built with only);
     * ``_C_cuda``: every CUDA kernel (with ``FORCE_CUDA=1`` or a visible GPU), loaded only on a
-      torch of the same CUDA major."""
+      torch of the same CUDA major; its dense kernels (``csrc/cuda/*.cu``) are on the stable ABI,
+      its conv sources (``csrc/cuda/*.cpp``) still on ATen's C++ API, so the torch minor of the
+      build too."""
     debug = _flag("DEBUG")
     sanitize = _flag("SPECREG_FAST_SANITIZE")
     with_cuda = _want_cuda() and not sanitize

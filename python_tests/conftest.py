@@ -75,7 +75,7 @@ def pytest_sessionstart(session):
     if ops.HAS_CONV_EXT:
         libs["_C_conv"] = conv
     if specreg_fast.HAS_CUDA_EXT and not _triton_is_cuda():
-        libs["_C_cuda"] = conv + ["cuda/*"]
+        libs["_C_cuda"] = conv + ["cuda/*", "stable_*.h"]  # the .cu kernels are on the stable ABI
     for name, patterns in libs.items():
         lib = glob.glob(os.path.join(os.path.dirname(specreg_fast.__file__), f"{name}.*so"))
         sources = [f for p in patterns for f in glob.glob(os.path.join(root, "csrc", p))]
