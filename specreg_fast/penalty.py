@@ -322,6 +322,8 @@ class SpectralPenalty(nn.Module):
         self._first_call()
         if not self._ready:
             self._finalize_autocast_off()
+        if self._set.sharded_seen and torch.compiler.is_compiling():
+            return self._eager_forward(update)
         upd = self.training and self.update if update is None else bool(update)
         eig = self._eig_terms
         self._eig_terms = []
@@ -344,6 +346,17 @@ class SpectralPenalty(nn.Module):
             g = self.gammas.max() if self.gammas.numel() else 0.0
             total = total + g * torch.stack(eig).sum()
         return torch.where(active, total, torch.zeros_like(total)) if compiling else total
+
+    # Sharded (DTensor) weights under torch.compile: the penalty runs eagerly, a graph break
+    # (the model's own graphs, per block or whole, stay compiled). Dynamo cannot trace the
+    # sharded step: it reads FSDP2's per-parameter records and DTensor shard layouts, issues
+    # in-place c10d all-reduces inside a custom autograd.Function, and dynamo's tracking of
+    # FSDP2 modules fails on it (torch 2.14). The eager call is the eager route exactly:
+    # its schedule, warm start, values and gradients.
+    @torch.compiler.disable(reason="SpectralPenalty on sharded (DTensor) weights runs eagerly: its power step issues "
+                                   "all-reduces on the shards, which dynamo does not trace")
+    def _eager_forward(self, update: Optional[bool]) -> torch.Tensor:
+        return self.forward(update)
 
     def _term_gammas(self, sig: torch.Tensor) -> torch.Tensor:
         return self._set.term_gammas(self.gammas, sig)
