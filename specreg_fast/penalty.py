@@ -105,6 +105,11 @@ class SpectralPenalty(nn.Module):
     their term is held at its last estimate (``last_sigmas``) until they are unfrozen (on
     sharded weights too, with no collective for them).
 
+    On sharded (DTensor) weights (FSDP2, tensor parallel) the penalty runs eagerly also when
+    it is called inside a ``torch.compile``-d step: its call is a graph break, the model's
+    graphs around it stay compiled (dynamo does not trace the all-reduces of the sharded
+    power step); a ``fullgraph=True`` step cannot contain it (docs: Distributed training).
+
     The penalty is per linear map (:mod:`specreg_fast.layers`): an attention block gives its
     q, k, v and output maps, each its own term; the groups of a conv with non-overlapping
     patches are blocks of one operator, whose term is ``gamma * max_g sigma_g^2``.
