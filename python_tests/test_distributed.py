@@ -475,3 +475,37 @@ def test_fsdp2_example_runs_under_torchrun():
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("step ") == 5 and "sigmas {'0':" in out.stdout, out.stdout
+
+
+@pytest.mark.slow  # about 45 s on a loaded 2-core machine (torchrun, 2 processes, transformers import)
+def test_llama_fsdp2_tp_example_runs_under_torchrun():
+    """examples/llama_fsdp2_tp_cpu.py (a transformers Llama: TP attention, FSDP2 MLPs, 2 gloo
+    ranks, torchrun) for 2 steps: its sigmas are the single-process run's (same model,
+    batches, optimizer)."""
+    import importlib.util
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    example = os.path.join(root, "examples", "llama_fsdp2_tp_cpu.py")
+    out = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", example, "--steps", "2"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("step ") == 2, out.stdout
+    got = json.loads(out.stdout.split("sigmas ", 1)[1].splitlines()[0])
+    spec = importlib.util.spec_from_file_location("llama_fsdp2_tp_cpu", example)
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    model = ex.make_model()
+    pen = ex.make_penalty(model)
+    ex.train(model, pen, 2, log=lambda _: None)
+    want = pen.sigmas()
+    assert list(got) == list(want) and len(want) == 14, list(got)
+    _close(list(got.values()), list(want.values()), "example sigmas after 2 steps", rel=1e-4)

@@ -26,6 +26,15 @@ def _gpt2():
     return GPT2LMHeadModel(cfg)
 
 
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=16)
+    return LlamaForCausalLM(cfg)
+
+
 class _MLP(nn.Sequential):
     def __init__(self):
         torch.manual_seed(0)
@@ -48,9 +57,9 @@ class _Attn(nn.Module):
         return self.head(torch.tanh(self.fc(h))).mean(1)
 
 
-MODELS = {"gpt2": _gpt2, "mlp_tp": _MLP, "mha": _Attn, "mlp_tp_frozen": _MLP, "gpt2_split": _gpt2}
+MODELS = {"gpt2": _gpt2, "mlp_tp": _MLP, "mha": _Attn, "mlp_tp_frozen": _MLP, "gpt2_split": _gpt2, "llama": _llama}
 SCENARIOS = [(m, mode) for m in ("gpt2", "mlp_tp", "mha") for mode in ("loss", "accumulate_grad")]
-SCENARIOS += [("mlp_tp_frozen", "loss"), ("gpt2_split", "accumulate_grad")]
+SCENARIOS += [("mlp_tp_frozen", "loss"), ("gpt2_split", "accumulate_grad"), ("llama", "loss")]
 # gpt2_split: c_attn split into its q/k/v maps (split=): column blocks of each under FSDP2
 SPLIT = {f"transformer.h.{i}.attn.c_attn": 3 for i in range(2)}
 
@@ -65,7 +74,7 @@ def _freeze(name, model):
 def _batches(model):
     """Per step, one batch per rank (TP: every rank sees the first)."""
     g = torch.Generator().manual_seed(5)
-    if model.startswith("gpt2"):
+    if model.startswith(("gpt2", "llama")):
         return [[torch.randint(0, 32, (2, 8), generator=g) for _ in range(WORLD)] for _ in range(STEPS)]
     shape = (6,) if model.startswith("mlp_tp") else (5, 6)
     return [[torch.randn(2, *shape, generator=g) for _ in range(WORLD)] for _ in range(STEPS)]
@@ -125,6 +134,10 @@ def _shard(name, model):
         for block in model.transformer.h:
             fully_shard(block)
         fully_shard(model)
+    elif name == "llama":
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
     else:
         fully_shard(model.attn)
         fully_shard(model)
@@ -165,13 +178,125 @@ def _count(name, rank):
     return out
 
 
+COMPILE_STEPS = 5
+
+
+def _compiled(rank):
+    """The tiny Llama under FSDP2 per decoder layer, as torchtitan compiles it: each block
+    compiled and registered back, and the training step (model and penalty) compiled too
+    (backend aot_eager: dynamo and AOTAutograd, no C++ toolchain), against the same run
+    eager. The penalty on sharded weights runs eagerly inside the compiled step (a graph
+    break: SpectralPenalty._eager_forward)."""
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    for how in ("eager", "compiled"):
+        torch._dynamo.reset()
+        model = _llama()
+        pen = _penalty(model, "llama")
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        if how == "compiled":
+            for i, block in enumerate(model.model.layers):
+                model.model.layers.register_module(str(i), torch.compile(block, backend="aot_eager"))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+        def step(x):
+            loss = _out(model, x) + pen()
+            loss.backward()
+            return loss
+
+        run = torch.compile(step, backend="aot_eager") if how == "compiled" else step
+        hist, first = [], None
+        for xs in _batches("llama")[:COMPILE_STEPS]:
+            opt.zero_grad()
+            hist.append(float(run(xs[rank]).detach()))
+            if first is None:
+                first = [_box(q.grad) for q in model.parameters()]
+            opt.step()
+        out[how] = {"loss": hist, "grads": first, "weights": [_box(p) for p in model.parameters()],
+                    "sigmas": pen.sigmas(), "names": pen.layer_names}
+    return out
+
+
+DCP_MODELS = ("gpt2", "mlp_tp")
+
+
+def _dcp_setup(name, sharding):
+    """The model and its penalty, sharded as ``sharding``: "fsdp" (FSDP2 per block / layer),
+    "root" (FSDP2 of the root only), "tp" (the MLP's Colwise then Rowwise layers) or None
+    (one process, no sharding)."""
+    model = MODELS[name]()
+    pen = _penalty(model, name)
+    if sharding == "fsdp" and name == "mlp_tp":
+        from torch.distributed.fsdp import fully_shard
+        for m in model:
+            if isinstance(m, nn.Linear):
+                fully_shard(m)
+        fully_shard(model)
+    elif sharding == "root":
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(model)
+    elif sharding is not None:
+        _shard(name, model)
+    return model, pen
+
+
+def _dcp_save(name, ckpt, rank):
+    """3 training steps on column-sharded maps (GPT-2 under FSDP2, Rowwise TP), a DCP
+    checkpoint of the model and the penalty, and the penalty at the saved vectors."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    model, pen = _dcp_setup(name, "tp" if name == "mlp_tp" else "fsdp")
+    _train(model, pen, _batches(name)[:3], "loss", 0 if name == "mlp_tp" else rank)
+    dcp.save({"model": get_model_state_dict(model), "penalty": pen.state_dict()}, checkpoint_id=ckpt)
+    return _dcp_probe(name, model, pen, rank, loaded=None)
+
+
+def _dcp_load(name, ckpt, sharding, rank=0):
+    """Load the checkpoint into the model sharded as ``sharding`` (another placement than
+    saved, or one process), then probe the penalty."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    model, pen = _dcp_setup(name, sharding)
+    _out(model, _batches(name)[0][0])  # the forward order (readout) before the vectors are created
+    pen.layer_names
+    state = {"model": get_model_state_dict(model), "penalty": pen.state_dict()}
+    dcp.load(state, checkpoint_id=ckpt)
+    set_model_state_dict(model, state["model"])
+    pen.load_state_dict(state["penalty"])
+    loaded = {k: b.clone() for k, b in pen.state_dict().items() if isinstance(b, torch.Tensor)}
+    return _dcp_probe(name, model, pen, rank, loaded)
+
+
+def _dcp_probe(name, model, pen, rank, loaded):
+    """(buffers, the penalty at the current vectors, the sigmas one step later)."""
+    buffers = loaded if loaded is not None else {k: b.clone() for k, b in pen.state_dict().items()
+                                                 if isinstance(b, torch.Tensor)}
+    pen.eval()
+    at = pen().detach().clone()
+    pen.train()
+    pen()
+    return buffers, at, pen.last_sigmas.clone()
+
+
 def _worker(rank, out_dir):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
     try:
         res = {(n, m): _run(n, m, rank) for n, m in SCENARIOS}
-        res["comm"] = {n: _count(n, rank) for n in MODELS if n != "gpt2_split"}
+        res["comm"] = {n: _count(n, rank) for n in MODELS if n not in ("gpt2_split", "llama")}
+        res["compiled"] = _compiled(rank)
+        for n in DCP_MODELS:
+            res[("dcp_saved", n)] = _dcp_save(n, os.path.join(out_dir, f"ckpt_{n}"), rank)
+        # loaded at 2 ranks with other placements: the TP MLP under FSDP2 (its Rowwise layer's
+        # map row-sharded now), GPT-2 under FSDP2 of the root only
+        res[("dcp_resharded", "mlp_tp")] = _dcp_load("mlp_tp", os.path.join(out_dir, "ckpt_mlp_tp"), "fsdp", rank)
+        res[("dcp_resharded", "gpt2")] = _dcp_load("gpt2", os.path.join(out_dir, "ckpt_gpt2"), "root", rank)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -184,7 +309,10 @@ def ranks(tmp_path_factory):
     pytest.importorskip("transformers")
     out = tmp_path_factory.mktemp("maps")
     mp.spawn(_worker, args=(str(out),), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    res = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for r in res:
+        r["dir"] = out
+    return res
 
 
 def _close(a, b, what, rel=1e-5):
@@ -240,3 +368,36 @@ def test_column_and_row_blocks_two_all_reduces_per_iteration(ranks):
         assert c["mlp_tp_frozen"]["pen"] == {ar: 2}, c["mlp_tp_frozen"]
         for n in c:
             assert c[n]["acc"] == c[n]["pen"], (n, c[n])
+
+
+def test_compiled_blocks_and_step_equal_eager(ranks):
+    """torchtitan's pattern (FSDP2 per block, each block compiled, the step compiled): the
+    same losses, first-step gradients on each shard, weights and sigmas as eager."""
+    for rank, res in enumerate(ranks):
+        e, c = res["compiled"]["eager"], res["compiled"]["compiled"]
+        assert c["names"] == e["names"] and len(e["names"]) == 14, c["names"]  # 7 maps per block
+        _close(c["loss"], e["loss"], f"rank {rank} compiled losses")
+        _close(list(c["sigmas"].values()), list(e["sigmas"].values()), f"rank {rank} compiled sigmas")
+        for j, (((g, off), (G, OFF)), ((w, _), (W, _))) in enumerate(zip(zip(c["grads"], e["grads"]),
+                                                                         zip(c["weights"], e["weights"]))):
+            assert off == OFF
+            _close(g, G, f"rank {rank} compiled first-step grad of param {j}")
+            _close(w, W, f"rank {rank} compiled param {j} after {COMPILE_STEPS} steps")
+
+
+@pytest.mark.parametrize("name", DCP_MODELS)
+def test_dcp_column_sharded_maps_load_at_another_mesh(ranks, name):
+    """Saved at 2 ranks (GPT-2's Conv1D maps under FSDP2, the MLP's Rowwise TP layer: column
+    blocks), loaded at 1 process and at 2 ranks with other placements: the penalty's buffers
+    come back exactly, and the penalty at them and the sigmas one step later are the saved
+    run's."""
+    saved = ranks[0][("dcp_saved", name)]
+    single = _dcp_load(name, str(ranks[0]["dir"] / f"ckpt_{name}"), None)
+    assert len(saved[0]) > 4
+    for where, (loaded, at, stepped) in [("1 process", single)] + [
+            (f"rank {r} resharded", res[("dcp_resharded", name)]) for r, res in enumerate(ranks)]:
+        assert loaded.keys() == saved[0].keys(), where
+        for k in saved[0]:
+            assert torch.equal(loaded[k], saved[0][k]), (where, k)
+        _close(at, saved[1], f"{name} {where}: penalty at the loaded vectors")
+        _close(stepped, saved[2], f"{name} {where}: sigmas one step after loading")

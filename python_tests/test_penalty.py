@@ -627,6 +627,29 @@ def test_replacing_a_regularized_module_after_building_the_penalty_is_an_error(r
     torch.testing.assert_close(got, W.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_blocks_compiled_and_registered_back_keep_their_maps():
+    """torchtitan compiles each block and registers the ``torch.compile`` wrapper in its place
+    (``model[0] = torch.compile(model[0])``): the penalty built before follows the wrapper's
+    ``_orig_mod`` to the modules it found (the same sigmas as the model left alone), and a
+    module replaced inside the compiled block is still the error of a replaced module."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6)), nn.Tanh(), nn.Linear(6, 2))
+    twin = copy.deepcopy(model)
+    pen = sf.SpectralPenalty(model, gamma=0.1, readout="2", seed=3)
+    pen_twin = sf.SpectralPenalty(twin, gamma=0.1, readout="2", seed=3)
+    model[0] = torch.compile(model[0], backend="eager")
+    x = torch.randn(3, 5)
+    for _ in range(2):
+        (model(x).square().mean() + pen()).backward()
+        (twin(x).square().mean() + pen_twin()).backward()
+    assert pen.layer_names == ["0.0", "0.2"]
+    assert pen.sigmas() == pen_twin.sigmas()
+    torch.testing.assert_close(model[0]._orig_mod[0].weight.grad, twin[0][0].weight.grad, rtol=0, atol=0)
+    model[0]._orig_mod[2] = nn.Linear(7, 6)
+    with pytest.raises(ValueError, match=r"'0.2'.* build the penalty after changing the model"):
+        pen()
+
+
 def test_replacing_the_named_readout_before_the_first_call_is_fine():
     """The readout named by ``readout=`` is left free whichever module holds that name: a new
     head put in after building the penalty (fine-tuning) changes nothing regularized. With the

@@ -514,6 +514,9 @@ class MapSet:
         self.groups, self.sharded, self.maps, self.gammas = groups, sharded, maps, gammas
         self.block_layers = block_layers
         self._assembly: dict = {}
+        # whether a regularized weight was a DTensor at the last eager look (on creation and at
+        # every eager step): a compiled penalty call then runs eagerly (SpectralPenalty._eager_forward)
+        self.sharded_seen = _distributed.regularized_weights(sharded._root, maps) is not None
 
     def sigmas(self, update: bool, n_iter: int, record: bool, skip_frozen: bool, held: torch.Tensor):
         """The sigmas of every map (the map order), ``held`` (the last estimates) where a
@@ -521,6 +524,8 @@ class MapSet:
         ``record`` (under no_grad) ``[(group, call, live, record)]`` for :meth:`add_grads`.
         Every group prepares first (its checks raise before any vector moves), then steps."""
         sharded = self.sharded.prepare()
+        if not torch.compiler.is_compiling():
+            self.sharded_seen = sharded is not None
         groups, calls = (([self.sharded], [sharded]) if sharded is not None
                          else (self.groups, [g.prepare() for g in self.groups]))
         lives = [g.live(c, skip_frozen) for g, c in zip(groups, calls)]

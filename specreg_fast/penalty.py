@@ -105,6 +105,11 @@ class SpectralPenalty(nn.Module):
     their term is held at its last estimate (``last_sigmas``) until they are unfrozen (on
     sharded weights too, with no collective for them).
 
+    On sharded (DTensor) weights (FSDP2, tensor parallel) the penalty runs eagerly also when
+    it is called inside a ``torch.compile``-d step: its call is a graph break, the model's
+    graphs around it stay compiled (dynamo does not trace the all-reduces of the sharded
+    power step); a ``fullgraph=True`` step cannot contain it (docs: Distributed training).
+
     The penalty is per linear map (:mod:`specreg_fast.layers`): an attention block gives its
     q, k, v and output maps, each its own term; the groups of a conv with non-overlapping
     patches are blocks of one operator, whose term is ``gamma * max_g sigma_g^2``.
@@ -322,6 +327,8 @@ class SpectralPenalty(nn.Module):
         self._first_call()
         if not self._ready:
             self._finalize_autocast_off()
+        if self._set.sharded_seen and torch.compiler.is_compiling():
+            return self._eager_forward(update)
         upd = self.training and self.update if update is None else bool(update)
         eig = self._eig_terms
         self._eig_terms = []
@@ -344,6 +351,17 @@ class SpectralPenalty(nn.Module):
             g = self.gammas.max() if self.gammas.numel() else 0.0
             total = total + g * torch.stack(eig).sum()
         return torch.where(active, total, torch.zeros_like(total)) if compiling else total
+
+    # Sharded (DTensor) weights under torch.compile: the penalty runs eagerly, a graph break
+    # (the model's own graphs, per block or whole, stay compiled). Dynamo cannot trace the
+    # sharded step: it reads FSDP2's per-parameter records and DTensor shard layouts, issues
+    # in-place c10d all-reduces inside a custom autograd.Function, and dynamo's tracking of
+    # FSDP2 modules fails on it (torch 2.14). The eager call is the eager route exactly:
+    # its schedule, warm start, values and gradients.
+    @torch.compiler.disable(reason="SpectralPenalty on sharded (DTensor) weights runs eagerly: its power step issues "
+                                   "all-reduces on the shards, which dynamo does not trace")
+    def _eager_forward(self, update: Optional[bool]) -> torch.Tensor:
+        return self.forward(update)
 
     def _term_gammas(self, sig: torch.Tensor) -> torch.Tensor:
         return self._set.term_gammas(self.gammas, sig)

@@ -205,14 +205,17 @@ class Selection:
             if mp.attr is None and mp.lowrank is None:
                 continue
             path = mp.owner.split(".") if mp.owner else []
-            node, chain = self.root, []
+            node, chain, found = self.root, [], True
             for key in path:
+                node = _through_compiled(node, chain, key)
                 child = node._modules.get(key)
                 if child is None:
+                    found = False
                     break
                 chain.append((node, key, child))
                 node = child
-            if len(chain) != len(path) or node is not mp.module:
+            node = _through_compiled(node, chain, None, mp.module)
+            if not found or node is not mp.module:
                 replaced += [mp.owner] if mp.owner not in replaced else []
                 continue
             for link in chain:
@@ -225,6 +228,18 @@ class Selection:
                              f"was built), whose weights it would go on regularizing: build the penalty after "
                              f"changing the model")
         self._links[id(maps)] = (maps, out)
+
+
+def _through_compiled(node: nn.Module, chain: list, key: Optional[str], target: Optional[nn.Module] = None):
+    """``node``, or the module a ``torch.compile`` wrapper put in its place holds
+    (``OptimizedModule._orig_mod``: a block compiled and registered back, as torchtitan does),
+    the step recorded in ``chain``; taken only where ``node`` lacks ``key`` (or is not
+    ``target``)."""
+    while ((key is not None and key not in node._modules) or (key is None and node is not target)) \
+            and isinstance(node._modules.get("_orig_mod"), nn.Module):
+        chain.append((node, "_orig_mod", node._modules["_orig_mod"]))
+        node = node._modules["_orig_mod"]
+    return node
 
 
 _ACTIVATIONS = (nn.GELU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Softplus)

@@ -154,6 +154,28 @@ def distributed(results=None):
          "naive / ours bytes", "ours: time", "naive: time"], rows)
 
 
+_SHARDING = {"mlp": "FSDP2 per layer", "resnet18": "FSDP2 per layer", "llama_fsdp2": "FSDP2 per decoder layer",
+             "llama_tp": "ColwiseParallel q/k/v, gate, up; RowwiseParallel o, down",
+             "gpt2_fsdp2": "FSDP2 per block (`Conv1D`: column blocks)"}
+
+
+def distributed_counts(results=None):
+    """The Distributed page's table: collectives and payload per penalty step at 2 ranks, per model."""
+    name = "bench_distributed_cpu.json"
+    d = load(name, results)
+    rows = []
+    for r in d["rows"]:
+        if r["ranks"] != 2:
+            continue
+        rows.append([r["model"], _SHARDING.get(r["model"], ""), str(sum(r["collectives_ours"].values())),
+                     nbytes(r["payload_bytes_ours"]),
+                     f"{sum(r['collectives_naive'].values())} ({nbytes(r['payload_bytes_naive'])})",
+                     f"{r['payload_ratio_naive_to_ours']:.1f}"])
+    return _source(name, d) + table(
+        ["model", "sharding", "all-reduces per step (ours)", "payload per step (ours)",
+         "naive: all-gathers (payload)", "payload, naive / ours"], rows)
+
+
 def bounds(results=None):
     """Certified upper bounds on the ResNet-18/CIFAR conv shapes against the exact norm."""
     name = "bench_bounds.json"
@@ -240,8 +262,8 @@ def sweep(results=None):
             + table(["gamma"] + PAIRED_HEADER, paired))
 
 
-TABLES = {f.__name__: f for f in (ops, training, models, models_rerun, headline, distributed, bounds, reproduction,
-                                  reproduction_paired, sweep)}
+TABLES = {f.__name__: f for f in (ops, training, models, models_rerun, headline, distributed, distributed_counts,
+                                  bounds, reproduction, reproduction_paired, sweep)}
 
 if __name__ == "__main__":
     for n in sys.argv[1:] or sorted(TABLES):
