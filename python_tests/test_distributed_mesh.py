@@ -212,7 +212,6 @@ def _worker(rank, out_dir):
         res = {(n, m): _run(n, m, rank) for n, m in SCENARIOS}
         res["comm"] = {n: _count(n, rank) for n in MODELS}
         res["comm"]["llama2d_1layer"] = _count("llama2d", rank, layers=1)
-        res["comm"]["llama2d_3layers"] = _count("llama2d", rank, layers=3)
         res["refused"] = _refusals()
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
@@ -279,7 +278,7 @@ def test_two_d_mesh_all_reduces_per_group(ranks):
         # Rowwise (Shard(0), Shard(1)) next to Colwise (_StridedShard(0), Shard(0)): per power
         # iteration (n_iter=2) t over tp, then [t | A^T t] over dp, then A^T t over tp, for every
         # map of the model at once: constant in the number of decoder layers
-        for n in ("mlp2d", "llama2d", "llama2d_1layer", "llama2d_3layers"):
+        for n in ("mlp2d", "llama2d", "llama2d_1layer"):
             assert c[n]["pen"] == {ar: 6}, (rank, n, c[n])
             assert c[n]["pen_groups"] == {g_tp: 4, g_dp: 2}, (rank, n, c[n])
         # row blocks only (Colwise under FSDP2): [t | A^T t] over dp, then over tp

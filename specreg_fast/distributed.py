@@ -25,6 +25,28 @@ first buffer (summed: ``t``), then ``A_r^T t`` into a zero-padded n-vector, summ
 second all-reduce that carries every column-sharded map of the process group, so ``v`` stays
 replicated: at most 2 all-reduces per power iteration for the whole model, whatever its mix.
 
+Meshes of several dims (FSDP2 x TP as torchtitan composes them, HSDP x TP): the rank's box
+of the parameter comes from ``compute_local_shape_and_global_offset`` (which also places
+the ``_StridedShard`` FSDP2 puts over a TP shard of the same dim), and it is one block of
+the map. Each mesh dim that shards the parameter splits either the map's rows (its process
+group is a row group of the map) or its columns (a column group); ``Replicate`` dims take no
+part. ``t`` needs a sum over every group that shards the map; ``A^T t``, formed once ``t``
+is summed over the column groups, too. :func:`_schedule` orders them, for all maps at once:
+per power iteration, one all-reduce per column group (``t`` of the column-split maps, with
+``[t | A^T t]`` of the row-only maps on that group), one per remaining row group
+(``[t | A^T t]``), one per column group (``A^T t``). The count per process group is constant
+in the number of layers:
+
+    placements (mesh ("dp_shard", "tp"))            all-reduces per power iteration
+    FSDP2 / Colwise, 1-D: (Shard(0),)                1
+    Rowwise / Conv1D under FSDP2, 1-D: (Shard(1),)   2 (both on its group)
+    Colwise then FSDP2: (_StridedShard(0), Shard(0)) 2: dp 1, tp 1
+    with Rowwise then FSDP2: (Shard(0), Shard(1))    3: tp 2, dp 1 (t on tp; [t | A^T t] on
+                                                     dp; A^T t on tp)
+
+(HSDP's replicate dim adds nothing.) Process groups are told apart by their ranks: a 2-D mesh
+and its 1-D submesh hand out distinct group objects for one set of ranks.
+
 The gradient stays local: ``d sigma / dW = u v^T`` restricted to the shard is
 ``u[rows of r] v^T``, computed on the rank and returned as a DTensor with the weight's
 placements (:class:`_ShardedSigma`), or added into the local shard of the DTensor ``.grad``
