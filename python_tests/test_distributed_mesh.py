@@ -301,14 +301,16 @@ def _general_plan(view, gshape, lshape, offset):
     """The plan from index tensors over the whole parameter (the general route, uncached)."""
     from specreg_fast import distributed as D
 
-    saved, cache = D._affine_plan, dict(D._PLANS)
-    D._affine_plan = lambda *a: None
+    import weakref
+
+    saved, cache, affine = D._affine_plan, dict(D._PLANS), D._AFFINE
+    D._affine_plan, D._AFFINE = (lambda *a: None), weakref.WeakKeyDictionary()
     try:
         return D._block_plan(view, gshape, lshape, offset, "x", ())
     except ValueError:
         return None
     finally:
-        D._affine_plan = saved
+        D._affine_plan, D._AFFINE = saved, affine
         D._PLANS.clear()
         D._PLANS.update(cache)
 
@@ -333,8 +335,9 @@ def test_block_plans_of_strided_views_need_no_index_tensor_and_no_cache():
     """Linear weights, Conv1D transposes, q/k/v row blocks and conv kernels as matrices, on
     row, column and 2-D boxes (uneven and empty ones too): the plan read from the view's
     strides equals the one from index tensors over the parameter, its index is affine (no
-    int64 tensor kept) and nothing is cached, however many penalties (new view closures)
-    ask for it."""
+    int64 tensor kept; the general route's cache stays empty), and the plans kept per view
+    function go with the view: they do not pile up however many penalties (new view
+    closures) ask for them."""
     from specreg_fast import distributed as D
     from specreg_fast.layers import _identity, _reshaped, _rows, _transpose
 
@@ -356,10 +359,12 @@ def test_block_plans_of_strided_views_need_no_index_tensor_and_no_cache():
                         assert got[4] == want[4], (shape, lshape, off, got, want)
                     checked += 1
     assert checked > 300 and len(D._PLANS) == 0, (checked, len(D._PLANS))
+    assert all(isinstance(p[4], tuple) for plans in D._AFFINE.values() for p in plans.values())
     # a penalty built again and again: new closures for its q/k/v views each time
+    kept = len(D._AFFINE)
     for _ in range(50):
         D._block_plan(_rows(_identity, 1, 3), (12, 4), (6, 4), (6, 0), "x", ())
-    assert len(D._PLANS) == 0
+    assert len(D._PLANS) == 0 and len(D._AFFINE) <= kept + 1, (len(D._PLANS), len(D._AFFINE), kept)
 
 
 def test_gather_plans_are_cached_in_a_bounded_cache():

@@ -59,6 +59,7 @@ unnormalized partials that the sum needs.
 from __future__ import annotations
 
 import math
+import weakref
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
@@ -267,6 +268,11 @@ def _contiguous_strides(shape) -> List[int]:
 # building penalties again and again (each with new view closures) cannot grow it
 _PLANS: "OrderedDict[tuple, tuple]" = OrderedDict()
 _PLANS_MAX = 16
+# the plans of strided views (six ints and a set of dims: no tensor), per view function,
+# held weakly: a penalty's view closures die with it, and their plans with them (reading a
+# plan from the strides takes ~100 us, a lookup here under 1 us; every call builds its blocks)
+_AFFINE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_AFFINE_PER_VIEW = 1024
 
 
 def _axis_run(size: int, stride: int, gshape, gstrides, o) -> Optional[List[int]]:
@@ -348,11 +354,24 @@ def _block_plan(view, gshape, lshape, offset, name, placements):
     transpose of a Conv1D, a row block of q/k/v), else an int64 matrix (a gather).
     ``col_dims``: the parameter dims along which the map's columns run (a shard on one of
     them splits the map's columns, so each output entry is a sum over ranks), the same on
-    every rank. The strided views are read from their strides, with nothing cached; any
-    other view takes index tensors over the parameter, once per (view, shapes, offset), in a
-    bounded cache."""
-    plan = _affine_plan(view, tuple(gshape), tuple(lshape), tuple(offset))
+    every rank. The strided views are read from their strides (kept per view function, weakly:
+    no index tensor); any other view takes index tensors over the parameter, once per (view,
+    shapes, offset), in a bounded cache."""
+    shapes = (tuple(gshape), tuple(lshape), tuple(offset))
+    try:
+        per_view = _AFFINE.get(view)
+        if per_view is None:
+            per_view = _AFFINE[view] = {}
+    except TypeError:  # a view that takes no weak reference: read its plan every time
+        per_view = {}
+    plan = per_view.get(shapes)
     if plan is not None:
+        return plan
+    plan = _affine_plan(view, *shapes)
+    if plan is not None:
+        if len(per_view) >= _AFFINE_PER_VIEW:
+            per_view.clear()
+        per_view[shapes] = plan
         return plan
     key = (view, tuple(gshape), tuple(lshape), tuple(offset))
     if key in _PLANS:
