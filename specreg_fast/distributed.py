@@ -410,7 +410,32 @@ def _block_plan(view, gshape, lshape, offset, name, placements):
     return plan
 
 
+# _mesh_split's answers (small tuples and the mesh's groups, no tensor) per (shape, mesh,
+# placements): compute_local_shape_and_global_offset took most of a block's set-up, which
+# every call repeats; bounded
+_SPLITS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_SPLITS_MAX = 256
+
+
 def _mesh_split(W, name: str):
+    """:func:`_mesh_split_uncached` with its groups and their keys, once per (shape, mesh,
+    placements): ``(offset, [(parameter dim, group, group key)])``."""
+    mesh = W.device_mesh
+    # by the mesh object (held weakly: a new mesh, over new groups, is a new entry even where
+    # it equals an old one)
+    key = (tuple(W.shape), id(mesh), tuple(W.placements))
+    hit = _SPLITS.get(key)
+    if hit is not None and hit[0]() is mesh:
+        return hit[1]
+    offset, split = _mesh_split_uncached(W, name)
+    out = (offset, [(d, mesh.get_group(k), _group_key(mesh.get_group(k))) for k, d in split])
+    _SPLITS[key] = (weakref.ref(mesh), out)
+    while len(_SPLITS) > _SPLITS_MAX:
+        _SPLITS.popitem(last=False)
+    return out
+
+
+def _mesh_split_uncached(W, name: str):
     """``(local box offset, [(mesh dim, parameter dim)])`` of a DTensor weight: the mesh dims
     that shard it and the parameter dim each shards. ``Shard(d)`` on any mesh dim, and the
     ``_StridedShard`` FSDP2 puts over a tensor-parallel shard of the same dim (the rank's
@@ -477,9 +502,10 @@ class _Block:
                              f"{tuple(in_vec.shape)}")
         (self.out_lo, self.out_hi, self.in_lo, self.in_hi, self.index, col_dims) = _block_plan(
             view, self.shape, tuple(self.local.shape), offset, name, placements)
-        mesh = W.device_mesh if split else None
-        self.rgroups = tuple(mesh.get_group(k) for k, d in split if d not in col_dims)
-        self.cgroups = tuple(mesh.get_group(k) for k, d in split if d in col_dims)
+        self.rgroups = tuple(g for d, g, _ in split if d not in col_dims)
+        self.cgroups = tuple(g for d, g, _ in split if d in col_dims)
+        self.rkeys = tuple(k for d, _, k in split if d not in col_dims)
+        self.ckeys = tuple(k for d, _, k in split if d in col_dims)
         self.two_pass = bool(self.cgroups)
 
     @property
@@ -585,12 +611,11 @@ def _keyed(shards, ids):
     rk, ck = {}, {}
     for l in ids:
         sh = shards[l]
-        for out, gs in ((rk, sh.rgroups), (ck, sh.cgroups)):
-            out[l] = []
-            for g in gs:
-                k = _group_key(g)
+        for out, gs, keys in ((rk, sh.rgroups, getattr(sh, "rkeys", None)),
+                              (ck, sh.cgroups, getattr(sh, "ckeys", None))):
+            out[l] = list(keys) if keys is not None else [_group_key(g) for g in gs]
+            for g, k in zip(gs, out[l]):
                 groups.setdefault(k, g)
-                out[l].append(k)
     return groups, rk, ck
 
 
