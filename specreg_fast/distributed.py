@@ -25,6 +25,28 @@ first buffer (summed: ``t``), then ``A_r^T t`` into a zero-padded n-vector, summ
 second all-reduce that carries every column-sharded map of the process group, so ``v`` stays
 replicated: at most 2 all-reduces per power iteration for the whole model, whatever its mix.
 
+Meshes of several dims (FSDP2 x TP as torchtitan composes them, HSDP x TP): the rank's box
+of the parameter comes from ``compute_local_shape_and_global_offset`` (which also places
+the ``_StridedShard`` FSDP2 puts over a TP shard of the same dim), and it is one block of
+the map. Each mesh dim that shards the parameter splits either the map's rows (its process
+group is a row group of the map) or its columns (a column group); ``Replicate`` dims take no
+part. ``t`` needs a sum over every group that shards the map; ``A^T t``, formed once ``t``
+is summed over the column groups, too. :func:`_schedule` orders them, for all maps at once:
+per power iteration, one all-reduce per column group (``t`` of the column-split maps, with
+``[t | A^T t]`` of the row-only maps on that group), one per remaining row group
+(``[t | A^T t]``), one per column group (``A^T t``). The count per process group is constant
+in the number of layers:
+
+    placements (mesh ("dp_shard", "tp"))            all-reduces per power iteration
+    FSDP2 / Colwise, 1-D: (Shard(0),)                1
+    Rowwise / Conv1D under FSDP2, 1-D: (Shard(1),)   2 (both on its group)
+    Colwise then FSDP2: (_StridedShard(0), Shard(0)) 2: dp 1, tp 1
+    with Rowwise then FSDP2: (Shard(0), Shard(1))    3: tp 2, dp 1 (t on tp; [t | A^T t] on
+                                                     dp; A^T t on tp)
+
+(HSDP's replicate dim adds nothing.) Process groups are told apart by their ranks: a 2-D mesh
+and its 1-D submesh hand out distinct group objects for one set of ranks.
+
 The gradient stays local: ``d sigma / dW = u v^T`` restricted to the shard is
 ``u[rows of r] v^T``, computed on the rank and returned as a DTensor with the weight's
 placements (:class:`_ShardedSigma`), or added into the local shard of the DTensor ``.grad``
@@ -37,6 +59,8 @@ unnormalized partials that the sum needs.
 from __future__ import annotations
 
 import math
+import weakref
+from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -118,6 +142,11 @@ class _Shard:
     whole weight (plain tensor, Replicate)."""
 
     two_pass = False
+    cgroups = ()
+
+    @property
+    def rgroups(self):
+        return () if self.group is None else (self.group,)
 
     def __init__(self, W: torch.Tensor, name: str, out_vec: torch.Tensor, in_vec: torch.Tensor, geometry=None):
         shape = tuple(W.shape)
@@ -226,83 +255,243 @@ def _unravel(idx: torch.Tensor, shape) -> List[torch.Tensor]:
     return out[::-1]
 
 
-_PLANS: Dict[tuple, tuple] = {}
+def _contiguous_strides(shape) -> List[int]:
+    out, s = [], 1
+    for d in reversed(shape):
+        out.append(s)
+        s *= d
+    return out[::-1]
 
 
-def _block_plan(view, gshape, lshape, offset, shard_dims, name, placements):
+# the plans of views that are not strided views of the parameter along its axes (a gather:
+# each holds an int64 index of its block), least recently used first; bounded, so that
+# building penalties again and again (each with new view closures) cannot grow it
+_PLANS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_PLANS_MAX = 16
+# the plans of strided views (six ints and a set of dims: no tensor), per view function,
+# held weakly: a penalty's view closures die with it, and their plans with them (reading a
+# plan from the strides takes ~100 us, a lookup here under 1 us; every call builds its blocks)
+_AFFINE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_AFFINE_PER_VIEW = 1024
+
+
+def _axis_run(size: int, stride: int, gshape, gstrides, o) -> Optional[List[int]]:
+    """The parameter dims (inner first) that one axis of a strided view walks, with ``o`` the
+    coordinates of the view's first entry: every dim but the outermost whole, the outermost
+    from ``o`` on. None when the axis is not such a run (then the general plan decides)."""
+    if size == 1:
+        return []
+    dims = [e for e in range(len(gshape)) if gstrides[e] == stride and gshape[e] > 1]
+    if len(dims) != 1:
+        return None
+    e, rem, run = dims[0], size, []
+    while True:
+        if rem <= gshape[e] - o[e]:
+            return run + [e]
+        if o[e] != 0 or rem % gshape[e]:
+            return None
+        run.append(e)
+        rem //= gshape[e]
+        e -= 1
+        while e >= 0 and gshape[e] == 1:
+            e -= 1
+        if e < 0:
+            return None
+
+
+def _affine_plan(view, gshape, lshape, offset):
+    """:func:`_block_plan` from the strides of ``view`` applied to a meta tensor (no index
+    tensor): for views whose rows and columns each walk a run of the parameter's dims (a
+    Linear's weight, a Conv1D's transpose, row blocks of them, a conv kernel as a matrix).
+    None for any other view, or when the rank's box cuts a run's inner dim."""
+    P = torch.empty(tuple(gshape), device="meta")
+    with torch.no_grad():
+        M = view(P)
+    if (M is not P and not (M._is_view() and M._base is P)) or M.dim() < 1 or M.numel() == 0:
+        return None
+    sizes, strides = list(M.shape), list(M.stride())
+    cols = [(s, st) for s, st in zip(sizes[1:], strides[1:]) if s != 1]
+    if any(a[1] != b[1] * b[0] for a, b in zip(cols, cols[1:])):  # columns that reshape(m, -1) would copy
+        return None
+    gstrides = _contiguous_strides(gshape)
+    o = [(M.storage_offset() // g) % n for g, n in zip(gstrides, gshape)]
+    row_run = _axis_run(sizes[0], strides[0], gshape, gstrides, o)
+    col_run = _axis_run(math.prod(sizes[1:]), cols[-1][1] if cols else 1, gshape, gstrides, o)
+    if row_run is None or col_run is None or set(row_run) & set(col_run):
+        return None
+    col_dims = frozenset(col_run)
+    empty = (0, 0, 0, 0, (0, 0, 0), col_dims)
+    in_run = set(row_run) | set(col_run)
+    if any(n == 0 for n in lshape) or any(not (b <= o[d] < b + n) for d, (b, n) in enumerate(zip(offset, lshape))
+                                          if d not in in_run):
+        return empty
+    lstrides = _contiguous_strides(lshape)
+    base, ranges, steps = 0, [], []
+    for run, size in ((row_run, sizes[0]), (col_run, math.prod(sizes[1:]))):
+        if not run:
+            ranges.append((0, 1))
+            steps.append(0)
+            continue
+        if any(offset[d] != 0 or lshape[d] != gshape[d] for d in run[:-1]):
+            return None  # the box cuts an inner dim of the run: not one block (the general plan says so)
+        outer, inner = run[-1], math.prod(gshape[d] for d in run[:-1])
+        x0, x1 = max(offset[outer], o[outer]), min(offset[outer] + lshape[outer], o[outer] + size // inner)
+        if x1 <= x0:
+            return empty
+        ranges.append(((x0 - o[outer]) * inner, (x1 - o[outer]) * inner))
+        steps.append(lstrides[run[0]])
+        base += (x0 - offset[outer]) * lstrides[outer]
+    base += sum((o[d] - offset[d]) * lstrides[d] for d in range(len(gshape)) if d not in in_run)
+    (r0, r1), (c0, c1) = ranges
+    return (r0, r1, c0, c1, (base, steps[0] if r1 - r0 > 1 else 0, steps[1] if c1 - c0 > 1 else 0), col_dims)
+
+
+def _block_plan(view, gshape, lshape, offset, name, placements):
     """Where this rank's box ``offset + [0, lshape)`` of the parameter (global shape
-    ``gshape``) lies in the map ``view(parameter)``: ``(out_lo, out_hi, in_lo, in_hi, two_pass,
-    index)``. ``index``: the local flat position of each entry of the block, as ``(base, s0,
-    s1)`` when it is affine (a strided view of the contiguous local shard: identity, the
-    transpose of a Conv1D, a row block of q/k/v), else an int64 matrix (a gather). ``two_pass``:
-    the sharded dims split the map's columns (each output entry is a sum over ranks), the same
-    on every rank. Computed once per (view, shapes, placements, offset), on index tensors."""
-    key = (view, tuple(gshape), tuple(lshape), tuple(offset), tuple(shard_dims))
+    ``gshape``) lies in the map ``view(parameter)``: ``(out_lo, out_hi, in_lo, in_hi, index,
+    col_dims)``. ``index``: the local flat position of each entry of the block, as ``(base,
+    s0, s1)`` when it is affine (a strided view of the contiguous local shard: identity, the
+    transpose of a Conv1D, a row block of q/k/v), else an int64 matrix (a gather).
+    ``col_dims``: the parameter dims along which the map's columns run (a shard on one of
+    them splits the map's columns, so each output entry is a sum over ranks), the same on
+    every rank. The strided views are read from their strides (kept per view function, weakly:
+    no index tensor); any other view takes index tensors over the parameter, once per (view,
+    shapes, offset), in a bounded cache."""
+    shapes = (tuple(gshape), tuple(lshape), tuple(offset))
+    try:
+        per_view = _AFFINE.get(view)
+        if per_view is None:
+            per_view = _AFFINE[view] = {}
+    except TypeError:  # a view that takes no weak reference: read its plan every time
+        per_view = {}
+    plan = per_view.get(shapes)
+    if plan is not None:
+        return plan
+    plan = _affine_plan(view, *shapes)
+    if plan is not None:
+        if len(per_view) >= _AFFINE_PER_VIEW:
+            per_view.clear()
+        per_view[shapes] = plan
+        return plan
+    key = (view, tuple(gshape), tuple(lshape), tuple(offset))
     if key in _PLANS:
+        _PLANS.move_to_end(key)
         return _PLANS[key]
     G = torch.arange(math.prod(gshape)).view(tuple(gshape))
     M = view(G)
     M = M.reshape(M.shape[0], -1)
     coords = _unravel(M, tuple(gshape))
-    two_pass = any(bool((coords[d] != coords[d][:, :1]).any()) for d in shard_dims)
+    col_dims = frozenset(d for d in range(len(gshape)) if bool((coords[d] != coords[d][:, :1]).any()))
     inside = torch.ones(M.shape, dtype=torch.bool)
     for c, o, l in zip(coords, offset, lshape):
         inside &= (c >= o) & (c < o + l)
     rows, cols = inside.any(1).nonzero().flatten(), inside.any(0).nonzero().flatten()
     if rows.numel() == 0:
-        plan = (0, 0, 0, 0, two_pass, (0, 0, 0))
-        _PLANS[key] = plan
-        return plan
-    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    if (r1 - r0) * (c1 - c0) != int(inside.sum()) or not bool(inside[r0:r1, c0:c1].all()):
-        raise ValueError(f"{name}: this rank's shard of the parameter (placements {tuple(placements)}) is not one "
-                         f"rectangular block of the map's matrix, which the sharded penalty needs")
-    local = torch.zeros_like(M[r0:r1, c0:c1])
-    stride = 1
-    for c, o, l in reversed(list(zip(coords, offset, lshape))):
-        local += (c[r0:r1, c0:c1] - o) * stride
-        stride *= l
-    base = int(local[0, 0])
-    s0 = int(local[1, 0] - base) if local.shape[0] > 1 else 0
-    s1 = int(local[0, 1] - base) if local.shape[1] > 1 else 0
-    affine = base + s0 * torch.arange(local.shape[0])[:, None] + s1 * torch.arange(local.shape[1])[None]
-    index = (base, s0, s1) if torch.equal(affine, local) else local
-    plan = (r0, r1, c0, c1, two_pass, index)
+        plan = (0, 0, 0, 0, (0, 0, 0), col_dims)
+    else:
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        if (r1 - r0) * (c1 - c0) != int(inside.sum()) or not bool(inside[r0:r1, c0:c1].all()):
+            raise ValueError(f"{name}: this rank's shard of the parameter (placements {tuple(placements)}) is not "
+                             f"one rectangular block of the map's matrix, which the sharded penalty needs")
+        local = torch.zeros_like(M[r0:r1, c0:c1])
+        stride = 1
+        for c, o, l in reversed(list(zip(coords, offset, lshape))):
+            local += (c[r0:r1, c0:c1] - o) * stride
+            stride *= l
+        base = int(local[0, 0])
+        s0 = int(local[1, 0] - base) if local.shape[0] > 1 else 0
+        s1 = int(local[0, 1] - base) if local.shape[1] > 1 else 0
+        affine = base + s0 * torch.arange(local.shape[0])[:, None] + s1 * torch.arange(local.shape[1])[None]
+        affine_ok = s0 >= 0 and s1 >= 0 and torch.equal(affine, local)  # (as_strided takes no negative stride)
+        plan = (r0, r1, c0, c1, (base, s0, s1) if affine_ok else local, col_dims)
     _PLANS[key] = plan
+    while len(_PLANS) > _PLANS_MAX:
+        _PLANS.popitem(last=False)
     return plan
+
+
+# _mesh_split's answers (small tuples and the mesh's groups, no tensor) per (shape, mesh,
+# placements): compute_local_shape_and_global_offset took most of a block's set-up, which
+# every call repeats; bounded
+_SPLITS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_SPLITS_MAX = 256
+
+
+def _mesh_split(W, name: str):
+    """:func:`_mesh_split_uncached` with its groups and their keys, once per (shape, mesh,
+    placements): ``(offset, [(parameter dim, group, group key)])``."""
+    mesh = W.device_mesh
+    # by the mesh object (held weakly: a new mesh, over new groups, is a new entry even where
+    # it equals an old one)
+    key = (tuple(W.shape), id(mesh), tuple(W.placements))
+    hit = _SPLITS.get(key)
+    if hit is not None and hit[0]() is mesh:
+        return hit[1]
+    offset, split = _mesh_split_uncached(W, name)
+    out = (offset, [(d, mesh.get_group(k), _group_key(mesh.get_group(k))) for k, d in split])
+    _SPLITS[key] = (weakref.ref(mesh), out)
+    while len(_SPLITS) > _SPLITS_MAX:
+        _SPLITS.popitem(last=False)
+    return out
+
+
+def _mesh_split_uncached(W, name: str):
+    """``(local box offset, [(mesh dim, parameter dim)])`` of a DTensor weight: the mesh dims
+    that shard it and the parameter dim each shards. ``Shard(d)`` on any mesh dim, and the
+    ``_StridedShard`` FSDP2 puts over a tensor-parallel shard of the same dim (the rank's
+    part is then still one box: the split factor is the size of the later mesh dims that
+    shard that dim). Anything else (``Partial``, other strided shards) is refused by name."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:  # pragma: no cover
+        _StridedShard = ()
+
+    placements, mesh = tuple(W.placements), W.device_mesh
+    split = []
+    for k, p in enumerate(placements):
+        if isinstance(p, Replicate):
+            continue
+        if isinstance(p, _StridedShard):
+            later = math.prod(mesh.size(j) for j in range(k + 1, len(placements))
+                              if type(placements[j]) is Shard and placements[j].dim == p.dim)
+            if p.split_factor != later:
+                raise ValueError(f"{name}: the weight's placement {p} on mesh dim {k} (placements {placements}) "
+                                 f"leaves this rank strided rows, not one block of the weight; the sharded penalty "
+                                 f"supports the strided shard FSDP2 puts over a tensor-parallel Shard of the same "
+                                 f"dim (split factor {later} here)")
+        elif type(p) is not Shard:
+            raise ValueError(f"{name}: the sharded penalty supports weights sharded (Shard(d), FSDP2's strided shard "
+                             f"over tensor parallelism) or replicated on each mesh dim, not {p} (a pending sum) on "
+                             f"mesh dim {k}; got the weight's placements {placements}")
+        split.append((k, p.dim % W.dim()))
+    if not split:
+        return (0,) * W.dim(), []
+    _, offset = compute_local_shape_and_global_offset(W.shape, mesh, placements)
+    return tuple(offset), split
 
 
 class _Block:
     """A dense map (a view of a possibly sharded parameter: a Linear's weight, a Conv1D's
     transpose, a q/k/v row block) on this rank: the block ``A[out_lo:out_hi, in_lo:in_hi]``
-    of the map that the rank's shard holds. A row block (``two_pass`` False: the parameter's
-    sharded dim splits the map's rows, e.g. FSDP2 / ColwiseParallel on a Linear) reads the
-    whole input and produces its output entries exactly; a column block (``two_pass``:
-    RowwiseParallel, FSDP2 on a Conv1D) produces a partial of every output entry, so its
-    ``t`` is summed before ``A_r^T t`` (the second all-reduce of the power step)."""
+    of the map that the rank's shard holds, on a mesh of any number of dims. Each mesh dim
+    that shards the parameter either splits the map's rows (``rgroups``: FSDP2 / Colwise on
+    a Linear, q/k/v rows) or its columns (``cgroups``: RowwiseParallel, FSDP2 on a Conv1D);
+    the power step (:func:`power_step_`) sums ``t`` over both kinds, ``A^T t`` (formed once
+    ``t`` is summed over ``cgroups``) over both kinds as well. ``two_pass``: some mesh dim
+    splits the columns."""
 
     geometry = None
 
     def __init__(self, W: torch.Tensor, view, name: str, out_vec: torch.Tensor, in_vec: torch.Tensor):
         self.name, self.shape = name, tuple(W.shape)
         self.m, self.n = out_vec.numel(), in_vec.numel()
-        self.group, offset, shard_dims, placements = None, (0,) * W.dim(), (), ()
+        offset, split, placements = (0,) * W.dim(), [], ()
         if _is_dtensor(W):
-            _, Replicate, Shard = _dtensor_types()
-            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
             placements = tuple(W.placements)
-            sharded = [i for i, p in enumerate(placements) if not isinstance(p, Replicate)]
-            bad = [p for p in placements if not isinstance(p, Replicate) and type(p) is not Shard]
-            if bad or len(sharded) > 1:
-                raise ValueError(f"{name}: the sharded penalty supports a weight sharded (Shard(d)) over one mesh "
-                                 f"dimension or replicated, not partial sums, strided shards or 2-D meshes; got the "
-                                 f"weight's placements {placements}")
+            offset, split = _mesh_split(W, name)
             self.local = W.detach().to_local()
-            if sharded:
-                _, offset = compute_local_shape_and_global_offset(W.shape, W.device_mesh, W.placements)
-                self.group = W.device_mesh.get_group(sharded[0])
-                shard_dims = (placements[sharded[0]].dim,)
         else:
             self.local = W.detach()
         with torch.no_grad():
@@ -311,10 +500,18 @@ class _Block:
             raise ValueError(f"{name}: state u, v must have shapes ({probe.shape[0]},), "
                              f"({math.prod(probe.shape[1:])},) for its map, got {tuple(out_vec.shape)}, "
                              f"{tuple(in_vec.shape)}")
-        (self.out_lo, self.out_hi, self.in_lo, self.in_hi, self.two_pass, self.index) = _block_plan(
-            view, self.shape, tuple(self.local.shape), tuple(offset), shard_dims, name, placements)
-        if self.group is None:
-            self.two_pass = False
+        (self.out_lo, self.out_hi, self.in_lo, self.in_hi, self.index, col_dims) = _block_plan(
+            view, self.shape, tuple(self.local.shape), offset, name, placements)
+        self.rgroups = tuple(g for d, g, _ in split if d not in col_dims)
+        self.cgroups = tuple(g for d, g, _ in split if d in col_dims)
+        self.rkeys = tuple(k for d, _, k in split if d not in col_dims)
+        self.ckeys = tuple(k for d, _, k in split if d in col_dims)
+        self.two_pass = bool(self.cgroups)
+
+    @property
+    def group(self):
+        """A process group the map is sharded over (None: the rank holds the whole map)."""
+        return (self.rgroups + self.cgroups)[0] if self.rgroups or self.cgroups else None
 
     def _block(self, T: torch.Tensor) -> torch.Tensor:
         """The block of a local-shard-shaped tensor ``T``: a view when the index is affine
@@ -401,15 +598,79 @@ def _names(names, k):
     return list(names) if names is not None else [f"weights[{l}]" for l in range(k)]
 
 
+def _group_key(group) -> tuple:
+    """A process group by its ranks: the meshes that FSDP2 and tensor parallelism build over
+    the same ranks (a 2-D mesh and its 1-D submesh) hand out distinct group objects for one
+    set of ranks, and the power step coalesces them into one all-reduce."""
+    return tuple(dist.get_process_group_ranks(group))
+
+
+def _keyed(shards, ids):
+    """``({key: group} in first-seen order, {layer: row keys}, {layer: column keys})``."""
+    groups: Dict[tuple, object] = {}
+    rk, ck = {}, {}
+    for l in ids:
+        sh = shards[l]
+        for out, gs, keys in ((rk, sh.rgroups, getattr(sh, "rkeys", None)),
+                              (ck, sh.cgroups, getattr(sh, "ckeys", None))):
+            out[l] = list(keys) if keys is not None else [_group_key(g) for g in gs]
+            for g, k in zip(gs, out[l]):
+                groups.setdefault(k, g)
+    return groups, rk, ck
+
+
+def _schedule(shards: Sequence, ids: Sequence[int]):
+    """The all-reduces of one power iteration of the layers ``ids``, the same list on every
+    rank: ``(phase, group, [(layer, part)])`` with ``part`` "t" (the zero-padded ``t`` and the
+    non-finite flag) or "a" (the zero-padded ``A^T t``). A layer needs ``t`` summed over every
+    group that shards it, and ``A^T t`` too; a layer with column groups forms its ``A^T t``
+    only once ``t`` is summed over them. So: phase 1, per column group: the ``t`` of the
+    layers it splits by columns, with ``t`` and ``A^T t`` of the row-only layers it shards;
+    phase 2, per row group of the rest: ``t`` and ``A^T t``; phase 3, per column group: the
+    ``A^T t`` of the layers it splits by columns. One all-reduce per group per phase,
+    whatever the number of layers: on one mesh dim 1 (rows only) or 2; FSDP2 x TP with
+    Rowwise maps 3 (tp, dp, tp)."""
+    groups, rk, ck = _keyed(shards, ids)
+    cols = list(dict.fromkeys(k for l in ids for k in ck[l]))
+    out = []
+    for k in cols:
+        parts = []
+        for l in ids:
+            if k in ck[l]:
+                parts.append((l, "t"))
+            elif not ck[l] and k in rk[l]:
+                parts += [(l, "t"), (l, "a")]
+        out.append((1, groups[k], parts))
+    rows = list(dict.fromkeys(k for l in ids for k in rk[l] if ck[l] or k not in cols))
+    for k in rows:
+        out.append((2, groups[k], [(l, p) for l in ids if k in rk[l] and (ck[l] or k not in cols) for p in "ta"]))
+    for k in cols:
+        out.append((3, groups[k], [(l, "a") for l in ids if k in ck[l]]))
+    return out
+
+
+def _all_reduce_parts(group, parts, T, A):
+    """One sum all-reduce over ``group`` of the vectors ``parts`` names, in place."""
+    vecs = [T[l] if part == "t" else A[l] for l, part in parts]
+    if not vecs:
+        return
+    buf = torch.cat(vecs) if len(vecs) > 1 else vecs[0]
+    dist.all_reduce(buf, group=group)
+    if len(vecs) > 1:
+        for v, piece in zip(vecs, buf.split([v.numel() for v in vecs])):
+            v.copy_(piece)
+
+
 def power_step_(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: List[torch.Tensor], n_iter: int = 1,
                 names: Optional[Sequence[str]] = None, conv_specs: Sequence = (), views=None) -> torch.Tensor:
     """``n_iter`` power steps on (possibly sharded) weights, in place on the replicated
     vectors, with the conventions of ``ops.power_step_`` / ``ops.conv_power_step_`` (a zero
     weight keeps its vectors, a non-finite one rolls them back and gets a NaN estimate);
     returns the estimates (identical on every rank). The last ``len(conv_specs)`` weights
-    are convs (``us``: their output-shaped ``y``, ``vs``: their input-shaped ``x``). One
-    all-reduce per step per process group; layers that are not sharded take no collective
-    (dense ones the single-process fused op)."""
+    are convs (``us``: their output-shaped ``y``, ``vs``: their input-shaped ``x``). Per
+    step, the all-reduces of :func:`_schedule` (one per process group and phase, for all
+    layers together); layers that are not sharded take no collective (dense ones the
+    single-process fused op)."""
     names = _names(names, len(weights))
     shards = _shards(weights, us, vs, names, _conv_geometries(conv_specs), views)
     est = torch.zeros(len(shards), dtype=out_dtype([sh.local for sh in shards]),
@@ -419,75 +680,73 @@ def power_step_(weights: Sequence[torch.Tensor], us: List[torch.Tensor], vs: Lis
         e = _ops.power_step_([shards[l].local2d for l in fused], [us[l] for l in fused], [vs[l] for l in fused],
                              n_iter, 0.0)
         est[fused] = e.to(est.dtype)
+    sharded = [l for l, sh in enumerate(shards) if sh.group is not None]
+    # the sharded layers together; a conv the rank holds whole on its own (no collective)
     with torch.no_grad():
-        groups = _groups(shards) + [[l] for l, sh in enumerate(shards) if sh.group is None and sh.geometry is not None]
-        for ids in groups:
-            group = shards[ids[0]].group
-            buf_dtype = out_dtype([us[l] for l in ids])
-            ws = [shards[l].weight(us[l].dtype) for l in ids]
-            # a float64 sum is non-finite iff an entry is (float32/bf16 weights cannot overflow
-            # it): one read of the shard, with no bool temporary (isfinite().all() took 3x the
-            # two mv of a 512x1024 shard here)
-            nonfinite = [(~torch.isfinite(w.sum(dtype=torch.float64))).to(buf_dtype) for w in ws]
-            saved = [(us[l].clone(), vs[l].clone()) for l in ids]
-            # the first buffer: [t | a | flag] of a row block, [t | flag] of a column block;
-            # the second (only when some map is column-sharded): the column blocks' a
-            offs, offs2 = [0], [0]
-            for l in ids:
-                sh = shards[l]
-                offs.append(offs[-1] + sh.m + (0 if sh.two_pass else sh.n) + 1)
-                offs2.append(offs2[-1] + (sh.n if sh.two_pass else 0))
-            dev = us[ids[0]].device
-            buf = None
-            for _ in range(n_iter):
-                buf = torch.zeros(offs[-1], dtype=buf_dtype, device=dev)
-                for j, l in enumerate(ids):
-                    sh, o = shards[l], offs[j]
-                    t_r = sh.apply(ws[j], vs[l].reshape(-1)[sh.in_lo:sh.in_hi])
-                    buf[o + sh.out_lo:o + sh.out_hi] = t_r
-                    if not sh.two_pass:
-                        buf[o + sh.m + sh.in_lo:o + sh.m + sh.in_hi] = sh.adjoint(ws[j], t_r)
-                    buf[offs[j + 1] - 1] = nonfinite[j]
-                if group is not None:
-                    dist.all_reduce(buf, group=group)
-                buf2 = None
-                if offs2[-1]:
-                    buf2 = torch.zeros(offs2[-1], dtype=buf_dtype, device=dev)
-                    for j, l in enumerate(ids):
-                        sh = shards[l]
-                        if sh.two_pass:
-                            t = buf[offs[j] + sh.out_lo:offs[j] + sh.out_hi].to(us[l].dtype)
-                            buf2[offs2[j] + sh.in_lo:offs2[j] + sh.in_hi] = sh.adjoint(ws[j], t)
-                    dist.all_reduce(buf2, group=group)
-                for j, l in enumerate(ids):
-                    sh, o = shards[l], offs[j]
-                    t = buf[o:o + sh.m].to(us[l].dtype)
-                    a = (buf2[offs2[j]:offs2[j + 1]] if sh.two_pass else buf[o + sh.m:o + sh.m + sh.n]).to(us[l].dtype)
-                    est[l] = normalize_(t, a, us[l].view(-1), vs[l].view(-1))[0].to(est.dtype)
-            if buf is None:  # n_iter == 0: the estimate at the current vectors
-                est[ids] = _local_sigmas([shards[l] for l in ids], [us[l] for l in ids],
-                                         [vs[l] for l in ids]).to(est.dtype)
-                continue
-            for j, l in enumerate(ids):
-                if bool(buf[offs[j + 1] - 1] > 0):  # some rank's shard is not finite
-                    us[l].copy_(saved[j][0])
-                    vs[l].copy_(saved[j][1])
-                    est[l] = math.nan
+        for ids in [sharded] * bool(sharded) + [[l] for l, sh in enumerate(shards)
+                                                  if sh.group is None and sh.geometry is not None]:
+            _step_layers(shards, ids, us, vs, n_iter, est)
     return est
 
 
+def _step_layers(shards, ids, us, vs, n_iter, est):
+    ws = {l: shards[l].weight(us[l].dtype) for l in ids}
+    # a float64 sum is non-finite iff an entry is (float32/bf16 weights cannot overflow it):
+    # one read of the shard, with no bool temporary (isfinite().all() took 3x the two mv of a
+    # 512x1024 shard here)
+    nonfinite = {l: (~torch.isfinite(ws[l].sum(dtype=torch.float64))).to(us[l].dtype) for l in ids}
+    saved = {l: (us[l].clone(), vs[l].clone()) for l in ids}
+    schedule = _schedule(shards, ids)
+    T: Dict[int, torch.Tensor] = {}
+    for _ in range(n_iter):
+        A: Dict[int, torch.Tensor] = {}
+        for l in ids:  # t's partial (this rank's output entries) and the flag; A^T t where t is whole here
+            sh = shards[l]
+            T[l] = torch.zeros(sh.m + 1, dtype=us[l].dtype, device=us[l].device)
+            T[l][sh.out_lo:sh.out_hi] = sh.apply(ws[l], vs[l].reshape(-1)[sh.in_lo:sh.in_hi])
+            T[l][sh.m] = nonfinite[l]
+            if not sh.cgroups:
+                A[l] = _adjoint_part(sh, ws[l], T[l], vs[l])
+        for phase, group, parts in schedule:
+            if phase >= 2 and len(A) < len(ids):  # t is summed over the column groups: A^T t
+                for l in ids:
+                    if l not in A:
+                        A[l] = _adjoint_part(shards[l], ws[l], T[l], vs[l])
+            _all_reduce_parts(group, parts, T, A)
+        for l in ids:
+            est[l] = normalize_(T[l][:shards[l].m], A[l], us[l].view(-1), vs[l].view(-1))[0].to(est.dtype)
+    if n_iter == 0:  # the estimate at the current vectors
+        est[ids] = _local_sigmas([shards[l] for l in ids], [us[l] for l in ids], [vs[l] for l in ids]).to(est.dtype)
+        return
+    for l in ids:
+        if bool(T[l][shards[l].m] > 0):  # some rank's shard is not finite
+            us[l].copy_(saved[l][0])
+            vs[l].copy_(saved[l][1])
+            est[l] = math.nan
+
+
+def _adjoint_part(sh, W, t, v):
+    """``A_r^T t`` of this rank's block, zero-padded to the n-vector (``t``: the m-vector,
+    whole over the rank's output entries)."""
+    a = torch.zeros(sh.n, dtype=v.dtype, device=v.device)
+    a[sh.in_lo:sh.in_hi] = sh.adjoint(W, t[sh.out_lo:sh.out_hi])
+    return a
+
+
 def _local_sigmas(shards: Sequence[_Shard], us, vs) -> torch.Tensor:
-    """``<u, A v>`` of every layer, detached, identical on every rank: one all-reduce of the
-    per-rank partials ``<u_r, A_r v>`` per process group."""
+    """``<u, A v>`` of every layer, detached, identical on every rank: the per-rank partials
+    ``<u_r, A_r v_r>`` summed by one all-reduce per process group that shards some layer."""
     out = torch.zeros(len(shards), dtype=out_dtype([sh.local for sh in shards]),
                       device=us[0].device if us else torch.device("cpu"))
     with torch.no_grad():
         part = torch.stack([us[l].reshape(-1)[sh.out_lo:sh.out_hi].double()
                             @ sh.apply(sh.weight(us[l].dtype), vs[l].reshape(-1)[sh.in_lo:sh.in_hi]).double()
                             for l, sh in enumerate(shards)]) if shards else out.double()
-        for ids in _groups(shards):
+        groups, rk, ck = _keyed(shards, range(len(shards)))
+        for k, g in groups.items():
+            ids = [l for l in range(len(shards)) if k in rk[l] or k in ck[l]]
             p = part[ids]
-            dist.all_reduce(p, group=shards[ids[0]].group)
+            dist.all_reduce(p, group=g)
             part[ids] = p
         out.copy_(part)
     return out
