@@ -194,3 +194,81 @@ def test_lowrank_sigmas_is_one_op_call_for_all_maps_and_matches_the_svd(monkeypa
             want = torch.autograd.grad(ref ** 2, M.Bs + M.As)
             for got, w in zip([p.grad for p in M.Bs + M.As], want):
                 torch.testing.assert_close(got, w, rtol=1e-7, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- CUDA device code, emulated
+# The kernels of csrc/cuda/lowrank_step_kernels.cuh compiled as host C++ (scripts/cuda_emulate/,
+# as test_cuda_build.py does for the dense kernels) and run with the tables and launch sequence
+# of csrc/cuda/lowrank_step_cuda.cu, against the reference kernel.
+_EMU_CODES = {F32: 0, F64: 1, F16: 2, BF16: 3}
+
+
+@pytest.fixture(scope="module")
+def lowrank_emulator(tmp_path_factory):
+    import ctypes
+    import os
+    import shutil
+    import subprocess
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path_factory.mktemp("cuda_emu_lowrank") / "emu.so"
+    tinc = os.path.join(os.path.dirname(torch.__file__), "include")
+    src = os.path.join(root, "scripts", "cuda_emulate", "emulate_lowrank_step.cpp")
+    r = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-I", os.path.join(root, "csrc"),
+                        "-I", os.path.join(root, "scripts", "cuda_emulate"), "-I", tinc, src, "-o", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return ctypes.CDLL(str(out))
+
+
+def _emu_lowrank(lib, Ws, As, Bs, ss, us, vs, n_iter, tol, sms):
+    import ctypes
+
+    L = len(Ws)
+    acc = us[0].dtype
+    A2 = [A.to(acc).contiguous() for A in As]
+    B2 = [B.to(acc).contiguous() for B in Bs]
+    dims = torch.tensor([[w.shape[0], w.shape[1], w.stride(0), w.stride(1)] for w in Ws], dtype=torch.int64).flatten()
+    ranks = torch.tensor([A.shape[0] for A in As], dtype=torch.int64)
+    scales = torch.tensor(ss, dtype=torch.float64)
+    P = ctypes.c_void_p * L
+    ptrs = lambda ts: P(*[t.data_ptr() for t in ts])  # noqa: E731
+    est = torch.zeros(L, dtype=acc)
+    rc = lib.emu_lowrank_step(_EMU_CODES[Ws[0].dtype], L, ctypes.c_void_p(dims.data_ptr()), ptrs(Ws), ptrs(us),
+                              ptrs(vs), ptrs(A2), ptrs(B2), ctypes.c_void_p(ranks.data_ptr()),
+                              ctypes.c_void_p(scales.data_ptr()), ctypes.c_int64(n_iter), ctypes.c_double(tol),
+                              ctypes.c_int64(sms), ctypes.c_void_p(est.data_ptr()))
+    assert rc == 0
+    return est
+
+
+@pytest.mark.parametrize("wdt", [F32, F64, BF16])
+@pytest.mark.parametrize("n_iter", [0, 2])
+def test_emulated_cuda_lowrank_step_matches_reference(lowrank_emulator, wdt, n_iter):
+    fdt = F64 if wdt == F64 else F32
+    # 70 rows: 3 tiles of 32; a transposed base (strided loads); rank 33 > one warp's k loop
+    specs = [(70, 45, 3, 0.7, wdt, fdt, False), (30, 20, 33, -0.5, wdt, fdt, wdt != BF16),
+             (9, 40, 1, 1.5, wdt, fdt, False)]
+    Ws, As, Bs, ss, us, vs = _maps(specs, seed=4)
+    ur, vr = [u.clone() for u in us], [v.clone() for v in vs]
+    est = _emu_lowrank(lowrank_emulator, Ws, As, Bs, ss, us, vs, n_iter, 0.0, sms=1)
+    ref = lowrank_power_step_reference(Ws, As, Bs, ss, ur, vr, n_iter, 0.0)
+    tol = dict(rtol=1e-10, atol=1e-12) if wdt == F64 else dict(rtol=2e-5, atol=1e-5)
+    torch.testing.assert_close(est, ref.to(est.dtype), **tol)
+    for a, b in zip(us + vs, ur + vr):
+        torch.testing.assert_close(a, b, **(dict(rtol=1e-9, atol=1e-11) if wdt == F64 else dict(rtol=1e-4, atol=1e-5)))
+
+
+def test_emulated_cuda_lowrank_zero_and_nonfinite_maps(lowrank_emulator):
+    Ws, As, Bs, ss, us, vs = _maps([(10, 8, 2, 1.0, F32, F32, False)] * 3, seed=5)
+    Ws[0].zero_(), Bs[0].zero_()
+    Bs[1][3, 1] = math.nan
+    u0, v0 = [u.clone() for u in us], [v.clone() for v in vs]
+    est = _emu_lowrank(lowrank_emulator, Ws, As, Bs, ss, us, vs, 3, 0.0, sms=1)
+    assert est[0].item() == 0 and torch.equal(us[0], u0[0]) and torch.equal(vs[0], v0[0])
+    assert math.isnan(est[1].item()) and torch.equal(us[1], u0[1]) and torch.equal(vs[1], v0[1])
+    want = reference.lowrank_power_iteration(Ws[2], As[2], Bs[2], ss[2], u0[2], v0[2], 3)[0]
+    torch.testing.assert_close(est[2], want, rtol=2e-5, atol=1e-5)
