@@ -35,6 +35,9 @@ __all__ = ["lowrank_power_step_", "r_block"]
 # partials), z_off (z of the map, r values).
 _F_A, _F_B, _F_R, _F_YOFF, _F_ZOFF = range(ps._NF, ps._NF + 5)
 _NF = ps._NF + 5
+# Columns per chunk of the z kernel, whatever the config: its tile is R_BLOCK x Z_BLOCK_N fp32
+# (rank 64: 2048 values, 16 registers a thread at 4 warps; BLOCK_N 256 spilled at sm_90).
+Z_BLOCK_N = 32
 
 
 def r_block(r: int) -> int:
@@ -191,7 +194,7 @@ class _Plan:
     def step(self, est, u0, v0, tol, first):
         c = self.cfg
         _lowrank_z_kernel[(self.L,)](self.tab, self.flags, self.scales, self.z, NF=_NF, R_BLOCK=self.rb,
-                                     BLOCK_N=c["BLOCK_N"], num_warps=4)
+                                     BLOCK_N=Z_BLOCK_N, num_warps=4)
         if self.ntiles:
             _lowrank_rows_kernel[(self.ntiles,)](self.tab, self.tile_layer, self.flags, self.z, self.t, self.part,
                                                  self.ypart, W_DTYPE=self.wdt, NF=_NF, BLOCK_M=c["BLOCK_M"],
