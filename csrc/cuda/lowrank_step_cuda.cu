@@ -13,8 +13,8 @@
 #endif
 #include <cuda_runtime.h>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <cstring>
 #include <map>
@@ -36,26 +36,6 @@ namespace {
     const cudaError_t err_ = (expr);                                                                   \
     SF_CHECK(err_ == cudaSuccess, "specreg_fast::lowrank_power_step_: CUDA error: ", cudaGetErrorString(err_)); \
   } while (0)
-
-// The device's element type of a W dtype (the kernels convert with static_cast<acc_t>).
-template <ScalarType S>
-struct DevType;
-template <>
-struct DevType<kFloat> {
-  using type = float;
-};
-template <>
-struct DevType<kDouble> {
-  using type = double;
-};
-template <>
-struct DevType<kHalf> {
-  using type = __half;
-};
-template <>
-struct DevType<kBFloat16> {
-  using type = __nv_bfloat16;
-};
 
 Tensor as_type(const Tensor& t, ScalarType st) {
   return torch::stable::contiguous(t.scalar_type() == st ? t : torch::stable::to(t, st));
@@ -213,8 +193,12 @@ Tensor lowrank_power_step_cuda(const TensorList& weights, const TensorList& As, 
       switch (static_cast<ScalarType>(code)) {
         case kFloat: est = lowrank_group<float>(gw, ga, gb, gs, gu, gv, n_iter, tol, stream, poll); break;
         case kDouble: est = lowrank_group<double>(gw, ga, gb, gs, gu, gv, n_iter, tol, stream, poll); break;
-        case kHalf: est = lowrank_group<__half>(gw, ga, gb, gs, gu, gv, n_iter, tol, stream, poll); break;
-        case kBFloat16: est = lowrank_group<__nv_bfloat16>(gw, ga, gb, gs, gu, gv, n_iter, tol, stream, poll); break;
+        case kHalf:
+          est = lowrank_group<torch::headeronly::Half>(gw, ga, gb, gs, gu, gv, n_iter, tol, stream, poll);
+          break;
+        case kBFloat16:
+          est = lowrank_group<torch::headeronly::BFloat16>(gw, ga, gb, gs, gu, gv, n_iter, tol, stream, poll);
+          break;
         default: SF_CHECK(false, op, ": unexpected weight dtype");
       }
     } catch (...) {
