@@ -106,6 +106,27 @@ def test_zero_map_keeps_its_vectors_and_a_non_finite_one_is_rolled_back():
     assert math.isfinite(est[2].item()) and not torch.equal(vs[2], v0[2])
 
 
+def test_bits_do_not_depend_on_the_thread_count():
+    """1, 2 and 3 threads give bit-identical vectors and estimates (fixed chunking and summation
+    order): row-major, transposed and bfloat16 bases above the per-chunk size, float32 and float64."""
+    specs = [(700, 900, 16, 0.5, F32, F32, False), (500, 1100, 8, -1.0, F32, F32, True),
+             (900, 600, 4, 2.0, BF16, F32, False), (640, 800, 16, 0.3, F64, F64, False)]
+    Ws, As, Bs, ss, us0, vs0 = _maps(specs, seed=7)
+
+    def run(n):
+        old = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            us, vs = [u.clone() for u in us0], [v.clone() for v in vs0]
+            return [OP(Ws, As, Bs, ss, us, vs, 3, 0.0), *us, *vs]
+        finally:
+            torch.set_num_threads(old)
+
+    ref = run(1)
+    for n in (2, 3):
+        assert all(torch.equal(a, b) for a, b in zip(ref, run(n))), n
+
+
 def test_opcheck():
     Ws, As, Bs, ss, us, vs = _maps([(12, 9, 2, 0.5, F32, F32, False), (7, 15, 3, 1.5, BF16, F32, False)])
     torch.library.opcheck(OP.default, (Ws, As, Bs, ss, us, vs, 2, 0.0))
