@@ -48,7 +48,7 @@ namespace {
         s3 += w3[j] * vj;                                                                                       \
       }                                                                                                         \
       const T* b0 = B + i * r;                                                                                  \
-      for (int64_t k = 0; k < r; ++k) {                                                                         \
+      _Pragma("omp simd reduction(+ : s0, s1, s2, s3)") for (int64_t k = 0; k < r; ++k) {                      \
         s0 += b0[k] * z[k];                                                                                     \
         s1 += b0[r + k] * z[k];                                                                                 \
         s2 += b0[2 * r + k] * z[k];                                                                             \
@@ -61,17 +61,19 @@ namespace {
       _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) {                                                     \
         acc[j] += s0 * w0[j] + s1 * w1[j] + s2 * w2[j] + s3 * w3[j];                                            \
       }                                                                                                         \
-      for (int64_t k = 0; k < r; ++k) y[k] += s0 * b0[k] + s1 * b0[r + k] + s2 * b0[2 * r + k] + s3 * b0[3 * r + k]; \
+      _Pragma("omp simd") for (int64_t k = 0; k < r; ++k) {                                                     \
+        y[k] += s0 * b0[k] + s1 * b0[r + k] + s2 * b0[2 * r + k] + s3 * b0[3 * r + k];                          \
+      }                                                                                                         \
     }                                                                                                           \
     for (; i < nrows; ++i) {                                                                                    \
       const T* w0 = W + i * ld;                                                                                 \
       const T* b0 = B + i * r;                                                                                  \
       T s0 = 0;                                                                                                 \
       _Pragma("omp simd reduction(+ : s0)") for (int64_t j = 0; j < n; ++j) s0 += w0[j] * v[j];                \
-      for (int64_t k = 0; k < r; ++k) s0 += b0[k] * z[k];                                                      \
+      _Pragma("omp simd reduction(+ : s0)") for (int64_t k = 0; k < r; ++k) s0 += b0[k] * z[k];                \
       t[i] = s0;                                                                                                \
       _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) acc[j] += s0 * w0[j];                                 \
-      for (int64_t k = 0; k < r; ++k) y[k] += s0 * b0[k];                                                       \
+      _Pragma("omp simd") for (int64_t k = 0; k < r; ++k) y[k] += s0 * b0[k];                                   \
     }                                                                                                           \
   }
 
@@ -96,8 +98,8 @@ struct MapView {
 };
 
 Tensor as_acc(const Tensor& t, ScalarType acc) {
-  Tensor c = t.scalar_type() == acc ? t : torch::stable::to(t, acc);
-  return torch::stable::contiguous(c);
+  if (t.scalar_type() == acc && t.is_contiguous()) return t;  // the usual case: no dispatcher call
+  return torch::stable::contiguous(t.scalar_type() == acc ? t : torch::stable::to(t, acc));
 }
 
 MapView make_map(const Tensor& W_in, const Tensor& A, const Tensor& B, double s) {
