@@ -184,7 +184,20 @@ def main(argv=None):
         mm = f"{common.fmt_time(r['min_s'])}-{common.fmt_time(r['max_s'])}"
         print(f"{r['case']:<26}{r['backend']:<22}{common.fmt_time(r['median_s']):>12}{mm:>22}"
               f"{r['ratio_vs_reference']:>7.2f}x{r['gbps']:>8.1f}{r['frac_read_bw']:>7.0%}")
+    # LoRA rows: paired ratios of the interleaved rounds with their bootstrap interval
+    from specreg_fast.benchmarks.timing import bootstrap_ratio_interval
+    lora = {}
+    for r in rows:
+        if r["case"].startswith("LoRA"):
+            lora.setdefault(r["case"], {})[r["backend"]] = r["samples"]
+    for case, by in lora.items():
+        ours = by.get("ours (lowrank op)", by.get("ours"))
+        for other in (k for k in by if not k.startswith("ours")):
+            q, lo, hi = bootstrap_ratio_interval(ours, by[other])
+            print(f"{case}: ours / {other} = {q:.3f} (95% bootstrap interval {lo:.3f}-{hi:.3f})")
     if args.json:
+        for r in rows:
+            r.pop("samples", None)
         common.save_json(args.json, rows, {"read_bandwidth_Bps": bw})
     return rows
 
