@@ -104,4 +104,13 @@ STABLE_TORCH_LIBRARY(specreg_fast, m) {
   // (csrc/cpu/shifted_cholesky_cpu.cpp). Non-differentiable; int32.
   m.def("shifted_cholesky_info(Tensor H, Tensor shift) -> Tensor");
   m.def("circular_power_step_(Tensor[] weights, Tensor(a!)[] xs, Tensor(b!)[] x_tops, Tensor(c!)[] y_tops, int[] params, int n_iter) -> Tensor");
+  // ---- low-rank maps (LoRA) -----------------------------------------------------------
+  // n_iter power steps on maps M_l = W_l + scales[l] Bs[l] As[l] (W (m, n), B (m, r), A (r, n);
+  // the matrix is never built), every map of the list in one call, in place on the persistent
+  // vectors: t = W v + s B (A v), a = W^T t + s A^T (B^T t), u <- t/|t|, v <- a/|a|, each step
+  // reading W once (csrc/cpu/lowrank_step_cpu.cpp). A map accumulates in float64 when any of
+  // W, A, B is float64, else float32 (us/vs of that dtype); scales finite. tol, zero and
+  // non-finite maps, n_iter = 0 (u^T M v at the current vectors) and the estimate |a|/|t|
+  // (= u^T M v at the new vectors) as power_step_. Returns float32, float64 if any map is.
+  m.def("lowrank_power_step_(Tensor[] weights, Tensor[] As, Tensor[] Bs, float[] scales, Tensor(a!)[] us, Tensor(b!)[] vs, int n_iter, float tol) -> Tensor");
 }

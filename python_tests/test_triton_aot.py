@@ -41,8 +41,16 @@ def test_every_triton_kernel_compiles_to_cubin(cc):
             assert f"fused_rows[{w},{tag}]" in labels and f"bilinear_rows[{w},{tag}]" in labels
     assert any(l.startswith("batched_power[c64,resident") for l in labels)
     assert any(l.startswith("batched_power[c64,chunked") for l in labels)
-    # The grouped dense kernels must not spill in any config.
-    spilled = [r["kernel"] for r in rows if r["kernel"].startswith(("fused_rows", "bilinear_rows"))
+    # The LoRA kernels: the row kernel of each config, dtype and rank tile, the z and adjoint kernels.
+    from specreg_fast.triton import aot as _aot
+    for rb in _aot.LOWRANK_R_BLOCKS:
+        for c in power_step.CONFIGS:
+            tag = f"BM{c['BLOCK_M']}_BN{c['BLOCK_N']}_w{c['num_warps']}_s{c['num_stages']}"
+            assert all(f"lowrank_rows[{w},{tag},R{rb}]" in labels for w in ("fp32", "bf16", "fp16"))
+        assert any(l.startswith("lowrank_z[") and l.endswith(f"R{rb}]") for l in labels)
+        assert any(l.startswith("lowrank_adjoint[") and l.endswith(f"R{rb}]") for l in labels)
+    # The grouped dense kernels (and the LoRA kernels) must not spill in any config.
+    spilled = [r["kernel"] for r in rows if r["kernel"].startswith(("fused_rows", "bilinear_rows", "lowrank_"))
                and (r["spill_stores"] or r["spill_loads"])]
     assert not spilled, f"register spills at sm_{cc}: {spilled}"
     assert batched_power.RESIDENT_MAX > 0

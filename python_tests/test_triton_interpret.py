@@ -222,3 +222,55 @@ def test_every_gpu_config_matches_reference():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(ps.sigma(weights, us, vs, config=cfg), ops.sigma_reference(weights, us, vs),
                                    rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- low-rank (LoRA) maps
+def _lowrank_maps(specs, seed=0):
+    """specs: (m, n, r, s, W dtype, transposed base); float32 factors and unit v."""
+    g = torch.Generator().manual_seed(seed)
+    Ws, As, Bs, ss, us, vs = [], [], [], [], [], []
+    for m, n, r, s, dt, tr in specs:
+        W = torch.randn(n, m, generator=g).to(dt).t() if tr else torch.randn(m, n, generator=g).to(dt)
+        As.append(torch.randn(r, n, generator=g))
+        Bs.append(torch.randn(m, r, generator=g))
+        v = torch.randn(n, generator=g)
+        vs.append(v / v.norm().clamp_min(1e-30) if n else v)
+        us.append(torch.zeros(m))
+        Ws.append(W)
+        ss.append(s)
+    return Ws, As, Bs, ss, us, vs
+
+
+# (300, 5, r 3): 38 row blocks at BLOCK_M = 8, more than one REDUCE_PARTS step of the r-partials
+LOWRANK = [[(37, 23, 4, 0.7, False)], [(5, 70, 2, -1.2, False), (64, 40, 16, 0.3, True), (9, 1, 1, 2.0, False)],
+           [(300, 5, 3, 1.5, False), (24, 24, 5, 0.5, False)]]
+
+
+@pytest.mark.parametrize("specs", LOWRANK, ids=lambda s: "+".join(f"{m}x{n}r{r}" for m, n, r, *_ in s))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lowrank_power_step_matches_reference(specs, dtype):
+    from specreg_fast.triton import lowrank_step
+
+    Ws, As, Bs, ss, us, vs = _lowrank_maps([(m, n, r, s, dtype, tr) for m, n, r, s, tr in specs])
+    ur, vr = [u.clone() for u in us], [v.clone() for v in vs]
+    est = lowrank_step.lowrank_power_step_(Ws, As, Bs, ss, us, vs, 3, 0.0)
+    ref = ops.lowrank_power_step_reference(Ws, As, Bs, ss, ur, vr, 3, 0.0)
+    assert est.dtype == torch.float32
+    torch.testing.assert_close(est, ref, rtol=2e-5, atol=1e-5)
+    for a, b in zip(us + vs, ur + vr):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_lowrank_power_step_converges_to_svd_and_keeps_conventions():
+    from specreg_fast import reference
+    from specreg_fast.triton import lowrank_step
+
+    Ws, As, Bs, ss, us, vs = _lowrank_maps([(30, 20, 3, 0.8, torch.float32, False)] * 3)
+    Ws[1].zero_(), Bs[1].zero_()  # the zero map: vectors kept, estimate 0
+    Bs[2][4, 0] = math.nan  # non-finite: vectors as before, NaN
+    u0, v0 = [u.clone() for u in us], [v.clone() for v in vs]
+    est = lowrank_step.lowrank_power_step_(Ws, As, Bs, ss, us, vs, 300, 0.0)
+    want = reference.lowrank_sigma_exact(Ws[0], As[0], Bs[0], ss[0]).item()
+    assert abs(est[0].item() - want) <= 1e-5 * want
+    assert est[1].item() == 0 and torch.equal(vs[1], v0[1])
+    assert math.isnan(est[2].item()) and torch.equal(us[2], u0[2]) and torch.equal(vs[2], v0[2])

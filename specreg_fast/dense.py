@@ -15,7 +15,6 @@ import torch
 
 from . import backends, ops
 from .contract import WEIGHT_DTYPES, acc_dtype, out_dtype
-from .power_loop import power_iterate
 
 __all__ = ["PowerState", "init_power_state", "spectral_norms", "spectral_norm", "as_matrix", "lowrank_sigmas",
            "lowrank_grads", "validate_state", "step_sigmas"]
@@ -155,10 +154,12 @@ def spectral_norm(W: torch.Tensor, tol: float = 1e-6, max_iter: int = 1000, seed
 
 # ---------------------------------------------------------------------- low-rank maps
 # A map M = W + sum_k s_k B_k A_k (specreg_fast.layers.LowRank: a LoRA layer's W, B, A) is
-# applied as W x + sum_k s_k B_k (A_k x) and its adjoint as W^T y + sum_k s_k A_k^T (B_k^T y):
-# two passes over W and the small factors per step, where building M costs a write and a read
-# of an out x in temporary per map and call. One Python loop over the maps: their base weights
-# are separate tensors (stacking them to batch the matvecs would copy every W on every call).
+# applied as W x + sum_k s_k B_k (A_k x) and its adjoint as W^T y + sum_k s_k A_k^T (B_k^T y),
+# never built. The power steps of every map of a call run in one op call,
+# ``specreg_fast::lowrank_power_step_`` (csrc/cpu/lowrank_step_cpu.cpp), whose CPU kernel reads
+# each W once per step; it takes one (A, B, s) per map, so a map with several adapters is handed
+# over with its adapters stacked, [A_1; A_2], [s_1 B_1, s_2 B_2], s = 1 (a copy of r (m + n)
+# values, not of W), and one with none with empty factors.
 
 def _mv(M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``M @ x`` in ``x``'s (accumulation) dtype. A lower-precision ``M`` (a bfloat16 base
@@ -169,27 +170,30 @@ def _mv(M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.mv(M, x.to(M.dtype)).to(x.dtype)
 
 
-def _lowrank_apply(M, x: torch.Tensor) -> torch.Tensor:
-    y = _mv(M.base_matrix, x)
-    for B, A, s in zip(M.Bs, M.As, M.scales):
-        y.add_(_mv(B, _mv(A, x)), alpha=s)
-    return y
+def lowrank_op_args(M) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """``(W, A, B, s)`` with ``W + s B A`` equal to the map ``M`` (detached): the one adapter
+    as it is, several stacked (``s = 1``, the scales folded into ``B``), none as empty factors
+    (``s = 0``), in the dtype the map promotes to (so its accumulation dtype is kept)."""
+    W = M.base_matrix.detach()
+    if len(M.As) == 1:
+        return W, M.As[0].detach(), M.Bs[0].detach(), float(M.scales[0])
+    if not M.As:
+        return W, W.new_zeros((0, W.shape[1])), W.new_zeros((W.shape[0], 0)), 0.0
+    dt = M.dtype
+    A = torch.cat([A.detach().to(dt) for A in M.As], dim=0)
+    B = torch.cat([B.detach().to(dt) * s for B, s in zip(M.Bs, M.scales)], dim=1)
+    return W, A, B, 1.0
 
 
-def _lowrank_adjoint(M, y: torch.Tensor) -> torch.Tensor:
-    x = _mv(M.base_matrix.t(), y)
-    for B, A, s in zip(M.Bs, M.As, M.scales):
-        x.add_(_mv(A.t(), _mv(B.t(), y)), alpha=s)
-    return x
-
-
-def _lowrank_power_step_(maps, us: List[torch.Tensor], vs: List[torch.Tensor], n_iter: int) -> List[torch.Tensor]:
-    """``n_iter`` power steps on each low-rank map, in place on ``us``/``vs``, with the
+def _lowrank_power_step_(maps, us: List[torch.Tensor], vs: List[torch.Tensor], n_iter: int) -> torch.Tensor:
+    """``n_iter`` power steps on every low-rank map in one ``lowrank_power_step_`` call, in
+    place on ``us``/``vs`` (``n_iter = 0``: ``u^T M v`` at the current vectors), with the
     ``power_step_`` op's conventions: the estimate is ``|M^T t| / |t|`` (``u^T M v`` at the new
     vectors), a zero map keeps the vectors (estimate 0), and a step that meets a non-finite
-    value leaves them as they were and gives NaN. No host synchronization (``torch.where``)."""
-    return [power_iterate(lambda x, M=M: _lowrank_apply(M, x), lambda y, M=M: _lowrank_adjoint(M, y), u, v, n_iter,
-                          rollback=True) for M, u, v in zip(maps, us, vs)]
+    value leaves them as they were and gives NaN."""
+    args = [lowrank_op_args(M) for M in maps]
+    Ws, As, Bs, ss = (list(x) for x in zip(*args))
+    return ops.lowrank_power_step_(Ws, As, Bs, ss, us, vs, n_iter, 0.0)
 
 
 def lowrank_grads(M, u: torch.Tensor, v: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -249,11 +253,7 @@ def lowrank_sigmas(maps, us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor],
     if not maps:
         return torch.zeros(0, dtype=dt)
     with torch.no_grad():
-        if update and n_iter >= 1:
-            est = _lowrank_power_step_(maps, us, vs, n_iter)
-        else:
-            est = [u @ _lowrank_apply(M, v) for M, u, v in zip(maps, us, vs)]
-        value = torch.stack(est).to(dt)
+        value = _lowrank_power_step_(maps, us, vs, n_iter if update else 0).to(dt)
     if not torch.is_grad_enabled():
         return value
     with torch.no_grad():

@@ -9,8 +9,8 @@ were and the estimate is 0; the choice of what a non-finite value does is the ca
 a non-finite norm met in any step restores the vectors of the call's start and gives a NaN
 estimate). Everything with ``torch.where``: no host synchronization, except the ``tol`` test.
 
-Used by the reference kernels of ``power_step_`` and ``conv_power_step_``
-(:mod:`specreg_fast.ops`), the low-rank maps of :mod:`specreg_fast.dense`, and (the
+Used by the reference kernels of ``power_step_``, ``lowrank_power_step_`` (the low-rank maps
+of :mod:`specreg_fast.dense`) and ``conv_power_step_`` (:mod:`specreg_fast.ops`), and (the
 normalization only: the sum over ranks sits between the two products) the sharded step of
 :mod:`specreg_fast.distributed`. ``reference.py`` keeps its own loops: it is the ground truth.
 """

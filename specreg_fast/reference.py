@@ -4,6 +4,7 @@ Written for clarity, not speed. The tests check every fast kernel against these 
 (and these functions against exact SVDs); the benchmarks use them as the baseline.
 
 Dense:  :func:`power_iteration`, :func:`dense_sigma_exact`.
+Low-rank (LoRA) maps ``W + s B A``: :func:`lowrank_power_iteration`, :func:`lowrank_sigma_exact`.
 Conv:   :func:`conv_apply` / :func:`conv_adjoint`, :func:`conv_operator_matrix`,
         :func:`conv_power_iteration`, :func:`conv_sigma_exact`.
 Circular (Fourier): :func:`circular_transfer_blocks`, :func:`circular_conv_sigma_exact`.
@@ -26,6 +27,9 @@ from .geometry import ConvSpec  # re-exported: the conv geometry the references 
 __all__ = [
     "power_iteration",
     "dense_sigma_exact",
+    "lowrank_matrix",
+    "lowrank_power_iteration",
+    "lowrank_sigma_exact",
     "ConvSpec",
     "conv_apply",
     "conv_adjoint",
@@ -68,6 +72,35 @@ def power_iteration(W: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iter: i
 def dense_sigma_exact(W: torch.Tensor) -> torch.Tensor:
     """Largest singular value of a 2-D matrix, by SVD in float64."""
     return torch.linalg.matrix_norm(W.detach().to(torch.float64), ord=2)
+
+
+def lowrank_matrix(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, dtype=None) -> torch.Tensor:
+    """The low-rank map ``W + s B A`` built explicitly (``W`` (m, n), ``B`` (m, r), ``A`` (r, n)),
+    in ``dtype`` (default: float64 if any factor is float64, else float32)."""
+    if dtype is None:
+        dtype = torch.float64 if torch.float64 in (W.dtype, A.dtype, B.dtype) else torch.float32
+    return W.detach().to(dtype) + s * (B.detach().to(dtype) @ A.detach().to(dtype))
+
+
+@torch.no_grad()
+def lowrank_power_iteration(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, u: torch.Tensor,
+                            v: torch.Tensor, n_iter: int = 1):
+    """:func:`power_iteration` on the explicit matrix ``M = W + s B A`` (the sequence every
+    backend of ``specreg_fast::lowrank_power_step_`` follows without building ``M``); returns
+    ``(sigma, u, v)``, ``sigma = u^T M v`` at the new vectors. Computed in float32 (float64
+    when any factor is float64). Inputs are not modified."""
+    M = lowrank_matrix(W, A, B, s)
+    u = u.to(M.dtype).clone()
+    v = v.to(M.dtype).clone()
+    for _ in range(n_iter):
+        u, _ = _normalize(M @ v)
+        v, _ = _normalize(M.t() @ u)
+    return u @ M @ v, u, v
+
+
+def lowrank_sigma_exact(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """Largest singular value of ``W + s B A``, by SVD in float64."""
+    return torch.linalg.svdvals(lowrank_matrix(W, A, B, s, torch.float64))[0]
 
 
 # ----------------------------------------------------------------------------- conv

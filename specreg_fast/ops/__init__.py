@@ -7,7 +7,7 @@ the functional ops, and the plain-PyTorch reference registered under
 CPU-only build, MPS, ...) still runs. If the compiled extension cannot be loaded, the same
 schemas are defined here and only the reference runs (``HAS_CPP_EXT = False``).
 
-One module per op family, as ``csrc/cpu/``: ``power_step`` (dense), ``conv_operator``,
+One module per op family, as ``csrc/cpu/``: ``power_step`` (dense), ``lowrank_step`` (LoRA), ``conv_operator``,
 ``circular_conv``, ``batched_power``, ``shifted_cholesky``; ``_checks`` holds the argument
 checks they share and ``_library`` loads the extension. Each module registers its own ops,
 once, when this package is imported. The conv geometry the conv ops take (packing, decoding,
@@ -30,10 +30,11 @@ from .circular_conv import circular_output_shapes, circular_power_step_, circula
 from .conv_operator import (conv_adjoint, conv_adjoint_reference, conv_power_step_, conv_power_step_reference,
                             conv_sigma, conv_sigma_from_step, conv_sigma_reference, conv_weight_grad, conv_weight_grad_add_,
                             conv_weight_grad_add_reference, conv_weight_grad_reference)
+from .lowrank_step import lowrank_power_step_, lowrank_power_step_reference
 from .power_step import power_step_, power_step_reference, rank1_grad, sigma, sigma_from_step, sigma_reference
 from .shifted_cholesky import shifted_cholesky_info, shifted_cholesky_info_reference
 
 __all__ = ["power_step_", "sigma", "sigma_from_step", "conv_power_step_", "conv_sigma", "conv_adjoint",
            "conv_weight_grad", "conv_weight_grad_add_", "conv_sigma_from_step", "circular_power_step_",
-           "batched_power_step_", "shifted_cholesky_info", "pack_conv_params", "HAS_CPP_EXT", "HAS_CONV_EXT",
+           "batched_power_step_", "shifted_cholesky_info", "lowrank_power_step_", "pack_conv_params", "HAS_CPP_EXT", "HAS_CONV_EXT",
            "SCHEMAS"]

@@ -28,6 +28,8 @@ SCHEMAS = {
                             "Tensor(c!)[] y_tops, int[] params, int n_iter) -> Tensor",
     "batched_power_step_": "batched_power_step_(Tensor blocks, Tensor(a!) us, Tensor(b!) vs, int n_iter) -> Tensor",
     "shifted_cholesky_info": "shifted_cholesky_info(Tensor H, Tensor shift) -> Tensor",
+    "lowrank_power_step_": "lowrank_power_step_(Tensor[] weights, Tensor[] As, Tensor[] Bs, float[] scales, "
+                           "Tensor(a!)[] us, Tensor(b!)[] vs, int n_iter, float tol) -> Tensor",
 }
 
 # The most power-iteration steps one op call may run (n_iter of every op, max_iter of the

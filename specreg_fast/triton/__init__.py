@@ -1,6 +1,7 @@
 """Triton backend of the dense ops (and the batched power iteration for the Fourier norms).
 
-Modules: ``power_step`` (grouped dense power step and sigma), ``batched_power`` (power
+Modules: ``power_step`` (grouped dense power step and sigma), ``lowrank_step`` (the grouped
+power step of low-rank (LoRA) maps), ``batched_power`` (power
 iteration on a B x m x n stack, real or complex), ``aot`` (ahead-of-time compilation of every
 kernel config, used by the tests and ``bench/triton_resource_usage.py``).
 
@@ -98,11 +99,36 @@ def _batched_power_step_cuda(blocks, us, vs, n_iter):
     return ops.batched_power_step_reference(blocks, us, vs, n_iter)
 
 
+def _lowrank_power_step_cuda(weights, As, Bs, scales, us, vs, n_iter, tol):
+    """CUDA kernel of ``specreg_fast::lowrank_power_step_``: the Triton kernels for the maps that
+    accumulate in float32, the reference for float64 maps and for ``n_iter = 0``."""
+    from .. import ops
+    from ..ops import lowrank_step as lr
+    from . import lowrank_step as tk
+
+    lr._check_step_args(lr.OP, weights, As, Bs, scales, us, vs, n_iter, tol)
+    ops.check_disjoint_state([(f"us[{l}]", u) for l, u in enumerate(us)] + [(f"vs[{l}]", v) for l, v in enumerate(vs)])
+    if not weights or n_iter == 0:
+        return ops.lowrank_power_step_reference(weights, As, Bs, scales, us, vs, n_iter, tol)
+    lo = [i for i, (W, A, B) in enumerate(zip(weights, As, Bs)) if lr.map_acc_dtype(W, A, B) == torch.float32]
+    hi = [i for i in range(len(weights)) if i not in set(lo)]
+    if hi:
+        warn_reference_fallback("lowrank_power_step_", "float64 maps have no Triton kernel")
+    out = torch.empty(len(weights), dtype=lr.lowrank_out_dtype(weights, As, Bs), device=weights[0].device)
+    pick = lambda xs, idx: [xs[i] for i in idx]  # noqa: E731
+    for idx, fn in ((lo, tk.lowrank_power_step_), (hi, ops.lowrank_power_step_reference)):
+        if idx:
+            out[idx] = fn(pick(weights, idx), pick(As, idx), pick(Bs, idx), pick(scales, idx), pick(us, idx),
+                          pick(vs, idx), n_iter, tol).to(out.dtype)
+    return out
+
+
 def register() -> List[str]:
     """Register the Triton kernels for the CUDA dispatch key of each dense op that has no
     CUDA kernel yet. Returns the ops registered (by this or an earlier call)."""
     for op, fn in (("power_step_", _power_step_cuda), ("sigma", _sigma_cuda),
-                   ("batched_power_step_", _batched_power_step_cuda)):
+                   ("batched_power_step_", _batched_power_step_cuda),
+                   ("lowrank_power_step_", _lowrank_power_step_cuda)):
         if op in _REGISTERED or has_cuda_kernel(op):
             continue
         torch.library.register_kernel(f"specreg_fast::{op}", "cuda", fn)

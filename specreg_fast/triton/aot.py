@@ -24,6 +24,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
 from . import batched_power as bp
+from . import lowrank_step as lr
 from . import power_step as ps
 
 __all__ = ["KernelVariant", "variants", "compile_variant", "compile_all", "ptxas_path", "format_table"]
@@ -73,6 +74,7 @@ def variants() -> Iterator[KernelVariant]:
              "u0_ptr": "*fp32", "v0_ptr": "*fp32", "tol": "fp32", "NF": "constexpr", "FIRST": "constexpr",
              "BLOCK": "constexpr", "FMAX": "constexpr"},
             {"NF": nf, "FIRST": first, "BLOCK": ps.REDUCE_BLOCK, "FMAX": ps.FLT_MAX}, 4)
+    yield from lowrank_variants()
     yield KernelVariant(
         "sum_tiles", ps._sum_tiles_kernel,
         {"tab_ptr": "*i64", "tile_count_ptr": "*i32", "part_ptr": "*fp32", "out_ptr": "*fp32", "NF": "constexpr"},
@@ -95,6 +97,41 @@ def variants() -> Iterator[KernelVariant]:
                  "m": "i32", "n": "i32", "n_iter": "i32", "s_pb": "i64", "s_pm": "i64", "s_pn": "i64",
                  "COMPLEX": "constexpr", "RESIDENT": "constexpr", "M_PAD": "constexpr", "N_PAD": "constexpr",
                  "BLOCK_M": "constexpr"}, p, nw)
+
+
+# The rank tiles the LoRA kernels are compiled for here (``lr.r_block``: ranks 9-16 and 33-64).
+LOWRANK_R_BLOCKS = (16, 64)
+
+
+def lowrank_variants() -> Iterator[KernelVariant]:
+    """The LoRA kernels (:mod:`specreg_fast.triton.lowrank_step`): the row kernel for each weight
+    dtype and CONFIG, the z and adjoint kernels, each for the rank tiles of LOWRANK_R_BLOCKS (the
+    dense reduce and finalize kernels they also launch are compiled above with the dense table's
+    NF; the LoRA table's NF only moves a constant)."""
+    nf = lr._NF
+    for rb in LOWRANK_R_BLOCKS:
+        for wname, wdt in (("fp32", tl.float32), ("bf16", tl.bfloat16), ("fp16", tl.float16)):
+            for c in ps.CONFIGS:
+                tag = f"BM{c['BLOCK_M']}_BN{c['BLOCK_N']}_w{c['num_warps']}_s{c['num_stages']}"
+                yield KernelVariant(
+                    f"lowrank_rows[{wname},{tag},R{rb}]", lr._lowrank_rows_kernel,
+                    {"tab_ptr": "*i64", "tile_layer_ptr": "*i32", "flags_ptr": "*i32", "z_ptr": "*fp32",
+                     "t_ptr": "*fp32", "part_ptr": "*fp32", "ypart_ptr": "*fp32", "W_DTYPE": "constexpr",
+                     "NF": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "R_BLOCK": "constexpr"},
+                    {"W_DTYPE": wdt, "NF": nf, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"], "R_BLOCK": rb},
+                    c["num_warps"], c["num_stages"])
+        yield KernelVariant(
+            f"lowrank_z[BN{lr.Z_BLOCK_N},R{rb}]", lr._lowrank_z_kernel,
+            {"tab_ptr": "*i64", "flags_ptr": "*i32", "scale_ptr": "*fp32", "z_ptr": "*fp32", "NF": "constexpr",
+             "R_BLOCK": "constexpr", "BLOCK_N": "constexpr"},
+            {"NF": nf, "R_BLOCK": rb, "BLOCK_N": lr.Z_BLOCK_N}, 4)
+        for bm in sorted({c["BLOCK_M"] for c in ps.CONFIGS}):
+            yield KernelVariant(
+                f"lowrank_adjoint[rows_per_part={bm},R{rb}]", lr._lowrank_adjoint_kernel,
+                {"tab_ptr": "*i64", "flags_ptr": "*i32", "scale_ptr": "*fp32", "ypart_ptr": "*fp32", "a_ptr": "*fp32",
+                 "NF": "constexpr", "ROWS_PER_PART": "constexpr", "R_BLOCK": "constexpr", "BLOCK": "constexpr",
+                 "PARTS": "constexpr"},
+                {"NF": nf, "ROWS_PER_PART": bm, "R_BLOCK": rb, "BLOCK": ps.REDUCE_COLS, "PARTS": ps.REDUCE_PARTS}, 4)
 
 
 def bench_batched_shapes() -> List[tuple]:
