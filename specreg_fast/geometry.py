@@ -131,6 +131,8 @@ def _checked(op: str, l: int, what: str, a: int, b: int, sign: str) -> int:
     """a * b or a + b of packed params and sizes, a ValueError where the int64 result of the
     kernels would wrap (checked_mul/checked_add of csrc/conv_geometry.h, same message)."""
     r = a * b if sign == "*" else a + b
+    if not (type(a) is int and type(b) is int):  # symbolic sizes (fakes under dynamic shapes): no guard
+        return r
     require(_INT64_MIN <= r <= _INT64_MAX, lambda: f"{op}: layer {l}: {what} ({a} {sign} {b}) overflows int64")
     return r
 
