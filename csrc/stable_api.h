@@ -233,6 +233,36 @@ inline Tensor norm(const Tensor& t) { return sqrt(torch::stable::sum(mul(t, t)))
 
 // The tensor itself when it is already contiguous (no dispatcher call), else a contiguous copy.
 inline Tensor contig(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
+// t viewed with a leading dim of size 1 (unsqueeze(0)), and the inverse for a tensor whose
+// leading dim has size 1 (squeeze(0)): aliases of t's storage made by the C shim's
+// aoti_torch__reinterpret_tensor, without a boxed dispatcher call (each costs microseconds, a
+// measurable share of a power step on a small layer). No autograd view: for the kernels' own
+// tensors under NoGradGuard only.
+inline Tensor reinterpret(const Tensor& t, const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides) {
+  AtenTensorHandle h = nullptr;
+  STD_TORCH_CHECK(aoti_torch__reinterpret_tensor(t.get(), static_cast<int64_t>(sizes.size()), sizes.data(),
+                                                 strides.data(), 0, &h) == 0,
+                  "specreg_fast: reinterpret failed");
+  return Tensor(h);
+}
+inline Tensor batch1(const Tensor& t) {
+  const auto sz = t.sizes(), st = t.strides();
+  std::vector<int64_t> sizes{1}, strides{t.dim() > 0 ? sz[0] * st[0] : 1};
+  sizes.insert(sizes.end(), sz.begin(), sz.end());
+  strides.insert(strides.end(), st.begin(), st.end());
+  return reinterpret(t, sizes, strides);
+}
+inline Tensor unbatch1(const Tensor& t) {
+  STD_TORCH_CHECK(t.dim() >= 1 && t.size(0) == 1, "specreg_fast: unbatch1 of a tensor without a leading 1");
+  const auto sz = t.sizes(), st = t.strides();
+  return reinterpret(t, std::vector<int64_t>(sz.begin() + 1, sz.end()), std::vector<int64_t>(st.begin() + 1, st.end()));
+}
+// A new contiguous tensor of t's shape, dtype and device (empty_like without a dispatcher call).
+inline Tensor empty_as(const Tensor& t) {
+  const auto sz = t.sizes();
+  return empty(std::vector<int64_t>(sz.begin(), sz.end()), t.scalar_type(), t.device());
+}
+
 // t in `dtype` (no call when it already is).
 inline Tensor as_dtype(const Tensor& t, ScalarType dtype) {
   return t.scalar_type() == dtype ? t : torch::stable::to(t, dtype);

@@ -304,7 +304,7 @@ void copy_normalized(Tensor dst, const Tensor& src) {
     if (dst.is_contiguous()) {
       cpu::host_divide(dst, sc, n);
     } else {
-      Tensor tmp = torch::stable::empty_like(sc);
+      Tensor tmp = empty_as(sc);
       cpu::host_divide(tmp, sc, n);
       torch::stable::copy_(dst, tmp);
     }
@@ -374,7 +374,7 @@ Tensor unit_or_e0(const Tensor& X, const Tensor& nx, const Tensor& tiny) {
 }
 
 Tensor ones_like(const Tensor& t) {
-  Tensor o = torch::stable::empty_like(t);
+  Tensor o = empty_as(t);
   torch::stable::fill_(o, 1.0);
   return o;
 }
@@ -483,7 +483,7 @@ Tensor circular_power_step_impl(const TensorList& weights, const TensorList& xs,
     const int64_t steps = std::max<int64_t>(n_iter, 1);
     // The two circular convs of a step: the direct kernels (csrc/cpu/conv_gemm_cpu.cpp) when
     // they are the faster path for this layer, ATen's otherwise.
-    const bool direct = host && n_iter > 0 && cpu::conv_gemm_preferred(g, W, torch::stable::unsqueeze(x_state, 0));
+    const bool direct = host && n_iter > 0 && cpu::conv_gemm_preferred(g, W, batch1(x_state));
     cpu::ConvGemmWork work;
     double est_host = 0;
     for (int64_t it = 0; it < steps; ++it) {
@@ -497,11 +497,11 @@ Tensor circular_power_step_impl(const TensorList& weights, const TensorList& xs,
       Tensor t, a_direct;
       if (direct) {
         t = empty(shape_of(y_tops[l]).dims, W.scalar_type(), W.device());
-        a_direct = torch::stable::empty_like(x_state);
-        Tensor t4 = torch::stable::unsqueeze(t, 0), a4 = torch::stable::unsqueeze(a_direct, 0);
-        cpu::conv_gemm_step(g, W, torch::stable::unsqueeze(contig(xh), 0), t4, a4, work);
+        a_direct = empty_as(x_state);
+        Tensor t4 = batch1(t), a4 = batch1(a_direct);
+        cpu::conv_gemm_step(g, W, batch1(contig(xh)), t4, a4, work);
       } else {
-        t = torch::stable::squeeze(op_apply(g, W, torch::stable::unsqueeze(xh, 0)), 0);
+        t = unbatch1(op_apply(g, W, batch1(xh)));
       }
       const Tensor T = F.forward_out(t);
       const Tensor tn = freq_norms(T);
@@ -517,10 +517,7 @@ Tensor circular_power_step_impl(const TensorList& weights, const TensorList& xs,
         }
       }
       if (n_iter == 0) break;
-      const Tensor a = direct ? a_direct
-                              : torch::stable::squeeze(op_adjoint(g, W, torch::stable::unsqueeze(t, 0),
-                                                                  torch::stable::unsqueeze(xh, 0)),
-                                                       0);
+      const Tensor a = direct ? a_direct : unbatch1(op_adjoint(g, W, batch1(t), batch1(xh)));
       const Tensor A = F.forward_in(a);
       const Tensor na = freq_norms(A);
       Tensor Xn;

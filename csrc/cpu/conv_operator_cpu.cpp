@@ -129,13 +129,13 @@ Tensor conv_power_step_impl(const TensorList& weights, const TensorList& xs, con
     const Tensor W = contig(as_dtype(weights[l], acc));
     const bool host = W.is_cpu();
     Tensor xl = xs[l], yl = ys[l];  // the user's buffers: written in place
-    Tensor x = torch::stable::unsqueeze(xl, 0);
-    Tensor y = torch::stable::unsqueeze(yl, 0);
+    Tensor x = batch1(xl);
+    Tensor y = batch1(yl);
     // Small images with large weights: the direct kernels (csrc/cpu/conv_gemm_cpu.cpp).
     const bool direct = host && n_iter > 0 && cpu::conv_gemm_preferred(g, W, x);
     cpu::ConvGemmWork work;
-    Tensor t_buf = direct ? torch::stable::empty_like(y) : Tensor();
-    Tensor a_buf = direct ? torch::stable::empty_like(x) : Tensor();
+    Tensor t_buf = direct ? empty_as(y) : Tensor();
+    Tensor a_buf = direct ? empty_as(x) : Tensor();
     // A non-finite weight shows up as a non-finite |A x| or |A^T t| (inf * 0 = NaN, so even a
     // weight entry that meets only zeros does), which is checked at every step instead of
     // scanning the weight (a full pass over W, as costly as an elementwise op per layer).
@@ -266,8 +266,8 @@ Tensor conv_sigma_impl(const TensorList& weights, const TensorList& xs, const Te
     if (zero_map(xs[l], ys[l])) continue;
     const auto acc = acc_type(weights[l].scalar_type());
     const Tensor W = as_dtype(weights[l], acc);
-    const Tensor v = aten::sum(aten::mul(torch::stable::unsqueeze(ys[l], 0),
-                                         op_apply(geo[l], W, torch::stable::unsqueeze(xs[l], 0))));
+    const Tensor v = aten::sum(aten::mul(batch1(ys[l]),
+                                         op_apply(geo[l], W, batch1(xs[l]))));
     if (out.is_cpu()) {
       set_host(out, l, item_double(v), acc);
     } else {
@@ -299,7 +299,7 @@ namespace {
 // contiguous): the direct kernels where they are preferred, else ATen's convolution_backward.
 Tensor layer_weight_grad(const ConvGeom& g, const Tensor& W, const Tensor& x, const Tensor& y) {
   if (cpu::conv_gemm_preferred(g, W, x)) {
-    Tensor gw = torch::stable::empty_like(W);
+    Tensor gw = empty_as(W);
     cpu::ConvGemmWork work;
     cpu::conv_gemm_weight_grad(g, W, x, y, gw, work);
     return gw;
@@ -332,7 +332,7 @@ TensorList conv_weight_grad_impl(const TensorList& weights, const TensorList& xs
       res.push_back(zeros(shape_of(W).dims, W.scalar_type(), W.device()));
       continue;
     }
-    const Tensor x = torch::stable::unsqueeze(contig(xs[l]), 0), y = torch::stable::unsqueeze(contig(ys[l]), 0);
+    const Tensor x = batch1(contig(xs[l])), y = batch1(contig(ys[l]));
     res.push_back(layer_weight_grad(g, W, x, y));
   }
   return res;
@@ -367,8 +367,8 @@ void conv_weight_grad_add_impl(const TensorList& grads, const TensorList& weight
     const auto& g = geo[l];
     const auto acc = acc_type(weights[l].scalar_type());
     const Tensor W = contig(as_dtype(weights[l], acc));
-    const Tensor x = torch::stable::unsqueeze(contig(xs[l]), 0);
-    const Tensor y = torch::stable::unsqueeze(contig(as_dtype(ys[l], acc)), 0);
+    const Tensor x = batch1(contig(xs[l]));
+    const Tensor y = batch1(contig(as_dtype(ys[l], acc)));
     Tensor G = grads[l];
     if (G.is_contiguous() && G.scalar_type() == acc && cpu::conv_gemm_preferred(g, W, x)) {
       cpu::ConvGemmWork work;
@@ -395,8 +395,8 @@ TensorList conv_adjoint_impl(const TensorList& weights, const TensorList& xs, co
       continue;
     }
     const Tensor W = as_dtype(weights[l], acc_type(weights[l].scalar_type()));
-    const Tensor a = op_adjoint(geo[l], W, torch::stable::unsqueeze(ys[l], 0), torch::stable::unsqueeze(xs[l], 0));
-    res.push_back(contig(torch::stable::squeeze(a, 0)));
+    const Tensor a = op_adjoint(geo[l], W, batch1(ys[l]), batch1(xs[l]));
+    res.push_back(contig(unbatch1(a)));
   }
   return res;
 }
