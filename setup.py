@@ -1,8 +1,8 @@
 """Build script for specreg_fast.
 
 The compiled libraries (see get_extensions): ``specreg_fast._C`` holds the op schemas
-(``csrc/specreg_fast.cpp``) and the CPU kernels already on the LibTorch stable ABI,
-``specreg_fast._C_conv`` the CPU conv kernels, ``specreg_fast._C_cuda`` the CUDA kernels
+(``csrc/specreg_fast.cpp``) and every CPU kernel, on the LibTorch stable ABI,
+``specreg_fast._C_cuda`` the CUDA kernels
 (``csrc/cuda/``), built only when ``FORCE_CUDA=1`` or a GPU is visible, and ``CUDA_HOME``
 points at a toolkit; a missing toolkit is never an error for a CPU build (the pytorch_scatter
 convention).
@@ -66,9 +66,10 @@ def _nvidia_wheel_includes():
 # The oldest torch the stable-ABI library must load on: it is compiled against that torch's
 # stable headers (TORCH_TARGET_VERSION), whatever torch builds it; pyproject.toml's torch floor.
 TORCH_TARGET = (2, 11)
+# The CPU conv kernels (also compiled, device-generic, into _C_cuda: csrc/cuda/conv_device_*.cpp).
+CONV_SOURCES = ["cpu/conv_operator_cpu.cpp", "cpu/circular_conv_cpu.cpp", "cpu/conv_gemm_cpu.cpp"]
 STABLE_SOURCES = ["specreg_fast.cpp", "cpu/power_step_cpu.cpp", "cpu/batched_power_cpu.cpp",
-                  "cpu/shifted_cholesky_cpu.cpp", "cpu/simd.cpp", "cpu/lowrank_step_cpu.cpp"]
-CONV_SOURCES = ["conv_module.cpp", "cpu/conv_operator_cpu.cpp", "cpu/circular_conv_cpu.cpp", "cpu/conv_gemm_cpu.cpp"]
+                  "cpu/shifted_cholesky_cpu.cpp", "cpu/simd.cpp", "cpu/lowrank_step_cpu.cpp"] + CONV_SOURCES
 
 
 class BuildExt(BuildExtension):
@@ -85,20 +86,18 @@ class BuildExt(BuildExtension):
         with open(os.path.join(out, "_build_info.py"), "w") as f:
             f.write('"""Written by setup.py (BuildExt): the build of the compiled libraries."""\n')
             f.write(f"CUDA_VERSION = {torch.version.cuda if with_cuda else None!r}  # None: built without _C_cuda\n")
-            # _C_conv and _C_cuda are on ATen's C++ API: they load on this torch's minor only
+            # the torch that built the libraries (both on the stable ABI of TORCH_TARGET on)
             f.write(f"TORCH_VERSION = {torch.__version__.split('+')[0]!r}\n")
 
 
 def get_extensions():
-    """Three libraries, so that each loads where it can:
+    """Two libraries, so that each loads where it can:
 
-    * ``_C``: the schemas and the dense, batched and Cholesky CPU kernels, on the LibTorch stable
-      ABI (one binary for every torch from ``TORCH_TARGET`` on; no CUDA dependency);
-    * ``_C_conv``: the CPU conv kernels, on ATen's C++ API (the torch it was built with only);
+    * ``_C``: the schemas and every CPU kernel (dense, conv, batched, Cholesky), on the LibTorch
+      stable ABI (one binary for every torch from ``TORCH_TARGET`` on; no CUDA dependency);
     * ``_C_cuda``: every CUDA kernel (with ``FORCE_CUDA=1`` or a visible GPU), loaded only on a
-      torch of the same CUDA major; its dense kernels (``csrc/cuda/*.cu``) are on the stable ABI,
-      its conv sources (``csrc/cuda/*.cpp``) still on ATen's C++ API, so the torch minor of the
-      build too."""
+      torch of the same CUDA major; on the stable ABI too (its ``.cu`` kernels and the
+      device-generic conv code of ``csrc/cpu/``), so any torch from ``TORCH_TARGET`` on."""
     debug = _flag("DEBUG")
     sanitize = _flag("SPECREG_FAST_SANITIZE")
     with_cuda = _want_cuda() and not sanitize
@@ -119,8 +118,6 @@ def get_extensions():
     exts = [
         CppExtension("specreg_fast._C", src(STABLE_SOURCES), include_dirs=include, extra_link_args=extra_link,
                      extra_compile_args={"cxx": cxx + [target]}, py_limited_api=True),
-        CppExtension("specreg_fast._C_conv", src(CONV_SOURCES), include_dirs=include, extra_link_args=extra_link,
-                     extra_compile_args={"cxx": cxx}, py_limited_api=True),
     ]
     if with_cuda:
         sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -129,12 +126,11 @@ def get_extensions():
         nvcc = opt + ["-std=c++20", "--expt-relaxed-constexpr", "-Xptxas=-v", "-lineinfo"]
         if not arch:
             nvcc += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
-        # The CUDA kernels (csrc/cuda/*.cu) are on the stable ABI: nvcc compiles them against the
-        # stable headers of TORCH_TARGET. The .cpp sources (the conv code, still on ATen's C++ API)
-        # get it once they are ported too; ATen/ATen.h refuses to compile with it.
+        # Every source of _C_cuda is on the stable ABI: nvcc and c++ compile them against the stable
+        # headers of TORCH_TARGET (ATen/ATen.h refuses to compile with it, so nothing unstable slips in).
         exts.append(CUDAExtension(
             "specreg_fast._C_cuda", sources, define_macros=[("WITH_CUDA", None)], extra_link_args=extra_link,
-            extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": nvcc + [target]},
+            extra_compile_args={"cxx": cxx + ["-DWITH_CUDA", target], "nvcc": nvcc + [target]},
             include_dirs=include + _nvidia_wheel_includes(), py_limited_api=True))
     return exts
 

@@ -1,4 +1,7 @@
-// Contracts every op checks before it writes anything, shared by the CPU and CUDA kernels:
+// The ATen-typed copy of csrc/stable_contracts.h, left only for the dense CUDA kernels still on
+// ATen's C++ API (csrc/power_step_checks.h, csrc/cuda/power_step_cuda.cu); it goes with their
+// port to the stable ABI. Every other kernel uses stable_contracts.h.
+// Contracts every op checks before it writes anything:
 // the iteration cap, one device for all tensors, no memory shared between a written tensor
 // and any other argument; and the interrupt poll of the long loops. (Lazy conj/neg views
 // never reach a kernel: PyTorch's fallbacks materialize them first, see

@@ -1,10 +1,9 @@
 // Op schemas of specreg_fast, declared once, in specreg_fast._C: the library built on the
 // LibTorch stable ABI (csrc/stable_api.h), which loads on every torch from the one named by
 // TORCH_TARGET_VERSION (setup.py) on. Its CPU kernels: csrc/cpu/power_step_cpu.cpp,
-// batched_power_cpu.cpp, shifted_cholesky_cpu.cpp. The kernels still written against ATen's
-// C++ API live in two more libraries that only add implementations: specreg_fast._C_conv (the
-// CPU conv kernels, csrc/conv_module.cpp) and specreg_fast._C_cuda (every CUDA kernel,
-// csrc/cuda/); each loads only when its torch matches. The Python package registers the
+// batched_power_cpu.cpp, shifted_cholesky_cpu.cpp, and the conv ops' conv_operator_cpu.cpp,
+// circular_conv_cpu.cpp, conv_gemm_cpu.cpp. The CUDA kernels live in specreg_fast._C_cuda
+// (csrc/cuda/), which only adds implementations and loads only when its CUDA major matches. The Python package registers the
 // plain-PyTorch reference under CompositeExplicitAutograd, so a device or op without a kernel
 // of its own still runs (specreg_fast/ops/).
 #include <Python.h>
@@ -36,7 +35,7 @@ PyObject* PyInit__C(void) {
 }
 
 STABLE_TORCH_LIBRARY(specreg_fast, m) {
-  // Every op with n_iter takes 0 <= n_iter <= 10^6 (kMaxIter, csrc/op_contracts.h; Python
+  // Every op with n_iter takes 0 <= n_iter <= 10^6 (kMaxIterStable, csrc/stable_contracts.h; Python
   // specreg_fast.ops.MAX_ITER) and polls for Ctrl-C between steps (a RuntimeError naming the
   // KeyboardInterrupt, the persistent vectors as before the call). Arguments are checked before
   // anything is written: one device for all tensors, no lazy conj/neg views, and no vector that
@@ -113,4 +112,8 @@ STABLE_TORCH_LIBRARY(specreg_fast, m) {
   // non-finite maps, n_iter = 0 (u^T M v at the current vectors) and the estimate |a|/|t|
   // (= u^T M v at the new vectors) as power_step_. Returns float32, float64 if any map is.
   m.def("lowrank_power_step_(Tensor[] weights, Tensor[] As, Tensor[] Bs, float[] scales, Tensor(a!)[] us, Tensor(b!)[] vs, int n_iter, float tol) -> Tensor");
+  // The CPU conv kernel choice ("auto", "direct" or "aten") for every later conv op call;
+  // returns the previous one ("invalid" for a bad SPECREG_FAST_CONV_KERNEL). A RuntimeError for
+  // any other choice (specreg_fast.conv.set_conv_kernel raises it as ValueError).
+  m.def("set_conv_kernel(str choice) -> str");
 }

@@ -23,6 +23,13 @@ inline void check_n_iter_stable(const char* op, int64_t n_iter) {
                  "] (specreg_fast.ops.MAX_ITER), got ", n_iter);
 }
 
+// Every tensor of `ts` on `device` (the op's first weight's); `what` names the list.
+inline void check_on_device_stable(const char* op, const char* what, const TensorList& ts, const Device& device) {
+  for (size_t i = 0; i < ts.size(); ++i)
+    SF_CHECK_VALUE(ts[i].device() == device, op, ": ", what, "[", i, "] is on ", device_name(ts[i].device()),
+                   ", expected every tensor on ", device_name(device), " (the device of the first weight)");
+}
+
 // The tensors an op reads and writes: a written tensor must share no memory with any other
 // argument. ATen's overlap test (at::get_overlap_status) answers "no overlap" for two tensors
 // whose address ranges intersect in no case (it says Full, Partial or TooHard), so the test is

@@ -64,16 +64,12 @@ def pytest_sessionstart(session):
 
     if not specreg_fast.HAS_CPP_EXT:
         return
-    from specreg_fast import ops
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(specreg_fast.__file__)))
     # each library against its own sources (setup.py): one may be rebuilt without the others
-    conv = ["conv_module.cpp", "conv_geometry.h", "op_contracts.h", "power_step_checks.h", "cpu/conv_*",
-            "cpu/circular_conv_cpu.cpp"]
-    libs = {"_C": ["specreg_fast.cpp", "stable_*.h", "cpu/power_step_cpu.cpp", "cpu/batched_power_cpu.cpp",
-                   "cpu/shifted_cholesky_cpu.cpp", "cpu/simd.*"]}
-    if ops.HAS_CONV_EXT:
-        libs["_C_conv"] = conv
+    conv = ["conv_geometry.h", "stable_*.h", "cpu/conv_*", "cpu/circular_conv_cpu.cpp"]
+    libs = {"_C": ["specreg_fast.cpp", "cpu/power_step_cpu.cpp", "cpu/batched_power_cpu.cpp",
+                   "cpu/shifted_cholesky_cpu.cpp", "cpu/simd.*"] + conv}
     if specreg_fast.HAS_CUDA_EXT and not _triton_is_cuda():
         libs["_C_cuda"] = conv + ["cuda/*", "stable_*.h"]  # the .cu kernels are on the stable ABI
     for name, patterns in libs.items():

@@ -27,9 +27,7 @@ from specreg_fast import ops
 PKG = os.path.dirname(specreg_fast.__file__)
 ROOT = os.path.dirname(PKG)
 TORCH_LIB = os.path.join(os.path.dirname(torch.__file__), "lib")
-# The libraries still written against ATen's C++ API (the rest of the port: csrc/conv_module.cpp,
-# and the conv sources of _C_cuda, csrc/cuda/*.cpp); checked for the CUDA dependency only.
-NOT_YET_STABLE = ("_C_conv", "_C_cuda")
+# Every library is on the stable ABI now (the CPU kernels in _C, the CUDA kernels in _C_cuda).
 
 pytestmark = pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils)")
 
@@ -99,10 +97,30 @@ def test_stable_library_uses_only_the_stable_c_shim():
     assert any(_is_stable_shim(s) for s in _nm(path, "--undefined-only"))
 
 
-@pytest.mark.skipif(_lib("_C_conv") is None, reason="specreg_fast._C_conv is not built")
+@pytest.mark.skipif(not ops.HAS_CPP_EXT, reason="the compiled library is not built")
+def test_stable_library_holds_the_conv_kernels():
+    """The conv ops' CPU kernels are in _C (and so under the check above), not in a library of
+    their own: _C registers their CPU kernels, and no specreg_fast._C_conv is loaded."""
+    import sys
+
+    with open(_lib("_C"), "rb") as f:
+        blob = f.read()
+    for op in ("conv_power_step_", "conv_sigma", "conv_sigma_from_step", "conv_adjoint", "conv_weight_grad",
+               "conv_weight_grad_add_", "circular_power_step_"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"specreg_fast::{op}", "CPU"), op
+        assert op.encode() + b"\0" in blob, op  # the name _C registers the kernel under
+    previous = torch.ops.specreg_fast.set_conv_kernel("auto")  # the kernel switch is _C's too
+    assert torch.ops.specreg_fast.set_conv_kernel(previous) == "auto"
+    assert "specreg_fast._C_conv" not in sys.modules and ops.HAS_CONV_EXT
+
+
 def test_the_check_sees_a_library_on_atens_cpp_api():
-    """The same check flags the conv library, still on ATen's C++ API: the check can fail."""
-    bad = unstable_symbols(_lib("_C_conv"))
+    """The same check flags a library built on ATen's C++ API (torch's own Python bindings):
+    the check can fail."""
+    lib = os.path.join(TORCH_LIB, "libtorch_python.so")
+    if not os.path.exists(lib):
+        pytest.skip("torch has no libtorch_python.so")
+    bad = unstable_symbols(lib)
     assert any(s.startswith(("at::", "c10::")) for s in bad), bad[:10]
 
 
@@ -173,18 +191,17 @@ def test_cuda_kernel_objects_use_only_the_stable_c_shim(obj):
 
 
 @pytest.mark.skipif(_lib("_C_cuda") is None, reason="specreg_fast._C_cuda is not built")
-@pytest.mark.xfail(bool(_ATEN_CUDA_SOURCES), strict=True,
-                   reason=f"the conv sources of _C_cuda are still on ATen's C++ API: {_ATEN_CUDA_SOURCES}")
 def test_cuda_library_uses_only_the_stable_c_shim():
-    """_C_cuda as a whole. Expected to fail (strict) while ATen sources remain in it; once the
-    conv port lands, the same test must pass."""
+    """_C_cuda as a whole (its .cu kernels and the device-generic conv code): no C++ symbol of
+    torch, only the stable C shim, the CUDA runtime and the C/C++ runtime."""
+    assert _ATEN_CUDA_SOURCES == []
     path = _lib("_C_cuda")
     bad = unstable_symbols(path)
     assert bad == [], f"{os.path.basename(path)} uses {len(bad)} symbols outside the stable C shim: {bad[:20]}"
     assert any(_is_stable_shim(s) for s in _nm(path, "--undefined-only"))
 
 
-@pytest.mark.parametrize("name", ["_C", "_C_conv"])
+@pytest.mark.parametrize("name", ["_C"])
 def test_cpu_libraries_need_no_cuda_library(name):
     path = _lib(name)
     if path is None:

@@ -25,15 +25,17 @@ from specreg_fast.reference import ConvSpec
 pytestmark = pytest.mark.skipif(not ops.HAS_CPP_EXT, reason="contracts of the compiled kernels")
 
 P = torch.ops.specreg_fast
-# The ops whose CPU kernels are built on the LibTorch stable ABI (specreg_fast._C): called
-# directly, their argument errors are RuntimeError (the stable ABI has no typed errors); the
-# typed front, specreg_fast.ops, raises the ValueError/TypeError (ops._checks.typed_call). The conv ops'
-# kernels (specreg_fast._C_conv, ATen's C++ API) still raise ValueError/TypeError themselves.
-STABLE_OPS = {"power_step_", "sigma", "sigma_from_step", "batched_power_step_", "shifted_cholesky_info"}
+# The ops whose CPU kernels are built on the LibTorch stable ABI (specreg_fast._C), every one now,
+# the conv ops included: called directly, their argument errors are RuntimeError (the stable ABI
+# has no typed errors); the typed front, specreg_fast.ops, raises the ValueError/TypeError
+# (ops._checks.typed_call).
+STABLE_OPS = {"power_step_", "sigma", "sigma_from_step", "batched_power_step_", "shifted_cholesky_info",
+              "conv_power_step_", "conv_sigma", "conv_sigma_from_step", "conv_adjoint", "conv_weight_grad",
+              "conv_weight_grad_add_", "circular_power_step_", "set_conv_kernel"}
 
 
 # Tests of the compiled conv kernels themselves (their C++ checks, interrupt poll, kernel switch):
-# without specreg_fast._C_conv (another torch minor than the build's) the conv ops run the reference.
+# without specreg_fast._C (HAS_CONV_EXT is HAS_CPP_EXT) the conv ops run the reference.
 needs_conv_ext = pytest.mark.skipif(not ops.HAS_CONV_EXT, reason="the compiled CPU conv kernels are not loaded")
 
 
@@ -80,15 +82,14 @@ def test_huge_iteration_counts_are_rejected_not_run():
         import torch, torch.nn as nn, specreg_fast as sf
         P = torch.ops.specreg_fast
         W = torch.randn(6, 5)
-        calls = {{  # (the dense and batched ops through their typed front: see STABLE_OPS)
+        calls = {{  # (every op through its typed front: see STABLE_OPS)
             "power_step_": lambda: sf.ops.power_step_([W], [torch.randn(6)], [torch.randn(5)], 2**40, 0.0),
             "batched_power_step_": lambda: sf.ops.batched_power_step_(torch.randn(3, 4, 5), torch.randn(3, 4),
                                                                       torch.randn(3, 5), 2**40),
-            "conv_power_step_": lambda: P.conv_power_step_([torch.randn(4, 3, 3, 3)], [torch.randn(3, 6, 6)],
-                                                           [torch.randn(4, 6, 6)], {CONV3}, ["zeros"], 2**40, 0.0),
-            "circular_power_step_": lambda: P.circular_power_step_(
-                [torch.randn(4, 3, 3, 3)], [torch.randn(3, 6, 6)], [torch.empty(3, 6, 6)], [torch.empty(4, 6, 6)],
-                {CIRC3}, 2**40),
+            "conv_power_step_": lambda: sf.ops.conv_power_step_([torch.randn(4, 3, 3, 3)], [torch.randn(3, 6, 6)],
+                                                                [torch.randn(4, 6, 6)], {CONV3}, ["zeros"], 2**40, 0.0),
+            "circular_power_step_": lambda: sf.ops.circular_power_step_(
+                [torch.randn(4, 3, 3, 3)], [torch.randn(3, 6, 6)], {CIRC3}, 2**40),
             "spectral_norm": lambda: sf.spectral_norm(W, tol=0.0, max_iter=2**40),
             "conv_operator_norm": lambda: sf.conv_operator_norm(nn.Conv2d(3, 4, 3, padding=1), (3, 6, 6),
                                                                 tol=0.0, max_iter=2**40),
@@ -188,13 +189,13 @@ def test_cpu_kernels_reject_a_layer_on_another_device():
     Wc = torch.randn(4, 3, 3, 3)
     x, y = torch.randn(3, 6, 6), torch.randn(4, 6, 6)
     meta = [t.to("meta") for t in (Wc, x, y)]
-    with pytest.raises(ValueError, match=r"weights\[1\] is on meta"):
+    with pytest.raises(raw_error("conv_sigma", ValueError), match=r"weights\[1\] is on meta"):
         P.conv_sigma.default.redispatch(cpu_ks, [Wc, meta[0]], [x, meta[1]], [y, meta[2]], CONV3 * 2, ["zeros"] * 2)
     xs, ys = [x.clone(), meta[1]], [y.clone(), meta[2]]
-    with pytest.raises(ValueError, match=r"weights\[1\] is on meta"):
+    with pytest.raises(raw_error("conv_power_step_", ValueError), match=r"weights\[1\] is on meta"):
         P.conv_power_step_.default.redispatch(cpu_ks, [Wc, meta[0]], xs, ys, CONV3 * 2, ["zeros"] * 2, 2, 0.0)
     assert torch.equal(xs[0], x) and torch.equal(ys[0], y)
-    with pytest.raises(ValueError, match=r"weights\[1\] is on meta"):
+    with pytest.raises(raw_error("circular_power_step_", ValueError), match=r"weights\[1\] is on meta"):
         P.circular_power_step_.default.redispatch(cpu_ks, [Wc, meta[0]], [x.clone(), meta[1]],
                                                   [x.clone(), meta[1].clone()], [y.clone(), meta[2].clone()],
                                                   CIRC3 * 2, 1)
@@ -222,12 +223,18 @@ def test_sigma_from_step_validates_its_arguments():
 
 def test_conv_sigma_from_step_validates_its_arguments():
     Wc, x, y = torch.randn(4, 3, 3, 3), torch.randn(3, 6, 6), torch.randn(4, 6, 6)
-    with pytest.raises(ValueError, match=r"est must hold one estimate per layer, shape \(1,\)"):
+    err = raw_error("conv_sigma_from_step", ValueError)
+    with pytest.raises(err, match=r"est must hold one estimate per layer, shape \(1,\)"):
         P.conv_sigma_from_step([Wc], [x], [y], CONV3, ["zeros"], torch.ones(3))
-    with pytest.raises(ValueError, match=r"ys\[0\] must have the output shape"):
+    with pytest.raises(err, match=r"ys\[0\] must have the output shape"):
         P.conv_sigma_from_step([Wc], [x], [torch.randn(4, 5, 5)], CONV3, ["zeros"], torch.ones(1))
-    with pytest.raises(ValueError, match="params"):
+    with pytest.raises(err, match="params"):
         P.conv_sigma_from_step([Wc], [x], [y], CONV3[:-1], ["zeros"], torch.ones(1))
+    # the typed front: the same checks as ValueError/TypeError naming the argument
+    with pytest.raises(ValueError, match=r"est must be a 1-D tensor with one entry per weight \(1\)"):
+        ops.conv_sigma_from_step([Wc], [x], [y], CONV3, ["zeros"], torch.ones(3))
+    with pytest.raises(ValueError, match=r"ys\[0\] must have the output shape"):
+        ops.conv_sigma_from_step([Wc], [x], [torch.randn(4, 5, 5)], CONV3, ["zeros"], torch.ones(1))
     # the public path still differentiates through it
     Wg = Wc.clone().requires_grad_()
     s = P.conv_sigma_from_step([Wg], [x], [y], CONV3, ["zeros"], torch.ones(1))
@@ -290,12 +297,17 @@ def test_shared_weights_and_disjoint_views_are_accepted():
 
 def test_other_ops_reject_written_tensors_that_share_memory():
     Wc, x, y = torch.randn(4, 3, 3, 3), torch.randn(3, 6, 6), torch.randn(4, 6, 6)
-    with pytest.raises(ValueError, match=r"xs\[0\] and xs\[1\] share memory"):
+    with pytest.raises(raw_error("conv_power_step_", ValueError), match=r"xs\[0\] and xs\[1\] share memory"):
         P.conv_power_step_([Wc, Wc], [x, x], [y, y.clone()], CONV3 * 2, ["zeros"] * 2, 1, 0.0)
-    with pytest.raises(ValueError, match="share memory"):
+    with pytest.raises(raw_error("conv_weight_grad_add_", ValueError), match="share memory"):
         P.conv_weight_grad_add_([Wc], [Wc], [x], [y], CONV3, ["zeros"])
-    with pytest.raises(ValueError, match=r"share memory"):
+    with pytest.raises(raw_error("circular_power_step_", ValueError), match=r"share memory"):
         P.circular_power_step_([Wc], [x], [x], [y], CIRC3, 1)
+    # the typed front raises them as ValueError (share memory: a check only the kernel makes)
+    with pytest.raises(ValueError, match=r"share memory"):
+        ops.conv_power_step_([Wc, Wc], [x, x], [y, y.clone()], CONV3 * 2, ["zeros"] * 2, 1, 0.0)
+    with pytest.raises(ValueError, match="share memory"):
+        ops.conv_weight_grad_add_([Wc], [Wc], [x], [y], CONV3, ["zeros"])
     blocks, u = torch.randn(3, 4, 4), torch.randn(3, 4)
     shared = "us\\[0\\] and vs\\[0\\] share memory|vs\\[0\\] and us\\[0\\] share memory"
     with pytest.raises(raw_error("batched_power_step_", ValueError), match=shared):
@@ -384,10 +396,15 @@ def test_conv_kernel_environment_is_read_once(monkeypatch):
         P = torch.ops.specreg_fast
         x, y = torch.randn(3, 6, 6), torch.randn(4, 6, 6)
         snap = (x.clone(), y.clone())
-        try:
+        msg = "specreg_fast::conv_power_step_: SPECREG_FAST_CONV_KERNEL must be auto, direct or aten, got 'fastest'"
+        try:  # the kernel's own error (stable ABI: RuntimeError) ...
             P.conv_power_step_([torch.randn(4, 3, 3, 3)], [x], [y], {CONV3}, ["zeros"], 1, 0.0)
+        except RuntimeError as e:
+            assert msg in str(e), str(e)
+        try:  # ... a ValueError from the typed front
+            sf.ops.conv_power_step_([torch.randn(4, 3, 3, 3)], [x], [y], {CONV3}, ["zeros"], 1, 0.0)
         except ValueError as e:
-            assert "SPECREG_FAST_CONV_KERNEL must be auto, direct or aten, got 'fastest'" in str(e), str(e)
+            assert msg in str(e), str(e)
             assert torch.equal(x, snap[0]) and torch.equal(y, snap[1])
             print("rejected", sf.conv.set_conv_kernel("aten"))
             P.conv_power_step_([torch.randn(4, 3, 3, 3)], [x], [y], {CONV3}, ["zeros"], 1, 0.0)

@@ -198,10 +198,10 @@ def set_conv_kernel(choice: str) -> str:
     and is read once, at the first conv call; this replaces it. Returns the previous choice
     (``"invalid"`` for a bad environment value). Transposed convs take the ATen path always;
     without the compiled extension there is one path and this only checks ``choice``."""
-    if ops.HAS_CONV_EXT:
-        from . import _C_conv
-
-        return _C_conv._set_conv_kernel(choice)  # a ValueError for a bad choice
-    if choice not in ("auto", "direct", "aten"):
+    if not isinstance(choice, str):
+        raise TypeError(f"the conv kernel must be a str ('auto', 'direct' or 'aten'), got {type(choice).__name__}")
+    if choice not in ("auto", "direct", "aten"):  # the op's own check, typed (it raises RuntimeError)
         raise ValueError(f"the conv kernel must be 'auto', 'direct' or 'aten', got {choice!r}")
+    if ops.HAS_CONV_EXT:
+        return torch.ops.specreg_fast.set_conv_kernel(choice)  # specreg_fast._C (csrc/cpu/conv_gemm_cpu.cpp)
     return "auto"

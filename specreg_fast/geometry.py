@@ -124,6 +124,19 @@ def pack_conv_params(specs) -> "tuple[List[int], List[str]]":
     return params, modes
 
 
+_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+def _checked(op: str, l: int, what: str, a: int, b: int, sign: str) -> int:
+    """a * b or a + b of packed params and sizes, a ValueError where the int64 result of the
+    kernels would wrap (checked_mul/checked_add of csrc/conv_geometry.h, same message)."""
+    r = a * b if sign == "*" else a + b
+    if not (type(a) is int and type(b) is int):  # symbolic sizes (fakes under dynamic shapes): no guard
+        return r
+    require(_INT64_MIN <= r <= _INT64_MAX, lambda: f"{op}: layer {l}: {what} ({a} {sign} {b}) overflows int64")
+    return r
+
+
 def decode_conv_params(op: str, weights, params, modes) -> List[dict]:
     """Decode ``params``/``modes`` per layer, with the checks of ``decode`` in
     csrc/conv_geometry.h (the conv and circular families' shared first step)."""
@@ -147,6 +160,12 @@ def decode_conv_params(op: str, weights, params, modes) -> List[dict]:
                 lambda: f"{op}: layer {l}: stride and dilation must be >= 1")
         require(all(v >= 0 for v in g["lo"] + g["hi"] + g["output_padding"]),
                 lambda: f"{op}: layer {l}: padding and output_padding must be >= 0")
+        _checked(op, l, "groups * weight.size(1)", g["groups"], W.shape[1], "*")
+        for i in range(d):
+            k = W.shape[2 + i]
+            require(k >= 1, lambda: f"{op}: weights[{l}] has kernel size 0 in spatial dim {i}: {list(W.shape)}")
+            _checked(op, l, "dilation * (kernel_size - 1)", g["dilation"][i], k - 1, "*")
+            _checked(op, l, "padding_lo + padding_hi", g["lo"][i], g["hi"][i], "+")
         require(mode in ("zeros", "circular", "reflect", "replicate"),
                 lambda: f"{op}: layer {l}: padding mode must be zeros/circular/reflect/replicate, got "
                         f"{mode!r}")
@@ -174,9 +193,24 @@ def conv_output_shape(op: str, l: int, g: dict, W, in_shape) -> list:
     out = [W.shape[1] * g["groups"] if g["transposed"] else W.shape[0]]
     for i in range(g["d"]):
         s, dl = g["stride"][i], g["dilation"][i]
-        o = output_size(in_shape[1 + i], W.shape[2 + i], s, dl, g["lo"][i], g["hi"][i], g["output_padding"][i],
-                        g["transposed"])
-        require(o >= 1, lambda: f"{op}: layer {l}: input {tuple(in_shape)} too small for the kernel")
+        n, lo, hi = in_shape[1 + i], g["lo"][i], g["hi"][i]
+        e = dl * (W.shape[2 + i] - 1) + 1
+        shape = list(in_shape)
+        # the sums of output_shape in csrc/conv_geometry.h, overflow-checked alike, same messages
+        if g["transposed"]:
+            what = "the transposed conv's output size"
+            o = _checked(op, l, "(input size - 1) * stride", n - 1, s, "*")
+            o = _checked(op, l, what, o, e, "+")
+            o = _checked(op, l, what, o, g["output_padding"][i], "+")
+            o = _checked(op, l, what, o, -(lo + hi), "+")
+            require(o >= 1, lambda: f"{op}: layer {l}: input {shape} too small for the kernel: the transposed conv's "
+                                    f"output size in spatial dim {i} would be {o}")
+        else:
+            padded = _checked(op, l, "input size + padding", n, lo + hi, "+")
+            require(padded >= e, lambda: f"{op}: layer {l}: input {shape} too small for the kernel: spatial dim {i} "
+                                         f"is {padded} with padding, the dilated kernel spans dilation * "
+                                         f"(kernel_size - 1) + 1 = {e}")
+            o = (padded - e) // s + 1
         entries = (s, dl, g["lo"][i], g["hi"][i], g["output_padding"][i])
         require(max(entries) < 2 ** 31, lambda: f"{op}: layer {l}: stride, dilation, padding and output_padding "
                                                 f"must be at most 2^31 - 1 (ATen's convolutions take int32), got "

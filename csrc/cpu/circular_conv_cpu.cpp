@@ -36,17 +36,33 @@
 // params/padding: the conv-op packing (csrc/specreg_fast.cpp), mode circular implied; the
 // padding must make the output size N/s (a full wrap-around conv), which
 // specreg_fast/fft.py guarantees by handing total padding dilation*(k-1).
-#include <ATen/ATen.h>
-#include <torch/library.h>
-
+//
+// LibTorch stable ABI (csrc/stable_api.h): the ATen calls of this file and the route each takes
+// now (conv_geometry.h's own: see csrc/cpu/conv_operator_cpu.cpp):
+//   at::fft_rfftn, at::fft_irfftn                    -> torch_call_dispatcher (norm "ortho")
+//   at::real/at::imag (device |Z(w)|)                -> torch_call_dispatcher (aten::view_as_real)
+//   at::arange(..) == argmax (device one-hot)        -> torch_call_dispatcher (aten::one_hot of
+//                                                       aten::argmax; arange takes a Scalar)
+//   at::remainder, at::arange, at::polar (device single_frequency) -> gone: that branch was never
+//                                                       reached (single_frequency runs on the host only)
+//   at::linalg_vector_norm(..).clamp_min(tiny)       -> host_norm on the CPU; sqrt(sum(t*t)) and
+//                                                       aten::clamp_min.Tensor elsewhere
+//   at::where, isfinite, eq, any, max, argmax, div, mul, clamp_min -> torch_call_dispatcher
+//   Tensor::add_                                     -> torch::stable::subtract(a, b, -1) + copy_
+//   at::zeros/empty/ones_like                        -> stable_api.h zeros/empty, fill_
+//   reshape, permute, select, (un)squeeze, clone, copy_, contiguous, to, zero_, fill_ -> torch::stable::
+//   AT_DISPATCH_FLOATING_TYPES                       -> dispatch_floating (stable_api.h)
+//   item<..>                                         -> item_double (host read)
+//   at::NoGradGuard                                  -> stable_api.h NoGradGuard
 #include "conv_geometry.h"
 #include "cpu/conv_gemm.h"
-#include "op_contracts.h"
+#include "stable_contracts.h"
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace specreg_fast {
@@ -60,7 +76,7 @@ struct Phases3 {
   int64_t n[3], s[3], m[3];
 };
 
-Phases3 phases3(const std::vector<int64_t>& s, at::IntArrayRef in_shape) {
+Phases3 phases3(const std::vector<int64_t>& s, const std::vector<int64_t>& in_shape) {
   const int64_t d = static_cast<int64_t>(s.size());
   Phases3 q{};
   for (int64_t j = 0; j < 3; ++j) q.n[j] = q.s[j] = q.m[j] = 1;
@@ -96,31 +112,52 @@ void polyphase_host(const Phases3& q, int64_t C, T* x, T* z, bool to_phases) {
         }
 }
 
+ScalarType real_type(ScalarType st) {
+  return st == kComplexDouble ? kDouble : st == kComplexFloat ? kFloat : st;
+}
+
 // The least positive normal number of x's dtype: the clamp of norms before a division (a
 // double-precision one would round to 0 in float32 and turn 0 / 0 into NaN).
-double tiny_of(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+double tiny_of(ScalarType st) {
+  return real_type(st) == kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+}
+Tensor tiny_tensor(const Tensor& like) {
+  const ScalarType rt = real_type(like.scalar_type());
+  return scalar_tensor(tiny_of(rt), rt, like.device());
 }
 
 bool unit_stride(const std::vector<int64_t>& s) {
   return std::all_of(s.begin(), s.end(), [](int64_t v) { return v == 1; });
 }
 
+// Whether any entry of a contiguous float/double host tensor is 0.
+bool host_any_zero(const Tensor& t) {
+  bool found = false;
+  dispatch_floating(t.scalar_type(), "host_any_zero", [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < t.numel() && !found; ++i) found = p[i] == 0;
+  });
+  return found;
+}
+
 // (C, N_1..N_d) -> (C * prod(s), N_1/s_1, .., N_d/s_d): channel-major, then the phases.
-at::Tensor polyphase_split(const at::Tensor& x, const std::vector<int64_t>& s) {
+Tensor polyphase_split(const Tensor& x, const std::vector<int64_t>& s) {
   const int64_t d = static_cast<int64_t>(s.size());
   std::vector<int64_t> shape{x.size(0)}, perm{0}, out{x.size(0)};
   int64_t phases = 1;
   for (int64_t i = 0; i < d; ++i) phases *= s[i];
   out[0] *= phases;
   for (int64_t i = 0; i < d; ++i) out.push_back(x.size(1 + i) / s[i]);
-  if (unit_stride(s)) return x.reshape(out);
+  if (unit_stride(s)) return torch::stable::reshape(x, out);
   if (x.is_cpu()) {
-    const at::Tensor xc = x.contiguous();
-    at::Tensor z = at::empty(out, x.options());
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "polyphase_split", [&] {
-      polyphase_host<scalar_t>(phases3(s, x.sizes()), x.size(0), const_cast<scalar_t*>(xc.const_data_ptr<scalar_t>()),
-                               z.mutable_data_ptr<scalar_t>(), true);
+    const Tensor xc = contig(x);
+    Tensor z = empty(out, x.scalar_type(), x.device());
+    dispatch_floating(x.scalar_type(), "polyphase_split", [&](auto* tag) {
+      using scalar_t = std::remove_pointer_t<decltype(tag)>;
+      polyphase_host<scalar_t>(phases3(s, shape_of(x).dims), x.size(0),
+                               const_cast<scalar_t*>(xc.const_data_ptr<scalar_t>()), z.mutable_data_ptr<scalar_t>(),
+                               true);
     });
     return z;
   }
@@ -130,17 +167,18 @@ at::Tensor polyphase_split(const at::Tensor& x, const std::vector<int64_t>& s) {
   }
   for (int64_t i = 0; i < d; ++i) perm.push_back(2 + 2 * i);
   for (int64_t i = 0; i < d; ++i) perm.push_back(1 + 2 * i);
-  return x.reshape(shape).permute(perm).reshape(out);
+  return torch::stable::reshape(torch::stable::permute(torch::stable::reshape(x, shape), perm), out);
 }
 
 // Inverse of polyphase_split; `like` has the input shape.
-at::Tensor polyphase_merge(const at::Tensor& z, const std::vector<int64_t>& s, at::IntArrayRef like) {
+Tensor polyphase_merge(const Tensor& z, const std::vector<int64_t>& s, const std::vector<int64_t>& like) {
   const int64_t d = static_cast<int64_t>(s.size());
-  if (unit_stride(s)) return z.reshape(like);
+  if (unit_stride(s)) return torch::stable::reshape(z, like);
   if (z.is_cpu()) {
-    const at::Tensor zc = z.contiguous();
-    at::Tensor x = at::empty(like, z.options());
-    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "polyphase_merge", [&] {
+    const Tensor zc = contig(z);
+    Tensor x = empty(like, z.scalar_type(), z.device());
+    dispatch_floating(z.scalar_type(), "polyphase_merge", [&](auto* tag) {
+      using scalar_t = std::remove_pointer_t<decltype(tag)>;
       polyphase_host<scalar_t>(phases3(s, like), like[0], x.mutable_data_ptr<scalar_t>(),
                                const_cast<scalar_t*>(zc.const_data_ptr<scalar_t>()), false);
     });
@@ -153,36 +191,41 @@ at::Tensor polyphase_merge(const at::Tensor& z, const std::vector<int64_t>& s, a
     perm.push_back(1 + d + i);
     perm.push_back(1 + i);
   }
-  return z.reshape(shape).permute(perm).reshape(like);
+  return torch::stable::reshape(torch::stable::permute(torch::stable::reshape(z, shape), perm), like);
 }
 
 struct Spectral {
-  std::vector<int64_t> s;      // stride
-  std::vector<int64_t> m;      // N / s: the frequency grid (full sizes, for the inverse)
-  std::vector<int64_t> dims;   // 1..d
-  at::IntArrayRef in_shape;
+  std::vector<int64_t> s;         // stride
+  std::vector<int64_t> m;         // N / s: the frequency grid (full sizes, for the inverse)
+  std::vector<int64_t> dims;      // 1..d
+  std::vector<int64_t> in_shape;
 
-  at::Tensor forward_in(const at::Tensor& x) const {  // polyphase rFFT of an input-shaped tensor
-    return at::fft_rfftn(polyphase_split(x, s), c10::nullopt, dims, "ortho");
+  Tensor forward_in(const Tensor& x) const {  // polyphase rFFT of an input-shaped tensor
+    return aten::fft_rfftn(polyphase_split(x, s), dims);
   }
-  at::Tensor inverse_in(const at::Tensor& X) const {
-    return polyphase_merge(at::fft_irfftn(X, m, dims, "ortho"), s, in_shape);
-  }
-  at::Tensor forward_out(const at::Tensor& y) const { return at::fft_rfftn(y, c10::nullopt, dims, "ortho"); }
-  at::Tensor inverse_out(const at::Tensor& Y) const { return at::fft_irfftn(Y, m, dims, "ortho"); }
+  Tensor inverse_in(const Tensor& X) const { return polyphase_merge(aten::fft_irfftn(X, m, dims), s, in_shape); }
+  Tensor forward_out(const Tensor& y) const { return aten::fft_rfftn(y, dims); }
+  Tensor inverse_out(const Tensor& Y) const { return aten::fft_irfftn(Y, m, dims); }
 };
 
 // |Z(w)| over the channel dim: one real value per frequency. (linalg_vector_norm over the
 // outer dim of a complex tensor measured 10x slower here: 320 vs 25 us at 256 x 16 x 9.) On
-// the host a plain loop (channel-outer, fixed order) replaces the five ATen ops, each of
-// which costs tens of microseconds on these few-thousand-entry tensors.
-at::Tensor freq_norms(const at::Tensor& Z) {
-  if (!Z.is_cpu()) return (at::real(Z).square() + at::imag(Z).square()).sum(0).sqrt_();
-  const at::Tensor Zc = Z.contiguous();
-  const auto rt = c10::toRealValueType(Z.scalar_type());
-  at::Tensor out = at::zeros(Z.sizes().slice(1), Z.options().dtype(rt));
+// the host a plain loop (channel-outer, fixed order) replaces the ATen ops, each of which
+// costs tens of microseconds on these few-thousand-entry tensors.
+Tensor freq_norms(const Tensor& Z) {
+  if (!Z.is_cpu()) {
+    const Tensor R = aten::view_as_real(Z);  // (C, *freq, 2)
+    const std::vector<int64_t> red{0, R.dim() - 1};
+    return aten::sqrt(torch::stable::sum(aten::mul(R, R), red));
+  }
+  const Tensor Zc = contig(Z);
+  const auto rt = real_type(Z.scalar_type());
+  std::vector<int64_t> fshape = shape_of(Z).dims;
+  fshape.erase(fshape.begin());
+  Tensor out = zeros(fshape, rt, Z.device());
   const int64_t C = Z.size(0), nf = out.numel();
-  AT_DISPATCH_FLOATING_TYPES(rt, "freq_norms", [&] {
+  dispatch_floating(rt, "freq_norms", [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
     const scalar_t* z = reinterpret_cast<const scalar_t*>(Zc.const_data_ptr());
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) {
@@ -195,10 +238,11 @@ at::Tensor freq_norms(const at::Tensor& Z) {
 }
 
 // Z(w) / max(n(w), tiny) for every channel, in place on a contiguous host tensor.
-void divide_by_freq_norms_(at::Tensor& Z, const at::Tensor& n) {
-  const auto rt = c10::toRealValueType(Z.scalar_type());
+void divide_by_freq_norms_(Tensor& Z, const Tensor& n) {
+  const auto rt = real_type(Z.scalar_type());
   const int64_t C = Z.size(0), nf = n.numel();
-  AT_DISPATCH_FLOATING_TYPES(rt, "divide_by_freq_norms_", [&] {
+  dispatch_floating(rt, "divide_by_freq_norms_", [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
     scalar_t* z = reinterpret_cast<scalar_t*>(Z.mutable_data_ptr());
     const scalar_t* nn = n.const_data_ptr<scalar_t>();
     std::vector<scalar_t> inv(nf);
@@ -214,167 +258,210 @@ void divide_by_freq_norms_(at::Tensor& Z, const at::Tensor& n) {
 }
 
 // The real signal of one frequency: Re(z (x) exp(2 pi i <w, n> / m)) on the grid m, for a
-// channel vector z (C,) (the angle reduced mod m in integers first, for accuracy).
-at::Tensor single_frequency(const at::Tensor& z, const std::vector<int64_t>& w, const std::vector<int64_t>& m) {
-  const auto opts = at::TensorOptions().dtype(c10::toRealValueType(z.scalar_type())).device(z.device());
+// channel vector z (C,) of a host tensor (the angle reduced mod m in integers first, for
+// accuracy). Host only: the other devices take the inverse FFT of a one-hot spectrum (top_pair).
+Tensor single_frequency(const Tensor& z, const std::vector<int64_t>& w, const std::vector<int64_t>& m) {
+  const ScalarType rt = real_type(z.scalar_type());
   const int64_t d = static_cast<int64_t>(m.size());
-  if (z.is_cpu()) {
-    // The phase table as a product of per-dim unit complex numbers, in double.
-    int64_t total = 1;
-    for (auto v : m) total *= v;
-    std::vector<double> er(total, 1.0), ei(total, 0.0);
-    int64_t inner = total;
-    for (int64_t i = 0; i < d; ++i) {
-      inner /= m[i];
-      for (int64_t idx = 0; idx < total; ++idx) {
-        const int64_t ni = (idx / inner) % m[i];
-        const double ang = 2 * M_PI * static_cast<double>((ni * w[i]) % m[i]) / static_cast<double>(m[i]);
-        const double c = std::cos(ang), s = std::sin(ang);
-        const double r = er[idx] * c - ei[idx] * s, im = er[idx] * s + ei[idx] * c;
-        er[idx] = r;
-        ei[idx] = im;
-      }
-    }
-    std::vector<int64_t> shape{z.size(0)};
-    shape.insert(shape.end(), m.begin(), m.end());
-    at::Tensor out = at::empty(shape, opts);
-    const at::Tensor zc = z.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "single_frequency", [&] {
-      const scalar_t* zz = reinterpret_cast<const scalar_t*>(zc.const_data_ptr());
-      scalar_t* o = out.mutable_data_ptr<scalar_t>();
-      for (int64_t c = 0; c < z.size(0); ++c) {
-        const double zr = zz[2 * c], zi = zz[2 * c + 1];
-        for (int64_t idx = 0; idx < total; ++idx) o[c * total + idx] = static_cast<scalar_t>(zr * er[idx] - zi * ei[idx]);
-      }
-    });
-    return out;
-  }
-  at::Tensor phase = at::zeros(m, opts);
+  // The phase table as a product of per-dim unit complex numbers, in double.
+  int64_t total = 1;
+  for (auto v : m) total *= v;
+  std::vector<double> er(total, 1.0), ei(total, 0.0);
+  int64_t inner = total;
   for (int64_t i = 0; i < d; ++i) {
-    std::vector<int64_t> shape(d, 1);
-    shape[i] = m[i];
-    const at::Tensor k = at::remainder(at::arange(m[i], opts.dtype(at::kLong)) * w[i], m[i]);
-    phase = phase + (k.to(opts.dtype()) * (2 * M_PI / static_cast<double>(m[i]))).view(shape);
+    inner /= m[i];
+    for (int64_t idx = 0; idx < total; ++idx) {
+      const int64_t ni = (idx / inner) % m[i];
+      const double ang = 2 * M_PI * static_cast<double>((ni * w[i]) % m[i]) / static_cast<double>(m[i]);
+      const double c = std::cos(ang), s = std::sin(ang);
+      const double r = er[idx] * c - ei[idx] * s, im = er[idx] * s + ei[idx] * c;
+      er[idx] = r;
+      ei[idx] = im;
+    }
   }
-  std::vector<int64_t> zshape{z.size(0)};
-  for (int64_t i = 0; i < d; ++i) zshape.push_back(1);
-  return at::real(z.view(zshape) * at::polar(at::ones_like(phase), phase).unsqueeze(0));
+  std::vector<int64_t> shape{z.size(0)};
+  shape.insert(shape.end(), m.begin(), m.end());
+  Tensor out = empty(shape, rt, z.device());
+  const Tensor zc = contig(z);
+  dispatch_floating(rt, "single_frequency", [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    const scalar_t* zz = reinterpret_cast<const scalar_t*>(zc.const_data_ptr());
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < z.size(0); ++c) {
+      const double zr = zz[2 * c], zi = zz[2 * c + 1];
+      for (int64_t idx = 0; idx < total; ++idx) o[c * total + idx] = static_cast<scalar_t>(zr * er[idx] - zi * ei[idx]);
+    }
+  });
+  return out;
+}
+
+// dst = src / max(|src|, tiny): on the host with the loops of csrc/cpu/conv_gemm_cpu.cpp
+// (src contiguous), elsewhere through the dispatcher.
+void copy_normalized(Tensor dst, const Tensor& src) {
+  if (src.is_cpu()) {
+    const Tensor sc = contig(src);
+    const double n = std::max(cpu::host_norm(sc), tiny_of(sc.scalar_type()));
+    if (dst.is_contiguous()) {
+      cpu::host_divide(dst, sc, n);
+    } else {
+      Tensor tmp = empty_as(sc);
+      cpu::host_divide(tmp, sc, n);
+      torch::stable::copy_(dst, tmp);
+    }
+    return;
+  }
+  torch::stable::copy_(dst, aten::div(src, aten::clamp_min(aten::norm(src), tiny_tensor(src))));
 }
 
 // Writes the unit real pair (x*, y*) of the top frequency w* = argmax sig: x* carries X(w*)
 // (and its mirror), y* = the matching output T(w*) = P(w*) X(w*), so that
 // <y*, A x*> = |T(w*)| / |X(w*)| = sig(w*).
-void top_pair(const Spectral& F, const at::Tensor& sig, const at::Tensor& X, const at::Tensor& T,
-              const at::Tensor& x_out, const at::Tensor& y_out) {
-  const at::Tensor flat = sig.reshape({-1});
-  at::Tensor xt, yt;
+void top_pair(const Spectral& F, const Tensor& sig, const Tensor& X, const Tensor& T, const Tensor& x_out,
+              const Tensor& y_out) {
+  const Tensor flat = torch::stable::reshape(sig, {-1});
+  Tensor xt, yt;
   if (sig.is_cpu()) {
     // One frequency built directly (no inverse FFT of a one-hot spectrum): the index is read
     // on the host, which costs nothing on the CPU.
-    const int64_t top = flat.argmax().item<int64_t>();
+    const int64_t top = static_cast<int64_t>(item_double(aten::argmax(flat)));
     int64_t j = top;
     std::vector<int64_t> w(sig.dim());
     for (int64_t i = sig.dim() - 1; i >= 0; --i) {
       w[i] = j % sig.size(i);
       j /= sig.size(i);
     }
-    const at::Tensor Xf = X.reshape({X.size(0), -1}), Tf = T.reshape({T.size(0), -1});
-    xt = polyphase_merge(single_frequency(Xf.select(1, top), w, F.m), F.s, F.in_shape);
-    yt = single_frequency(Tf.select(1, top), w, F.m);
+    const Tensor Xf = torch::stable::reshape(X, {X.size(0), -1}), Tf = torch::stable::reshape(T, {T.size(0), -1});
+    xt = polyphase_merge(single_frequency(torch::stable::select(Xf, 1, top), w, F.m), F.s, F.in_shape);
+    yt = single_frequency(torch::stable::select(Tf, 1, top), w, F.m);
   } else {
     // Elsewhere without a host sync: inverse FFTs of the one-hot spectra.
-    const at::Tensor onehot =
-        (at::arange(flat.numel(), flat.options().dtype(at::kLong)) == flat.argmax()).to(sig.scalar_type());
-    xt = F.inverse_in(X * onehot.reshape(sig.sizes()));
-    yt = F.inverse_out(T * onehot.reshape(sig.sizes()));
+    const Tensor onehot =
+        torch::stable::reshape(as_dtype(aten::one_hot(aten::argmax(flat), flat.numel()), sig.scalar_type()),
+                               shape_of(sig).dims);
+    xt = F.inverse_in(aten::mul(X, onehot));
+    yt = F.inverse_out(aten::mul(T, onehot));
   }
-  x_out.copy_(xt / at::linalg_vector_norm(xt).clamp_min(tiny_of(xt)));
-  y_out.copy_(yt / at::linalg_vector_norm(yt).clamp_min(tiny_of(yt)));
+  copy_normalized(x_out, xt);
+  copy_normalized(y_out, yt);
+}
+
+// max over a contiguous float/double host tensor, NaN if any entry is NaN (as torch.max).
+double host_max(const Tensor& t) {
+  double best = -std::numeric_limits<double>::infinity();
+  dispatch_floating(t.scalar_type(), "host_max", [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < t.numel(); ++i) {
+      const double v = p[i];
+      if (std::isnan(v)) {
+        best = v;
+        break;
+      }
+      best = std::max(best, v);
+    }
+  });
+  return best;
+}
+
+// (X / max(nx, tiny)) with e_0 added where nx = 0: the unit vectors of X, restarted at the
+// first unit vector where X(w) = 0.
+Tensor unit_or_e0(const Tensor& X, const Tensor& nx, const Tensor& tiny) {
+  Tensor U = aten::div(X, aten::clamp_min(nx, tiny));
+  Tensor U0 = torch::stable::select(U, 0, 0);
+  const Tensor zero = scalar_tensor(0.0, nx.scalar_type(), nx.device());
+  torch::stable::copy_(U0, aten::add(U0, as_dtype(aten::eq(nx, zero), nx.scalar_type())));
+  return U;
+}
+
+Tensor ones_like(const Tensor& t) {
+  Tensor o = empty_as(t);
+  torch::stable::fill_(o, 1.0);
+  return o;
 }
 
 }  // namespace
 
-at::Tensor circular_power_step_impl(at::TensorList weights, at::TensorList xs, at::TensorList x_tops,
-                                    at::TensorList y_tops, at::IntArrayRef params, int64_t n_iter) {
+Tensor circular_power_step_impl(const TensorList& weights, const TensorList& xs, const TensorList& x_tops,
+                                const TensorList& y_tops, const std::vector<int64_t>& params, int64_t n_iter) {
   const char* op = "specreg_fast::circular_power_step_";
-  at::NoGradGuard no_grad;
-  TORCH_CHECK_VALUE(xs.size() == weights.size() && x_tops.size() == weights.size() &&
-                        y_tops.size() == weights.size(),
-                    op, ": weights, xs, x_tops and y_tops must have the same length, got ", weights.size(), ", ",
-                    xs.size(), ", ", x_tops.size(), ", ", y_tops.size());
-  check_n_iter(op, n_iter);
+  NoGradGuard no_grad;
+  SF_CHECK_VALUE(xs.size() == weights.size() && x_tops.size() == weights.size() && y_tops.size() == weights.size(),
+                 op, ": weights, xs, x_tops and y_tops must have the same length, got ", weights.size(), ", ",
+                 xs.size(), ", ", x_tops.size(), ", ", y_tops.size());
+  check_n_iter_stable(op, n_iter);
   const std::vector<std::string> modes(weights.size(), "circular");
   auto geo = decode(op, weights, params, modes);
   const auto odt = out_type(weights);
-  const auto dev = weights.empty() ? at::Device(at::kCPU) : weights[0].device();
-  at::Tensor out = at::zeros({static_cast<int64_t>(weights.size())}, at::TensorOptions().dtype(odt).device(dev));
+  const Device dev = weights.empty() ? Device(DeviceType::CPU) : weights[0].device();
+  Tensor out = zeros({static_cast<int64_t>(weights.size())}, odt, dev);
   // Shapes and types first, for every layer: nothing is written unless all layers are valid.
   for (size_t l = 0; l < weights.size(); ++l) {
     const auto& W = weights[l];
     const auto& g = geo[l];
     const auto& x = xs[l];
     const auto st = W.scalar_type();
-    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op,
-                     ": weights[", l, "] must be float32/float64/bfloat16/float16, got ", st);
-    TORCH_CHECK_VALUE(!g.transposed, op, ": layer ", l, ": a circular conv norm needs a ConvNd, not a transposed conv");
-    TORCH_CHECK_VALUE(x.dim() == g.d + 1, op, ": xs[", l, "] must be (C_in, *spatial) with ", g.d,
-                      " spatial dims, got ", x.sizes());
-    TORCH_CHECK_VALUE(x.size(0) == W.size(1) * g.groups, op, ": xs[", l, "] has ", x.size(0),
-                      " channels, the layer takes ", W.size(1) * g.groups);
-    TORCH_CHECK_VALUE(W.size(0) % g.groups == 0, op, ": layer ", l, ": C_out=", W.size(0),
-                      " not divisible by groups=", g.groups);
-    TORCH_CHECK_TYPE(x.scalar_type() == acc_type(st), op, ": xs[", l, "] must be ", acc_type(st), " for a ", st,
-                     " weight, got ", x.scalar_type());
-    TORCH_CHECK_VALUE(x.device() == W.device(), op, ": xs[", l, "] must be on the weight's device ", W.device());
-    TORCH_CHECK_VALUE(x.is_contiguous(), op, ": xs[", l, "] must be contiguous");
+    SF_CHECK_TYPE(st == kFloat || st == kDouble || st == kBFloat16 || st == kHalf, op, ": weights[", l,
+                  "] must be float32/float64/bfloat16/float16, got ", dtype_name(st));
+    SF_CHECK_VALUE(!g.transposed, op, ": layer ", l, ": a circular conv norm needs a ConvNd, not a transposed conv");
+    SF_CHECK_VALUE(x.dim() == g.d + 1, op, ": xs[", l, "] must be (C_in, *spatial) with ", g.d,
+                   " spatial dims, got ", shape_of(x));
+    SF_CHECK_VALUE(x.size(0) == W.size(1) * g.groups, op, ": xs[", l, "] has ", x.size(0),
+                   " channels, the layer takes ", W.size(1) * g.groups);
+    SF_CHECK_VALUE(W.size(0) % g.groups == 0, op, ": layer ", l, ": C_out=", W.size(0), " not divisible by groups=",
+                   g.groups);
+    SF_CHECK_TYPE(x.scalar_type() == acc_type(st), op, ": xs[", l, "] must be ", dtype_name(acc_type(st)), " for a ",
+                  dtype_name(st), " weight, got ", dtype_name(x.scalar_type()));
+    SF_CHECK_VALUE(x.device() == W.device(), op, ": xs[", l, "] must be on the weight's device ",
+                   device_name(W.device()));
+    SF_CHECK_VALUE(x.is_contiguous(), op, ": xs[", l, "] must be contiguous");
     for (int64_t i = 0; i < g.d; ++i) {
       const int64_t n = x.size(1 + i);
-      TORCH_CHECK_VALUE(n % g.stride[i] == 0, op, ": layer ", l, ": stride ", g.stride[i],
-                        " must divide the input size ", n, " (spatial dim ", i, ")");
-      TORCH_CHECK_VALUE(g.lo[i] <= n && g.hi[i] <= n, op, ": layer ", l,
-                        ": circular padding must be <= the input size");
+      SF_CHECK_VALUE(n % g.stride[i] == 0, op, ": layer ", l, ": stride ", g.stride[i],
+                     " must divide the input size ", n, " (spatial dim ", i, ")");
+      SF_CHECK_VALUE(g.lo[i] <= n && g.hi[i] <= n, op, ": layer ", l, ": circular padding must be <= the input size");
     }
-    auto oshape = output_shape(op, l, g, W, x.sizes());
+    auto oshape = output_shape(op, l, g, W, shape_of(x).dims);
     for (int64_t i = 0; i < g.d; ++i)
-      TORCH_CHECK_VALUE(oshape[1 + i] == x.size(1 + i) / g.stride[i], op, ": layer ", l,
-                        ": padding must give the full wrap-around output size ", x.size(1 + i) / g.stride[i],
-                        " (total padding dilation*(kernel-1)), got ", oshape[1 + i]);
-    TORCH_CHECK_VALUE(x_tops[l].sizes() == x.sizes() && x_tops[l].scalar_type() == x.scalar_type() &&
-                          x_tops[l].device() == x.device(),
-                      op, ": x_tops[", l, "] must be like xs[", l, "]");
-    TORCH_CHECK_VALUE(y_tops[l].sizes() == at::IntArrayRef(oshape) && y_tops[l].scalar_type() == x.scalar_type() &&
-                          y_tops[l].device() == x.device(),
-                      op, ": y_tops[", l, "] must have the output shape ", oshape, " and xs[", l, "]'s dtype");
+      SF_CHECK_VALUE(oshape[1 + i] == x.size(1 + i) / g.stride[i], op, ": layer ", l,
+                     ": padding must give the full wrap-around output size ", x.size(1 + i) / g.stride[i],
+                     " (total padding dilation*(kernel-1)), got ", oshape[1 + i]);
+    SF_CHECK_VALUE(shape_of(x_tops[l]).dims == shape_of(x).dims && x_tops[l].scalar_type() == x.scalar_type() &&
+                       x_tops[l].device() == x.device(),
+                   op, ": x_tops[", l, "] must be like xs[", l, "]");
+    SF_CHECK_VALUE(shape_of(y_tops[l]).dims == oshape && y_tops[l].scalar_type() == x.scalar_type() &&
+                       y_tops[l].device() == x.device(),
+                   op, ": y_tops[", l, "] must have the output shape ", Shape{oshape}, " and xs[", l, "]'s dtype");
   }
   if (!weights.empty()) {
-    const std::pair<const char*, at::TensorList> lists[] = {
-        {"weights", weights}, {"xs", xs}, {"x_tops", x_tops}, {"y_tops", y_tops}};
-    for (const auto& [what, list] : lists) check_on_device(op, what, list, dev);
-    MemoryArgs mem;
+    const std::pair<const char*, const TensorList*> lists[] = {
+        {"weights", &weights}, {"xs", &xs}, {"x_tops", &x_tops}, {"y_tops", &y_tops}};
+    for (const auto& [what, list] : lists) check_on_device_stable(op, what, *list, dev);
+    MemoryArgsStable mem;
     mem.add("weights", weights, false);
     mem.add("xs", xs, true);
     mem.add("x_tops", x_tops, true);
     mem.add("y_tops", y_tops, true);
     mem.check(op);
   }
-  cpu::check_conv_kernel_override();  // before any layer is written
-  InterruptPoll poll(op);
-  std::vector<at::Tensor> saved;  // finished layers' start-of-call states, for an interrupt
+  cpu::check_conv_kernel_override(op);  // before any layer is written
+  InterruptPollStable poll(op);
+  std::vector<Tensor> saved;  // finished layers' start-of-call states, for an interrupt
   for (size_t l = 0; l < weights.size(); ++l) {
     if (zero_map(xs[l], y_tops[l])) {
       // zero channels: the zero map (conv_geometry.h), estimate 0 with the pair (0, 0)
-      x_tops[l].zero_();
-      y_tops[l].zero_();
+      Tensor xt = x_tops[l], yt = y_tops[l];
+      torch::stable::zero_(xt);
+      torch::stable::zero_(yt);
       continue;
     }
     const auto& g = geo[l];
     const auto acc = acc_type(weights[l].scalar_type());
-    const at::Tensor W = weights[l].to(acc).contiguous();
-    const at::Tensor x_state = xs[l];
+    const Tensor W = contig(as_dtype(weights[l], acc));
+    Tensor x_state = xs[l];
     const bool host = x_state.is_cpu();
     Spectral F;
     F.s = g.stride;
-    F.in_shape = x_state.sizes();
+    F.in_shape = shape_of(x_state).dims;
     for (int64_t i = 0; i < g.d; ++i) {
       F.m.push_back(x_state.size(1 + i) / g.stride[i]);
       F.dims.push_back(1 + i);
@@ -384,79 +471,90 @@ at::Tensor circular_power_step_impl(at::TensorList weights, at::TensorList xs, a
     // leaves it, needs no normalization pass). A frequency with X(w) = 0 (an all-zero or
     // degenerate state) restarts at e_0, the first unit vector, before the first step, as the
     // reference does (specreg_fast/ops/circular_conv.py); on the CPU only when one is zero (a free check).
-    const double tiny = tiny_of(x_state);
-    at::Tensor X = F.forward_in(x_state);
-    at::Tensor nx = freq_norms(X);
-    at::Tensor xh = x_state;
-    if (!host || (nx == 0).any().item<bool>()) {
-      X = X / nx.clamp_min(tiny);
-      X.select(0, 0).add_((nx == 0).to(nx.scalar_type()));
-      nx = at::ones_like(nx);
+    const Tensor tiny = tiny_tensor(x_state);
+    Tensor X = F.forward_in(x_state);
+    Tensor nx = freq_norms(X);
+    Tensor xh = x_state;
+    if (!host || host_any_zero(nx)) {
+      X = unit_or_e0(X, nx, tiny);
+      nx = ones_like(nx);
       xh = F.inverse_in(X);
     }
     const int64_t steps = std::max<int64_t>(n_iter, 1);
     // The two circular convs of a step: the direct kernels (csrc/cpu/conv_gemm_cpu.cpp) when
     // they are the faster path for this layer, ATen's otherwise.
-    const bool direct = host && n_iter > 0 && cpu::conv_gemm_preferred(g, W, x_state.unsqueeze(0));
+    const bool direct = host && n_iter > 0 && cpu::conv_gemm_preferred(g, W, batch1(x_state));
     cpu::ConvGemmWork work;
+    double est_host = 0;
     for (int64_t it = 0; it < steps; ++it) {
       if (it > 0 && poll.interrupted()) {  // this layer's state is written only at its end
-        for (size_t k = 0; k < l; ++k) xs[k].copy_(saved[k]);
+        for (size_t k = 0; k < l; ++k) {
+          Tensor xk = xs[k];
+          torch::stable::copy_(xk, saved[k]);
+        }
         poll.raise();
       }
-      at::Tensor t, a_direct;
+      Tensor t, a_direct;
       if (direct) {
-        t = at::empty(y_tops[l].sizes(), W.options());
-        a_direct = at::empty_like(x_state);
-        at::Tensor t4 = t.unsqueeze(0), a4 = a_direct.unsqueeze(0);
-        cpu::conv_gemm_step(g, W, xh.contiguous().unsqueeze(0), t4, a4, work);
+        t = empty(shape_of(y_tops[l]).dims, W.scalar_type(), W.device());
+        a_direct = empty_as(x_state);
+        Tensor t4 = batch1(t), a4 = batch1(a_direct);
+        cpu::conv_gemm_step(g, W, batch1(contig(xh)), t4, a4, work);
       } else {
-        t = op_apply(g, W, xh.unsqueeze(0)).squeeze(0);
+        t = unbatch1(op_apply(g, W, batch1(xh)));
       }
-      const at::Tensor T = F.forward_out(t);
-      const at::Tensor tn = freq_norms(T);
+      const Tensor T = F.forward_out(t);
+      const Tensor tn = freq_norms(T);
       if (it == steps - 1) {
         // (X(w) = 0 gives T(w) = 0: the clamp makes that frequency's estimate 0)
-        const at::Tensor sig = tn / nx.clamp_min(tiny);
+        const Tensor sig = aten::div(tn, aten::clamp_min(nx, tiny));
         top_pair(F, sig, X, T, x_tops[l], y_tops[l]);
-        out.select(0, l).copy_(sig.max());
+        if (host) {
+          est_host = host_max(contig(sig));
+        } else {
+          Tensor slot = torch::stable::select(out, 0, static_cast<int64_t>(l));
+          torch::stable::copy_(slot, aten::max(sig));
+        }
       }
       if (n_iter == 0) break;
-      const at::Tensor a = direct ? a_direct : op_adjoint(g, W, t.unsqueeze(0), xh.unsqueeze(0)).squeeze(0);
-      const at::Tensor A = F.forward_in(a);
-      const at::Tensor na = freq_norms(A);
-      const at::Tensor dead = na == 0;
-      at::Tensor Xn;
+      const Tensor a = direct ? a_direct : unbatch1(op_adjoint(g, W, batch1(t), batch1(xh)));
+      const Tensor A = F.forward_in(a);
+      const Tensor na = freq_norms(A);
+      Tensor Xn;
       if (host) {
-        Xn = A.is_contiguous() ? A : A.contiguous();
+        Xn = contig(A);
         divide_by_freq_norms_(Xn, na);
       } else {
-        Xn = A / na.clamp_min(tiny);
+        Xn = aten::div(A, aten::clamp_min(na, tiny));
       }
       // A^T A X(w) = 0: keep the previous unit vector (a zero kernel must not kill the state).
       // Rare, so on the CPU the fix-up is skipped after a (free) host check.
-      if (!host || dead.any().item<bool>()) {
-        at::Tensor prev = X / nx.clamp_min(tiny);
-        prev.select(0, 0).add_((nx == 0).to(nx.scalar_type()));
-        Xn = at::where(dead, prev, Xn);
+      if (!host || host_any_zero(na)) {
+        const Tensor dead = aten::eq(na, scalar_tensor(0.0, na.scalar_type(), na.device()));
+        Xn = aten::where(dead, unit_or_e0(X, nx, tiny), Xn);
       }
       X = Xn;
-      nx = at::ones_like(na);
+      nx = ones_like(na);
       xh = F.inverse_in(X);
     }
     // The state keeps the per-frequency unit vectors; a non-finite weight leaves it as it was.
-    const at::Tensor est = out.select(0, l);
-    if (n_iter > 1 && l + 1 < weights.size()) saved.push_back(x_state.clone());
+    if (n_iter > 1 && l + 1 < weights.size()) saved.push_back(torch::stable::clone(x_state));
     if (host) {
-      if (std::isfinite(est.item<double>())) {
-        if (n_iter > 0) x_state.copy_(xh);
+      if (std::isfinite(est_host)) {
+        if (n_iter > 0) torch::stable::copy_(x_state, xh);
       } else {
-        est.fill_(std::numeric_limits<double>::quiet_NaN());
+        est_host = std::numeric_limits<double>::quiet_NaN();
       }
+      const ScalarType rt = acc;
+      if (rt == kFloat) est_host = static_cast<float>(est_host);
+      if (out.scalar_type() == kDouble) out.mutable_data_ptr<double>()[l] = est_host;
+      else out.mutable_data_ptr<float>()[l] = static_cast<float>(est_host);
     } else {
-      const at::Tensor finite = at::isfinite(est);
-      if (n_iter > 0) x_state.copy_(at::where(finite, xh, x_state));
-      est.copy_(at::where(finite, est, at::full({}, std::numeric_limits<double>::quiet_NaN(), est.options())));
+      Tensor est = torch::stable::select(out, 0, static_cast<int64_t>(l));
+      const Tensor finite = aten::isfinite(est);
+      if (n_iter > 0) torch::stable::copy_(x_state, aten::where(finite, xh, x_state));
+      torch::stable::copy_(
+          est, aten::where(finite, est, scalar_tensor(std::numeric_limits<double>::quiet_NaN(), odt, dev)));
     }
   }
   return out;
@@ -464,8 +562,8 @@ at::Tensor circular_power_step_impl(at::TensorList weights, at::TensorList xs, a
 
 }  // namespace specreg_fast
 
-#ifndef SPECREG_NO_CPU_IMPL  // the CUDA library's copy of this file (csrc/conv_module.cpp)
-TORCH_LIBRARY_IMPL(specreg_fast, CPU, m) {
-  m.impl("circular_power_step_", &specreg_fast::circular_power_step_impl);
+#ifndef SPECREG_NO_CPU_IMPL  // the CUDA library's copy of this file (csrc/cuda/conv_device_circular.cpp)
+STABLE_TORCH_LIBRARY_IMPL(specreg_fast, CPU, m) {
+  m.impl("circular_power_step_", TORCH_BOX(&specreg_fast::circular_power_step_impl));
 }
 #endif

@@ -18,9 +18,8 @@
 // specreg_fast.conv.set_conv_kernel (tests use it to run both paths on the same shapes).
 #pragma once
 
-#include <ATen/ATen.h>
-
 #include <string>
+#include <type_traits>
 
 #include "../conv_geometry.h"
 
@@ -30,43 +29,43 @@ namespace cpu {
 // Geometries these kernels handle: CPU, float32/float64 weight, a non-transposed conv with
 // any padding (zeros/circular/reflect/replicate, asymmetric), stride, dilation, groups, 1 to 3
 // spatial dims.
-bool conv_gemm_supported(const conv_detail::ConvGeom& g, const at::Tensor& W, const at::Tensor& x);
+bool conv_gemm_supported(const conv_detail::ConvGeom& g, const Tensor& W, const Tensor& x);
 
 // The kernel choice: SPECREG_FAST_CONV_KERNEL as read once, at the first conv call, unless
-// set_conv_kernel replaced it. A ValueError for anything but auto/direct/aten/unset.
-void check_conv_kernel_override();
+// set_conv_kernel replaced it. An error of `op` for anything but auto/direct/aten/unset.
+void check_conv_kernel_override(const char* op);
 // Replaces the choice ("auto", "direct" or "aten"; a ValueError otherwise) for every later
 // call; returns the previous one ("invalid" for a bad environment value). Python:
 // specreg_fast.conv.set_conv_kernel.
 std::string set_conv_kernel(const std::string& choice);
 
 // Whether to use them for this layer (supported, and faster than ATen on this CPU).
-bool conv_gemm_preferred(const conv_detail::ConvGeom& g, const at::Tensor& W, const at::Tensor& x);
+bool conv_gemm_preferred(const conv_detail::ConvGeom& g, const Tensor& W, const Tensor& x);
 
 // Scratch reused across the steps of one call.
 struct ConvGemmWork {
-  at::Tensor cols;  // K_total x L   (im2col of x)
-  at::Tensor gcols; // K_total x L   (W^T t before col2im)
+  Tensor cols;  // K_total x L   (im2col of x)
+  Tensor gcols; // K_total x L   (W^T t before col2im)
 };
 
 // x: (1, C_in, *in) contiguous; writes t (1, C_out, *out) = A x and a (1, C_in, *in) = A^T t.
 // t and a must be contiguous with those shapes and W's dtype.
-void conv_gemm_step(const conv_detail::ConvGeom& g, const at::Tensor& W, const at::Tensor& x, at::Tensor& t,
-                    at::Tensor& a, ConvGemmWork& work);
+void conv_gemm_step(const conv_detail::ConvGeom& g, const Tensor& W, const Tensor& x, Tensor& t,
+                    Tensor& a, ConvGemmWork& work);
 
 // The weight-gradient of <y, A(W) x> (the conv weight-gradient with input x, output-gradient
 // y): gw = y im2col(x)^T per group (accumulate: gw += it; where the weight_grad_by_rows form
 // applies, i.e. small images, inside the GEMM's registers with no weight-sized temporary).
 // x (1, C_in, *in), y (1, C_out, *out) contiguous; gw
 // contiguous, W's shape and dtype.
-void conv_gemm_weight_grad(const conv_detail::ConvGeom& g, const at::Tensor& W, const at::Tensor& x,
-                           const at::Tensor& y, at::Tensor& gw, ConvGemmWork& work, bool accumulate = false);
+void conv_gemm_weight_grad(const conv_detail::ConvGeom& g, const Tensor& W, const Tensor& x,
+                           const Tensor& y, Tensor& gw, ConvGemmWork& work, bool accumulate = false);
 
 // |t| of a contiguous float/double host tensor, accumulated in double in a fixed order.
-double host_norm(const at::Tensor& t);
+double host_norm(const Tensor& t);
 // dst = src / n elementwise (contiguous host tensors of one dtype; n rounded to that dtype
 // first, as a division by a 0-dim tensor of the dtype would).
-void host_divide(at::Tensor& dst, const at::Tensor& src, double n);
+void host_divide(Tensor& dst, const Tensor& src, double n);
 
 }  // namespace cpu
 }  // namespace specreg_fast

@@ -14,7 +14,6 @@
 // dW = y cols^T per group (see weight_grad for which operand is transposed).
 #include "conv_gemm.h"
 
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
@@ -68,7 +67,7 @@ int64_t padded_source(PadMode mode, int64_t p, int64_t n) {
   return -1;
 }
 
-Geo3 make_geo3(const ConvGeom& g, const at::Tensor& W, const at::Tensor& x) {
+Geo3 make_geo3(const ConvGeom& g, const Tensor& W, const Tensor& x) {
   Geo3 q{};
   const int64_t off = 3 - g.d;
   for (int64_t i = 0; i < 3; ++i) {
@@ -123,7 +122,7 @@ Geo3 make_geo3(const ConvGeom& g, const at::Tensor& W, const at::Tensor& x) {
 template <typename T>
 void im2col(const Geo3& q, const T* x, T* cols) {
   const int64_t rows = q.cin * q.kvol;
-  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, q.L)), [&](int64_t b, int64_t e) {
+  torch::stable::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, q.L)), [&](int64_t b, int64_t e) {
     for (int64_t row = b; row < e; ++row) {
       const int64_t ci = row / q.kvol, kr = row % q.kvol;
       const int64_t kd = kr / (q.k[1] * q.k[2]), kh = (kr / q.k[2]) % q.k[1], kw = kr % q.k[2];
@@ -164,7 +163,7 @@ void im2col(const Geo3& q, const T* x, T* cols) {
 template <typename T>
 void col2im(const Geo3& q, const T* gcols, T* a) {
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, q.kvol * q.L));
-  at::parallel_for(0, q.cin, grain, [&](int64_t b, int64_t e) {
+  torch::stable::parallel_for(0, q.cin, grain, [&](int64_t b, int64_t e) {
     for (int64_t ci = b; ci < e; ++ci) {
       T* dst = a + ci * q.in_vol;
       std::fill(dst, dst + q.in_vol, T(0));
@@ -359,7 +358,7 @@ void grouped_product(const RowKernel& k, int64_t G, int64_t rows, int64_t J, int
   // At least ~64K multiply-adds per thread: below that a parallel region's fork and join
   // cost more than the arithmetic (tiny layers run inline on the calling thread).
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, k.mr * k.cw * J));
-  at::parallel_for(0, G * col_tiles * row_tiles, grain, [&](int64_t b, int64_t e) {
+  torch::stable::parallel_for(0, G * col_tiles * row_tiles, grain, [&](int64_t b, int64_t e) {
     for (int64_t task = b; task < e; ++task) {
       const int64_t gi = task / (col_tiles * row_tiles), rest = task % (col_tiles * row_tiles);
       const int64_t c0 = (rest / row_tiles) * k.cw, r0 = (rest % row_tiles) * k.mr;
@@ -445,18 +444,22 @@ KernelChoice kernel_override() {
   const KernelChoice c = kernel_choice().load(std::memory_order_relaxed);
   if (c == KernelChoice::Invalid) {
     const char* v = std::getenv("SPECREG_FAST_CONV_KERNEL");  // error path only: for the message
-    TORCH_CHECK_VALUE(false, "SPECREG_FAST_CONV_KERNEL must be auto, direct or aten, got '", v ? v : "", "'");
+    SF_CHECK_VALUE(false, "SPECREG_FAST_CONV_KERNEL must be auto, direct or aten, got '", v ? v : "", "'");
   }
   return c;
 }
 
 }  // namespace
 
-void check_conv_kernel_override() { (void)kernel_override(); }
+void check_conv_kernel_override(const char* op) {
+  if (kernel_choice().load(std::memory_order_relaxed) != KernelChoice::Invalid) return;
+  const char* v = std::getenv("SPECREG_FAST_CONV_KERNEL");
+  SF_CHECK_VALUE(false, op, ": SPECREG_FAST_CONV_KERNEL must be auto, direct or aten, got '", v ? v : "", "'");
+}
 
 std::string set_conv_kernel(const std::string& choice) {
   const KernelChoice c = parse_kernel_choice(choice.c_str());
-  TORCH_CHECK_VALUE(c != KernelChoice::Invalid && !choice.empty(),
+  SF_CHECK_VALUE(c != KernelChoice::Invalid && !choice.empty(),
                     "the conv kernel must be 'auto', 'direct' or 'aten', got '", choice, "'");
   switch (kernel_choice().exchange(c)) {
     case KernelChoice::Direct: return "direct";
@@ -466,9 +469,9 @@ std::string set_conv_kernel(const std::string& choice) {
   }
 }
 
-bool conv_gemm_supported(const ConvGeom& g, const at::Tensor& W, const at::Tensor& x) {
-  if (!W.device().is_cpu() || g.transposed) return false;
-  if (W.scalar_type() != at::kFloat && W.scalar_type() != at::kDouble) return false;
+bool conv_gemm_supported(const ConvGeom& g, const Tensor& W, const Tensor& x) {
+  if (!W.is_cpu() || g.transposed) return false;
+  if (W.scalar_type() != kFloat && W.scalar_type() != kDouble) return false;
   if (!W.is_contiguous() || !x.is_contiguous() || x.size(0) != 1) return false;
   // A zero-size operator is the zero map, handled by the callers (and an empty input dim
   // would make the circular wrap a modulo by 0).
@@ -476,12 +479,12 @@ bool conv_gemm_supported(const ConvGeom& g, const at::Tensor& W, const at::Tenso
   return true;
 }
 
-bool conv_gemm_preferred(const ConvGeom& g, const at::Tensor& W, const at::Tensor& x) {
+bool conv_gemm_preferred(const ConvGeom& g, const Tensor& W, const Tensor& x) {
   const KernelChoice c = kernel_override();
   if (c == KernelChoice::Aten || !conv_gemm_supported(g, W, x)) return false;
   if (c == KernelChoice::Direct) return true;
 #if SPECREG_HAVE_AVX512_PATH
-  if (W.scalar_type() != at::kFloat || !cpu_has_avx512()) return false;
+  if (W.scalar_type() != kFloat || !cpu_has_avx512()) return false;
   // Depthwise layers (one input channel per group) are per group a GEMM with one row of k*k
   // taps, too thin for the direct kernels' register tiles, while oneDNN has dedicated
   // depthwise kernels. Measured (bench/bench_grouped.py --kernels auto,aten,direct, 2
@@ -500,24 +503,26 @@ bool conv_gemm_preferred(const ConvGeom& g, const at::Tensor& W, const at::Tenso
 #endif
 }
 
-void conv_gemm_step(const ConvGeom& g, const at::Tensor& W, const at::Tensor& x, at::Tensor& t, at::Tensor& a,
+void conv_gemm_step(const ConvGeom& g, const Tensor& W, const Tensor& x, Tensor& t, Tensor& a,
                     ConvGemmWork& work) {
   const Geo3 q = make_geo3(g, W, x);
   const int64_t K = q.G * q.Kg;
   if (!work.cols.defined() || work.cols.numel() != K * q.L || work.cols.scalar_type() != W.scalar_type()) {
-    work.cols = at::empty({K, q.L}, W.options());
-    work.gcols = at::empty({K, q.L}, W.options());
+    work.cols = empty({K, q.L}, W.scalar_type(), W.device());
+    work.gcols = empty({K, q.L}, W.scalar_type(), W.device());
   }
-  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "conv_gemm_step", [&] {
+  dispatch_floating(W.scalar_type(), "conv_gemm_step", [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
     step<scalar_t>(q, W.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), t.mutable_data_ptr<scalar_t>(),
                    a.mutable_data_ptr<scalar_t>(), work.cols.mutable_data_ptr<scalar_t>(),
                    work.gcols.mutable_data_ptr<scalar_t>());
   });
 }
 
-double host_norm(const at::Tensor& t) {
+double host_norm(const Tensor& t) {
   double acc = 0;
-  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "host_norm", [&] {
+  dispatch_floating(t.scalar_type(), "host_norm", [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
     const scalar_t* p = t.const_data_ptr<scalar_t>();
     const int64_t n = t.numel();
     // Four interleaved partial sums (vectorizable, still a fixed order).
@@ -535,8 +540,9 @@ double host_norm(const at::Tensor& t) {
   return std::sqrt(acc);
 }
 
-void host_divide(at::Tensor& dst, const at::Tensor& src, double n) {
-  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "host_divide", [&] {
+void host_divide(Tensor& dst, const Tensor& src, double n) {
+  dispatch_floating(src.scalar_type(), "host_divide", [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
     const scalar_t* s = src.const_data_ptr<scalar_t>();
     scalar_t* d = dst.mutable_data_ptr<scalar_t>();
     const scalar_t nn = static_cast<scalar_t>(n);
@@ -545,15 +551,16 @@ void host_divide(at::Tensor& dst, const at::Tensor& src, double n) {
   });
 }
 
-void conv_gemm_weight_grad(const ConvGeom& g, const at::Tensor& W, const at::Tensor& x, const at::Tensor& y,
-                           at::Tensor& gw, ConvGemmWork& work, bool accumulate) {
+void conv_gemm_weight_grad(const ConvGeom& g, const Tensor& W, const Tensor& x, const Tensor& y,
+                           Tensor& gw, ConvGemmWork& work, bool accumulate) {
   const Geo3 q = make_geo3(g, W, x);
   const int64_t K = q.G * q.Kg;
   if (!work.cols.defined() || work.cols.numel() != K * q.L || work.cols.scalar_type() != W.scalar_type())
-    work.cols = at::empty({K, q.L}, W.options());
+    work.cols = empty({K, q.L}, W.scalar_type(), W.device());
   const int64_t scratch = weight_grad_by_rows(q) ? K * q.L : q.cout * q.L + K * q.cout_g;
-  const at::Tensor tmp = at::empty({scratch}, W.options());
-  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "conv_gemm_weight_grad", [&] {
+  const Tensor tmp = empty({scratch}, W.scalar_type(), W.device());
+  dispatch_floating(W.scalar_type(), "conv_gemm_weight_grad", [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
     im2col<scalar_t>(q, x.const_data_ptr<scalar_t>(), work.cols.mutable_data_ptr<scalar_t>());
     weight_grad<scalar_t>(q, y.const_data_ptr<scalar_t>(), work.cols.const_data_ptr<scalar_t>(),
                           tmp.mutable_data_ptr<scalar_t>(), gw.mutable_data_ptr<scalar_t>(), accumulate);
@@ -562,3 +569,11 @@ void conv_gemm_weight_grad(const ConvGeom& g, const at::Tensor& W, const at::Ten
 
 }  // namespace cpu
 }  // namespace specreg_fast
+
+#ifndef SPECREG_NO_CPU_IMPL  // the CUDA library's copy of this file (csrc/cuda/conv_device_gemm.cpp)
+// specreg_fast::set_conv_kernel(str) -> str (specreg_fast.conv.set_conv_kernel). No tensor
+// argument: the dispatcher runs the CompositeExplicitAutograd kernel.
+STABLE_TORCH_LIBRARY_IMPL(specreg_fast, CompositeExplicitAutograd, m) {
+  m.impl("set_conv_kernel", TORCH_BOX(&specreg_fast::cpu::set_conv_kernel));
+}
+#endif

@@ -16,7 +16,7 @@
 // loop over ResNet-18's convs), with norms and normalization as host loops. Otherwise
 // everything is ATen ops on the weight's device, so the same function serves the CUDA
 // registration (csrc/cuda/conv_operator_cuda.cpp). On CPU the norms are read on the host (no
-// cost) and normalization is a single div_out into the user's buffer; elsewhere torch.where
+// cost) and normalization is a host loop into the user's buffer; elsewhere torch.where
 // keeps the loop free of host synchronization unless `tol` needs the estimate.
 //
 // Per-layer hyperparameters travel in `params` (int[]), packed layer after layer; with d =
@@ -30,12 +30,31 @@
 // larger than the padded input, an int64 overflow in any size, kernel size 0. A layer with an
 // empty input or output (e.g. a zero-size input made non-empty by padding) is the zero map:
 // norm 0, vectors kept, weight-gradient 0, on every kernel path.
-#include <ATen/ATen.h>
-#include <torch/library.h>
-
+//
+// LibTorch stable ABI (csrc/stable_api.h): the ATen calls of this file and of conv_geometry.h,
+// and the route each takes now (torch 2.11 has no stable wrapper for most of them):
+//   at::convolution, at::convolution_backward        -> torch_call_dispatcher (aten::convolution,
+//                                                       aten::convolution_backward; stable_api.h aten::)
+//   at::constant_pad_nd, at::pad (circular/reflect/replicate) -> torch::stable::pad (aoti shim)
+//   at::reflection_padNd_backward, replication_padNd_backward -> torch_call_dispatcher
+//   Tensor::flip                                     -> torch_call_dispatcher (aten::flip)
+//   reshape, transpose, narrow, select, (un)squeeze, clone, copy_, contiguous, to, zero_, fill_,
+//   empty_like, sum                                  -> torch::stable:: (stable ops.h)
+//   at::zeros, at::empty                             -> stable_api.h empty/zeros (aoti_torch_empty_strided)
+//   at::linalg_vector_norm (CPU)                     -> host loop (cpu::host_norm, double accumulation)
+//   at::linalg_vector_norm (other devices)           -> sqrt(sum(t * t)) through the dispatcher (its
+//                                                       `ord` is a Scalar, which the 2.11 ABI cannot pass)
+//   at::div_out (CPU)                                -> host loop (cpu::host_divide)
+//   div, mul, where, isfinite, &, |, ~, > (devices)  -> torch_call_dispatcher (Tensor overloads)
+//   Tensor::add_                                     -> torch::stable::subtract(a, b, -1) + copy_
+//   item<double/bool>                                -> host read (item_double, stable_api.h)
+//   at::NoGradGuard                                  -> stable_api.h NoGradGuard (grad-mode shim)
+//   at::get_overlap_status                           -> address-range test (stable_contracts.h)
+//   TORCH_CHECK_VALUE/TYPE                           -> SF_CHECK_VALUE/TYPE (RuntimeError; the
+//                                                       Python front raises ValueError/TypeError)
 #include "conv_geometry.h"
 #include "cpu/conv_gemm.h"
-#include "op_contracts.h"
+#include "stable_contracts.h"
 
 #include <cmath>
 #include <limits>
@@ -46,18 +65,20 @@ namespace specreg_fast {
 
 using namespace conv_detail;
 
+namespace {
+
 // The op-level contracts of the conv ops, after validate()'s per-layer checks: every tensor on
 // the first weight's device, and no `written` tensor sharing memory with another argument.
-static void check_conv_args(const char* op, at::TensorList weights, at::TensorList xs, at::TensorList ys,
-                            bool xs_ys_written, at::TensorList grads = {}) {
+void check_conv_args(const char* op, const TensorList& weights, const TensorList& xs, const TensorList& ys,
+                     bool xs_ys_written, const TensorList& grads = {}) {
   if (weights.empty()) return;
-  const at::Device dev = weights[0].device();
-  check_on_device(op, "weights", weights, dev);
-  check_on_device(op, "xs", xs, dev);
-  check_on_device(op, "ys", ys, dev);
-  check_on_device(op, "grads", grads, dev);
+  const Device dev = weights[0].device();
+  check_on_device_stable(op, "weights", weights, dev);
+  check_on_device_stable(op, "xs", xs, dev);
+  check_on_device_stable(op, "ys", ys, dev);
+  check_on_device_stable(op, "grads", grads, dev);
   if (!xs_ys_written && grads.empty()) return;
-  MemoryArgs mem;
+  MemoryArgsStable mem;
   mem.add("weights", weights, false);
   mem.add("xs", xs, xs_ys_written);
   mem.add("ys", ys, xs_ys_written);
@@ -65,219 +86,253 @@ static void check_conv_args(const char* op, at::TensorList weights, at::TensorLi
   mem.check(op);
 }
 
+Device op_device(const TensorList& weights) {
+  return weights.empty() ? Device(DeviceType::CPU) : weights[0].device();
+}
+
+// out[l] = v on the host (out: a contiguous float/double CPU tensor), rounded to `acc` first
+// as the estimate tensor of that dtype was before it was copied into out.
+void set_host(Tensor& out, size_t l, double v, ScalarType acc) {
+  if (acc == kFloat) v = static_cast<float>(v);
+  if (out.scalar_type() == kDouble) out.mutable_data_ptr<double>()[l] = v;
+  else out.mutable_data_ptr<float>()[l] = static_cast<float>(v);
+}
+
+}  // namespace
+
 // Device-agnostic: registered for CPU here and for CUDA in csrc/cuda/conv_operator_cuda.cpp.
-at::Tensor conv_power_step_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys, at::IntArrayRef params,
-                                const std::vector<std::string>& padding_modes, int64_t n_iter, double tol) {
+Tensor conv_power_step_impl(const TensorList& weights, const TensorList& xs, const TensorList& ys,
+                            const std::vector<int64_t>& params, const std::vector<std::string>& padding_modes,
+                            int64_t n_iter, double tol) {
   const char* op = "specreg_fast::conv_power_step_";
   // The estimates are detached and xs/ys are state, not graph nodes.
-  at::NoGradGuard no_grad;
-  TORCH_CHECK_VALUE(xs.size() == weights.size() && ys.size() == weights.size(), op,
-                    ": weights, xs and ys must have the same length, got ", weights.size(), ", ", xs.size(), ", ",
-                    ys.size());
-  check_n_iter(op, n_iter);
-  TORCH_CHECK_VALUE(tol >= 0 && std::isfinite(tol), op, ": tol must be finite and >= 0, got ", tol);
+  NoGradGuard no_grad;
+  SF_CHECK_VALUE(xs.size() == weights.size() && ys.size() == weights.size(), op,
+                 ": weights, xs and ys must have the same length, got ", weights.size(), ", ", xs.size(), ", ",
+                 ys.size());
+  check_n_iter_stable(op, n_iter);
+  SF_CHECK_VALUE(tol >= 0 && std::isfinite(tol), op, ": tol must be finite and >= 0, got ", tol);
   auto geo = decode(op, weights, params, padding_modes);
   validate(op, weights, xs, ys, geo, /*need_contiguous=*/true);
   check_conv_args(op, weights, xs, ys, /*xs_ys_written=*/true);
-  cpu::check_conv_kernel_override();  // before any layer is written
+  cpu::check_conv_kernel_override(op);  // before any layer is written
   const auto odt = out_type(weights);
-  at::Tensor out = at::zeros({static_cast<int64_t>(weights.size())},
-                             at::TensorOptions().dtype(odt).device(weights.empty() ? at::kCPU : weights[0].device()));
+  const Device dev = op_device(weights);
+  Tensor out = zeros({static_cast<int64_t>(weights.size())}, odt, dev);
   if (weights.empty()) return out;
-  InterruptPoll poll(op);
-  std::vector<at::Tensor> saved;  // finished layers' start-of-call vectors, for an interrupt
+  InterruptPollStable poll(op);
+  std::vector<Tensor> saved;  // finished layers' start-of-call vectors, for an interrupt
   for (size_t l = 0; l < weights.size(); ++l) {
     if (zero_map(xs[l], ys[l])) continue;  // estimate 0, vectors kept (conv_geometry.h)
     const auto& g = geo[l];
     const auto acc = acc_type(weights[l].scalar_type());
-    const at::Tensor W = weights[l].to(acc).contiguous();
-    const bool host = W.device().is_cpu();
-    at::Tensor x = xs[l].unsqueeze(0);  // views of the user's buffers: written in place
-    at::Tensor y = ys[l].unsqueeze(0);
+    const Tensor W = contig(as_dtype(weights[l], acc));
+    const bool host = W.is_cpu();
+    Tensor xl = xs[l], yl = ys[l];  // the user's buffers: written in place
+    Tensor x = batch1(xl);
+    Tensor y = batch1(yl);
     // Small images with large weights: the direct kernels (csrc/cpu/conv_gemm_cpu.cpp).
     const bool direct = host && n_iter > 0 && cpu::conv_gemm_preferred(g, W, x);
     cpu::ConvGemmWork work;
-    const at::Tensor t_buf = direct ? at::empty_like(y) : at::Tensor();
-    const at::Tensor a_buf = direct ? at::empty_like(x) : at::Tensor();
+    Tensor t_buf = direct ? empty_as(y) : Tensor();
+    Tensor a_buf = direct ? empty_as(x) : Tensor();
     // A non-finite weight shows up as a non-finite |A x| or |A^T t| (inf * 0 = NaN, so even a
     // weight entry that meets only zeros does), which is checked at every step instead of
     // scanning the weight (a full pass over W, as costly as an elementwise op per layer).
     // On the host each step is checked before it writes, so a single step needs no backup;
     // several steps (or a device, where the check is a tensor) roll back to these copies.
     const bool backup = !host || n_iter > 1;
-    const at::Tensor x0 = backup ? x.clone() : at::Tensor(), y0 = backup ? y.clone() : at::Tensor();
+    const Tensor x0 = backup ? torch::stable::clone(xl) : Tensor(), y0 = backup ? torch::stable::clone(yl) : Tensor();
     // Building the flipped kernel is a pass over W: worth it only when several steps reuse it.
-    const at::Tensor Wadj = n_iter >= 2 && !direct ? adjoint_kernel(g, W) : at::Tensor();
-    at::Tensor est = at::zeros({}, x.options());
-    at::Tensor bad = at::zeros({}, x.options().dtype(at::kBool));
-    if (n_iter == 0) est = (y * op_apply(g, W, x)).sum();
+    const Tensor Wadj = n_iter >= 2 && !direct ? adjoint_kernel(g, W) : Tensor();
     double prev = std::numeric_limits<double>::quiet_NaN();
-    for (int64_t it = 0; it < n_iter; ++it) {
-      if (it > 0 && poll.interrupted()) {  // every vector back as it was (backup: n_iter > 1)
-        x.copy_(x0);
-        y.copy_(y0);
-        for (size_t k = 0; k < l; ++k) {
-          xs[k].copy_(saved[2 * k]);
-          ys[k].copy_(saved[2 * k + 1]);
+    if (host) {
+      // The estimate and the finiteness flag as host values: each ATen call on these small
+      // tensors costs more than its arithmetic.
+      double est = 0;
+      bool bad = false;
+      if (n_iter == 0) {
+        est = item_double(aten::sum(aten::mul(y, op_apply(g, W, x))));
+        bad = !std::isfinite(est);
+      }
+      for (int64_t it = 0; it < n_iter; ++it) {
+        if (it > 0 && poll.interrupted()) {  // every vector back as it was (backup: n_iter > 1)
+          torch::stable::copy_(xl, x0);
+          torch::stable::copy_(yl, y0);
+          for (size_t k = 0; k < l; ++k) {
+            Tensor xk = xs[k], yk = ys[k];
+            torch::stable::copy_(xk, saved[2 * k]);
+            torch::stable::copy_(yk, saved[2 * k + 1]);
+          }
+          poll.raise();
         }
-        poll.raise();
-      }
-      at::Tensor t, a;  // a = A^T t: direction of the new x, |a|/|t| = estimate
-      if (direct) {
-        t = t_buf;
-        a = a_buf;
-        cpu::conv_gemm_step(g, W, x, t, a, work);
-      } else {
-        t = op_apply(g, W, x);
-        a = op_adjoint(g, W, t, x, Wadj);
-      }
-      double cur = 0;
-      if (host) {
-        // With the direct kernels the norms and the normalization are plain loops too: on
-        // these small tensors each ATen call costs more than its arithmetic.
-        at::Tensor tn, an;
-        double tnv, anv;
+        Tensor t, a;  // a = A^T t: direction of the new x, |a|/|t| = estimate
         if (direct) {
-          tnv = cpu::host_norm(t);
-          anv = cpu::host_norm(a);
+          t = t_buf;
+          a = a_buf;
+          cpu::conv_gemm_step(g, W, x, t, a, work);
         } else {
-          tn = at::linalg_vector_norm(t);
-          an = at::linalg_vector_norm(a);
-          tnv = tn.item<double>();
-          anv = an.item<double>();
+          t = contig(op_apply(g, W, x));
+          a = contig(op_adjoint(g, W, t, x, Wadj));
         }
+        const double tnv = cpu::host_norm(t), anv = cpu::host_norm(a);
         if (!std::isfinite(tnv) || !std::isfinite(anv)) {
-          bad.fill_(true);
+          bad = true;
           break;
         }
         if (!(tnv > 0 && anv > 0)) {
           // A x = 0 (zero weight, or x in the kernel of A): keep the vectors, estimate 0.
-          est.zero_();
+          est = 0;
           break;
         }
-        if (direct) {
-          cpu::host_divide(y, t, tnv);
-          cpu::host_divide(x, a, anv);
-        } else {
-          at::div_out(y, t, tn);
-          at::div_out(x, a, an);
+        cpu::host_divide(y, t, tnv);
+        cpu::host_divide(x, a, anv);
+        const double cur = anv / tnv;
+        est = cur;
+        if (tol > 0) {
+          if (std::abs(cur - prev) <= tol * std::abs(cur)) break;
+          prev = cur;
         }
-        cur = anv / tnv;
-        est.fill_(cur);
-      } else {
-        const at::Tensor tn = at::linalg_vector_norm(t);
-        const at::Tensor an = at::linalg_vector_norm(a);
-        const at::Tensor fin = at::isfinite(tn) & at::isfinite(an);
-        bad = bad | ~fin;
-        const at::Tensor ok = (tn > 0) & (an > 0) & fin & ~bad;
-        y.copy_(at::where(ok, t / tn, y));
-        x.copy_(at::where(ok, a / an, x));
-        est = at::where(ok, an / tn, at::zeros_like(an));
-        if (tol > 0) cur = est.item<double>();
       }
-      if (tol > 0) {
-        if (std::abs(cur - prev) <= tol * std::abs(cur)) break;
-        prev = cur;
-      }
-    }
-    if (n_iter == 0) bad = ~at::isfinite(est);
-    // Non-finite: vectors back to their values before the call, estimate NaN.
-    if (host) {
-      if (bad.item<bool>()) {
+      // Non-finite: vectors back to their values before the call, estimate NaN.
+      if (bad) {
         if (backup) {
-          x.copy_(x0);
-          y.copy_(y0);
+          torch::stable::copy_(xl, x0);
+          torch::stable::copy_(yl, y0);
         }
-        est.fill_(std::numeric_limits<double>::quiet_NaN());
+        est = std::numeric_limits<double>::quiet_NaN();
       }
+      set_host(out, l, est, acc);
     } else {
-      x.copy_(at::where(bad, x0, x));
-      y.copy_(at::where(bad, y0, y));
-      est = at::where(bad, at::full({}, std::numeric_limits<double>::quiet_NaN(), est.options()), est);
+      const Tensor zero = scalar_tensor(0.0, acc, dev);
+      Tensor est = zeros({}, acc, dev);
+      Tensor bad = zeros({}, ScalarType::Bool, dev);
+      if (n_iter == 0) est = aten::sum(aten::mul(y, op_apply(g, W, x)));
+      for (int64_t it = 0; it < n_iter; ++it) {
+        if (it > 0 && poll.interrupted()) {
+          torch::stable::copy_(xl, x0);
+          torch::stable::copy_(yl, y0);
+          for (size_t k = 0; k < l; ++k) {
+            Tensor xk = xs[k], yk = ys[k];
+            torch::stable::copy_(xk, saved[2 * k]);
+            torch::stable::copy_(yk, saved[2 * k + 1]);
+          }
+          poll.raise();
+        }
+        const Tensor t = op_apply(g, W, x);
+        const Tensor a = op_adjoint(g, W, t, x, Wadj);
+        const Tensor tn = aten::norm(t), an = aten::norm(a);
+        const Tensor fin = aten::logical_and(aten::isfinite(tn), aten::isfinite(an));
+        bad = aten::logical_or(bad, aten::logical_not(fin));
+        const Tensor ok = aten::logical_and(aten::logical_and(aten::gt(tn, zero), aten::gt(an, zero)),
+                                            aten::logical_and(fin, aten::logical_not(bad)));
+        torch::stable::copy_(y, aten::where(ok, aten::div(t, tn), y));
+        torch::stable::copy_(x, aten::where(ok, aten::div(a, an), x));
+        est = aten::where(ok, aten::div(an, tn), zero);
+        if (tol > 0) {
+          const double cur = item_double(est);
+          if (std::abs(cur - prev) <= tol * std::abs(cur)) break;
+          prev = cur;
+        }
+      }
+      if (n_iter == 0) bad = aten::logical_not(aten::isfinite(est));
+      // Non-finite: vectors back to their values before the call, estimate NaN.
+      torch::stable::copy_(xl, aten::where(bad, x0, xl));
+      torch::stable::copy_(yl, aten::where(bad, y0, yl));
+      est = aten::where(bad, scalar_tensor(std::numeric_limits<double>::quiet_NaN(), acc, dev), est);
+      Tensor slot = torch::stable::select(out, 0, static_cast<int64_t>(l));
+      torch::stable::copy_(slot, est);
     }
-    out.select(0, l).copy_(est);
     if (n_iter > 1 && l + 1 < weights.size()) {
-      saved.push_back(x0.squeeze(0));
-      saved.push_back(y0.squeeze(0));
+      saved.push_back(x0);
+      saved.push_back(y0);
     }
   }
   return out;
 }
 
-at::Tensor conv_sigma_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys, at::IntArrayRef params,
-                           const std::vector<std::string>& padding_modes) {
+Tensor conv_sigma_impl(const TensorList& weights, const TensorList& xs, const TensorList& ys,
+                       const std::vector<int64_t>& params, const std::vector<std::string>& padding_modes) {
   const char* op = "specreg_fast::conv_sigma";
-  at::NoGradGuard no_grad;  // differentiated by the registered backward, not through these ops
-  TORCH_CHECK_VALUE(xs.size() == weights.size() && ys.size() == weights.size(), op,
-                    ": weights, xs and ys must have the same length");
+  NoGradGuard no_grad;  // differentiated by the registered backward, not through these ops
+  SF_CHECK_VALUE(xs.size() == weights.size() && ys.size() == weights.size(), op,
+                 ": weights, xs and ys must have the same length");
   auto geo = decode(op, weights, params, padding_modes);
   validate(op, weights, xs, ys, geo, /*need_contiguous=*/false);
   check_conv_args(op, weights, xs, ys, /*xs_ys_written=*/false);
   const auto odt = out_type(weights);
-  at::Tensor out = at::zeros({static_cast<int64_t>(weights.size())},
-                             at::TensorOptions().dtype(odt).device(weights.empty() ? at::kCPU : weights[0].device()));
+  Tensor out = zeros({static_cast<int64_t>(weights.size())}, odt, op_device(weights));
   for (size_t l = 0; l < weights.size(); ++l) {
     if (zero_map(xs[l], ys[l])) continue;
     const auto acc = acc_type(weights[l].scalar_type());
-    const at::Tensor W = weights[l].to(acc);
-    out.select(0, l).copy_((ys[l].unsqueeze(0) * op_apply(geo[l], W, xs[l].unsqueeze(0))).sum());
+    const Tensor W = as_dtype(weights[l], acc);
+    const Tensor v = aten::sum(aten::mul(batch1(ys[l]),
+                                         op_apply(geo[l], W, batch1(xs[l]))));
+    if (out.is_cpu()) {
+      set_host(out, l, item_double(v), acc);
+    } else {
+      Tensor slot = torch::stable::select(out, 0, static_cast<int64_t>(l));
+      torch::stable::copy_(slot, v);
+    }
   }
   return out;
 }
 
 // The value of conv_sigma read off `est` (conv_power_step_'s return at these xs/ys): checks
 // everything conv_sigma checks, and that est is one estimate per layer of the op's dtype.
-at::Tensor conv_sigma_from_step_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys,
-                                     at::IntArrayRef params, const std::vector<std::string>& padding_modes,
-                                     const at::Tensor& est) {
+Tensor conv_sigma_from_step_impl(const TensorList& weights, const TensorList& xs, const TensorList& ys,
+                                 const std::vector<int64_t>& params, const std::vector<std::string>& padding_modes,
+                                 const Tensor& est) {
   const char* op = "specreg_fast::conv_sigma_from_step";
-  TORCH_CHECK_VALUE(xs.size() == weights.size() && ys.size() == weights.size(), op,
-                    ": weights, xs and ys must have the same length, got ", weights.size(), ", ", xs.size(), ", ",
-                    ys.size());
+  SF_CHECK_VALUE(xs.size() == weights.size() && ys.size() == weights.size(), op,
+                 ": weights, xs and ys must have the same length, got ", weights.size(), ", ", xs.size(), ", ",
+                 ys.size());
   auto geo = decode(op, weights, params, padding_modes);
   validate(op, weights, xs, ys, geo, /*need_contiguous=*/false);
   check_conv_args(op, weights, xs, ys, /*xs_ys_written=*/false);
-  check_step_estimate(op, weights, est, out_type(weights));
-  return est.clone();
+  check_step_estimate_stable(op, weights, est, out_type(weights));
+  return torch::stable::clone(est);
 }
 
+namespace {
 // One layer's weight-gradient (W in the accumulation dtype, contiguous; x and y batched and
 // contiguous): the direct kernels where they are preferred, else ATen's convolution_backward.
-static at::Tensor layer_weight_grad(const ConvGeom& g, const at::Tensor& W, const at::Tensor& x,
-                                    const at::Tensor& y) {
+Tensor layer_weight_grad(const ConvGeom& g, const Tensor& W, const Tensor& x, const Tensor& y) {
   if (cpu::conv_gemm_preferred(g, W, x)) {
-    at::Tensor gw = at::empty_like(W);
+    Tensor gw = empty_as(W);
     cpu::ConvGemmWork work;
     cpu::conv_gemm_weight_grad(g, W, x, y, gw, work);
     return gw;
   }
-  auto grads = at::convolution_backward(y, pad_apply(g, x), W, c10::nullopt, g.stride, g.conv_pad, g.dilation,
-                                        g.transposed, g.outpad, g.groups, {false, true, false});
-  return std::get<1>(grads).contiguous();
+  return contig(aten::convolution_weight_backward(y, pad_apply(g, x), W, g.stride, g.conv_pad, g.dilation,
+                                                  g.transposed, g.outpad, g.groups));
 }
+
+bool is_floating(ScalarType s) { return s == kFloat || s == kDouble || s == kHalf || s == kBFloat16; }
+}  // namespace
 
 // d<y_l, A(W_l) x_l>/dW_l for each layer: the conv weight-gradient with input pad(x_l) and
 // output-gradient y_l, in the accumulation dtype (the backward of conv_sigma and
 // conv_sigma_from_step). On the CPU the direct kernels take the layers they are preferred for.
-std::vector<at::Tensor> conv_weight_grad_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys,
-                                              at::IntArrayRef params, const std::vector<std::string>& padding_modes) {
+TensorList conv_weight_grad_impl(const TensorList& weights, const TensorList& xs, const TensorList& ys,
+                                 const std::vector<int64_t>& params, const std::vector<std::string>& padding_modes) {
   const char* op = "specreg_fast::conv_weight_grad";
-  at::NoGradGuard no_grad;
-  TORCH_CHECK_VALUE(xs.size() == weights.size() && ys.size() == weights.size(), op,
-                    ": weights, xs and ys must have the same length");
+  NoGradGuard no_grad;
+  SF_CHECK_VALUE(xs.size() == weights.size() && ys.size() == weights.size(), op,
+                 ": weights, xs and ys must have the same length");
   auto geo = decode(op, weights, params, padding_modes);
   validate(op, weights, xs, ys, geo, /*need_contiguous=*/false);
   check_conv_args(op, weights, xs, ys, /*xs_ys_written=*/false);
-  cpu::check_conv_kernel_override();
-  std::vector<at::Tensor> res;
+  cpu::check_conv_kernel_override(op);
+  TensorList res;
   for (size_t l = 0; l < weights.size(); ++l) {
     const auto& g = geo[l];
-    const at::Tensor W = weights[l].to(acc_type(weights[l].scalar_type())).contiguous();
+    const Tensor W = contig(as_dtype(weights[l], acc_type(weights[l].scalar_type())));
     if (zero_map(xs[l], ys[l])) {
-      res.push_back(at::zeros_like(W));
+      res.push_back(zeros(shape_of(W).dims, W.scalar_type(), W.device()));
       continue;
     }
-    const at::Tensor x = xs[l].contiguous().unsqueeze(0), y = ys[l].contiguous().unsqueeze(0);
+    const Tensor x = batch1(contig(xs[l])), y = batch1(contig(ys[l]));
     res.push_back(layer_weight_grad(g, W, x, y));
   }
   return res;
@@ -287,71 +342,74 @@ std::vector<at::Tensor> conv_weight_grad_impl(at::TensorList weights, at::Tensor
 // caller folds any scale into y). Every argument is checked before any grad is written. On
 // the CPU the direct kernels add straight into a contiguous grad of the accumulation dtype;
 // otherwise the weight-gradient is computed and added (cast to the grad's dtype).
-void conv_weight_grad_add_impl(at::TensorList grads, at::TensorList weights, at::TensorList xs, at::TensorList ys,
-                               at::IntArrayRef params, const std::vector<std::string>& padding_modes) {
+void conv_weight_grad_add_impl(const TensorList& grads, const TensorList& weights, const TensorList& xs,
+                               const TensorList& ys, const std::vector<int64_t>& params,
+                               const std::vector<std::string>& padding_modes) {
   const char* op = "specreg_fast::conv_weight_grad_add_";
-  at::NoGradGuard no_grad;
-  TORCH_CHECK_VALUE(grads.size() == weights.size() && xs.size() == weights.size() && ys.size() == weights.size(), op,
-                    ": grads, weights, xs and ys must have the same length, got ", grads.size(), ", ", weights.size(),
-                    ", ", xs.size(), ", ", ys.size());
+  NoGradGuard no_grad;
+  SF_CHECK_VALUE(grads.size() == weights.size() && xs.size() == weights.size() && ys.size() == weights.size(), op,
+                 ": grads, weights, xs and ys must have the same length, got ", grads.size(), ", ", weights.size(),
+                 ", ", xs.size(), ", ", ys.size());
   auto geo = decode(op, weights, params, padding_modes);
   validate(op, weights, xs, ys, geo, /*need_contiguous=*/false);
   for (size_t l = 0; l < weights.size(); ++l) {
-    TORCH_CHECK_VALUE(grads[l].sizes() == weights[l].sizes(), op, ": grads[", l, "] must have the weight's shape ",
-                      weights[l].sizes(), ", got ", grads[l].sizes());
-    TORCH_CHECK_VALUE(grads[l].device() == weights[l].device(), op, ": grads[", l, "] must be on ",
-                      weights[l].device(), ", got ", grads[l].device());
-    TORCH_CHECK_TYPE(at::isFloatingType(grads[l].scalar_type()), op, ": grads[", l,
-                     "] must be a floating-point tensor, got ", grads[l].scalar_type());
+    SF_CHECK_VALUE(shape_of(grads[l]).dims == shape_of(weights[l]).dims, op, ": grads[", l,
+                   "] must have the weight's shape ", shape_of(weights[l]), ", got ", shape_of(grads[l]));
+    SF_CHECK_VALUE(grads[l].device() == weights[l].device(), op, ": grads[", l, "] must be on ",
+                   device_name(weights[l].device()), ", got ", device_name(grads[l].device()));
+    SF_CHECK_TYPE(is_floating(grads[l].scalar_type()), op, ": grads[", l, "] must be a floating-point tensor, got ",
+                  dtype_name(grads[l].scalar_type()));
   }
   check_conv_args(op, weights, xs, ys, /*xs_ys_written=*/false, grads);
-  cpu::check_conv_kernel_override();
+  cpu::check_conv_kernel_override(op);
   for (size_t l = 0; l < weights.size(); ++l) {
     if (zero_map(xs[l], ys[l])) continue;  // adds 0
     const auto& g = geo[l];
     const auto acc = acc_type(weights[l].scalar_type());
-    const at::Tensor W = weights[l].to(acc).contiguous();
-    const at::Tensor x = xs[l].contiguous().unsqueeze(0), y = ys[l].to(acc).contiguous().unsqueeze(0);
-    at::Tensor G = grads[l];
+    const Tensor W = contig(as_dtype(weights[l], acc));
+    const Tensor x = batch1(contig(xs[l]));
+    const Tensor y = batch1(contig(as_dtype(ys[l], acc)));
+    Tensor G = grads[l];
     if (G.is_contiguous() && G.scalar_type() == acc && cpu::conv_gemm_preferred(g, W, x)) {
       cpu::ConvGemmWork work;
       cpu::conv_gemm_weight_grad(g, W, x, y, G, work, /*accumulate=*/true);
     } else {
-      G.add_(layer_weight_grad(g, W, x, y));
+      torch::stable::copy_(G, aten::add(G, layer_weight_grad(g, W, x, y)));
     }
   }
 }
 
 // A^T y for each layer (the op's own adjoint, exposed so tests can check <A x, y> = <x, A^T y>).
-std::vector<at::Tensor> conv_adjoint_impl(at::TensorList weights, at::TensorList xs, at::TensorList ys,
-                                          at::IntArrayRef params, const std::vector<std::string>& padding_modes) {
+TensorList conv_adjoint_impl(const TensorList& weights, const TensorList& xs, const TensorList& ys,
+                             const std::vector<int64_t>& params, const std::vector<std::string>& padding_modes) {
   const char* op = "specreg_fast::conv_adjoint";
-  TORCH_CHECK_VALUE(xs.size() == weights.size() && ys.size() == weights.size(), op,
-                    ": weights, xs and ys must have the same length");
+  SF_CHECK_VALUE(xs.size() == weights.size() && ys.size() == weights.size(), op,
+                 ": weights, xs and ys must have the same length");
   auto geo = decode(op, weights, params, padding_modes);
   validate(op, weights, xs, ys, geo, /*need_contiguous=*/false);
   check_conv_args(op, weights, xs, ys, /*xs_ys_written=*/false);
-  std::vector<at::Tensor> res;
+  TensorList res;
   for (size_t l = 0; l < weights.size(); ++l) {
     if (zero_map(xs[l], ys[l])) {
-      res.push_back(at::zeros_like(xs[l], at::MemoryFormat::Contiguous));
+      res.push_back(zeros(shape_of(xs[l]).dims, xs[l].scalar_type(), xs[l].device()));
       continue;
     }
-    const at::Tensor W = weights[l].to(acc_type(weights[l].scalar_type()));
-    res.push_back(op_adjoint(geo[l], W, ys[l].unsqueeze(0), xs[l].unsqueeze(0)).squeeze(0).contiguous());
+    const Tensor W = as_dtype(weights[l], acc_type(weights[l].scalar_type()));
+    const Tensor a = op_adjoint(geo[l], W, batch1(ys[l]), batch1(xs[l]));
+    res.push_back(contig(unbatch1(a)));
   }
   return res;
 }
 
 }  // namespace specreg_fast
 
-#ifndef SPECREG_NO_CPU_IMPL  // the CUDA library's copy of this file (csrc/conv_module.cpp)
-TORCH_LIBRARY_IMPL(specreg_fast, CPU, m) {
-  m.impl("conv_power_step_", &specreg_fast::conv_power_step_impl);
-  m.impl("conv_sigma", &specreg_fast::conv_sigma_impl);
-  m.impl("conv_sigma_from_step", &specreg_fast::conv_sigma_from_step_impl);
-  m.impl("conv_adjoint", &specreg_fast::conv_adjoint_impl);
-  m.impl("conv_weight_grad", &specreg_fast::conv_weight_grad_impl);
-  m.impl("conv_weight_grad_add_", &specreg_fast::conv_weight_grad_add_impl);
+#ifndef SPECREG_NO_CPU_IMPL  // the CUDA library's copy of this file (csrc/cuda/conv_device_operator.cpp)
+STABLE_TORCH_LIBRARY_IMPL(specreg_fast, CPU, m) {
+  m.impl("conv_power_step_", TORCH_BOX(&specreg_fast::conv_power_step_impl));
+  m.impl("conv_sigma", TORCH_BOX(&specreg_fast::conv_sigma_impl));
+  m.impl("conv_sigma_from_step", TORCH_BOX(&specreg_fast::conv_sigma_from_step_impl));
+  m.impl("conv_adjoint", TORCH_BOX(&specreg_fast::conv_adjoint_impl));
+  m.impl("conv_weight_grad", TORCH_BOX(&specreg_fast::conv_weight_grad_impl));
+  m.impl("conv_weight_grad_add_", TORCH_BOX(&specreg_fast::conv_weight_grad_add_impl));
 }
 #endif

@@ -1,5 +1,5 @@
-"""Loading the compiled libraries (``_C`` on the stable ABI, ``_C_conv`` and ``_C_cuda`` where
-their torch and CUDA match), and the op schemas ``_C`` declares (defined here when it cannot be
+"""Loading the compiled libraries (``_C`` on the stable ABI, every CPU kernel; ``_C_cuda`` where
+its torch and CUDA match), and the op schemas ``_C`` declares (defined here when it cannot be
 loaded, so that the plain-PyTorch reference kernels still run: ``HAS_CPP_EXT = False``)."""
 from __future__ import annotations
 
@@ -30,10 +30,11 @@ SCHEMAS = {
     "shifted_cholesky_info": "shifted_cholesky_info(Tensor H, Tensor shift) -> Tensor",
     "lowrank_power_step_": "lowrank_power_step_(Tensor[] weights, Tensor[] As, Tensor[] Bs, float[] scales, "
                            "Tensor(a!)[] us, Tensor(b!)[] vs, int n_iter, float tol) -> Tensor",
+    "set_conv_kernel": "set_conv_kernel(str choice) -> str",
 }
 
 # The most power-iteration steps one op call may run (n_iter of every op, max_iter of the
-# public functions): the same number as kMaxIter in csrc/op_contracts.h (a test compares them).
+# public functions): the same number as kMaxIterStable in csrc/stable_contracts.h (a test compares them).
 # 10^6 steps are minutes on a 1024 x 1024 weight; a larger count is a bug, not a budget.
 MAX_ITER = 1_000_000
 
@@ -54,13 +55,15 @@ def _cuda_major(version) -> "int | None":
     return int(str(version).split(".")[0]) if version else None
 
 
-# specreg_fast._C: the schemas and the CPU kernels on the LibTorch stable ABI (one binary for
-# every torch from the floor on); _C_conv: the CPU conv kernels (ATen's C++ API: the torch they
-# were built with only); _C_cuda: the CUDA kernels, loaded only on a torch of the CUDA major they
-# were built for. What does not load leaves its ops to the reference (or Triton, on a GPU).
+# specreg_fast._C: the schemas and every CPU kernel, dense and conv, on the LibTorch stable ABI
+# (one binary for every torch from the floor on); _C_cuda: the CUDA kernels, loaded only on a
+# torch of the CUDA major they were built for (stable ABI too). What does not load
+# leaves its ops to the reference (or Triton, on a GPU).
 _err = _load("_C")
 HAS_CPP_EXT = _err is None
-HAS_CONV_EXT = False
+#: The CPU conv kernels are loaded: part of specreg_fast._C, so the same as HAS_CPP_EXT (kept
+#: for the code and tests that ask about the conv ops by this name).
+HAS_CONV_EXT = HAS_CPP_EXT
 #: The CUDA major specreg_fast._C_cuda was built for (None: built without it).
 BUILT_CUDA = None
 if HAS_CPP_EXT:
@@ -68,23 +71,13 @@ if HAS_CPP_EXT:
         from .._build_info import CUDA_VERSION as BUILT_CUDA
     except ImportError:
         BUILT_CUDA = None
-    try:  # the torch _C_conv and _C_cuda were built with: ATen's C++ API ties them to its minor
-        from .._build_info import TORCH_VERSION as _BUILT_TORCH
-    except ImportError:
-        _BUILT_TORCH = None
-    _same_minor = _BUILT_TORCH is None or torch.__version__.split("+")[0].split(".")[:2] == _BUILT_TORCH.split(".")[:2]
-    _conv_err = _load("_C_conv") if _same_minor else f"built for torch {_BUILT_TORCH}, this is {torch.__version__}"
-    HAS_CONV_EXT = _conv_err is None
-    if not HAS_CONV_EXT:
-        warnings.warn(f"specreg_fast: the CPU conv kernels were not loaded ({_conv_err}); the conv ops use the "
-                      f"pure-PyTorch reference on CPU (the dense ops keep their kernels)", RuntimeWarning, stacklevel=2)
     if BUILT_CUDA is not None and torch.version.cuda is not None:
         if _cuda_major(BUILT_CUDA) != _cuda_major(torch.version.cuda):
             warnings.warn(f"specreg_fast: the CUDA kernels were built for CUDA {BUILT_CUDA}, torch has CUDA "
                           f"{torch.version.cuda}: not loaded; on a GPU the ops use Triton or the reference (the CPU "
                           f"kernels are loaded)", RuntimeWarning, stacklevel=2)
         else:
-            _cuda_err = _load("_C_cuda") if _same_minor else f"built for torch {_BUILT_TORCH}"
+            _cuda_err = _load("_C_cuda")
             if _cuda_err is not None:
                 warnings.warn(f"specreg_fast: the CUDA kernels were not loaded ({_cuda_err}); on a GPU the ops use "
                               f"Triton or the reference", RuntimeWarning, stacklevel=2)

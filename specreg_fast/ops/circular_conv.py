@@ -10,7 +10,7 @@ import torch
 from ..contract import WEIGHT_DTYPES, acc_dtype, out_dtype
 from ..geometry import conv_adjoint as _conv_adjoint, conv_apply as _conv_apply
 from ..geometry import conv_output_shape, decode_conv_params
-from ._checks import check_n_iter, check_one_device, check_writable, iter_arg, params_arg, require
+from ._checks import check_n_iter, check_one_device, check_writable, iter_arg, params_arg, require, typed_call
 
 
 def _check_circular_args(op: str, weights, xs, x_tops, y_tops, params, n_iter) -> List[dict]:
@@ -161,5 +161,6 @@ def circular_power_step_(weights: List[torch.Tensor], xs: List[torch.Tensor], pa
     check_writable(op, "xs", xs)
     x_tops = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
     y_tops = [x.new_empty(shape) for x, shape in zip(xs, circular_output_shapes(weights, xs, params))]
-    est = torch.ops.specreg_fast.circular_power_step_(weights, xs, x_tops, y_tops, params, n_iter)
+    est = typed_call(torch.ops.specreg_fast.circular_power_step_, (weights, xs, x_tops, y_tops, params, n_iter),
+                     lambda *a: _check_circular_args(op, *a))
     return est, x_tops, y_tops

@@ -13,7 +13,7 @@ from ..geometry import conv_adjoint as _conv_adjoint, conv_apply as _conv_apply
 from ..geometry import conv_output_shape, decode_conv_params, padded_input
 from ..power_loop import power_iterate
 from ._checks import (check_est, check_from_step, check_n_iter, check_one_device, check_writable, eager_autograd,
-                      iter_arg, modes_arg, params_arg, require, tol_arg)
+                      iter_arg, modes_arg, params_arg, require, tol_arg, typed_call)
 
 
 def _check_conv_args(op: str, weights, xs, ys, params, modes, need_contiguous: bool) -> List[dict]:
@@ -257,8 +257,9 @@ def conv_sigma_from_step(weights: List[torch.Tensor], xs: List[torch.Tensor], ys
     if eager_autograd(weights):
         check_from_step(weights, xs, ys, est)
         return _ConvSigmaFromStep.apply(est, list(xs), list(ys), list(params), list(padding_modes), *weights)
-    return torch.ops.specreg_fast.conv_sigma_from_step(list(weights), list(xs), list(ys), list(params),
-                                                       list(padding_modes), est)
+    return typed_call(torch.ops.specreg_fast.conv_sigma_from_step,
+                      (list(weights), list(xs), list(ys), list(params), list(padding_modes), est),
+                      _conv_sigma_from_step_fake)
 
 
 def conv_power_step_(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: List[torch.Tensor], params: List[int],
@@ -269,17 +270,19 @@ def conv_power_step_(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: Li
     xs, ys = list(xs), list(ys)
     check_writable(op, "xs", xs)
     check_writable(op, "ys", ys)
-    return torch.ops.specreg_fast.conv_power_step_(list(weights), xs, ys, params_arg(op, params),
-                                                   modes_arg(op, padding_modes), iter_arg(op, "n_iter", n_iter),
-                                                   tol_arg(op, tol, finite=True))
+    return typed_call(torch.ops.specreg_fast.conv_power_step_,
+                      (list(weights), xs, ys, params_arg(op, params), modes_arg(op, padding_modes),
+                       iter_arg(op, "n_iter", n_iter), tol_arg(op, tol, finite=True)),
+                      lambda *a: _check_conv_power_step_args(op, *a))
 
 
 def conv_sigma(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: List[torch.Tensor], params: List[int],
                padding_modes: List[str]) -> torch.Tensor:
     """``<y_l, A(W_l) x_l>`` per layer, differentiable in the weights."""
     op = "specreg_fast::conv_sigma"
-    return torch.ops.specreg_fast.conv_sigma(list(weights), list(xs), list(ys), params_arg(op, params),
-                                             modes_arg(op, padding_modes))
+    return typed_call(torch.ops.specreg_fast.conv_sigma,
+                      (list(weights), list(xs), list(ys), params_arg(op, params), modes_arg(op, padding_modes)),
+                      lambda *a: _check_conv_args(op, *a, need_contiguous=False))
 
 
 def conv_weight_grad(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: List[torch.Tensor], params: List[int],
@@ -287,8 +290,9 @@ def conv_weight_grad(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: Li
     """``d<y_l, A(W_l) x_l>/dW_l`` per layer (the conv weight-gradient of input ``x_l`` and
     output-gradient ``y_l``), float32 (float64 for a float64 weight), without autograd."""
     op = "specreg_fast::conv_weight_grad"
-    return torch.ops.specreg_fast.conv_weight_grad(list(weights), list(xs), list(ys), params_arg(op, params),
-                                                   modes_arg(op, padding_modes))
+    return typed_call(torch.ops.specreg_fast.conv_weight_grad,
+                      (list(weights), list(xs), list(ys), params_arg(op, params), modes_arg(op, padding_modes)),
+                      lambda *a: _check_conv_args(op, *a, need_contiguous=False))
 
 
 def conv_weight_grad_add_(grads: List[torch.Tensor], weights: List[torch.Tensor], xs: List[torch.Tensor],
@@ -298,13 +302,15 @@ def conv_weight_grad_add_(grads: List[torch.Tensor], weights: List[torch.Tensor]
     op = "specreg_fast::conv_weight_grad_add_"
     grads = list(grads)
     check_writable(op, "grads", grads)
-    torch.ops.specreg_fast.conv_weight_grad_add_(grads, list(weights), list(xs), list(ys), params_arg(op, params),
-                                                 modes_arg(op, padding_modes))
+    typed_call(torch.ops.specreg_fast.conv_weight_grad_add_,
+               (grads, list(weights), list(xs), list(ys), params_arg(op, params), modes_arg(op, padding_modes)),
+               _check_conv_weight_grad_add_args)
 
 
 def conv_adjoint(weights: List[torch.Tensor], xs: List[torch.Tensor], ys: List[torch.Tensor], params: List[int],
                  padding_modes: List[str]) -> List[torch.Tensor]:
     """``A(W_l)^T y_l`` per layer (``xs`` give the input shapes)."""
     op = "specreg_fast::conv_adjoint"
-    return torch.ops.specreg_fast.conv_adjoint(list(weights), list(xs), list(ys), params_arg(op, params),
-                                               modes_arg(op, padding_modes))
+    return typed_call(torch.ops.specreg_fast.conv_adjoint,
+                      (list(weights), list(xs), list(ys), params_arg(op, params), modes_arg(op, padding_modes)),
+                      lambda *a: _check_conv_args(op, *a, need_contiguous=False))
