@@ -1,8 +1,7 @@
 // Contracts of the ops of specreg_fast._C (the stable-ABI library), checked before anything is
 // written: the iteration cap, one device for all tensors, no memory shared between a written
 // tensor and any other argument, the dense ops' argument checks; and the interrupt poll of the
-// long loops. The same contracts, on ATen types, for the kernels not yet on the stable ABI:
-// csrc/op_contracts.h and csrc/power_step_checks.h. The messages are those of the Python front
+// long loops, for every kernel (CPU and CUDA: all are on the stable ABI). The messages are those of the Python front
 // (specreg_fast/ops/_checks.py), which raises them as ValueError/TypeError before calling the op.
 #pragma once
 #include <algorithm>
@@ -15,7 +14,7 @@
 
 namespace specreg_fast {
 
-// The most power-iteration steps one op call may run (specreg_fast.ops.MAX_ITER; csrc/op_contracts.h).
+// The most power-iteration steps one op call may run (specreg_fast.ops.MAX_ITER).
 constexpr int64_t kMaxIterStable = 1000000;
 
 inline void check_n_iter_stable(const char* op, int64_t n_iter) {
@@ -71,7 +70,7 @@ class MemoryArgsStable {
 bool python_signal_raised();
 
 // Polled once per step by the long loops: at most every 100 ms it runs Python's pending signal
-// handlers, so Ctrl-C stops a call of up to kMaxIter steps (see csrc/op_contracts.h).
+// handlers, so Ctrl-C stops a call of up to kMaxIter steps.
 class InterruptPollStable {
  public:
   explicit InterruptPollStable(const char* op) : op_(op), next_(Clock::now() + kPeriod) {}
@@ -96,7 +95,7 @@ class InterruptPollStable {
 // Persistent vectors are float32, or float64 for float64 weights.
 inline ScalarType power_acc_type_stable(ScalarType s) { return s == kDouble ? kDouble : kFloat; }
 
-// The dense ops' checks (csrc/power_step_checks.h).
+// The dense ops' checks.
 inline void check_power_step_list_stable(const TensorList& weights, const TensorList& us, const TensorList& vs,
                                          const char* op, DeviceType device_type, bool writes) {
   SF_CHECK(us.size() == weights.size() && vs.size() == weights.size(), op,

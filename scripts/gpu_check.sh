@@ -82,8 +82,8 @@ if [ "$ARCH" = "none" ]; then
 fi
 
 # ---------------------------------------------------------------------------- build
-# A prebuilt wheel in dist/ (make wheel) whose CUDA major and torch minor are this torch's (its
-# CUDA library is still on ATen's C++ API): its libraries are
+# A prebuilt wheel in dist/ (make wheel) whose CUDA major is this torch's (its libraries are on
+# the stable ABI of torch 2.11, so any torch from 2.11 on loads them): its libraries are
 # unpacked into the tree (the tests below use the package from the tree), and nothing compiles,
 # so the GPU minutes go to the tests. Otherwise the build, as before.
 PREBUILT=
@@ -95,9 +95,8 @@ if path and torch.version.cuda:
     with zipfile.ZipFile(path) as z:
         info = z.read("specreg_fast/_build_info.py").decode()
         m = re.search(r"CUDA_VERSION = '([0-9.]+)'", info)
-        t = re.search(r"TORCH_VERSION = '([0-9]+[.][0-9]+)", info)  # _C_cuda: ATen's C++ API, one torch minor
-        if m and m.group(1).split(".")[0] == torch.version.cuda.split(".")[0] and t and \
-                torch.__version__.startswith(t.group(1) + "."):
+        if m and m.group(1).split(".")[0] == torch.version.cuda.split(".")[0] and \
+                tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 11):
             names = [n for n in z.namelist() if re.fullmatch(r"specreg_fast/(_C[a-z_]*\.[^/]*so|_build_info\.py)", n)]
             z.extractall(".", names)
             print(path)

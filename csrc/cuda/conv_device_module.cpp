@@ -1,5 +1,5 @@
-// python_signal_raised for the CUDA library (the interrupt poll of its long loops, csrc/op_contracts.h
-// and csrc/stable_contracts.h): as in csrc/specreg_fast.cpp, run Python's pending signal handlers
+// python_signal_raised for the CUDA library (the interrupt poll of its long loops,
+// csrc/stable_contracts.h): as in csrc/specreg_fast.cpp, run Python's pending signal handlers
 // under the GIL. (specreg_fast._C has its own copy; the two libraries are loaded separately.)
 #include <Python.h>
 

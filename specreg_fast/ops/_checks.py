@@ -12,7 +12,7 @@ from ..contract import out_dtype, require
 from ._library import MAX_ITER
 
 # ----------------------------------------------------------------------------- argument checks
-# The checks of the compiled kernels (csrc/power_step_checks.h, csrc/conv_geometry.h,
+# The checks of the compiled kernels (csrc/stable_contracts.h, csrc/conv_geometry.h,
 # csrc/cpu/circular_conv_cpu.cpp, batched_power_cpu.cpp, shifted_cholesky_cpu.cpp), one checker
 # per op family (in the family's module; the parts they share here), run by the fakes and the
 # reference kernels. The fakes need them: a fake wins

@@ -14,7 +14,7 @@ from ._checks import (typed_call, check_est, check_from_step, check_n_iter, chec
 
 
 def _check_dense_args(op: str, weights, us, vs) -> None:
-    """Checks of ``power_step_`` / ``sigma`` / ``sigma_from_step`` (csrc/power_step_checks.h)."""
+    """Checks of ``power_step_`` / ``sigma`` / ``sigma_from_step`` (csrc/stable_contracts.h)."""
     require(len(us) == len(weights) and len(vs) == len(weights),
             lambda: f"{op}: expected as many u and v vectors as weights, got {len(weights)} weights, "
                     f"{len(us)} u, {len(vs)} v")
