@@ -67,7 +67,7 @@ def _nvidia_wheel_includes():
 # stable headers (TORCH_TARGET_VERSION), whatever torch builds it; pyproject.toml's torch floor.
 TORCH_TARGET = (2, 11)
 STABLE_SOURCES = ["specreg_fast.cpp", "cpu/power_step_cpu.cpp", "cpu/batched_power_cpu.cpp",
-                  "cpu/shifted_cholesky_cpu.cpp", "cpu/simd.cpp"]
+                  "cpu/shifted_cholesky_cpu.cpp", "cpu/simd.cpp", "cpu/depthwise_cpu.cpp"]
 CONV_SOURCES = ["conv_module.cpp", "cpu/conv_operator_cpu.cpp", "cpu/circular_conv_cpu.cpp", "cpu/conv_gemm_cpu.cpp"]
 
 
