@@ -54,7 +54,15 @@ struct DwGeom {
   // Per tap column kx: the output columns whose input column is in bounds, [ox_lo, ox_hi).
   std::vector<int64_t> ox_lo, ox_hi;
   int64_t w_s0 = 0, w_s2 = 0, w_s3 = 0;  // the weight's strides (C, 1, kh, kw)
+  // Stride 1 with rows of at least kTile outputs: the tiled route (corr_tiled), on a zero-padded
+  // copy of the channel: xp (forward) and tp (adjoint), each rows x ld, in one scratch of
+  // `scratch` elements.
+  bool tiled = false;
+  int64_t xp_rows = 0, xp_ld = 0, tp_rows = 0, tp_ld = 0, scratch = 0;
 };
+
+constexpr int64_t kTile = 8;  // outputs per register tile (32 bytes of float32; 4 of float64 per half)
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 int64_t ceil_div_nonneg(int64_t a, int64_t b) { return a <= 0 ? 0 : (a + b - 1) / b; }
 
@@ -124,6 +132,14 @@ std::vector<DwGeom> decode_depthwise(const char* op, const TensorList& weights, 
       g.ox_lo[kx] = std::min(g.Wo, ceil_div_nonneg(-off, g.sw));
       const int64_t last = g.W - 1 - off;  // ox sw <= last
       g.ox_hi[kx] = last < 0 ? g.ox_lo[kx] : std::max(g.ox_lo[kx], std::min(g.Wo, last / g.sw + 1));
+    }
+    g.tiled = g.sh == 1 && g.sw == 1 && g.Wo >= kTile && g.W >= kTile;
+    if (g.tiled) {
+      g.xp_rows = g.Ho + (g.kh - 1) * g.dh;
+      g.xp_ld = round_up(g.Wo, kTile) + (g.kw - 1) * g.dw;
+      g.tp_rows = g.H + (g.kh - 1) * g.dh;
+      g.tp_ld = round_up(g.W, kTile) + (g.kw - 1) * g.dw;
+      g.scratch = std::max(g.xp_rows * g.xp_ld, g.tp_rows * g.tp_ld);
     }
   }
   if (L > 0) {
@@ -225,17 +241,89 @@ SF_DW_INLINE T sumsq(const T* v, int64_t n) {
   return s;
 }
 
+// dst[r][c] = src[r - off_r][c - off_c] where that is inside the (H, W) source, else 0, for a
+// rows x ld destination.
+template <typename T>
+SF_DW_INLINE void pad_into(const T* src, int64_t H, int64_t W, int64_t off_r, int64_t off_c, T* dst, int64_t rows,
+                           int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* d = dst + r * ld;
+    const int64_t sr = r - off_r;
+    if (sr < 0 || sr >= H) {
+      std::fill(d, d + ld, T(0));
+      continue;
+    }
+    const int64_t c_lo = std::clamp<int64_t>(off_c, 0, ld), c_hi = std::clamp<int64_t>(off_c + W, 0, ld);
+    std::fill(d, d + c_lo, T(0));
+    for (int64_t c = std::max<int64_t>(c_lo, off_c); c < c_hi; ++c) d[c] = src[sr * W + c - off_c];
+    std::fill(d + c_hi, d + ld, T(0));
+  }
+}
+
+// dst[r][c] = sum_{ky, kx} taps[ky kw + kx] src[(r + ky dh) ld + c + kx dw] for r < rows, c < cols
+// (dst rows x cols), in register tiles of kTile outputs: one load and one multiply-add per tap
+// and output, the tile kept in registers over all the taps. src holds at least
+// round_up(cols, kTile) + (kw - 1) dw columns per row.
+template <typename T>
+SF_DW_INLINE void corr_tiled(const DwGeom& g, const T* taps, const T* src, int64_t ld, T* dst, int64_t rows,
+                             int64_t cols) {
+  constexpr int64_t L = 32 / sizeof(T);  // lanes of one 32-byte vector
+  typedef T V __attribute__((vector_size(32)));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c0 = 0; c0 < cols; c0 += L) {
+      V acc = {};
+      for (int64_t ky = 0; ky < g.kh; ++ky) {
+        const T* s = src + (r + ky * g.dh) * ld + c0;
+        for (int64_t kx = 0; kx < g.kw; ++kx) {
+          V v;
+          std::memcpy(&v, s + kx * g.dw, sizeof(V));
+          acc += taps[ky * g.kw + kx] * v;
+        }
+      }
+      const int64_t n = std::min(L, cols - c0);
+      if (n == L) {
+        std::memcpy(dst + r * cols + c0, &acc, sizeof(V));
+      } else {
+        for (int64_t i = 0; i < n; ++i) dst[r * cols + c0 + i] = acc[i];
+      }
+    }
+  }
+}
+
+// t_c = A_c x_c and a_c = A_c^T t_c on the tiled route (stride 1): the forward is a correlation
+// of the padded x with the taps; the adjoint a[i] = sum_k w[k] t[i + p - k d] a correlation of
+// the padded t with the flipped taps (flip: taps[K .. 2K)).
+template <typename T>
+SF_DW_INLINE void step_channel_tiled(const DwGeom& g, const T* taps, const T* x, T* t, T* a, T* scratch) {
+  const int64_t K = g.kh * g.kw;
+  pad_into(x, g.H, g.W, g.ph, g.pw, scratch, g.xp_rows, g.xp_ld);
+  corr_tiled(g, taps, scratch, g.xp_ld, t, g.Ho, g.Wo);
+  pad_into(t, g.Ho, g.Wo, (g.kh - 1) * g.dh - g.ph, (g.kw - 1) * g.dw - g.pw, scratch, g.tp_rows, g.tp_ld);
+  corr_tiled(g, taps + K, scratch, g.tp_ld, a, g.H, g.W);
+}
+
+template <typename T>
+SF_DW_INLINE void flip_taps(const DwGeom& g, T* taps) {
+  const int64_t K = g.kh * g.kw;
+  for (int64_t k = 0; k < K; ++k) taps[K + k] = taps[K - 1 - k];
+}
+
 // The channel ranges [c0, c1) of one layer, per ISA clone: t = A x and a = A^T t with each
 // channel's squared norms (step), <y_c, A_c x_c> per channel (bilinear), and the weight-gradient
 // added into G (weight_grad).
 #define SF_DW_RANGES(T)                                                                                   \
   SPECREG_MULTIVERSION void step_range(const DwGeom& g, const T* Wp, const T* x, T* t, T* a, T* tss, T* ass, \
-                                       T* taps, int64_t c0, int64_t c1) {                                 \
+                                       T* taps, T* scratch, int64_t c0, int64_t c1) {                     \
     const int64_t in = g.H * g.W, out = g.Ho * g.Wo;                                                      \
     for (int64_t c = c0; c < c1; ++c) {                                                                   \
       channel_taps(g, Wp, c, taps);                                                                       \
-      forward_channel(g, taps, x + c * in, t + c * out);                                                  \
-      adjoint_channel(g, taps, t + c * out, a + c * in);                                                  \
+      if (g.tiled) {                                                                                      \
+        flip_taps(g, taps);                                                                               \
+        step_channel_tiled(g, taps, x + c * in, t + c * out, a + c * in, scratch);                        \
+      } else {                                                                                            \
+        forward_channel(g, taps, x + c * in, t + c * out);                                                \
+        adjoint_channel(g, taps, t + c * out, a + c * in);                                                \
+      }                                                                                                   \
       tss[c] = sumsq(t + c * out, out);                                                                   \
       ass[c] = sumsq(a + c * in, in);                                                                     \
     }                                                                                                     \
@@ -276,8 +364,8 @@ std::pair<double, double> step_layer(const DwGeom& g, const T* Wp, const T* x, T
   tss.assign(g.C, T(0));
   ass.assign(g.C, T(0));
   torch::stable::parallel_for(0, g.C, channel_grain(g), [&](int64_t c0, int64_t c1) {
-    std::vector<T> taps(K);
-    step_range(g, Wp, x, t, a, tss.data(), ass.data(), taps.data(), c0, c1);
+    std::vector<T> taps(2 * K), scratch(g.scratch);
+    step_range(g, Wp, x, t, a, tss.data(), ass.data(), taps.data(), scratch.data(), c0, c1);
   });
   T ts = 0, as = 0;
   for (int64_t c = 0; c < g.C; ++c) {
