@@ -48,9 +48,23 @@ def depthwise_kernel() -> str:
 
 def depthwise_preferred(weight: torch.Tensor, geometry: dict, input_shape) -> bool:
     """Whether the direct kernels beat ATen on this depthwise layer (one power step plus the
-    weight-gradient), by the measurements of bench/bench_depthwise.py; see
-    :data:`PREFERRED_NOTE`."""
-    return True
+    weight-gradient), by the measurements of bench/bench_depthwise.py on the zoo's 25 depthwise
+    shapes at 64x64 input (results/bench_depthwise_cpu.json: one thread, medians of 15
+    interleaved rounds of thread CPU time on the shared 2-core machine, ratio to the conv op
+    with a bootstrap interval): 0.24-0.92x on 22 shapes, 0.99x [0.97-1.01] on EfficientNet-B0's
+    (672, 4x4, 5x5), and 1.03x on the two shapes excluded here, 3x3 kernels over >= 16x16
+    outputs with >= 64 channels (EfficientNet-B0's (96, 32x32, stride 2): [0.97-1.14];
+    (144, 16x16, stride 1): [1.01-1.05]). There a pass is 0.4-0.7 MFLOP, enough to amortize
+    ATen's fixed per-call cost (what the direct kernels save on the small layers: the conv op
+    takes ~0.3 ms on a 0.07 MFLOP layer there, the direct kernels ~0.1 ms), and oneDNN's 3x3
+    depthwise kernels run the arithmetic faster than the direct weight-gradient (a dot per
+    output row and tap: two loads per multiply-add) and the strided stride-2 loops; those
+    layers stay on ATen."""
+    kh, kw = weight.shape[2], weight.shape[3]
+    C, H, W = input_shape
+    ho = (H + geometry["lo"][0] + geometry["hi"][0] - geometry["dilation"][0] * (kh - 1) - 1) // geometry["stride"][0] + 1
+    wo = (W + geometry["lo"][1] + geometry["hi"][1] - geometry["dilation"][1] * (kw - 1) - 1) // geometry["stride"][1] + 1
+    return not (kh * kw <= 9 and ho * wo >= 256 and C >= 64)
 
 
 def _check_depthwise_args(op: str, weights, xs, ys, params, modes) -> List[dict]:
