@@ -10,8 +10,8 @@ depthwise layer, timed interleaved, one thread:
     two norms and two divisions, and ``aten.convolution_backward`` for the weight-gradient.
 
 Reported: the medians and ``direct / conv op`` and ``direct / aten`` as ratios of medians with
-a seeded bootstrap interval, and per pass the arithmetic (2 C Ho Wo kh kw flops for the taps
-in bounds... counted over all taps) and bytes (x, y, W read, output written) per pass.
+a seeded bootstrap interval, and per pass the arithmetic (2 C Ho Wo kh kw flops over all taps,
+and over the taps whose input is in bounds) and the bytes (input vector, weight, output).
 
     python bench/bench_depthwise.py [--rounds 15] [--clock wall|thread] [--json out.json]
 
