@@ -69,7 +69,8 @@ TORCH_TARGET = (2, 11)
 # The CPU conv kernels (also compiled, device-generic, into _C_cuda: csrc/cuda/conv_device_*.cpp).
 CONV_SOURCES = ["cpu/conv_operator_cpu.cpp", "cpu/circular_conv_cpu.cpp", "cpu/conv_gemm_cpu.cpp"]
 STABLE_SOURCES = ["specreg_fast.cpp", "cpu/power_step_cpu.cpp", "cpu/batched_power_cpu.cpp",
-                  "cpu/shifted_cholesky_cpu.cpp", "cpu/simd.cpp", "cpu/lowrank_step_cpu.cpp"] + CONV_SOURCES
+                  "cpu/shifted_cholesky_cpu.cpp", "cpu/simd.cpp", "cpu/lowrank_step_cpu.cpp",
+                  "cpu/depthwise_cpu.cpp"] + CONV_SOURCES
 
 
 class BuildExt(BuildExtension):

@@ -80,6 +80,16 @@ STABLE_TORCH_LIBRARY(specreg_fast, m) {
   m.def("conv_weight_grad_add_(Tensor(a!)[] grads, Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) -> ()");
   // A(W_l)^T y_l for each layer (the adjoint the power step uses; exposed for tests).
   m.def("conv_adjoint(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) -> Tensor[]");
+  // ---- depthwise conv operators (csrc/cpu/depthwise_cpu.cpp) -------------------------
+  // conv_power_step_ restricted to depthwise layers (2-D, groups == C_in == C_out, zeros
+  // padding, float32/float64 weights with vectors of the same dtype), with the same packing,
+  // step, conventions and return; the direct per-channel kernel on the CPU.
+  m.def("depthwise_power_step_(Tensor[] weights, Tensor(a!)[] xs, Tensor(b!)[] ys, int[] params, str[] padding_modes, int n_iter, float tol) -> Tensor");
+  // grads[l] += d<y_l, A(W_l) x_l>/dW_l for depthwise layers (grads contiguous, the weight's dtype).
+  m.def("depthwise_weight_grad_add_(Tensor(a!)[] grads, Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) -> ()");
+  // [A x, A^T y, d<y, A x>/dW] for each depthwise layer, in that order (3 tensors per layer):
+  // each pass of the kernel on its own, for the tests and the benchmark.
+  m.def("depthwise_passes(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, str[] padding_modes) -> Tensor[]");
   // ---- Fourier-domain (circular) conv norms ------------------------------------------
   // Circular (wrap-around) convs, the paper's method, matrix-free: xs[l] is ONE input-shaped
   // tensor holding the persistent vector of every frequency of the polyphase DFT (see

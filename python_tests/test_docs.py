@@ -196,3 +196,60 @@ def test_no_tutorial_is_skipped_by_default_once_the_integrations_exist():
         assert set(default.split(",")) <= {"hf_trainer", "api-integrations"}
         pytest.skip("specreg_fast.integrations is not in this tree yet")
     assert default == ""
+
+
+def _per_arm_results(tmp_path, monkeypatch):
+    """A results dir whose bench_models_cpu.json is written by the ``specreg-fast bench --models``
+    code path itself (benchmarks.models.run, then json.dump as cli.bench_models does) on a tiny
+    CNN in place of the zoo (2 rounds, batch 4, every=2), the bandwidth fixed so the floor
+    column is known."""
+    import torch.nn as nn
+
+    from specreg_fast.benchmarks import models as bm
+
+    def tiny(image_size):
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                             nn.Flatten(), nn.Linear(8 * image_size * image_size, 10))
+
+    monkeypatch.setitem(bm.MODELS, "tiny", (tiny, "4"))
+    monkeypatch.setattr(bm, "read_bandwidth", lambda: 1e9)
+    res = bm.run(["tiny"], batch=4, rounds=2, every=2, image_size=32)
+    results = tmp_path / "results"
+    results.mkdir()
+    with open(results / "bench_models_cpu.json", "w") as f:
+        json.dump(res, f, indent=1)
+    return str(results), res
+
+
+def test_models_tables_read_the_per_arm_rows(tmp_path, monkeypatch):
+    """The per-arm rows of ``bench --models`` (share with its interval, verdict, floor, the
+    every=k arm): every arm is a row of the models table with those cells, the headline gives
+    accumulate_grad()'s share and verdict; cells computed here from the JSON by hand."""
+    results, res = _per_arm_results(tmp_path, monkeypatch)
+    md, head = tables.models(results), tables.headline(results)
+    rows = {r["arm"]: r for r in res["rows"]}
+    assert set(rows) == {"no penalty (step)", "reference", "ours (SpectralPenalty)", "ours (accumulate_grad)",
+                         "ours (accumulate_grad, every=2)"}
+    for arm, r in rows.items():
+        line = next(ln for ln in md.splitlines() if f"| {arm} |" in ln)
+        if arm == "no penalty (step)":
+            assert line.startswith(f"| tiny ({r['maps']}) |")
+            continue
+        cell = f"{100 * r['share_of_step']:.1f}% [{100 * r['share_low']:.1f}-{100 * r['share_high']:.1f}]"
+        assert f"| {r['ratio_to_reference']:.2f}x | {cell} | {r['verdict']} |" in line
+        assert "unresolved" in r["verdict"]  # 2 rounds: no verdict
+        if arm == "ours (accumulate_grad)":
+            assert f", {r['median_s'] / (r['floor_bytes'] / 1e9):.2f}x |" in line
+            assert f"| tiny | " in head and f"| {cell}, {r['verdict']} |" in head
+    assert "batch 4, 32x32, 2 interleaved rounds" in md and "read bandwidth 1.0 GB/s" in md
+
+
+def test_models_tables_follow_the_per_arm_json(tmp_path, monkeypatch):
+    results, _ = _per_arm_results(tmp_path, monkeypatch)
+    before = tables.models(results), tables.headline(results)
+    i = next(k for k, r in enumerate(tables.load("bench_models_cpu.json", results)["rows"])
+             if r["arm"] == "ours (accumulate_grad)")
+    _edit(results, "bench_models_cpu.json", _set(["rows", i, "share_low"], 0.0123))
+    _edit(results, "bench_models_cpu.json", _set(["rows", i, "verdict"], "below 5%"))
+    after = tables.models(results), tables.headline(results)
+    assert all("[1.2-" in a and "below 5%" in a and a != b for a, b in zip(after, before))

@@ -45,7 +45,10 @@ def _rank1(left: torch.Tensor, right: torch.Tensor, c, dtype: torch.dtype):
     """``(left, right, alpha)`` for ``G.addr_`` adding ``c left right^T`` in ``dtype``: a Python
     float ``c`` (CPU) stays the alpha; a 0-d device tensor is folded into ``left`` so that
     nothing waits for the device."""
-    left, right = left.to(dtype), right.to(dtype)
+    if left.dtype != dtype:  # (a no-op .to() still costs a dispatch per map and call)
+        left = left.to(dtype)
+    if right.dtype != dtype:
+        right = right.to(dtype)
     if isinstance(c, torch.Tensor):
         return left * c.to(dtype), right, 1.0
     return left, right, c
@@ -172,6 +175,24 @@ def _value_of_step(*args):
     return args[-1]
 
 
+def _planned(raw, typed, *args):
+    """``raw(*args)``: an op called straight on arguments the group's cached plan has checked
+    (state shapes, dtypes, devices, disjointness, the packed geometry), without the typed
+    wrapper's per-call conversions and checks (list copies, conjugate-view scans of every
+    vector, int/float/params coercions): on MobileNetV3-small those ran on 53 maps per call.
+    Should the op refuse anyway (e.g. ``n_iter`` changed to a bad value after the plan was
+    built), it refuses before writing anything, and the typed wrapper ``typed(*args)`` runs
+    instead to raise the ValueError/TypeError naming the argument."""
+    if torch.compiler.is_compiling():
+        return typed(*args)
+    try:
+        return raw(*args)
+    except RuntimeError as err:
+        if "interrupted (KeyboardInterrupt)" in str(err):
+            raise
+        return typed(*args)
+
+
 class Call(NamedTuple):
     """One call's view of a group: its weights now and the plan's constants."""
     ws: list
@@ -286,8 +307,14 @@ class DenseGroup(MapGroup):
         ws = [call.ws[i] for i in live]
         maps = [self.maps[i] for i in live]
         from_step = (lambda w, u, v, est: _per_param_sigma(maps, w, u, v, est)) if grad else _value_of_step
-        return _dense.step_sigmas(ws, _dense.PowerState([us_all[i] for i in live], [vs_all[i] for i in live]),
-                                  n_iter, update, from_step=from_step), None
+        us, vs = [us_all[i] for i in live], [vs_all[i] for i in live]
+        if update and n_iter >= 1 and all(w.device.type == "cpu" for w in ws):
+            # dense.step_sigmas's CPU route, the op called on the plan's checked state
+            with torch.no_grad():
+                est = _planned(torch.ops.specreg_fast.power_step_, _ops.power_step_, [w.detach() for w in ws], us, vs,
+                               n_iter, 0.0)
+            return from_step(ws, us, vs, est), None
+        return _dense.step_sigmas(ws, _dense.PowerState(us, vs), n_iter, update, from_step=from_step), None
 
     def add_grads(self, call, live, record, coefs):
         us, vs = call.plan
@@ -359,14 +386,30 @@ class _ConvGroup(MapGroup):
                     if Wc.requires_grad:
                         gW = _ops.conv_weight_grad([Wc.detach()], [x], [y * coefs[k]], params, [mode])[0]
                         Wc.backward(gW.to(Wc.dtype))
-        train = [k for k, i in enumerate(live) if not _computed(self.maps[i]) and self.maps[i].param().requires_grad]
+        P = {k: self.maps[i].param() for k, i in enumerate(live) if not _computed(self.maps[i])}
+        train = [k for k in P if P[k].requires_grad]
+        direct = self._depthwise_live(call, live)
         # One op call for the layers with a .grad, added in place (conv_weight_grad_add_: no
-        # weight-sized temporary where the direct kernels run), one for those without.
+        # weight-sized temporary where the direct kernels run), one for those without; the
+        # depthwise layers the plan routes to csrc/cpu/depthwise_cpu.cpp in one call of their own.
         for fresh in (False, True):
-            ks = [k for k in train if (self.maps[live[k]].param().grad is None) == fresh]
+            ks = [k for k in train if (P[k].grad is None) == fresh]
+            dks = [k for k in ks if k in direct and (fresh or (P[k].grad.is_contiguous()
+                                                              and P[k].grad.dtype == P[k].dtype))]
+            if dks:
+                ws = [P[k] for k in dks]
+                Gs = ([torch.zeros_like(W, memory_format=torch.contiguous_format) for W in ws] if fresh
+                      else [W.grad for W in ws])
+                _ops.depthwise_weight_grad_add_(Gs, [W.detach() for W in ws], [pairs[k][0] for k in dks],
+                                                [pairs[k][1] * coefs[k] for k in dks],
+                                                [q for k in dks for q in pairs[k][2]], [pairs[k][3] for k in dks])
+                if fresh:
+                    for W, G in zip(ws, Gs):
+                        W.grad = G
+                ks = [k for k in ks if k not in set(dks)]
             if not ks:
                 continue
-            ws = [self.maps[live[k]].param() for k in ks]
+            ws = [P[k] for k in ks]
             args = ([W.detach() for W in ws], [pairs[k][0] for k in ks], [pairs[k][1] * coefs[k] for k in ks],
                     [q for k in ks for q in pairs[k][2]], [pairs[k][3] for k in ks])
             if fresh:
@@ -374,6 +417,11 @@ class _ConvGroup(MapGroup):
                     W.grad = gW.to(W.dtype)
             else:
                 _ops.conv_weight_grad_add_([W.grad for W in ws], *args)
+
+    def _depthwise_live(self, call, live) -> frozenset:
+        """Positions ``k`` in ``live`` of the layers whose weight-gradient takes the depthwise
+        kernels (none here: :class:`ConvOperatorGroup` routes some)."""
+        return frozenset()
 
     def bounds(self, n_iter, max_dim):
         return {mp.name: operator_norm_bounds(mp.module, self._input_shapes[mp.owner], n_iter=n_iter, max_dim=max_dim)
@@ -389,7 +437,8 @@ class ConvOperatorGroup(_ConvGroup):
 
     def _key(self, ws):
         return (super()._key(ws), tuple((m.stride, m.padding, m.dilation, m.groups, m.padding_mode, m.output_padding,
-                                         self._input_shapes[mp.owner]) for mp in self.maps for m in [mp.module]))
+                                         self._input_shapes[mp.owner]) for mp in self.maps for m in [mp.module]),
+                _ops.depthwise_kernel())
 
     def prepare(self) -> Call:
         ws = self.weights()
@@ -399,23 +448,91 @@ class ConvOperatorGroup(_ConvGroup):
             specs = self.specs()
             _validate_convs(specs, ConvState(xs, ys), self.names)
             packed = [pack_conv_params([sp]) for sp in specs]
-            return xs, ys, [p for p, _ in packed], [m[0] for _, m in packed], {}
+            params, modes = [p for p, _ in packed], [m[0] for _, m in packed]
+            dw = tuple(_depthwise_route(w, p, m, sp.input_shape) for w, p, m, sp in zip(ws, params, modes, specs))
+            return xs, ys, params, modes, {}, dw
 
         return Call(ws, self._cached(self._key(ws), build))
 
+    def _split(self, call, live):
+        """Per set of live maps (cached in the plan): their packed params, and where some are
+        routed to the depthwise kernels, ``(dw, other, dw params, other params, perm)``: their
+        positions in ``live``, their params, and the permutation from ``dw + other`` order back
+        to ``live``'s."""
+        _, _, params_all, modes_all, flat, dw = call.plan
+        out = flat.get(live)
+        if out is None:
+            params = [q for j in live for q in params_all[j]]
+            di = [k for k, j in enumerate(live) if dw[j]]
+            oi = [k for k, j in enumerate(live) if not dw[j]]
+            split = None
+            if di:
+                order = di + oi
+                inv = sorted(range(len(order)), key=order.__getitem__)
+                perm = None if order == list(range(len(order))) else torch.tensor(inv)
+                split = (di, oi, [q for k in di for q in params_all[live[k]]],
+                         [q for k in oi for q in params_all[live[k]]], perm)
+            out = (params, split)
+            if not torch.compiler.is_compiling():
+                flat[live] = out
+        return out
+
+    def _depthwise_live(self, call, live):
+        split = self._split(call, tuple(live))[1]
+        return frozenset(split[0]) if split is not None else frozenset()
+
     def sigmas(self, call, live, update, n_iter, grad, record):
-        xs_all, ys_all, params_all, modes_all, flat = call.plan
+        xs_all, ys_all, params_all, modes_all, flat, dw = call.plan
         live = tuple(live)
-        params = flat.get(live)
-        if params is None:
-            params = flat[live] = [q for j in live for q in params_all[j]]
+        params, split = self._split(call, live)
         ws = [call.ws[j] for j in live]
         xs, ys, modes = [xs_all[j] for j in live], [ys_all[j] for j in live], [modes_all[j] for j in live]
-        sig = _conv_step_sigmas(ws, xs, ys, params, modes, n_iter, update, grad)
+        if split is None or not (update and n_iter > 0):
+            sig = _conv_step_sigmas(ws, xs, ys, params, modes, n_iter, update, grad)
+        else:
+            sig = _split_step_sigmas(ws, xs, ys, params, modes, split, n_iter, grad)
         return sig, [(xs_all[j], ys_all[j], params_all[j], modes_all[j]) for j in live]
 
 
+def _depthwise_route(weight: torch.Tensor, params, mode: str, input_shape) -> bool:
+    """Whether a conv-operator layer's power step and weight-gradient take the depthwise
+    kernels (csrc/cpu/depthwise_cpu.cpp): a CPU depthwise layer they support, with the
+    compiled library loaded, and by :func:`ops.set_depthwise_kernel`'s choice (``auto``: where
+    :func:`ops.depthwise_preferred` says they beat ATen)."""
+    choice = _ops.depthwise_kernel()
+    if choice == "aten" or not _ops.HAS_CPP_EXT or weight.device.type != "cpu":
+        return False
+    if weight.dim() != 4 or weight.shape[1] != 1:
+        return False
+    g = _ops.decode_conv_params("depthwise", [weight], params, [mode])[0]
+    if not _ops.depthwise_supported(weight, g):
+        return False
+    return choice == "direct" or _ops.depthwise_preferred(weight, g, tuple(input_shape))
+
+
+def _split_step_sigmas(ws, xs, ys, params, modes, split, n_iter, grad):
+    """:func:`_conv_step_sigmas` with the depthwise layers ``split`` names stepped by the
+    depthwise kernels and the others by the conv op; the estimates in ``ws``'s order."""
+    di, oi, p_dw, p_other, perm = split
+    det = [w.detach() for w in ws]
+    parts = [_planned(torch.ops.specreg_fast.depthwise_power_step_, _ops.depthwise_power_step_, [det[k] for k in di],
+                      [xs[k] for k in di], [ys[k] for k in di], p_dw, [modes[k] for k in di], n_iter, 0.0)]
+    if oi:
+        parts.append(_planned(torch.ops.specreg_fast.conv_power_step_, _ops.conv_power_step_, [det[k] for k in oi],
+                              [xs[k] for k in oi], [ys[k] for k in oi], p_other, [modes[k] for k in oi], n_iter, 0.0))
+    dt = _ops.out_dtype(ws)
+    est = torch.cat(parts).to(dt) if len(parts) > 1 else parts[0].to(dt)
+    if perm is not None:
+        est = est[perm]
+    from_step = _ops.conv_sigma_from_step if grad else _value_of_step
+    return from_step(ws, xs, ys, params, modes, est)
+
+
 def _conv_step_sigmas(ws, xs, ys, params, modes, n_iter, update, grad):
+    if update and n_iter > 0:  # conv.step_sigmas, the op called on the plan's checked state
+        est = _planned(torch.ops.specreg_fast.conv_power_step_, _ops.conv_power_step_, [w.detach() for w in ws], xs,
+                       ys, params, modes, n_iter, 0.0)
+        return (_ops.conv_sigma_from_step if grad else _value_of_step)(ws, xs, ys, params, modes, est)
     return _conv.step_sigmas(ws, ConvState(xs, ys), params, modes, n_iter, update,
                              from_step=_ops.conv_sigma_from_step if grad else _value_of_step)
 

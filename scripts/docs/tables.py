@@ -105,9 +105,62 @@ def _models(d):
     return by
 
 
+def _per_arm(d):
+    """A ``specreg-fast bench --models`` file of the per-arm row format (rows without a
+    ``group``: one per model and arm, shares with bootstrap intervals, a verdict, the floor,
+    an ``every=k`` arm; specreg_fast/benchmarks/models.py): ``{model: {"maps", arm: row}}``."""
+    if not all("group" not in r for r in d["rows"]):
+        return None
+    by = {}
+    for r in d["rows"]:
+        by.setdefault(r["model"], {"maps": r["maps"]})[r["arm"]] = r
+    return by
+
+
+STEP_ARM = "no penalty (step)"
+
+
+def _share(r):
+    """'4.1% [3.2-5.0]': a share of the step with its bootstrap interval."""
+    if "share_of_step" not in r:
+        return ""
+    return f"{r['share_of_step'] * 100:.1f}% [{r['share_low'] * 100:.1f}-{r['share_high'] * 100:.1f}]"
+
+
+def _floor(r):
+    """'0.31 ms (2.5 MB), 4.2x': the bytes accumulate_grad must move over the read bandwidth, and
+    the row's median as a multiple of that."""
+    if "floor_s" not in r:
+        return ""
+    return f"{t(r['floor_s'])} ({nbytes(r['floor_bytes'])}), {x(r['x_floor'])}"
+
+
+def _per_arm_source(name, d):
+    return (_source(name, d).rstrip(".*\n") + f"; batch {d['batch']}, {d['image_size']}x{d['image_size']}, "
+            f"{d['rounds']} interleaved rounds, gamma {d['gamma']:g}, read bandwidth "
+            f"{d['read_bandwidth'] / 1e9:.1f} GB/s.*\n\n")
+
+
+def _models_per_arm(name, d, by):
+    rows = []
+    for model, m in by.items():
+        for arm, r in m.items():
+            if arm == "maps":
+                continue
+            rows.append([f"{model} ({m['maps']})" if arm == STEP_ARM else "", arm, t(r["median_s"]),
+                         x(r["ratio_to_reference"]) if "ratio_to_reference" in r else "", _share(r),
+                         r.get("verdict", ""), _floor(r)])
+    return _per_arm_source(name, d) + table(
+        ["model (maps)", "arm", "median", "/ reference", f"share of the step, batch {d['batch']} [95% CI]", "verdict",
+         "floor (bytes), median / floor"], rows)
+
+
 def models(results=None, name="bench_models_cpu.json"):
     """The penalty's cost on real models (``specreg-fast bench --models``)."""
     d = load(name, results)
+    by = _per_arm(d)
+    if by is not None:
+        return _models_per_arm(name, d, by)
     rows = []
     for model, m in _models(d).items():
         cost = lambda arm: m[("penalty cost", arm)]  # noqa: E731
@@ -127,9 +180,19 @@ def models_rerun(results=None):
 
 
 def headline(results=None):
-    """The README's one table: the penalty's cost on real models, as a fraction of the reference loop's."""
+    """The README's one table: the penalty's cost on real models, as a fraction of the reference loop's
+    (and, from a per-arm file, ``accumulate_grad()``'s share of the step with its interval and verdict)."""
     name = "bench_models_cpu.json"
     d = load(name, results)
+    by = _per_arm(d)
+    if by is not None:
+        rows = []
+        for model, m in by.items():
+            acc = m["ours (accumulate_grad)"]
+            rows.append([model, t(m["reference"]["median_s"]), x(m["ours (SpectralPenalty)"]["ratio_to_reference"]),
+                         x(acc["ratio_to_reference"]), f"{_share(acc)}, {acc['verdict']}"])
+        return table(["model (64x64, random weights)", "reference loop", "`penalty()`", "`accumulate_grad()`",
+                      f"`accumulate_grad()`: share of a batch-{d['batch']} step [95% CI]"], rows)
     rows = []
     for model, m in _models(d).items():
         cost = lambda arm: m[("penalty cost", arm)]  # noqa: E731

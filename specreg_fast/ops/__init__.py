@@ -31,10 +31,13 @@ from .conv_operator import (conv_adjoint, conv_adjoint_reference, conv_power_ste
                             conv_sigma, conv_sigma_from_step, conv_sigma_reference, conv_weight_grad, conv_weight_grad_add_,
                             conv_weight_grad_add_reference, conv_weight_grad_reference)
 from .lowrank_step import lowrank_power_step_, lowrank_power_step_reference
+from .depthwise import (depthwise_kernel, depthwise_passes, depthwise_power_step_, depthwise_power_step_reference,
+                        depthwise_preferred, depthwise_supported, depthwise_weight_grad_add_, set_depthwise_kernel)
 from .power_step import power_step_, power_step_reference, rank1_grad, sigma, sigma_from_step, sigma_reference
 from .shifted_cholesky import shifted_cholesky_info, shifted_cholesky_info_reference
 
 __all__ = ["power_step_", "sigma", "sigma_from_step", "conv_power_step_", "conv_sigma", "conv_adjoint",
            "conv_weight_grad", "conv_weight_grad_add_", "conv_sigma_from_step", "circular_power_step_",
-           "batched_power_step_", "shifted_cholesky_info", "lowrank_power_step_", "pack_conv_params", "HAS_CPP_EXT", "HAS_CONV_EXT",
+           "batched_power_step_", "shifted_cholesky_info", "lowrank_power_step_",
+           "depthwise_power_step_", "depthwise_weight_grad_add_", "depthwise_passes", "pack_conv_params", "HAS_CPP_EXT", "HAS_CONV_EXT",
            "SCHEMAS"]

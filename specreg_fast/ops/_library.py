@@ -24,6 +24,12 @@ SCHEMAS = {
                              "int[] params, str[] padding_modes) -> ()",
     "conv_sigma_from_step": "conv_sigma_from_step(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, "
                             "str[] padding_modes, Tensor est) -> Tensor",
+    "depthwise_power_step_": "depthwise_power_step_(Tensor[] weights, Tensor(a!)[] xs, Tensor(b!)[] ys, int[] params, "
+                             "str[] padding_modes, int n_iter, float tol) -> Tensor",
+    "depthwise_weight_grad_add_": "depthwise_weight_grad_add_(Tensor(a!)[] grads, Tensor[] weights, Tensor[] xs, "
+                                  "Tensor[] ys, int[] params, str[] padding_modes) -> ()",
+    "depthwise_passes": "depthwise_passes(Tensor[] weights, Tensor[] xs, Tensor[] ys, int[] params, "
+                        "str[] padding_modes) -> Tensor[]",
     "circular_power_step_": "circular_power_step_(Tensor[] weights, Tensor(a!)[] xs, Tensor(b!)[] x_tops, "
                             "Tensor(c!)[] y_tops, int[] params, int n_iter) -> Tensor",
     "batched_power_step_": "batched_power_step_(Tensor blocks, Tensor(a!) us, Tensor(b!) vs, int n_iter) -> Tensor",
