@@ -49,8 +49,8 @@ def check_n_iter(op: str, n_iter) -> None:
 
 def check_est(op: str, est, weights) -> None:
     require(est.dim() == 1 and est.shape[0] == len(weights),
-            lambda: f"{op}: est must be a 1-D tensor with one entry per weight ({len(weights)}), got "
-                    f"shape {tuple(est.shape)}")
+            lambda: f"{op}: est must hold one estimate per layer, shape ({len(weights)},), got "
+                    f"shape {tuple(est.shape)}")  # the kernels' words (csrc/stable_contracts.h)
     want = out_dtype(weights)
     require(est.dtype == want, lambda: f"{op}: est must be {want} (the power step's dtype), got {est.dtype}", TypeError)
     if weights:
@@ -154,7 +154,7 @@ def check_from_step(weights, xs, ys, est):
         raise ValueError(f"weights and the two vector lists must have the same length, got {len(weights)}, "
                          f"{len(xs)}, {len(ys)}")
     if not isinstance(est, torch.Tensor) or est.shape != (len(weights),):
-        raise ValueError(f"est must be a 1-D tensor with one entry per weight ({len(weights)}), got "
+        raise ValueError(f"est must hold one estimate per layer, shape ({len(weights)},), got "
                          f"{getattr(est, 'shape', type(est).__name__)}")
 
 

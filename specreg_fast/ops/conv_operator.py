@@ -222,6 +222,9 @@ def _conv_sigma_from_step_fake(weights, xs, ys, params, padding_modes, est):
 
 @torch.library.impl("specreg_fast::conv_sigma_from_step", "CompositeExplicitAutograd")
 def _conv_sigma_from_step_impl(weights, xs, ys, params, padding_modes, est):
+    # the checks of the compiled kernels (and of the fake): the reference runs where they are
+    # not loaded (another torch, a device without a kernel)
+    _conv_sigma_from_step_fake(weights, xs, ys, params, padding_modes, est)
     return est.clone()
 
 
