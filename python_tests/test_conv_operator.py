@@ -670,3 +670,20 @@ def test_conv_operator_norm_module():
     s = conv.conv_operator_norm(m, (3, 9, 8), tol=1e-12, max_iter=5000)
     exact = ref.conv_sigma_exact(ConvSpec.from_module(m, (3, 9, 8)))
     assert abs(s.item() - exact.item()) <= 1e-4 * exact.item()
+
+
+def test_reference_adjoint_runs_below_the_autograd_key():
+    """The reference kernels run where the dispatcher has passed the Autograd key already (a
+    CompositeExplicitAutograd kernel under a dispatch mode, e.g. opcheck's SchemaCheckMode, where
+    _C_conv is not loaded): no autograd graph is recorded there, so the adjoint of the reference
+    must not come from autograd.grad. Each padding mode's adjoint against the explicit operator."""
+    for case in GRAD_CASES:
+        spec = _spec(**case)
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(spec.input_shape, dtype=torch.float64, generator=g)
+        y = torch.randn(ref.conv_apply(spec, x[None])[0].shape, dtype=torch.float64, generator=g)
+        params, modes = ops.pack_conv_params([spec])
+        with torch._C._AutoDispatchBelowAutograd():
+            (ATy,) = ops.conv_adjoint_reference([spec.weight], [x], [y], params, modes)
+        M = ref.conv_operator_matrix(spec)
+        torch.testing.assert_close(ATy.reshape(-1), M.t() @ y.reshape(-1), rtol=1e-10, atol=1e-12, msg=str(case))

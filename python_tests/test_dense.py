@@ -344,5 +344,5 @@ def test_from_step_wrappers_match_the_registered_ops():
     wd = [w.clone().requires_grad_() for w in Ws]
     with pytest.raises((ValueError, RuntimeError)):
         ops.sigma_from_step(wd, st.us[:1], st.vs, est)
-    with pytest.raises(ValueError, match="est must be"):
+    with pytest.raises(ValueError, match=r"est must hold one estimate per layer, shape \(2,\)"):
         ops.sigma_from_step(wd, st.us, st.vs, est[:1])

@@ -166,6 +166,28 @@ def test_opcheck():
                           (ws, xs, [torch.empty_like(x) for x in xs], [torch.empty(sh) for sh in shapes], params, 2))
 
 
+def test_reference_step_runs_below_the_autograd_key():
+    """The reference kernel runs where the dispatcher has passed the Autograd key already (under a
+    dispatch mode such as opcheck's, where _C_conv is not loaded): no autograd graph there, and
+    the same step as in plain eager."""
+    specs = [_spec(2, 3, 4, 3, 2, 1, 1), _spec(1, 4, 4, 5, 1, 2, 2)]
+    params = fft.circular_params(specs[0]) + fft.circular_params(specs[1])
+    ws = [s.weight for s in specs]
+    xs0 = [torch.randn(s.input_shape, dtype=torch.float64) for s in specs]
+    shapes = ops.circular_output_shapes(ws, xs0, params)
+    outs = []
+    for below in (False, True):
+        xs, xt, yt = [x.clone() for x in xs0], [torch.empty_like(x) for x in xs0], [torch.empty(sh, dtype=torch.float64) for sh in shapes]
+        if below:
+            with torch._C._AutoDispatchBelowAutograd():
+                s = ops.circular_power_step_reference(ws, xs, xt, yt, params, 2)
+        else:
+            s = ops.circular_power_step_reference(ws, xs, xt, yt, params, 2)
+        outs.append([s, *xs, *xt, *yt])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_update_false_leaves_the_state_and_n_iter_zero_reads_it():
     spec = _spec(2)
     st = fft.init_circular_state([spec], generator=torch.Generator().manual_seed(0))

@@ -212,7 +212,7 @@ def test_sigma_from_step_validates_its_arguments():
     with pytest.raises(raw_error("sigma_from_step", TypeError), match="est must be Float"):
         P.sigma_from_step([W], [u], [v], torch.ones(1, dtype=torch.float64))
     # the typed front: the same checks as ValueError/TypeError naming the argument
-    with pytest.raises(ValueError, match=r"est must be a 1-D tensor with one entry per weight \(1\)"):
+    with pytest.raises(ValueError, match=r"est must hold one estimate per layer, shape \(1,\)"):
         ops.sigma_from_step([W], [u], [v], torch.ones(3))
     with pytest.raises(TypeError, match=r"est must be torch.float32 \(the power step's dtype\)"):
         ops.sigma_from_step([W], [u], [v], torch.ones(1, dtype=torch.float64))

@@ -162,17 +162,21 @@ def test_compiled_penalty_holds_frozen_maps_like_eager():
     held = {k: pb.get_buffer(k).clone() for k in ("x_0", "y_0", "u_1", "v_1")}
     live = pb.get_buffer("v_0").clone()  # layer "3": trainable
     step = torch.compile(lambda: pb(), backend="aot_eager", fullgraph=True)
+
+    def close(x, y, msg=None):  # eager vs the compiled graph: two op sequences, equal to rounding
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6 * y.abs().max().item(), msg=msg)
+
     for _ in range(3):
         va, vb = pa(), step()
         va.backward()
         vb.backward()
-        assert torch.equal(va, vb)
+        close(va, vb)
     for k, t in pa.named_buffers():
         if k.split("_")[0] in ("u", "v", "x", "y"):
-            assert torch.equal(t, pb.get_buffer(k)), k
-    for k, t in held.items():
+            close(t, pb.get_buffer(k), msg=k)
+    for k, t in held.items():  # frozen: never written, so bit for bit
         assert torch.equal(pb.get_buffer(k), t), k
-    assert torch.equal(a[3].weight.grad, b[3].weight.grad)
+    close(a[3].weight.grad, b[3].weight.grad)
     assert not torch.equal(pb.get_buffer("v_0"), live)
 
 

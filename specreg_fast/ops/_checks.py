@@ -49,8 +49,8 @@ def check_n_iter(op: str, n_iter) -> None:
 
 def check_est(op: str, est, weights) -> None:
     require(est.dim() == 1 and est.shape[0] == len(weights),
-            lambda: f"{op}: est must be a 1-D tensor with one entry per weight ({len(weights)}), got "
-                    f"shape {tuple(est.shape)}")
+            lambda: f"{op}: est must hold one estimate per layer, shape ({len(weights)},), got "
+                    f"shape {tuple(est.shape)}")  # the kernels' words (csrc/stable_contracts.h)
     want = out_dtype(weights)
     require(est.dtype == want, lambda: f"{op}: est must be {want} (the power step's dtype), got {est.dtype}", TypeError)
     if weights:
@@ -120,6 +120,31 @@ def check_writable(op: str, name: str, value) -> None:
                              f"written in place; pass a tensor that owns its values (.resolve_conj() copies)")
 
 
+def check_written_apart(op: str, groups) -> None:
+    """The kernels' check that a tensor the op writes shares no memory with any other argument
+    (csrc/stable_contracts.h, MemoryArgsStable), for the reference kernels: ``groups`` are
+    ``(name, tensors, written)``; the same ValueError message. Eager only (no memory while
+    torch.compile traces, nor on meta tensors)."""
+    if torch.compiler.is_compiling():
+        return
+    spans = []
+    for what, ts, written in groups:
+        for i, t in enumerate(ts):
+            if t.numel() == 0 or t.device.type == "meta":
+                continue
+            extent = 1 + sum((k - 1) * st for k, st in zip(t.shape, t.stride()))
+            begin = t.data_ptr()
+            spans.append((begin, begin + extent * t.element_size(), what, i, written))
+    spans.sort(key=lambda sp: sp[0])
+    for a in range(len(spans)):
+        for b in range(a + 1, len(spans)):
+            if spans[b][0] >= spans[a][1]:
+                break
+            if spans[a][4] or spans[b][4]:
+                raise ValueError(f"{op}: {spans[a][2]}[{spans[a][3]}] and {spans[b][2]}[{spans[b][3]}] share memory, "
+                                 f"and the op writes one of them in place; pass separate tensors")
+
+
 def check_disjoint_state(named) -> None:
     """Raise ``ValueError`` naming the entries when two persistent vectors of one call share
     memory (the same tensor as a layer's u and v, one tensor in two layers, overlapping views):
@@ -154,7 +179,7 @@ def check_from_step(weights, xs, ys, est):
         raise ValueError(f"weights and the two vector lists must have the same length, got {len(weights)}, "
                          f"{len(xs)}, {len(ys)}")
     if not isinstance(est, torch.Tensor) or est.shape != (len(weights),):
-        raise ValueError(f"est must be a 1-D tensor with one entry per weight ({len(weights)}), got "
+        raise ValueError(f"est must hold one estimate per layer, shape ({len(weights)},), got "
                          f"{getattr(est, 'shape', type(est).__name__)}")
 
 

@@ -10,7 +10,8 @@ import torch
 from ..contract import WEIGHT_DTYPES, acc_dtype, out_dtype
 from ..geometry import conv_adjoint as _conv_adjoint, conv_apply as _conv_apply
 from ..geometry import conv_output_shape, decode_conv_params
-from ._checks import check_n_iter, check_one_device, check_writable, iter_arg, params_arg, require, typed_call
+from ._checks import (check_n_iter, check_one_device, check_writable, check_written_apart, iter_arg, params_arg,
+                      require, typed_call)
 
 
 def _check_circular_args(op: str, weights, xs, x_tops, y_tops, params, n_iter) -> List[dict]:
@@ -78,6 +79,8 @@ def polyphase_merge(z, s, like):
 def circular_power_step_reference(weights, xs, x_tops_out, y_tops_out, params, n_iter):
     geo = _check_circular_args("specreg_fast::circular_power_step_", weights, xs, x_tops_out, y_tops_out, params,
                                n_iter)
+    check_written_apart("specreg_fast::circular_power_step_", (("weights", weights, False), ("xs", xs, True),
+                                                               ("x_tops", x_tops_out, True), ("y_tops", y_tops_out, True)))
     out = torch.zeros(len(weights), dtype=out_dtype(weights), device=weights[0].device if weights else "cpu")
     with torch.no_grad():
         for l, (W, x_state, g) in enumerate(zip(weights, xs, geo)):

@@ -12,8 +12,8 @@ from ..contract import WEIGHT_DTYPES, acc_dtype, out_dtype
 from ..geometry import conv_adjoint as _conv_adjoint, conv_apply as _conv_apply
 from ..geometry import conv_output_shape, decode_conv_params, padded_input
 from ..power_loop import power_iterate
-from ._checks import (check_est, check_from_step, check_n_iter, check_one_device, check_writable, eager_autograd,
-                      iter_arg, modes_arg, params_arg, require, tol_arg, typed_call)
+from ._checks import (check_est, check_from_step, check_n_iter, check_one_device, check_writable, check_written_apart,
+                      eager_autograd, iter_arg, modes_arg, params_arg, require, tol_arg, typed_call)
 
 
 def _check_conv_args(op: str, weights, xs, ys, params, modes, need_contiguous: bool) -> List[dict]:
@@ -69,6 +69,8 @@ def conv_power_step_reference(weights, xs, ys, params, padding_modes, n_iter, to
     as the C++ loop, with ``torch.where`` instead of host branches."""
     geo = _check_conv_power_step_args("specreg_fast::conv_power_step_", weights, xs, ys, params, padding_modes,
                                       n_iter, tol)
+    check_written_apart("specreg_fast::conv_power_step_", (("weights", weights, False), ("xs", xs, True),
+                                                           ("ys", ys, True)))
     out = torch.zeros(len(weights), dtype=out_dtype(weights), device=weights[0].device if weights else "cpu")
     with torch.no_grad():
         for l, (W, x1, y1, g) in enumerate(zip(weights, xs, ys, geo)):
@@ -185,6 +187,8 @@ def _conv_weight_grad_add_fake(grads, weights, xs, ys, params, padding_modes):
 
 def conv_weight_grad_add_reference(grads, weights, xs, ys, params, padding_modes):
     _check_conv_weight_grad_add_args(grads, weights, xs, ys, params, padding_modes)
+    check_written_apart("specreg_fast::conv_weight_grad_add_", (("weights", weights, False), ("xs", xs, False),
+                                                                ("ys", ys, False), ("grads", grads, True)))
     gws = conv_weight_grad_reference(weights, xs, ys, params, padding_modes)
     with torch.no_grad():
         for G, gw in zip(grads, gws):
@@ -222,6 +226,9 @@ def _conv_sigma_from_step_fake(weights, xs, ys, params, padding_modes, est):
 
 @torch.library.impl("specreg_fast::conv_sigma_from_step", "CompositeExplicitAutograd")
 def _conv_sigma_from_step_impl(weights, xs, ys, params, padding_modes, est):
+    # the checks of the compiled kernels (and of the fake): the reference runs where they are
+    # not loaded (another torch, a device without a kernel)
+    _conv_sigma_from_step_fake(weights, xs, ys, params, padding_modes, est)
     return est.clone()
 
 
