@@ -231,7 +231,7 @@ def test_conv_sigma_from_step_validates_its_arguments():
     with pytest.raises(err, match="params"):
         P.conv_sigma_from_step([Wc], [x], [y], CONV3[:-1], ["zeros"], torch.ones(1))
     # the typed front: the same checks as ValueError/TypeError naming the argument
-    with pytest.raises(ValueError, match=r"est must be a 1-D tensor with one entry per weight \(1\)"):
+    with pytest.raises(ValueError, match=r"est must hold one estimate per layer, shape \(1,\)"):
         ops.conv_sigma_from_step([Wc], [x], [y], CONV3, ["zeros"], torch.ones(3))
     with pytest.raises(ValueError, match=r"ys\[0\] must have the output shape"):
         ops.conv_sigma_from_step([Wc], [x], [torch.randn(4, 5, 5)], CONV3, ["zeros"], torch.ones(1))
