@@ -142,7 +142,7 @@ assert not specreg_fast.HAS_CPP_EXT
 before = torch._C._dispatch_has_kernel_for_dispatch_key("specreg_fast::power_step_", "CUDA")
 got = tb.register()
 after = [torch._C._dispatch_has_kernel_for_dispatch_key(f"specreg_fast::{op}", "CUDA")
-         for op in ("power_step_", "sigma", "batched_power_step_")]
+         for op in ("power_step_", "sigma", "batched_power_step_", "lowrank_power_step_")]
 print(before, sorted(got), after, tb.register() == got)
 """
 
@@ -154,7 +154,8 @@ def test_triton_registers_as_cuda_kernel_when_extension_has_none():
     r = subprocess.run([sys.executable, "-c", _REGISTER_WITHOUT_EXTENSION], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.strip().splitlines()[-1] == "False ['batched_power_step_', 'power_step_', 'sigma'] [True, True, True] True", r.stdout
+    assert r.stdout.strip().splitlines()[-1] == ("False ['batched_power_step_', 'lowrank_power_step_', 'power_step_', 'sigma'] "
+                                               "[True, True, True, True] True"), r.stdout
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")

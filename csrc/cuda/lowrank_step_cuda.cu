@@ -26,6 +26,7 @@
 #include "stable_contracts.h"
 
 #include "lowrank_step_kernels.cuh"
+#include "stream_launcher.cuh"
 
 namespace specreg_fast {
 namespace cuda {
@@ -98,24 +99,9 @@ Tensor lowrank_group(const std::vector<Tensor>& ws, const std::vector<Tensor>& A
   auto* zp = static_cast<acc_t*>(z.mutable_data_ptr());
   auto* yv = static_cast<acc_t*>(y.mutable_data_ptr());
   auto* ep = static_cast<acc_t*>(est.mutable_data_ptr());
-  const unsigned col_blocks = static_cast<unsigned>((p.max_n + kReduceCols - 1) / kReduceCols);
-  const unsigned adj_blocks = static_cast<unsigned>((p.max_n + kReduceThreads - 1) / kReduceThreads);
-  auto forward = [&] {
-    lowrank_z_kernel<acc_t><<<static_cast<unsigned>(L), kThreads, 0, stream>>>(tab, lrt, flags, zp);
-    SF_CUDA_CHECK(cudaGetLastError());
-    if (p.ntiles > 0) {
-      lowrank_rows_kernel<scalar_t, acc_t><<<static_cast<unsigned>(p.ntiles), kThreads, 0, stream>>>(
-          tab, lrt, tile_layer, flags, zp, tp, pp, yp);
-      SF_CUDA_CHECK(cudaGetLastError());
-    }
-  };
-  if (n_iter == 0) {
-    forward();
-    lowrank_bilinear_kernel<acc_t><<<static_cast<unsigned>(L), kReduceThreads, 0, stream>>>(tab, flags, tp, ep);
-    SF_CUDA_CHECK(cudaGetLastError());
-  }
-  for (int64_t it = 0; it < n_iter; ++it) {
-    if (it > 0 && poll.interrupted()) {
+  const LowRankBuffers<acc_t> b{tab, lrt, tile_layer, flags, zp, yv, tp, ap, pp, yp, ep, u0p, v0p};
+  launch_lowrank_steps<scalar_t, acc_t>(p, b, n_iter, tol, StreamLauncher{stream}, [&](int64_t it) {
+    if (it > 0 && poll.interrupted()) {  // the vectors back to the start of the call, then raise
       for (int64_t l = 0; l < L; ++l) {
         if (p.descs[l].m)
           SF_CUDA_CHECK(cudaMemcpyAsync(us[l].mutable_data_ptr(), u0p + p.descs[l].t_off, sizeof(acc_t) * p.descs[l].m,
@@ -126,21 +112,7 @@ Tensor lowrank_group(const std::vector<Tensor>& ws, const std::vector<Tensor>& A
       }
       poll.raise();
     }
-    forward();
-    if (p.ntiles > 0) {
-      reduce_partials_kernel<acc_t><<<dim3(col_blocks, static_cast<unsigned>(L)), dim3(kReduceCols, kReduceLanes), 0,
-                                      stream>>>(tab, flags, pp, ap);
-      SF_CUDA_CHECK(cudaGetLastError());
-      lowrank_y_kernel<acc_t><<<static_cast<unsigned>(L), 32, 0, stream>>>(tab, lrt, flags, yp, yv);
-      SF_CUDA_CHECK(cudaGetLastError());
-      lowrank_adjoint_kernel<acc_t><<<dim3(adj_blocks, static_cast<unsigned>(L)), kReduceThreads, 0, stream>>>(
-          tab, lrt, flags, yv, ap);
-      SF_CUDA_CHECK(cudaGetLastError());
-    }
-    finalize_kernel<acc_t><<<static_cast<unsigned>(L), kReduceThreads, 0, stream>>>(tab, flags, ep, tp, ap, u0p, v0p,
-                                                                                   tol, it == 0);
-    SF_CUDA_CHECK(cudaGetLastError());
-  }
+  });
   // the buffers are freed by the caching allocator in stream order: no wait needed
   return est;
 }

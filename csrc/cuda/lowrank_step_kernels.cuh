@@ -166,5 +166,58 @@ inline std::vector<LowRankDesc> build_lowrank_table(const HostTable& p, const st
   return out;
 }
 
+// ----------------------------------------------------------------------------- launch sequence (host)
+// The kernels of one lowrank_power_step_ call, in order and with their grids, shared by
+// lowrank_step_cuda.cu (on the current stream, through StreamLauncher) and
+// scripts/cuda_emulate/emulate_lowrank_step.cpp (on the host), as launch_power_steps is for the
+// dense step: the emulator runs this sequence itself, not a copy of it.
+//
+// The device buffers: the tables (dense LayerDesc, factor LowRankDesc), the tile map and the flags
+// (uploaded), z and y (sum_r), t (sum_m), a (sum_n), the dense partials (sum_part), the factor
+// partials (sum_ypart), the estimates (L, zeroed) and the start-of-call vectors u0, v0.
+template <typename acc_t>
+struct LowRankBuffers {
+  const LayerDesc* tab;
+  const LowRankDesc* lrt;
+  const int* tile_layer;
+  int* flags;
+  acc_t *z, *y, *t, *a, *part, *ypart, *est;
+  const acc_t *u0, *v0;
+};
+
+// n_iter steps (n_iter == 0: the estimate u^T M v at the current vectors); `before_step(it)` runs
+// on the host before each step (the interrupt poll).
+template <typename scalar_t, typename acc_t, typename Launch, typename BeforeStep>
+void launch_lowrank_steps(const HostTable& p, const LowRankBuffers<acc_t>& b, int64_t n_iter, double tol,
+                          Launch&& launch, BeforeStep&& before_step) {
+  const auto L = static_cast<unsigned>(p.descs.size());
+  const auto tiles = static_cast<unsigned>(p.ntiles);
+  const auto col_blocks = static_cast<unsigned>((p.max_n + kReduceCols - 1) / kReduceCols);
+  const auto adj_blocks = static_cast<unsigned>((p.max_n + kReduceThreads - 1) / kReduceThreads);
+  auto forward = [&] {  // z = s A v, t = M v (and the partials of W^T t, B^T t)
+    launch(&lowrank_z_kernel<acc_t>, LaunchDim{L}, LaunchDim{kThreads}, b.tab, b.lrt, b.flags, b.z);
+    if (tiles > 0)
+      launch(&lowrank_rows_kernel<scalar_t, acc_t>, LaunchDim{tiles}, LaunchDim{kThreads}, b.tab, b.lrt,
+             b.tile_layer, b.flags, b.z, b.t, b.part, b.ypart);
+  };
+  if (n_iter == 0) {
+    forward();
+    launch(&lowrank_bilinear_kernel<acc_t>, LaunchDim{L}, LaunchDim{kReduceThreads}, b.tab, b.flags, b.t, b.est);
+  }
+  for (int64_t it = 0; it < n_iter; ++it) {
+    before_step(it);
+    forward();
+    if (tiles > 0) {
+      launch(&reduce_partials_kernel<acc_t>, LaunchDim{col_blocks, L}, LaunchDim{kReduceCols, kReduceLanes}, b.tab,
+             b.flags, b.part, b.a);
+      launch(&lowrank_y_kernel<acc_t>, LaunchDim{L}, LaunchDim{32}, b.tab, b.lrt, b.flags, b.ypart, b.y);
+      launch(&lowrank_adjoint_kernel<acc_t>, LaunchDim{adj_blocks, L}, LaunchDim{kReduceThreads}, b.tab, b.lrt,
+             b.flags, b.y, b.a);
+    }
+    launch(&finalize_kernel<acc_t>, LaunchDim{L}, LaunchDim{kReduceThreads}, b.tab, b.flags, b.est, b.t, b.a, b.u0,
+           b.v0, tol, it == 0);
+  }
+}
+
 }  // namespace cuda
 }  // namespace specreg_fast

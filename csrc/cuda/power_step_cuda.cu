@@ -46,6 +46,7 @@
 #include "stable_contracts.h"
 
 #include "power_step_kernels.cuh"
+#include "stream_launcher.cuh"
 
 namespace specreg_fast {
 namespace cuda {
@@ -110,16 +111,6 @@ struct Plan {
   const int* tile_layer = nullptr;
   int* flags = nullptr;
   int64_t L = 0, ntiles = 0, sum_m = 0, sum_n = 0, sum_part = 0, max_n = 0;
-};
-
-// Launches a kernel of the shared sequence (power_step_kernels.cuh) on `stream`.
-struct StreamLauncher {
-  cudaStream_t stream;
-  template <typename... KArgs, typename... Args>
-  void operator()(void (*kernel)(KArgs...), LaunchDim grid, LaunchDim block, Args... args) const {
-    kernel<<<dim3(grid.x, grid.y), dim3(block.x, block.y), 0, stream>>>(args...);
-    STD_CUDA_KERNEL_LAUNCH_CHECK();
-  }
 };
 
 std::vector<HostLayer> host_layers(const TensorList& ws, const TensorList& us, const TensorList& vs) {

@@ -1,11 +1,11 @@
 // The CUDA low-rank (LoRA) power-step kernels (csrc/cuda/lowrank_step_kernels.cuh), compiled as
-// host C++ over cuda_shim.h and driven with the same tables and launch sequence as
-// csrc/cuda/lowrank_step_cuda.cu. Built into a shared library by python_tests/test_lowrank_step.py
+// host C++ over cuda_shim.h and driven with the same tables and the same launch sequence
+// (launch_lowrank_steps) as csrc/cuda/lowrank_step_cuda.cu. Built into a shared library by python_tests/test_lowrank_step.py
 // and called through ctypes on CPU tensors; checks the device code without a GPU.
 #include "cuda_shim.h"
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <cstring>
 
@@ -14,6 +14,14 @@
 using namespace specreg_fast::cuda;
 
 namespace {
+
+// Runs a kernel of the shared launch sequence on the host (as emulate_power_step.cpp's).
+struct EmuLauncher {
+  template <typename... KArgs, typename... Args>
+  void operator()(void (*kernel)(KArgs...), LaunchDim grid, LaunchDim block, Args... args) const {
+    emu::launch({grid.x, grid.y, 1}, {block.x, block.y, 1}, [&] { kernel(args...); });
+  }
+};
 
 // dims: m, n, stride0, stride1 per map; A/B: the factors in the accumulator dtype, contiguous.
 template <typename scalar_t>
@@ -39,40 +47,10 @@ void lowrank_step(int L, const int64_t* dims, void* const* w, void* const* u, vo
   }
   std::vector<acc_t> est(L, acc_t(0));
   std::vector<int> flags = p.flags;
-  const unsigned col_blocks = static_cast<unsigned>((p.max_n + kReduceCols - 1) / kReduceCols);
-  const unsigned adj_blocks = static_cast<unsigned>((p.max_n + kReduceThreads - 1) / kReduceThreads);
-  auto forward = [&] {  // z = s A v, t = M v (and the partials of W^T t, B^T t)
-    emu::launch({static_cast<unsigned>(L), 1, 1}, {kThreads, 1, 1},
-                [&] { lowrank_z_kernel<acc_t>(p.descs.data(), lr.data(), flags.data(), z.data()); });
-    if (p.ntiles > 0)
-      emu::launch({static_cast<unsigned>(p.ntiles), 1, 1}, {kThreads, 1, 1}, [&] {
-        lowrank_rows_kernel<scalar_t, acc_t>(p.descs.data(), lr.data(), p.tile_layer.data(), flags.data(), z.data(),
-                                             t.data(), part.data(), ypart.data());
-      });
-  };
-  if (n_iter == 0) {
-    forward();
-    emu::launch({static_cast<unsigned>(L), 1, 1}, {kReduceThreads, 1, 1},
-                [&] { lowrank_bilinear_kernel<acc_t>(p.descs.data(), flags.data(), t.data(), est.data()); });
-  }
-  for (int64_t it = 0; it < n_iter; ++it) {
-    forward();
-    if (p.ntiles > 0) {
-      emu::launch({col_blocks, static_cast<unsigned>(L), 1}, {kReduceCols, kReduceLanes, 1}, [&] {
-        reduce_partials_kernel<acc_t>(p.descs.data(), flags.data(), part.data(), a.data());
-      });
-      emu::launch({static_cast<unsigned>(L), 1, 1}, {32, 1, 1}, [&] {
-        lowrank_y_kernel<acc_t>(p.descs.data(), lr.data(), flags.data(), ypart.data(), y.data());
-      });
-      emu::launch({adj_blocks, static_cast<unsigned>(L), 1}, {kReduceThreads, 1, 1}, [&] {
-        lowrank_adjoint_kernel<acc_t>(p.descs.data(), lr.data(), flags.data(), y.data(), a.data());
-      });
-    }
-    emu::launch({static_cast<unsigned>(L), 1, 1}, {kReduceThreads, 1, 1}, [&] {
-      finalize_kernel<acc_t>(p.descs.data(), flags.data(), est.data(), t.data(), a.data(), u0.data(), v0.data(), tol,
-                             it == 0);
-    });
-  }
+  const LowRankBuffers<acc_t> b{p.descs.data(), lr.data(), p.tile_layer.data(), flags.data(), z.data(), y.data(),
+                                t.data(),       a.data(),  part.data(),         ypart.data(), est.data(), u0.data(),
+                                v0.data()};
+  launch_lowrank_steps<scalar_t, acc_t>(p, b, n_iter, tol, EmuLauncher{}, [](int64_t) {});
   std::memcpy(est_out, est.data(), sizeof(acc_t) * L);
 }
 
