@@ -170,11 +170,18 @@ def test_ctrl_c_stops_a_long_call_and_restores_the_vectors():
             results.append((line.split(), time.perf_counter() - t0))
             if not ready:
                 break
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            results.append((["exit", "hangs"], 30.0))
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    stderr = proc.stderr.read()[-2000:]
+    for fields, waited in results:
+        assert fields and fields[0] == "stopped" and fields[2:4] == ["True", "True"], (results, stderr)
+        assert waited < 5.0, (results, stderr)
     for fields, waited in results:
         assert fields[0] == "stopped" and fields[2:4] == ["True", "True"], fields
         assert waited < 5.0, (fields, waited)
