@@ -116,7 +116,10 @@ def test_ctrl_c_stops_a_long_call_and_restores_the_vectors():
     a few seconds with the KeyboardInterrupt named, its vectors as before the call. One
     subprocess runs the four looping ops one after another."""
     code = f"""
-        import sys, time, torch, specreg_fast
+        import signal, sys, time, torch, specreg_fast
+        # Python leaves SIGINT alone when it starts with it ignored (a background job of a
+        # non-interactive shell: CI runners, nohup): the default handler, as in a terminal
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         P = torch.ops.specreg_fast
         N = {ops.MAX_ITER}
         torch.manual_seed(0)
