@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from spectral_testing import data_loss as _out, local_box as _box, train_and_record as _train
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -80,46 +81,9 @@ def _batches(model):
     return [[torch.randn(2, *shape, generator=g) for _ in range(WORLD)] for _ in range(STEPS)]
 
 
-def _out(model, x):
-    y = model(x)
-    return (y.logits if hasattr(y, "logits") else y).square().mean()
-
-
 def _penalty(model, name):
     import specreg_fast as sf
     return sf.SpectralPenalty(model, gamma=0.05, seed=11, **({"split": SPLIT} if name == "gpt2_split" else {}))
-
-
-def _train(model, pen, batches, mode, rank):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    hist, first = [], None
-    for xs in batches:
-        x = torch.cat(xs) if rank is None else xs[rank]
-        opt.zero_grad()
-        data = _out(model, x)
-        if mode == "loss":
-            p = pen()
-            (data + p).backward()
-        else:
-            data.backward()
-            p = pen.accumulate_grad()
-        hist.append(float(p.detach()))
-        if first is None:
-            first = [q.grad.detach().clone() if q.grad is not None else torch.zeros(q.shape)
-                     for q in model.parameters()]
-        opt.step()
-    return hist, first
-
-
-def _box(t):
-    """(local tensor, global offset per dim) of a DTensor or a plain tensor."""
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    if not isinstance(t, DTensor):
-        return t.detach().clone(), (0,) * t.dim()
-    _, off = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    return t.to_local().detach().clone(), tuple(off)
 
 
 def _shard(name, model):
