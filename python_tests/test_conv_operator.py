@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -318,6 +319,30 @@ def test_direct_kernels_do_not_depend_on_thread_count(use_conv_kernel):
         torch.set_num_threads(threads)
     for a, b in zip(*res):
         assert torch.equal(a, b)
+
+
+# The direct kernels' tiles exist per ISA (AVX-512, AVX2 + FMA, portable), picked at run time
+# for the CPU and capped by SPECREG_FAST_CONV_ISA (read once per process): the tests above run
+# the widest tile this CPU has; these run the narrower ones in a process with a lower cap, so a
+# CPU with AVX-512 also checks the tiles an AVX2-only or older CPU runs.
+_ISA_TESTS = ("test_direct_kernels_match_aten or (test_converges_to_svd_subset and direct) or "
+              "(test_weight_grad_is_the_gradient_of_the_bilinear_form and direct) or "
+              "test_direct_kernels_do_not_depend_on_thread_count")
+
+
+@pytest.mark.skipif(not ops.HAS_CPP_EXT, reason="the tiles are the compiled extension's")
+@pytest.mark.parametrize("isa", ("avx2", "generic"))
+def test_direct_kernels_on_each_tile_isa(isa):
+    if isa == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2: the cap would run the portable tile again")
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SPECREG_FAST_CONV_ISA=isa)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
+                          "-k", _ISA_TESTS], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and " failed" not in out.stdout, out.stdout[-2000:]
 
 
 def test_bad_kernel_choice_is_a_clear_error(use_conv_kernel):

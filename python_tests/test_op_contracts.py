@@ -56,6 +56,26 @@ def _run(code: str, timeout: float, env=None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
+@needs_conv_ext
+def test_bad_conv_isa_cap_is_a_clear_error():
+    """A bad SPECREG_FAST_CONV_ISA (the cap on the direct kernels' tile ISA) is a ValueError of
+    every conv call naming the variable and its values, before anything is written (fresh
+    process)."""
+    code = f"""
+        import torch, specreg_fast as sf
+        x, y = torch.randn(3, 6, 6), torch.randn(4, 6, 6)
+        snap = (x.clone(), y.clone())
+        try:
+            sf.ops.conv_power_step_([torch.randn(4, 3, 3, 3)], [x], [y], {CONV3}, ["zeros"], 1, 0.0)
+        except ValueError as e:
+            assert "SPECREG_FAST_CONV_ISA must be auto, avx512, avx2 or generic, got 'avx3'" in str(e), str(e)
+            assert torch.equal(x, snap[0]) and torch.equal(y, snap[1])
+            print("rejected")
+    """
+    out = _run(code, timeout=120, env={"SPECREG_FAST_CONV_ISA": "avx3"})
+    assert out.stdout.split() == ["rejected"], out.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------- item 8: iteration cap
 def test_cpp_cap_is_ops_max_iter():
     """The C++ cap is ops.MAX_ITER: MAX_ITER + 1 is rejected by every op with n_iter, MAX_ITER

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from . import ops
 from .contract import WEIGHT_DTYPES, acc_dtype
-from .geometry import ConvSpec, conv_apply, decode_conv_params, output_size, pack_conv_params
+from .geometry import ConvSpec, conv_apply, conv_output_shape, decode_conv_params, output_size, pack_conv_params
 
 __all__ = ["ConvSpec", "ConvState", "init_conv_state", "conv_operator_norms", "conv_operator_norm", "set_conv_kernel",
            "validate_state", "step_sigmas"]
@@ -46,6 +46,8 @@ def init_conv_state(specs: Sequence[ConvSpec], generator: Optional[torch.Generat
         x = x / torch.linalg.vector_norm(x)
         params, modes = pack_conv_params([spec])
         g = decode_conv_params("init_conv_state", [spec.weight], params, modes)[0]
+        # a geometry ATen's conv rejects is a ValueError naming it, not ATen's RuntimeError
+        conv_output_shape("init_conv_state", len(xs), g, spec.weight, tuple(spec.input_shape))
         with torch.no_grad():
             y = conv_apply(g, spec.weight.detach().to(acc), x[None])[0]
         y = y / torch.linalg.vector_norm(y).clamp_min(torch.finfo(acc).tiny)
