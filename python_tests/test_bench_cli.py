@@ -215,3 +215,8 @@ def test_floor_bytes_by_hand():
     refpen, _ = penalized_model(model, torch.randn(2, 2, 6, 6), readout="4")
     nw, nx, ny = 4 * 2 * 9, 2 * 36, 4 * 36
     assert floor_bytes(refpen) == 4 * (3 * 144 * 3) + 4 * (3 * nx + 3 * ny + 5 * nw)
+    # a frozen map takes no step after the warm start and gets no gradient: it moves nothing
+    model[2].weight.requires_grad_(False)
+    assert floor_bytes(refpen) == 4 * (3 * nx + 3 * ny + 5 * nw)
+    model[0].weight.requires_grad_(False)
+    assert floor_bytes(refpen) == 0

@@ -24,8 +24,8 @@ reference loop** (goal: <= 0.5x).
 **The floor**: with ``accumulate_grad()`` a conv map costs three single-image convolutions
 (forward, adjoint, weight gradient: each reads its input vector and the weight and writes its
 output) plus the ``.grad`` update (read and write); a dense map costs one read of W and the
-``.grad`` update (a LoRA map: one read of W; its factors' gradients are small). ``floor_bytes``
-sums these per model; ``floor_s = floor_bytes / read bandwidth``
+``.grad`` update (a LoRA map: one read of W; its factors' gradients are small; a frozen map:
+nothing, as its sigma is held after the warm start). ``floor_bytes`` sums these per model; ``floor_s = floor_bytes / read bandwidth``
 (:func:`~specreg_fast.benchmarks.timing.read_bandwidth`, measured once per run) and the
 accumulate_grad row's ``x_floor`` is its median over ``floor_s``.
 
@@ -137,15 +137,29 @@ def _inputs(name: str, batch: int, image_size: int, device: str) -> torch.Tensor
     return torch.randn(batch, 3, image_size, image_size, device=device)
 
 
+def _frozen(mp) -> bool:
+    """No parameter of the map requires grad (for a LoRA map: neither the base nor a factor)."""
+    if mp.lowrank is not None:
+        f = mp.factors()
+        return not any(t.requires_grad for t in (f.base, *f.Bs, *f.As))
+    q = mp.param()
+    return q is not None and not q.requires_grad
+
+
 def floor_bytes(refpen: ReferencePenalty) -> int:
-    """Bytes an ``accumulate_grad()`` call must move at the least (see the module docstring)."""
+    """Bytes an ``accumulate_grad()`` call must move at the least (see the module docstring);
+    frozen maps move none (their sigma is held after the warm start)."""
     from .. import reference as ref
 
     total = 0
     for mp in refpen.dense:
+        if _frozen(mp):  # sigma cannot change: no power step after the warm start, no gradient
+            continue
         w = mp.like()
         total += w.numel() * w.element_size() * (1 if mp.lowrank is not None else 3)
     for mp, spec in refpen.convs:
+        if _frozen(mp):
+            continue
         w = spec.weight
         with torch.no_grad():
             y = ref.conv_apply(spec, torch.zeros(1, *spec.input_shape, dtype=w.dtype, device=w.device))
