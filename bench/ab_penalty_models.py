@@ -17,7 +17,8 @@ import os
 import subprocess
 import sys
 
-READOUT = {"mobilenet_v3_small": "classifier.3", "efficientnet_b0": "classifier.1", "convnext_tiny": "classifier.2"}
+READOUT = {"mobilenet_v3_small": "classifier.3", "efficientnet_b0": "classifier.1", "convnext_tiny": "classifier.2",
+           "resnet50": "fc", "regnet_x_400mf": "fc", "densenet121": "classifier", "resnext50_32x4d": "fc"}
 
 
 def worker(model: str, inner: int, setting: str) -> None:

@@ -280,30 +280,26 @@ __attribute__((target("avx512f,fma"))) void tile_avx512(const float* A, int64_t 
 }
 
 // The same tile on 8-wide AVX2 registers (16 of them, not 32: MR x NV accumulators, NV row
-// loads and one broadcast must fit), masked with AVX's lane-mask loads and stores.
-template <int MR, int NV>
-__attribute__((target("avx2,fma"))) void tile_avx2(const float* A, int64_t sai, int64_t saj, const float* B,
-                                                  int64_t ldb, int64_t J, float* out, int64_t ldo, int64_t nc,
-                                                  bool accumulate) {
-  static_assert(MR * NV + NV + 1 <= 16, "the tile must fit AVX2's 16 registers");
+// loads and one broadcast must fit). Full tiles use plain loads and stores; only a column tail
+// takes AVX's lane-mask loads and stores, which some CPUs run as microcode (a masked store
+// costs tens of cycles on AMD Zen 2, and the weight-gradient stores a tile per few FMAs).
+template <int MR, int NV, bool FULL>
+__attribute__((target("avx2,fma"))) inline void tile_avx2_body(const float* A, int64_t sai, int64_t saj,
+                                                              const float* B, int64_t ldb, int64_t J, float* out,
+                                                              int64_t ldo, const __m256i* mask, bool accumulate) {
   __m256 acc[MR][NV];
-  __m256i mask[NV];
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) {
-    const int64_t left = std::min<int64_t>(8, std::max<int64_t>(0, nc - 8 * v));
-    mask[v] = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), lane);
-  }
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v)
-      acc[i][v] = accumulate ? _mm256_maskload_ps(out + i * ldo + 8 * v, mask[v]) : _mm256_setzero_ps();
+      acc[i][v] = !accumulate ? _mm256_setzero_ps()
+                  : FULL      ? _mm256_loadu_ps(out + i * ldo + 8 * v)
+                              : _mm256_maskload_ps(out + i * ldo + 8 * v, mask[v]);
   for (int64_t j = 0; j < J; ++j) {
     __m256 b[NV];
     const float* bj = B + j * ldb;
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = _mm256_maskload_ps(bj + 8 * v, mask[v]);
+    for (int v = 0; v < NV; ++v) b[v] = FULL ? _mm256_loadu_ps(bj + 8 * v) : _mm256_maskload_ps(bj + 8 * v, mask[v]);
     const float* aj = A + j * saj;
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
@@ -315,7 +311,26 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const float* A, int64_t sai, 
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm256_maskstore_ps(out + i * ldo + 8 * v, mask[v], acc[i][v]);
+    for (int v = 0; v < NV; ++v) {
+      if (FULL) _mm256_storeu_ps(out + i * ldo + 8 * v, acc[i][v]);
+      else _mm256_maskstore_ps(out + i * ldo + 8 * v, mask[v], acc[i][v]);
+    }
+}
+
+template <int MR, int NV>
+__attribute__((target("avx2,fma"))) void tile_avx2(const float* A, int64_t sai, int64_t saj, const float* B,
+                                                  int64_t ldb, int64_t J, float* out, int64_t ldo, int64_t nc,
+                                                  bool accumulate) {
+  static_assert(MR * NV + NV + 1 <= 16, "the tile must fit AVX2's 16 registers");
+  if (nc == 8 * NV) return tile_avx2_body<MR, NV, true>(A, sai, saj, B, ldb, J, out, ldo, nullptr, accumulate);
+  __m256i mask[NV];
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const int64_t left = std::min<int64_t>(8, std::max<int64_t>(0, nc - 8 * v));
+    mask[v] = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), lane);
+  }
+  tile_avx2_body<MR, NV, false>(A, sai, saj, B, ldb, J, out, ldo, mask, accumulate);
 }
 
 enum class Isa { Avx512, Avx2 };
