@@ -54,7 +54,15 @@ struct Geo3 {
   int64_t cin, cout, G, cin_g, cout_g, kvol, Kg, L, in_vol;
   std::vector<int64_t> src[3];
   std::vector<int64_t> run_lo, run_hi;
+  // Images with short output rows (out[2] < kGatherRow): for each kernel offset and output
+  // pixel, kvol x L, the input entry it reads within a channel, or -1 for padding. The same
+  // for every channel, so im2col and col2im become one flat loop per channel; with rows of a
+  // few entries the run-based copies spent their time on per-row set-up (RegNetX's grouped
+  // 3x3 layers at 2x2 and 4x4: im2col and col2im took 3x the GEMMs' time).
+  std::vector<int64_t> gather;
 };
+
+constexpr int64_t kGatherRow = 8;
 
 int64_t padded_source(PadMode mode, int64_t p, int64_t n) {
   if (p >= 0 && p < n) return p;
@@ -116,11 +124,37 @@ Geo3 make_geo3(const ConvGeom& g, const Tensor& W, const Tensor& x) {
     q.run_lo[kk] = a;
     q.run_hi[kk] = std::max(a, std::min(last + 1, q.out[2]));
   }
+  if (q.out[2] < kGatherRow) {
+    q.gather.resize(q.kvol * q.L);
+    int64_t* gp = q.gather.data();
+    for (int64_t kd = 0; kd < q.k[0]; ++kd)
+      for (int64_t kh = 0; kh < q.k[1]; ++kh)
+        for (int64_t kw = 0; kw < q.k[2]; ++kw)
+          for (int64_t od = 0; od < q.out[0]; ++od)
+            for (int64_t oh = 0; oh < q.out[1]; ++oh)
+              for (int64_t ow = 0; ow < q.out[2]; ++ow) {
+                const int64_t sd = q.src[0][kd * q.out[0] + od], sh = q.src[1][kh * q.out[1] + oh],
+                              sw = q.src[2][kw * q.out[2] + ow];
+                *gp++ = (sd < 0 || sh < 0 || sw < 0) ? -1 : (sd * q.in[1] + sh) * q.in[2] + sw;
+              }
+  }
   return q;
 }
 
 template <typename T>
 void im2col(const Geo3& q, const T* x, T* cols) {
+  if (!q.gather.empty()) {
+    const int64_t n = q.kvol * q.L;
+    const int64_t* gp = q.gather.data();
+    torch::stable::parallel_for(0, q.cin, std::max<int64_t>(1, 16384 / n), [&](int64_t b, int64_t e) {
+      for (int64_t ci = b; ci < e; ++ci) {
+        const T* src = x + ci * q.in_vol;
+        T* dst = cols + ci * n;
+        for (int64_t r = 0; r < n; ++r) dst[r] = gp[r] >= 0 ? src[gp[r]] : T(0);
+      }
+    });
+    return;
+  }
   const int64_t rows = q.cin * q.kvol;
   torch::stable::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, q.L)), [&](int64_t b, int64_t e) {
     for (int64_t row = b; row < e; ++row) {
@@ -162,6 +196,20 @@ void im2col(const Geo3& q, const T* x, T* cols) {
 // im2col). One input channel per task: every entry of a has one writer, fixed order.
 template <typename T>
 void col2im(const Geo3& q, const T* gcols, T* a) {
+  if (!q.gather.empty()) {  // the same order: kernel offsets, then output pixels
+    const int64_t n = q.kvol * q.L;
+    const int64_t* gp = q.gather.data();
+    torch::stable::parallel_for(0, q.cin, std::max<int64_t>(1, 16384 / n), [&](int64_t b, int64_t e) {
+      for (int64_t ci = b; ci < e; ++ci) {
+        T* dst = a + ci * q.in_vol;
+        const T* src = gcols + ci * n;
+        std::fill(dst, dst + q.in_vol, T(0));
+        for (int64_t r = 0; r < n; ++r)
+          if (gp[r] >= 0) dst[gp[r]] += src[r];
+      }
+    });
+    return;
+  }
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, q.kvol * q.L));
   torch::stable::parallel_for(0, q.cin, grain, [&](int64_t b, int64_t e) {
     for (int64_t ci = b; ci < e; ++ci) {
@@ -281,12 +329,14 @@ __attribute__((target("avx512f,fma"))) void tile_avx512(const float* A, int64_t 
 
 // The same tile on 8-wide AVX2 registers (16 of them, not 32: MR x NV accumulators, NV row
 // loads and one broadcast must fit). Full tiles use plain loads and stores; only a column tail
-// takes AVX's lane-mask loads and stores, which some CPUs run as microcode (a masked store
-// costs tens of cycles on AMD Zen 2, and the weight-gradient stores a tile per few FMAs).
+// takes AVX's lane-mask loads, and its stores go through the stack: a masked store is
+// microcoded on some CPUs (tens of cycles on AMD Zen 2), and the weight-gradient stores a tile
+// per few FMAs, as does every tile of a layer whose image has fewer than 8 output pixels.
 template <int MR, int NV, bool FULL>
 __attribute__((target("avx2,fma"))) inline void tile_avx2_body(const float* A, int64_t sai, int64_t saj,
                                                               const float* B, int64_t ldb, int64_t J, float* out,
-                                                              int64_t ldo, const __m256i* mask, bool accumulate) {
+                                                              int64_t ldo, const __m256i* mask, int64_t nc,
+                                                              bool accumulate) {
   __m256 acc[MR][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
@@ -312,8 +362,14 @@ __attribute__((target("avx2,fma"))) inline void tile_avx2_body(const float* A, i
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      if (FULL) _mm256_storeu_ps(out + i * ldo + 8 * v, acc[i][v]);
-      else _mm256_maskstore_ps(out + i * ldo + 8 * v, mask[v], acc[i][v]);
+      if (FULL) {
+        _mm256_storeu_ps(out + i * ldo + 8 * v, acc[i][v]);
+      } else {  // through the stack: a masked store is the microcoded one
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, acc[i][v]);
+        const int64_t left = std::min<int64_t>(8, std::max<int64_t>(0, nc - 8 * v));
+        for (int64_t c = 0; c < left; ++c) out[i * ldo + 8 * v + c] = lanes[c];
+      }
     }
 }
 
@@ -322,7 +378,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const float* A, int64_t sai, 
                                                   int64_t ldb, int64_t J, float* out, int64_t ldo, int64_t nc,
                                                   bool accumulate) {
   static_assert(MR * NV + NV + 1 <= 16, "the tile must fit AVX2's 16 registers");
-  if (nc == 8 * NV) return tile_avx2_body<MR, NV, true>(A, sai, saj, B, ldb, J, out, ldo, nullptr, accumulate);
+  if (nc == 8 * NV) return tile_avx2_body<MR, NV, true>(A, sai, saj, B, ldb, J, out, ldo, nullptr, nc, accumulate);
   __m256i mask[NV];
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
 #pragma GCC unroll 4
@@ -330,7 +386,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const float* A, int64_t sai, 
     const int64_t left = std::min<int64_t>(8, std::max<int64_t>(0, nc - 8 * v));
     mask[v] = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), lane);
   }
-  tile_avx2_body<MR, NV, false>(A, sai, saj, B, ldb, J, out, ldo, mask, accumulate);
+  tile_avx2_body<MR, NV, false>(A, sai, saj, B, ldb, J, out, ldo, mask, nc, accumulate);
 }
 
 enum class Isa { Avx512, Avx2 };
@@ -613,9 +669,13 @@ bool conv_gemm_preferred(const ConvGeom& g, const Tensor& W, const Tensor& x) {
   // where oneDNN's blocked kernels amortize their weight reorder over many pixels. On a CPU
   // with AVX2 but no AVX-512, ATen takes its unblocked single-image paths (slow_conv2d,
   // slow_conv_transpose2d, a zero-filled weight-gradient then added): ResNet-50's
-  // accumulate_grad() at 64x64 went 55 -> 24 ms with the AVX2 tiles under the same rule.
+  // accumulate_grad() at 64x64 went 55 -> 24 ms with the AVX2 tiles. There the crossover is
+  // a little higher (step + weight-gradient, 2 threads, AMD EPYC): at im2col 1.18 MB the
+  // direct kernels tie on 128->128 at 16x16 (3.0 ms each) and win on DenseNet-121's 128->32
+  // at 16x16 (1.2 vs 1.9 ms); at 2.36 MB they lose (64->64 at 32x32: 3.8 vs 2.6 ms).
   const Geo3 q = make_geo3(g, W, x);
-  return q.G * q.Kg * q.L * static_cast<int64_t>(sizeof(float)) <= (int64_t{1} << 20);
+  const int64_t limit = tile_isa() == TileIsa::Avx512 ? (int64_t{1} << 20) : (int64_t{5} << 18);
+  return q.G * q.Kg * q.L * static_cast<int64_t>(sizeof(float)) <= limit;
 #else
   return false;
 #endif
