@@ -65,14 +65,17 @@ def _set(keys, value):
 
 # (table, results file, what to change, a string the changed value must produce in the table)
 MUTATIONS = [
-    ("headline", "bench_models_cpu.json", (["rows", 2, "ratio_to_reference"], 0.123), "| resnet50 | 86.9 ms | 0.78x | 0.12x |"),
-    ("headline", "bench_models_cpu.json", (["rows", 0, "median_s"], 1.234), "| resnet50 | 1.23 s |"),
-    ("headline", "bench_models_cpu.json", (["rows", 1, "ratio_to_reference"], 0.9876), "| resnet50 | 86.9 ms | 0.99x |"),
+    # bench_models_cpu.json: rows per model in arm order (step, reference, penalty(), accumulate_grad(), every=k)
+    ("headline", "bench_models_cpu.json", (["rows", 3, "ratio_to_reference"], 9.876), "x | 9.88x | "),
+    ("headline", "bench_models_cpu.json", (["rows", 1, "median_s"], 1.234), "| resnet50 | 1.23 s |"),
+    ("headline", "bench_models_cpu.json", (["rows", 2, "ratio_to_reference"], 7.654), "| 7.65x | "),
+    ("headline", "bench_models_cpu.json", (["rows", 3, "verdict"], "above 99%"), "above 99%"),
     ("ops", "bench_cpu.json", (["rows", 0, "median_s"], 1.234e-3), "| 1.23 ms |"),
     ("ops", "bench_cpu.json", (["machine", "date"], "1999-01-02 03:04:05 UTC"), "run 1999-01-02 03:04:05 UTC"),
     ("training", "bench_cpu.json", (["rows", -1, "note"], "+99.9% over the unpenalized step"), "+99.9% over the"),
-    ("models", "bench_models_cpu.json", (["rows", 5, "share_of_step"], 0.5), "+50.0%"),
-    ("models_rerun", "bench_models_cpu_rerun.json", (["machine", "machine"], "othermachine"), "machine `othermachine`"),
+    ("models", "bench_models_cpu.json", (["rows", 8, "share_of_step"], 0.5), "| 50.0% ["),
+    ("models", "bench_models_cpu.json", (["machine", "machine"], "othermachine"), "machine `othermachine`"),
+    ("models", "bench_models_cpu.json", (["rows", 3, "x_floor"], 98.7), ", 98.70x |"),
     ("distributed", "bench_distributed_cpu.json", (["rows", 0, "payload_ratio_naive_to_ours"], 123.4), "| 123.4 |"),
     ("distributed_counts", "bench_distributed_cpu.json", (["rows", 3, "payload_ratio_naive_to_ours"], 123.4),
      "| 123.4 |"),
@@ -110,9 +113,11 @@ def test_generated_tables_match_the_json_values():
     mlp = next(r for r in s if r["case"] == "mnist-mlp" and r["arm"] == "rep-spectral")
     assert f"| {mlp['min_l2'][0]:.3f}±{mlp['min_l2'][1]:.3f} |" in tables.reproduction()
     m = tables.load("bench_models_cpu.json")["rows"]
-    vit = next(r for r in m if r["model"] == "vit_b_16" and r["arm"] == "ours (accumulate_grad)"
-               and r["group"] == "penalty cost")
-    assert f"| {vit['ratio_to_reference']:.2f}x |" in tables.headline()
+    vit = next(r for r in m if r["model"] == "vit_b_16" and r["arm"] == "ours (accumulate_grad)")
+    pen = next(r for r in m if r["model"] == "vit_b_16" and r["arm"] == "ours (SpectralPenalty)")
+    share = f"{100 * vit['share_of_step']:.1f}% [{100 * vit['share_low']:.1f}-{100 * vit['share_high']:.1f}]"
+    assert (f"| vit_b_16 | " in tables.headline() and f"| {pen['ratio_to_reference']:.2f}x | "
+            f"{vit['ratio_to_reference']:.2f}x | {share}, {vit['verdict']} |" in tables.headline())
 
 
 @pytest.mark.parametrize("page", ["benchmarks.md", "reproduction.md"])

@@ -199,7 +199,9 @@ def set_conv_kernel(choice: str) -> str:
     default). The environment variable ``SPECREG_FAST_CONV_KERNEL`` sets the initial choice
     and is read once, at the first conv call; this replaces it. Returns the previous choice
     (``"invalid"`` for a bad environment value). Transposed convs take the ATen path always;
-    without the compiled extension there is one path and this only checks ``choice``."""
+    without the compiled extension there is one path and this only checks ``choice``. The
+    direct kernels' register tiles are picked for the CPU (AVX-512, AVX2 + FMA or portable);
+    ``SPECREG_FAST_CONV_ISA`` (``avx2`` or ``generic``, read once) caps them."""
     if not isinstance(choice, str):
         raise TypeError(f"the conv kernel must be a str ('auto', 'direct' or 'aten'), got {type(choice).__name__}")
     if choice not in ("auto", "direct", "aten"):  # the op's own check, typed (it raises RuntimeError)

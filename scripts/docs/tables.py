@@ -98,19 +98,10 @@ def training(results=None):
     return _source(name, d) + table(["model", "arm", "step (median)", "overhead"], rows)
 
 
-def _models(d):
-    by = {}
-    for r in d["rows"]:
-        by.setdefault(r["model"], {"maps": r["maps"]})[(r["group"], r["arm"])] = r
-    return by
-
-
 def _per_arm(d):
-    """A ``specreg-fast bench --models`` file of the per-arm row format (rows without a
-    ``group``: one per model and arm, shares with bootstrap intervals, a verdict, the floor,
-    an ``every=k`` arm; specreg_fast/benchmarks/models.py): ``{model: {"maps", arm: row}}``."""
-    if not all("group" not in r for r in d["rows"]):
-        return None
+    """The rows of a ``specreg-fast bench --models`` file (one per model and arm, shares with
+    bootstrap intervals, a verdict, the floor, an ``every=k`` arm;
+    specreg_fast/benchmarks/models.py) as ``{model: {"maps", arm: row}}``."""
     by = {}
     for r in d["rows"]:
         by.setdefault(r["model"], {"maps": r["maps"]})[r["arm"]] = r
@@ -156,49 +147,23 @@ def _models_per_arm(name, d, by):
 
 
 def models(results=None, name="bench_models_cpu.json"):
-    """The penalty's cost on real models (``specreg-fast bench --models``)."""
+    """The penalty's cost on real models (``specreg-fast bench --models``): every arm of every model."""
     d = load(name, results)
-    by = _per_arm(d)
-    if by is not None:
-        return _models_per_arm(name, d, by)
-    rows = []
-    for model, m in _models(d).items():
-        cost = lambda arm: m[("penalty cost", arm)]  # noqa: E731
-        share = lambda arm: m[("step share (batch 32)", arm)]["share_of_step"]  # noqa: E731
-        rows.append([f"{model} ({m['maps']})", t(cost("reference")["median_s"]),
-                     x(cost("ours (SpectralPenalty)")["ratio_to_reference"]),
-                     x(cost("ours (accumulate_grad)")["ratio_to_reference"]),
-                     t(m[("step share (batch 32)", "no penalty")]["median_s"]), pct(share("reference")),
-                     pct(share("ours (SpectralPenalty)")), pct(share("ours (accumulate_grad)"))])
-    return _source(name, d) + table(
-        ["model (maps)", "reference penalty", "`penalty()` / ref.", "`accumulate_grad()` / ref.",
-         f"step, batch {d['batch']}, no penalty", "step share: reference", "`penalty()`", "`accumulate_grad()`"], rows)
-
-
-def models_rerun(results=None):
-    return models(results, "bench_models_cpu_rerun.json")
+    return _models_per_arm(name, d, _per_arm(d))
 
 
 def headline(results=None):
-    """The README's one table: the penalty's cost on real models, as a fraction of the reference loop's
-    (and, from a per-arm file, ``accumulate_grad()``'s share of the step with its interval and verdict)."""
+    """The README's one table: the penalty's cost on real models, as a fraction of the reference
+    loop's, and ``accumulate_grad()``'s share of the step with its interval and verdict."""
     name = "bench_models_cpu.json"
     d = load(name, results)
-    by = _per_arm(d)
-    if by is not None:
-        rows = []
-        for model, m in by.items():
-            acc = m["ours (accumulate_grad)"]
-            rows.append([model, t(m["reference"]["median_s"]), x(m["ours (SpectralPenalty)"]["ratio_to_reference"]),
-                         x(acc["ratio_to_reference"]), f"{_share(acc)}, {acc['verdict']}"])
-        return table(["model (64x64, random weights)", "reference loop", "`penalty()`", "`accumulate_grad()`",
-                      f"`accumulate_grad()`: share of a batch-{d['batch']} step [95% CI]"], rows)
     rows = []
-    for model, m in _models(d).items():
-        cost = lambda arm: m[("penalty cost", arm)]  # noqa: E731
-        rows.append([model, t(cost("reference")["median_s"]), x(cost("ours (SpectralPenalty)")["ratio_to_reference"]),
-                     x(cost("ours (accumulate_grad)")["ratio_to_reference"])])
-    return table(["model (64x64, random weights)", "reference loop", "`penalty()`", "`accumulate_grad()`"], rows)
+    for model, m in _per_arm(d).items():
+        acc = m["ours (accumulate_grad)"]
+        rows.append([model, t(m["reference"]["median_s"]), x(m["ours (SpectralPenalty)"]["ratio_to_reference"]),
+                     x(acc["ratio_to_reference"]), f"{_share(acc)}, {acc['verdict']}"])
+    return table(["model (64x64, random weights)", "reference loop", "`penalty()`", "`accumulate_grad()`",
+                  f"`accumulate_grad()`: share of a batch-{d['batch']} step [95% CI]"], rows)
 
 
 def distributed(results=None):
@@ -325,7 +290,7 @@ def sweep(results=None):
             + table(["gamma"] + PAIRED_HEADER, paired))
 
 
-TABLES = {f.__name__: f for f in (ops, training, models, models_rerun, headline, distributed, distributed_counts,
+TABLES = {f.__name__: f for f in (ops, training, models, headline, distributed, distributed_counts,
                                   bounds, reproduction, reproduction_paired, sweep)}
 
 if __name__ == "__main__":
