@@ -345,6 +345,15 @@ def test_direct_kernels_on_each_tile_isa(isa):
     assert " passed" in out.stdout and " failed" not in out.stdout, out.stdout[-2000:]
 
 
+def test_init_state_rejects_a_kernel_larger_than_the_padded_input():
+    """A geometry PyTorch's conv rejects (the dilated kernel spans more than the padded input)
+    is a ValueError naming it when the state is built, not ATen's RuntimeError."""
+    case = dict(dim=3, dilation=2, sizes=(5, 4, 5))
+    assert _torch_output_shape(case) is None
+    with pytest.raises(ValueError, match=r"init_conv_state: layer 0: input .* too small for the kernel: spatial dim 1"):
+        conv.init_conv_state([_spec(**case)])
+
+
 def test_bad_kernel_choice_is_a_clear_error(use_conv_kernel):
     # (a bad SPECREG_FAST_CONV_KERNEL value: test_op_contracts.py, in a fresh process)
     with pytest.raises(ValueError, match="the conv kernel must be 'auto', 'direct' or 'aten', got 'fastest'"):

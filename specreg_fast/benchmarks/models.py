@@ -25,9 +25,9 @@ reference loop** (goal: <= 0.5x).
 (forward, adjoint, weight gradient: each reads its input vector and the weight and writes its
 output) plus the ``.grad`` update (read and write); a dense map costs one read of W and the
 ``.grad`` update (a LoRA map: one read of W; its factors' gradients are small; a frozen map:
-nothing, as its sigma is held after the warm start). ``floor_bytes`` sums these per model; ``floor_s = floor_bytes / read bandwidth``
-(:func:`~specreg_fast.benchmarks.timing.read_bandwidth`, measured once per run) and the
-accumulate_grad row's ``x_floor`` is its median over ``floor_s``.
+nothing, as its sigma is held after the warm start). ``floor_bytes`` sums these per model;
+``floor_s = floor_bytes / read bandwidth`` (:func:`~specreg_fast.benchmarks.timing.read_bandwidth`,
+measured once per run) and the accumulate_grad row's ``x_floor`` is its median over ``floor_s``.
 
 ``vit_b_16-lora`` (only with ``peft`` installed): ViT-B/16 with LoRA (r=8) on its 24 MLP
 Linears and the base frozen: the LoRA maps take the low-rank step, the reference builds
