@@ -54,3 +54,32 @@ def local_box(t):
         return t.detach().clone(), (0,) * t.dim()
     _, off = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     return t.to_local().detach().clone(), tuple(off)
+
+
+def assert_close(a, b, what, rel=1e-5):
+    """Same shapes and max |a - b| <= rel * max |b| (in float64; 1e-12 where b is zero or empty)."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    err = (a - b).abs().max() if a.numel() else torch.zeros(())
+    assert a.shape == b.shape and err <= rel * max(float(b.abs().max()) if b.numel() else 0.0, 1e-12), \
+        f"{what}: max abs error {float(err):.3g} (shapes {tuple(a.shape)} / {tuple(b.shape)})"
+
+
+def block_of(T, local, off):
+    """The block of the whole tensor `T` that a rank's `local` shard at offset `off` holds."""
+    return T[tuple(slice(o, o + n) for o, n in zip(off, local.shape))]
+
+
+def assert_rank_matches_single(r, pen, hist, first, weights, label, steps):
+    """One spawned rank's record `r` (sigmas, penalty per step, first-step gradients and weights
+    after `steps` steps as local boxes, the penalty's buffers) against the single-process run of
+    the same steps (`pen`, `hist`, `first`, `weights`), at rel 1e-5."""
+    assert r["sigmas"].keys() == pen.sigmas().keys()
+    assert_close(list(r["sigmas"].values()), list(pen.sigmas().values()), f"{label} sigmas")
+    assert_close(r["pen"], hist, f"{label} penalties")
+    for j, ((g, off), G) in enumerate(zip(r["grads"], first)):
+        assert_close(g, block_of(G, g, off), f"{label} first-step grad of param {j}")
+    for j, ((w, off), W) in enumerate(zip(r["weights"], weights)):
+        assert_close(w, block_of(W, w, off), f"{label} param {j} after {steps} steps")
+    for k, b in pen.state_dict().items():
+        if isinstance(b, torch.Tensor) and b.is_floating_point():
+            assert_close(r["buffers"][k], b, f"{label} buffer {k}")

@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from spectral_testing import assert_close as _close
+
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
@@ -341,13 +343,6 @@ def _single(name, world):
     return {"hist": hist, "grads": first_grads, "weights": [p.detach() for p in model.parameters()],
             "buffers": {k: b.clone() for k, b in pen.state_dict().items() if isinstance(b, torch.Tensor)},
             "sigmas": pen.sigmas(), "eval": _eval_value(pen)}
-
-
-def _close(a, b, what, rel=1e-5):
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    err = (a - b).abs().max() if a.numel() else torch.zeros(())
-    assert a.shape == b.shape and err <= rel * max(b.abs().max() if b.numel() else 0.0, 1e-12), \
-        f"{what}: max abs error {float(err):.3g} (shapes {tuple(a.shape)} / {tuple(b.shape)})"
 
 
 def _check_against_single(results, world, names):

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
-from spectral_testing import data_loss as _out, local_box as _box, train_and_record as _train
+from spectral_testing import assert_rank_matches_single, data_loss as _out, local_box as _box, train_and_record as _train
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -192,17 +192,6 @@ def ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-def _close(a, b, what, rel=1e-5):
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    err = (a - b).abs().max() if a.numel() else torch.zeros(())
-    assert a.shape == b.shape and err <= rel * max(float(b.abs().max()) if b.numel() else 0.0, 1e-12), \
-        f"{what}: max abs error {float(err):.3g} (shapes {tuple(a.shape)} / {tuple(b.shape)})"
-
-
-def _sliced(T, local, off):
-    return T[tuple(slice(o, o + n) for o, n in zip(off, local.shape))]
-
-
 @pytest.mark.parametrize("name,mode", SCENARIOS)
 def test_two_d_mesh_matches_single_process(ranks, name, mode):
     model = MODELS[name]()
@@ -210,17 +199,7 @@ def test_two_d_mesh_matches_single_process(ranks, name, mode):
     hist, first = _train(model, pen, _batches(name), mode, 0 if name == "rowwise_uneven" else None)
     want_w = [p.detach() for p in model.parameters()]
     for rank, res in enumerate(ranks):
-        r = res[(name, mode)]
-        assert r["sigmas"].keys() == pen.sigmas().keys()
-        _close(list(r["sigmas"].values()), list(pen.sigmas().values()), f"{name} {mode} rank {rank} sigmas")
-        _close(r["pen"], hist, f"{name} {mode} rank {rank} penalties")
-        for j, ((g, off), G) in enumerate(zip(r["grads"], first)):
-            _close(g, _sliced(G, g, off), f"{name} {mode} rank {rank} first-step grad of param {j}")
-        for j, ((w, off), W) in enumerate(zip(r["weights"], want_w)):
-            _close(w, _sliced(W, w, off), f"{name} {mode} rank {rank} param {j} after {STEPS} steps")
-        for k, b in pen.state_dict().items():
-            if isinstance(b, torch.Tensor) and b.is_floating_point():
-                _close(r["buffers"][k], b, f"{name} {mode} rank {rank} buffer {k}")
+        assert_rank_matches_single(res[(name, mode)], pen, hist, first, want_w, f"{name} {mode} rank {rank}", STEPS)
     pl = ranks[0][(name, mode)]["placements"]
     if name == "mlp2d":  # the placements the test is about
         assert pl["0.weight"] == ("_S(0, 2)", "S(0)"), pl
