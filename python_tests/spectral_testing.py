@@ -83,3 +83,26 @@ def assert_rank_matches_single(r, pen, hist, first, weights, label, steps):
     for k, b in pen.state_dict().items():
         if isinstance(b, torch.Tensor) and b.is_floating_point():
             assert_close(r["buffers"][k], b, f"{label} buffer {k}")
+
+
+def assert_compiled_step_matches_eager(make, batch, steps):
+    """Two identical penalized models from `make()` (each `(model, penalty)`): for `steps` batches
+    from `batch()`, the loss `mean(model(x)^2) + penalty()` and its parameter gradients under
+    torch.compile (aot_eager, fullgraph) equal eager to rounding. Returns both penalties (eager,
+    compiled) for the caller's checks of their state."""
+    (me, pe), (mc, pc) = make(), make()
+
+    def loss_fn(model, pen, x):
+        return model(x).square().mean() + pen()
+
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    for _ in range(steps):
+        x = batch()
+        le = loss_fn(me, pe, x)
+        ge = torch.autograd.grad(le, list(me.parameters()))
+        lc = compiled(mc, pc, x)
+        gc = torch.autograd.grad(lc, list(mc.parameters()))
+        torch.testing.assert_close(lc, le)
+        for a, b in zip(gc, ge):
+            torch.testing.assert_close(a, b)
+    return pe, pc

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from specreg_fast import ops
 from specreg_fast import reference as ref
 from specreg_fast.geometry import ConvSpec, pack_conv_params
+from spectral_testing import assert_compiled_step_matches_eager
 
 pytestmark = pytest.mark.skipif(not ops.HAS_CPP_EXT, reason="the compiled library is not loaded")
 
@@ -259,22 +260,7 @@ def test_torch_compile_penalty_with_depthwise_layers_matches_eager():
             pen()
             return net, pen
 
-        me, pe = make()
-        mc, pc = make()
-
-        def loss_fn(model, pen, x):
-            return model(x).square().mean() + pen()
-
-        compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
-        for _ in range(2):
-            x = torch.randn(2, 3, 12, 12)
-            le = loss_fn(me, pe, x)
-            ge = torch.autograd.grad(le, list(me.parameters()))
-            lc = compiled(mc, pc, x)
-            gc = torch.autograd.grad(lc, list(mc.parameters()))
-            torch.testing.assert_close(lc, le)
-            for a, b in zip(gc, ge):
-                torch.testing.assert_close(a, b)
+        pe, pc = assert_compiled_step_matches_eager(make, lambda: torch.randn(2, 3, 12, 12), steps=2)
         for k, v in pe.state_dict().items():
             if isinstance(v, torch.Tensor):
                 torch.testing.assert_close(pc.state_dict()[k], v)

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import specreg_fast as sf
 from specreg_fast import reference as ref
+from spectral_testing import assert_compiled_step_matches_eager
 
 
 def mlp():
@@ -418,22 +419,7 @@ def test_torch_compile_training_step_matches_eager():
         pen()  # first call: discovery done eagerly
         return model, pen
 
-    me, pe = make()
-    mc, pc = make()
-
-    def loss_fn(model, pen, x):
-        return model(x).square().mean() + pen()
-
-    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
-    for i in range(3):
-        x = torch.randn(4, 20)
-        le = loss_fn(me, pe, x)
-        ge = torch.autograd.grad(le, list(me.parameters()))
-        lc = compiled(mc, pc, x)
-        gc = torch.autograd.grad(lc, list(mc.parameters()))
-        torch.testing.assert_close(lc, le)
-        for a, b in zip(gc, ge):
-            torch.testing.assert_close(a, b)
+    pe, pc = assert_compiled_step_matches_eager(make, lambda: torch.randn(4, 20), steps=3)
     torch.testing.assert_close(pc.get_buffer("v_0"), pe.get_buffer("v_0"))
     assert pc.step_count.item() == pe.step_count.item()
 
@@ -450,22 +436,7 @@ def test_torch_compile_conv_penalty_matches_eager(conv_norm):
         pen()
         return model, pen
 
-    me, pe = make()
-    mc, pc = make()
-
-    def loss_fn(model, pen, x):
-        return model(x).square().mean() + pen()
-
-    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
-    for _ in range(2):
-        x = torch.randn(3, 2, 8, 8)
-        le = loss_fn(me, pe, x)
-        ge = torch.autograd.grad(le, list(me.parameters()))
-        lc = compiled(mc, pc, x)
-        gc = torch.autograd.grad(lc, list(mc.parameters()))
-        torch.testing.assert_close(lc, le)
-        for a, b in zip(gc, ge):
-            torch.testing.assert_close(a, b)
+    pe, pc = assert_compiled_step_matches_eager(make, lambda: torch.randn(3, 2, 8, 8), steps=2)
     torch.testing.assert_close(pc.get_buffer("x_0"), pe.get_buffer("x_0"))
 
 
