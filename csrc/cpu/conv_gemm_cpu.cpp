@@ -58,11 +58,14 @@ struct Geo3 {
   // pixel, kvol x L, the input entry it reads within a channel, or -1 for padding. The same
   // for every channel, so im2col and col2im become one flat loop per channel; with rows of a
   // few entries the run-based copies spent their time on per-row set-up (RegNetX's grouped
-  // 3x3 layers at 2x2 and 4x4: im2col and col2im took 3x the GEMMs' time).
+  // 3x3 layers at 2x2 and 4x4: im2col and col2im took 3x the GEMMs' time). Built per call,
+  // and read once per channel: only while it stays small (kvol L <= kGatherMax; a Conv3d with
+  // short rows but many of them keeps the run-based copies).
   std::vector<int64_t> gather;
 };
 
 constexpr int64_t kGatherRow = 8;
+constexpr int64_t kGatherMax = int64_t{1} << 15;
 
 int64_t padded_source(PadMode mode, int64_t p, int64_t n) {
   if (p >= 0 && p < n) return p;
@@ -124,7 +127,7 @@ Geo3 make_geo3(const ConvGeom& g, const Tensor& W, const Tensor& x) {
     q.run_lo[kk] = a;
     q.run_hi[kk] = std::max(a, std::min(last + 1, q.out[2]));
   }
-  if (q.out[2] < kGatherRow) {
+  if (q.out[2] < kGatherRow && q.kvol * q.L <= kGatherMax) {
     q.gather.resize(q.kvol * q.L);
     int64_t* gp = q.gather.data();
     for (int64_t kd = 0; kd < q.k[0]; ++kd)
@@ -335,7 +338,7 @@ __attribute__((target("avx512f,fma"))) void tile_avx512(const float* A, int64_t 
 template <int MR, int NV, bool FULL>
 __attribute__((target("avx2,fma"))) inline void tile_avx2_body(const float* A, int64_t sai, int64_t saj,
                                                               const float* B, int64_t ldb, int64_t J, float* out,
-                                                              int64_t ldo, const __m256i* mask, int64_t nc,
+                                                              int64_t ldo, const __m256i* mask, const int64_t* left,
                                                               bool accumulate) {
   __m256 acc[MR][NV];
 #pragma GCC unroll 16
@@ -367,8 +370,7 @@ __attribute__((target("avx2,fma"))) inline void tile_avx2_body(const float* A, i
       } else {  // through the stack: a masked store is the microcoded one
         alignas(32) float lanes[8];
         _mm256_store_ps(lanes, acc[i][v]);
-        const int64_t left = std::min<int64_t>(8, std::max<int64_t>(0, nc - 8 * v));
-        for (int64_t c = 0; c < left; ++c) out[i * ldo + 8 * v + c] = lanes[c];
+        for (int64_t c = 0; c < left[v]; ++c) out[i * ldo + 8 * v + c] = lanes[c];
       }
     }
 }
@@ -378,15 +380,16 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const float* A, int64_t sai, 
                                                   int64_t ldb, int64_t J, float* out, int64_t ldo, int64_t nc,
                                                   bool accumulate) {
   static_assert(MR * NV + NV + 1 <= 16, "the tile must fit AVX2's 16 registers");
-  if (nc == 8 * NV) return tile_avx2_body<MR, NV, true>(A, sai, saj, B, ldb, J, out, ldo, nullptr, nc, accumulate);
+  if (nc == 8 * NV) return tile_avx2_body<MR, NV, true>(A, sai, saj, B, ldb, J, out, ldo, nullptr, nullptr, accumulate);
   __m256i mask[NV];
+  int64_t left[NV];  // valid lanes of each vector of the tile's row
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) {
-    const int64_t left = std::min<int64_t>(8, std::max<int64_t>(0, nc - 8 * v));
-    mask[v] = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), lane);
+    left[v] = std::min<int64_t>(8, std::max<int64_t>(0, nc - 8 * v));
+    mask[v] = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left[v])), lane);
   }
-  tile_avx2_body<MR, NV, false>(A, sai, saj, B, ldb, J, out, ldo, mask, nc, accumulate);
+  tile_avx2_body<MR, NV, false>(A, sai, saj, B, ldb, J, out, ldo, mask, left, accumulate);
 }
 
 enum class Isa { Avx512, Avx2 };
